@@ -1,0 +1,51 @@
+# Comptoir: `make run` starts everything on the embedded database; `make test` runs every check.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run migrate test lint pytest format lock bench up clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/comptoir run
+
+migrate: install
+	$(BIN)/comptoir migrate
+
+test: install
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+pytest: install
+	$(BIN)/pytest
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Re-pin every dependency (run after changing pyproject.toml, commit the result).
+lock:
+	rm -rf /tmp/comptoir-lock && $(PYTHON) -m venv /tmp/comptoir-lock
+	/tmp/comptoir-lock/bin/pip install --quiet --upgrade pip
+	/tmp/comptoir-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/comptoir-lock/bin/pip freeze --exclude-editable | grep -v '^comptoir' > requirements.lock
+
+up:
+	docker compose up --build
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,116 @@
+"""The application factory every service shares."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp
+
+from common import health
+from common.db import Database
+from common.errors import install_error_handlers
+from common.logging import configure_logging
+from common.middleware import standard_stack
+from common.settings import CommonSettings, ServiceSettings
+
+LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+class ComptoirAPI(FastAPI):
+    """FastAPI whose standard middlewares sit outside Starlette's error middleware.
+
+    That way a 500 rendered by our handler still gets the request id and the security headers.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        settings: CommonSettings,
+        body_limits: Iterable[tuple[str, int]] = (),
+        multipart_paths: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        production = settings.is_production
+        kwargs.setdefault("docs_url", None if production else "/docs")
+        kwargs.setdefault("redoc_url", None)
+        kwargs.setdefault("openapi_url", None if production else "/openapi.json")
+        super().__init__(**kwargs)
+        self.state.service_name = service
+        self.state.readiness_checks = {}
+        self._comptoir_service = service
+        self._comptoir_settings = settings
+        self._body_limits = list(body_limits)
+        self._multipart_paths = multipart_paths
+        install_error_handlers(self)
+        self.include_router(health.router)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.wrap(super().build_middleware_stack())  # type: ignore[no-any-return]
+
+    def wrap(self, app: ASGIApp) -> Any:
+        settings = self._comptoir_settings
+        return standard_stack(
+            app,
+            service=self._comptoir_service,
+            hsts_seconds=settings.hsts_seconds if settings.send_hsts else None,
+            max_body_bytes=settings.max_body_bytes,
+            body_limits=self._body_limits,
+            multipart_paths=self._multipart_paths,
+        )
+
+
+def create_service_app(
+    *,
+    name: str,
+    settings: ServiceSettings,
+    routers: Sequence[APIRouter] = (),
+    lifespan_hook: LifespanHook | None = None,
+    body_limits: Iterable[tuple[str, int]] = (),
+    multipart_paths: str | None = None,
+    title: str | None = None,
+) -> ComptoirAPI:
+    """A service app: logging, database, health, errors and the standard middlewares."""
+    configure_logging(level=settings.log_level, fmt=settings.log_format, service=name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(
+            settings.database_url,
+            schema=name,
+            application_name=f"comptoir-{name}",
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            connect_timeout=settings.db_connect_timeout_seconds,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
+        )
+        app.state.db = db
+        app.state.settings = settings
+
+        async def database_ready() -> bool:
+            return await db.ping(settings.readiness_timeout_seconds)
+
+        app.state.readiness_checks["database"] = database_ready
+        try:
+            if lifespan_hook is None:
+                yield
+            else:
+                async with lifespan_hook(app):
+                    yield
+        finally:
+            await db.dispose()
+
+    app = ComptoirAPI(
+        service=name,
+        settings=settings,
+        body_limits=body_limits,
+        multipart_paths=multipart_paths,
+        title=title or f"Comptoir {name}",
+        lifespan=lifespan,
+    )
+    for router in routers:
+        app.include_router(router)
+    return app

@@ -1,0 +1,215 @@
+"""RFC 9457 problem details for every error path.
+
+Services raise ``ServiceError`` subclasses; one set of handlers renders them, and the framework's
+own errors (404, 405, 422, unhandled exceptions), as ``application/problem+json``. Nothing in a
+problem body comes from an exception's message unless the exception is one of ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import Scope
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:comptoir:problem:"
+
+log = structlog.get_logger("comptoir.errors")
+
+_TITLES: dict[int, tuple[str, str]] = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Authentication required"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    406: ("not-acceptable", "Not acceptable"),
+    409: ("conflict", "Conflict"),
+    413: ("payload-too-large", "Request body too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    422: ("validation-error", "Request validation failed"),
+    429: ("rate-limited", "Too many requests"),
+    500: ("internal-error", "Internal server error"),
+    502: ("bad-gateway", "Bad gateway"),
+    503: ("service-unavailable", "Service unavailable"),
+    504: ("gateway-timeout", "Gateway timeout"),
+}
+
+
+def request_id_of(scope: Scope) -> str | None:
+    state = scope.get("state")
+    if isinstance(state, Mapping):
+        value = state.get("request_id")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def problem_body(
+    status: int,
+    *,
+    detail: str | None = None,
+    title: str | None = None,
+    type_: str | None = None,
+    request_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    slug, default_title = _TITLES.get(status, ("error", "Error"))
+    body: dict[str, Any] = {
+        "type": type_ or TYPE_PREFIX + slug,
+        "title": title or default_title,
+        "status": status,
+        "detail": detail or title or default_title,
+        "request_id": request_id,
+    }
+    if extra:
+        body.update(extra)
+    return body
+
+
+def problem_response(
+    status: int,
+    *,
+    scope: Scope | None = None,
+    detail: str | None = None,
+    title: str | None = None,
+    type_: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = problem_body(
+        status,
+        detail=detail,
+        title=title,
+        type_=type_,
+        request_id=request_id_of(scope) if scope is not None else None,
+        extra=extra,
+    )
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+class ServiceError(Exception):
+    """Base of every error a service raises on purpose. Subclasses fix status, type and title."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal server error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+
+    @property
+    def type(self) -> str:
+        return TYPE_PREFIX + self.slug
+
+
+class BadRequest(ServiceError):
+    status, slug, title = 400, "bad-request", "Bad request"
+
+
+class Unauthorized(ServiceError):
+    status, slug, title = 401, "unauthorized", "Authentication required"
+
+    def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(detail, **kwargs)
+
+
+class Forbidden(ServiceError):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(ServiceError):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class Conflict(ServiceError):
+    status, slug, title = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status, slug, title = 413, "payload-too-large", "Request body too large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class Unprocessable(ServiceError):
+    status, slug, title = 422, "validation-error", "Request validation failed"
+
+
+class TooManyRequests(ServiceError):
+    status, slug, title = 429, "rate-limited", "Too many requests"
+
+
+class ServiceUnavailable(ServiceError):
+    status, slug, title = 503, "service-unavailable", "Service unavailable"
+
+
+def _validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Location and message only: the offending input is never echoed (it may be a password)."""
+    out = []
+    for err in errors:
+        loc = [part for part in err.get("loc", ()) if isinstance(part, str | int)]
+        out.append({"loc": loc, "msg": str(err.get("msg", "invalid value"))})
+    return out
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return problem_response(
+        exc.status,
+        scope=request.scope,
+        detail=exc.detail,
+        title=exc.title,
+        type_=exc.type,
+        extra=exc.extra,
+        headers=exc.headers,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    # Framework messages such as "Not Found" are safe; anything else is replaced by the title.
+    return problem_response(exc.status_code, scope=request.scope, detail=detail, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return problem_response(400, scope=request.scope, detail="The request body is not valid JSON.")
+    return problem_response(
+        422,
+        scope=request.scope,
+        detail="One or more fields are invalid.",
+        extra={"errors": _validation_errors(errors)},
+    )
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the (redacting) log, never to the client.
+    log.error("http.unhandled_exception", exc_info=exc, path=request.url.path)
+    return problem_response(500, scope=request.scope, detail="An unexpected error occurred.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unhandled)

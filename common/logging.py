@@ -1,0 +1,133 @@
+"""Structured JSON logs with a request id and secrets redacted by the logger itself.
+
+Every log line (ours, uvicorn's, SQLAlchemy's) goes through one structlog ProcessorFormatter, so the
+redaction step cannot be bypassed by logging through the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[REDACTED]"
+
+# Keys whose value is always secret, wherever they appear in an event (compared lower-cased).
+_SECRET_KEY_PARTS = (
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "authorization",
+    "cookie",
+    "api_key",
+    "apikey",
+    "private_key",
+    "credential",
+    "signature",
+)
+_SECRET_KEYS_EXACT = frozenset({"code", "otp", "otp_code", "pin", "password_hash", "hash_value"})
+
+_SECRET_FIELD = r"(?:password|passwd|new_password|current_password|secret|token|refresh_token|access_token|code|otp)"
+_STRING_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), REDACTED),
+    (re.compile(r"(?i)\b(" + _SECRET_FIELD + r")=([^&\s\"']+)"), r"\1=" + REDACTED),
+    (re.compile(r"(?i)(\"" + _SECRET_FIELD + r"\"\s*:\s*)\"(?:[^\"\\]|\\.)*\""), r'\1"' + REDACTED + '"'),
+    (re.compile(r"(?i)('" + _SECRET_FIELD + r"'\s*:\s*)'(?:[^'\\]|\\.)*'"), r"\1'" + REDACTED + "'"),
+)
+
+
+def is_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return lowered in _SECRET_KEYS_EXACT or any(part in lowered for part in _SECRET_KEY_PARTS)
+
+
+def redact_text(text: str) -> str:
+    for pattern, replacement in _STRING_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact(value: Any, _depth: int = 0) -> Any:
+    """Return a copy of ``value`` with secret-named keys and secret-looking strings replaced."""
+    if _depth > 20:
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and is_secret_key(k) else redact(v, _depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v, _depth + 1) for v in value]
+    return value
+
+
+_EVENT_KEYS_KEPT = frozenset({"event", "level", "timestamp", "logger"})
+
+
+def _redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    for key in list(event_dict):
+        value = event_dict[key]
+        if key not in _EVENT_KEYS_KEPT and is_secret_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = redact(value)
+    return event_dict
+
+
+def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = "comptoir") -> None:
+    """Route every logger through structlog's JSON renderer with redaction. Idempotent."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _redact_processor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _add_service(service),
+            _redact_processor,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn installs its own handlers; send its records through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # our access log is redacted and structured
+
+
+def _add_service(service: str) -> Any:
+    def processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    return processor

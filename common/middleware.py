@@ -1,0 +1,274 @@
+"""Pure ASGI middlewares used by every process (no per-request framework objects on the hot path).
+
+They sit *outside* Starlette's ServerErrorMiddleware (see ``common.app``), so 500s, 404s and the
+413/415 answers produced here all carry the request id and the security headers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.errors import problem_response
+from common.metrics import HTTP_LATENCY, HTTP_REQUESTS
+
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
+
+access_log = structlog.get_logger("comptoir.access")
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+class RequestContextMiddleware:
+    """Request id (echo a well-formed one, else a new UUID), structured access log and metrics."""
+
+    def __init__(self, app: ASGIApp, *, service: str, quiet_paths: Iterable[str] = ("/healthz", "/metrics")) -> None:
+        self.app = app
+        self.service = service
+        self.quiet_paths = frozenset(quiet_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = header(scope, REQUEST_ID_HEADER)
+        request_id = sent.decode("ascii") if sent and _REQUEST_ID_RE.match(sent) else str(uuid.uuid4())
+        scope.setdefault("state", {})["request_id"] = request_id
+        rid_bytes = request_id.encode("ascii")
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                scope["comptoir.response_started"] = True
+                headers = [(k, v) for k, v in message.get("headers", ()) if k != REQUEST_ID_HEADER]
+                headers.append((REQUEST_ID_HEADER, rid_bytes))
+                message["headers"] = headers
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            # Starlette re-raises after it has sent its 500; anything else never got an answer.
+            if status == 500 and not _response_started(scope):
+                await problem_response(500, scope=scope, detail="An unexpected error occurred.")(
+                    scope, receive, send_wrapper
+                )
+            access_log.error("http.unhandled_exception", exc_info=exc, path=scope.get("path"))
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or scope.get("comptoir.route") or "unmatched"
+            method = scope.get("method", "GET")
+            HTTP_REQUESTS.labels(self.service, method, template, str(status)).inc()
+            HTTP_LATENCY.labels(self.service, method, template).observe(elapsed)
+            if scope.get("path") not in self.quiet_paths:
+                access_log.info(
+                    "http.request",
+                    method=method,
+                    path=scope.get("path"),
+                    route=template,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 2),
+                    client=(scope.get("client") or ("", 0))[0],
+                )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _response_started(scope: Scope) -> bool:
+    return bool(scope.get("comptoir.response_started"))
+
+
+def security_headers(*, hsts_seconds: int | None) -> list[tuple[bytes, bytes]]:
+    """The response headers every answer carries (values from DESIGN.md, Mozilla Observatory A+)."""
+    headers = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+        (b"referrer-policy", b"strict-origin-when-cross-origin"),
+        (
+            b"permissions-policy",
+            b"accelerometer=(), autoplay=(), camera=(), display-capture=(), fullscreen=(), geolocation=(), "
+            b"gyroscope=(), magnetometer=(), microphone=(), midi=(), payment=(), usb=()",
+        ),
+        (b"cross-origin-opener-policy", b"same-origin"),
+        (b"cross-origin-resource-policy", b"same-origin"),
+        # The legacy XSS auditor is itself an XSS vector; "0" is OWASP's current advice.
+        (b"x-xss-protection", b"0"),
+    ]
+    if hsts_seconds:
+        headers.append((b"strict-transport-security", b"max-age=%d; includeSubDomains" % hsts_seconds))
+    return headers
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers to every response and removes any ``Server`` header.
+
+    ``Cache-Control: no-store`` is the default; a route that serves cacheable public data (images,
+    catalogue) sets its own ``Cache-Control`` and keeps it.
+    """
+
+    def __init__(self, app: ASGIApp, *, hsts_seconds: int | None = None) -> None:
+        self.app = app
+        self.headers = security_headers(hsts_seconds=hsts_seconds)
+        self.forced = frozenset(name for name, _ in self.headers) | {b"server"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                raw = message.get("headers", ())
+                headers = [(k, v) for k, v in raw if k.lower() not in self.forced]
+                headers.extend(self.headers)
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 before a body over the limit is read: by Content-Length, or while a chunked body streams.
+
+    ``limits`` maps path patterns to their own limit (image uploads); other requests get ``default``.
+    """
+
+    def __init__(self, app: ASGIApp, *, default: int, limits: Iterable[tuple[str, int]] = ()) -> None:
+        self.app = app
+        self.default = default
+        self.limits = [(re.compile(pattern), limit) for pattern, limit in limits]
+
+    def limit_for(self, path: str) -> int:
+        for pattern, limit in self.limits:
+            if pattern.match(path):
+                return limit
+        return self.default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        declared = header(scope, b"content-length")
+        if declared is not None:
+            try:
+                too_large = int(declared) > limit
+            except ValueError:
+                await problem_response(400, scope=scope, detail="Invalid Content-Length header.")(scope, receive, send)
+                return
+            if too_large:
+                await _too_large(scope, receive, send, limit)
+                return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await _too_large(scope, receive, send, limit)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    response = problem_response(
+        413,
+        scope=scope,
+        detail=f"The request body exceeds the limit of {limit} bytes for this route.",
+        headers={"Connection": "close"},
+    )
+    await response(scope, receive, send)
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _media_type(value: bytes) -> str:
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+class ContentTypeMiddleware:
+    """415 for a request body that is not JSON (or multipart on the routes that take uploads)."""
+
+    def __init__(self, app: ASGIApp, *, multipart_paths: str | None = None) -> None:
+        self.app = app
+        self.multipart = re.compile(multipart_paths) if multipart_paths else None
+
+    def allowed(self, path: str, media_type: str) -> bool:
+        if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
+            return True
+        return media_type == "multipart/form-data" and self.multipart is not None and bool(self.multipart.match(path))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in _BODY_METHODS and _has_body(scope):
+            content_type = header(scope, b"content-type")
+            if content_type is None or not self.allowed(scope["path"], _media_type(content_type)):
+                response = problem_response(
+                    415, scope=scope, detail="Send the request body as application/json."
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    length = header(scope, b"content-length")
+    if length is not None:
+        return length.strip() not in (b"0", b"")
+    return header(scope, b"transfer-encoding") is not None
+
+
+def standard_stack(
+    app: ASGIApp,
+    *,
+    service: str,
+    hsts_seconds: int | None,
+    max_body_bytes: int,
+    body_limits: Iterable[tuple[str, int]] = (),
+    multipart_paths: str | None = None,
+    content_type_check: bool = True,
+) -> Any:
+    """Wrap ``app`` in the standard middlewares, outermost first: headers, context, size, type."""
+    inner: ASGIApp = ContentTypeMiddleware(app, multipart_paths=multipart_paths) if content_type_check else app
+    inner = BodyLimitMiddleware(inner, default=max_body_bytes, limits=body_limits)
+    inner = RequestContextMiddleware(inner, service=service)
+    return SecurityHeadersMiddleware(inner, hsts_seconds=hsts_seconds)

@@ -1,0 +1,61 @@
+"""Settings shared by every process.
+
+Each process has one pydantic-settings class with its own env prefix (``AUTH_``, ``GATEWAY_`` ...).
+The few settings that concern the whole installation (``ENVIRONMENT``, ``DATA_DIR``, ``LOG_LEVEL``)
+are read without a prefix so that one variable configures all five processes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+def unprefixed(name: str) -> AliasChoices:
+    """Read a setting from an unprefixed variable (and accept the field name in code)."""
+    return AliasChoices(name, name.lower())
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_by_name=True
+    )
+
+    environment: Environment = Field(Environment.development, validation_alias=unprefixed("ENVIRONMENT"))
+    data_dir: Path = Field(Path("var"), validation_alias=unprefixed("DATA_DIR"))
+    log_level: str = Field("INFO", validation_alias=unprefixed("LOG_LEVEL"))
+    log_format: str = Field("json", validation_alias=unprefixed("LOG_FORMAT"), pattern="^(json|console)$")
+    # Bodies above this size are refused with 413 before they are read.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # HSTS is sent only when the installation is served over HTTPS, i.e. in production by default.
+    hsts_seconds: int = Field(31_536_000, ge=0)
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment is Environment.production
+
+    @property
+    def send_hsts(self) -> bool:
+        return self.is_production and self.hsts_seconds > 0
+
+
+class ServiceSettings(CommonSettings):
+    """Settings of a service that owns a database schema."""
+
+    database_url: str = Field(
+        "", description="Connection URL of this service's own database role (postgresql://...)."
+    )
+    db_pool_size: int = Field(5, ge=1, le=100)
+    db_max_overflow: int = Field(5, ge=0, le=100)
+    db_connect_timeout_seconds: float = Field(5.0, gt=0)
+    db_statement_timeout_ms: int = Field(15_000, ge=100)
+    readiness_timeout_seconds: float = Field(2.0, gt=0)

@@ -1,0 +1,87 @@
+"""The embedded PostgreSQL (pgserver) used when no DATABASE_URL is configured.
+
+pgserver initialises the cluster with ``trust`` authentication on a unix socket. On first start we
+give the superuser a generated password, create the ``comptoir`` database and switch the socket to
+``scram-sha-256``, so a service's role can never log in as another role without its password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from comptoir.secrets import load_json, new_password, secrets_dir, write_private_json
+
+log = logging.getLogger("comptoir.embedded")
+
+DATABASE = "comptoir"
+SUPERUSER = "postgres"
+_HARDENED_MARK = "# comptoir: hardened"
+_HBA = f"""{_HARDENED_MARK}
+# Only the unix socket under DATA_DIR is open (no TCP listener); every role needs its password.
+local   all             all                                     scram-sha-256
+"""
+
+
+def libpq_url(user: str, password: str, socket_dir: Path | str, database: str = DATABASE) -> str:
+    from urllib.parse import quote
+
+    return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@/{database}?host={socket_dir}"
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self.pgdata = self.data_dir / "pg"
+        self._server: Any = None
+        self.socket_dir: Path | None = None
+
+    @property
+    def credentials_file(self) -> Path:
+        return secrets_dir(self.data_dir) / "postgres.json"
+
+    def start(self) -> str:
+        """Start (or join) the server and return the superuser URL of the ``comptoir`` database."""
+        import pgserver
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        self.socket_dir = Path(self._server.get_postmaster_info().socket_dir)
+        creds = load_json(self.credentials_file)
+        hba = self.pgdata / "pg_hba.conf"
+        if _HARDENED_MARK not in hba.read_text(encoding="utf-8"):
+            password = creds.get("superuser_password") or new_password()
+            creds["superuser_password"] = password
+            write_private_json(self.credentials_file, creds)
+            asyncio.run(self._harden(password))
+            hba.write_text(_HBA, encoding="utf-8")
+            asyncio.run(self._reload(password))
+        return libpq_url(SUPERUSER, creds["superuser_password"], self.socket_dir)
+
+    async def _harden(self, password: str) -> None:
+        conn = await asyncpg.connect(user=SUPERUSER, host=str(self.socket_dir), database="postgres")
+        try:
+            await conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD $pw$" + password + "$pw$")
+            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+            if not exists:
+                await conn.execute(f"CREATE DATABASE {DATABASE} ENCODING 'UTF8'")
+        finally:
+            await conn.close()
+
+    async def _reload(self, password: str) -> None:
+        conn = await asyncpg.connect(
+            user=SUPERUSER, password=password, host=str(self.socket_dir), database="postgres"
+        )
+        try:
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

@@ -1,0 +1,171 @@
+"""Schemas and least-privilege roles, then every service's Alembic migrations.
+
+For each service ``svc``:
+- ``comptoir_svc_owner`` (NOLOGIN) owns schema ``svc`` and every object in it; migrations run as it;
+- ``comptoir_svc`` (LOGIN) is the runtime role: USAGE on its own schema, DML on its tables (the audit
+  role gets SELECT and INSERT only), nothing on any other schema, no CREATE anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+import services
+from comptoir.config import SERVICES, RunSettings
+from comptoir.secrets import load_json, new_password, secrets_dir, write_private_json
+
+# The audit trail is insert-only for the running service (DESIGN.md, "Data and consistency").
+RUNTIME_TABLE_PRIVILEGES = {
+    "auth": "SELECT, INSERT, UPDATE, DELETE",
+    "inventory": "SELECT, INSERT, UPDATE, DELETE",
+    "orders": "SELECT, INSERT, UPDATE, DELETE",
+    "audit": "SELECT, INSERT",
+}
+
+
+@dataclass(frozen=True)
+class ServiceRole:
+    service: str
+    user: str
+    password: str
+    url: str
+
+    @property
+    def owner(self) -> str:
+        return f"{self.user}_owner"
+
+
+def ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def to_asyncpg_dsn(url: str) -> str:
+    """A libpq-style URL asyncpg accepts (it does not know SQLAlchemy's ``+driver`` suffix)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def with_credentials(admin_url: str, user: str, password: str) -> str:
+    parsed = make_url(admin_url).set(drivername="postgresql", username=user, password=password)
+    return parsed.render_as_string(hide_password=False)
+
+
+def resolve_roles(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
+    """Each service's role: from ``<SVC>_DATABASE_URL`` when given, else generated and kept under DATA_DIR."""
+    store = secrets_dir(settings.data_dir) / "database-roles.json"
+    saved = load_json(store)
+    roles = []
+    changed = False
+    for svc in SERVICES:
+        override = settings.service_url_override(svc)
+        if override:
+            parsed = make_url(override)
+            user, password = parsed.username or f"comptoir_{svc}", unquote(parsed.password or "")
+            url = override
+        else:
+            entry = saved.get(svc) or {}
+            user = entry.get("user") or f"comptoir_{svc}"
+            password = entry.get("password") or new_password()
+            if entry != {"user": user, "password": password}:
+                saved[svc] = {"user": user, "password": password}
+                changed = True
+            url = with_credentials(admin_url, user, password)
+        roles.append(ServiceRole(svc, user, password, url))
+    if changed:
+        write_private_json(store, saved)
+    return roles
+
+
+async def _provision(admin_url: str, roles: list[ServiceRole]) -> None:
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        async with conn.transaction():
+            # One transaction-wide lock so two concurrent `comptoir migrate` runs serialise.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('comptoir.provision'))")
+            await conn.execute(f"REVOKE ALL ON DATABASE {ident(database)} FROM PUBLIC")
+            await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            for role in roles:
+                await _provision_one(conn, database, role)
+    finally:
+        await conn.close()
+
+
+async def _role_exists(conn: asyncpg.Connection, name: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
+
+
+async def _provision_one(conn: asyncpg.Connection, database: str, role: ServiceRole) -> None:
+    owner, user, schema = ident(role.owner), ident(role.user), ident(role.service)
+    if not await _role_exists(conn, role.owner):
+        await conn.execute(f"CREATE ROLE {owner} NOLOGIN")
+    if await _role_exists(conn, role.user):
+        await conn.execute(f"ALTER ROLE {user} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT PASSWORD {literal(role.password)}")
+    else:
+        await conn.execute(f"CREATE ROLE {user} LOGIN NOINHERIT PASSWORD {literal(role.password)}")
+    # The admin must be able to SET ROLE to the owner to run migrations (no-op for a superuser).
+    is_super = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    if not is_super:
+        await conn.execute(f"GRANT {owner} TO CURRENT_USER")
+    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {owner}")
+    await conn.execute(f"ALTER SCHEMA {schema} OWNER TO {owner}")
+    await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
+    await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {user}")
+    await conn.execute(f"GRANT CONNECT ON DATABASE {ident(database)} TO {user}")
+    await conn.execute(f"ALTER ROLE {user} SET search_path = {schema}")
+    privileges = RUNTIME_TABLE_PRIVILEGES[role.service]
+    await conn.execute(
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT {privileges} ON TABLES TO {user}"
+    )
+    await conn.execute(
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO {user}"
+    )
+
+
+async def _lock_version_tables(admin_url: str, roles: list[ServiceRole]) -> None:
+    """The runtime role may read its schema's migration version, never change it."""
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        for role in roles:
+            table = f"{ident(role.service)}.alembic_version"
+            await conn.execute(f"REVOKE ALL ON {table} FROM {ident(role.user)}")
+            await conn.execute(f"GRANT SELECT ON {table} TO {ident(role.user)}")
+    finally:
+        await conn.close()
+
+
+def alembic_config(service: str, admin_url: str, owner_role: str | None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(services.__file__).parent / service / "migrations"))
+    cfg.set_main_option("file_template", "%%(year)d_%%(month).2d_%%(day).2d_%%(slug)s")
+    cfg.attributes["url"] = admin_url
+    cfg.attributes["owner_role"] = owner_role
+    return cfg
+
+
+def migrate(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
+    """Create schemas and roles, apply every migration; idempotent. Returns the runtime roles."""
+    roles = resolve_roles(settings, admin_url)
+    asyncio.run(_provision(admin_url, roles))
+    for role in roles:
+        command.upgrade(alembic_config(role.service, admin_url, role.owner), "head")
+    asyncio.run(_lock_version_tables(admin_url, roles))
+    return roles
+
+
+def redact_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+

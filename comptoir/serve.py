@@ -1,0 +1,41 @@
+"""Entry point of one process: ``python -m comptoir.serve <process> --host H --port P``."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+FACTORIES = {
+    "gateway": "gateway.main:create_app",
+    "auth": "services.auth.main:create_app",
+    "inventory": "services.inventory.main:create_app",
+    "orders": "services.orders.main:create_app",
+    "audit": "services.audit.main:create_app",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="comptoir.serve")
+    parser.add_argument("process", choices=sorted(FACTORIES))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    uvicorn.run(
+        FACTORIES[args.process],
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_config=None,  # the app configures structured, redacted logging itself
+        access_log=False,
+        server_header=False,
+        # Client addresses are resolved by the gateway against TRUSTED_PROXIES, never by uvicorn.
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+if __name__ == "__main__":
+    main()

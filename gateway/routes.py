@@ -1,0 +1,56 @@
+"""Public path prefix -> upstream service; ``/internal`` is never routed, however it is spelled."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from gateway.config import GatewaySettings
+
+# Image uploads are the only multipart routes; they get the larger body limit.
+IMAGE_UPLOAD_PATH = r"^/api/v1/products/[^/]+/images/?$"
+
+
+@dataclass(frozen=True)
+class Route:
+    prefix: str
+    upstream: str
+
+
+def route_table(settings: GatewaySettings) -> list[Route]:
+    return [
+        Route("/api/v1/auth", "auth"),
+        Route("/api/v1/products", "inventory"),
+        Route("/api/v1/orders", "orders"),
+        Route("/api/v1/audit", "audit"),
+    ]
+
+
+def upstream_urls(settings: GatewaySettings) -> dict[str, str]:
+    return {
+        "auth": settings.auth_url,
+        "inventory": settings.inventory_url,
+        "orders": settings.orders_url,
+        "audit": settings.audit_url,
+    }
+
+
+# No public route needs an encoded byte, a backslash, a dot segment or a doubled slash in its path,
+# so such paths are refused outright instead of normalised: nothing can smuggle "/internal/" past us.
+_OBFUSCATED = re.compile(r"%|\\|//|(^|/)\.{1,2}(/|$)")
+
+
+def is_forbidden_path(path: str, raw_path: bytes | None) -> bool:
+    raw = raw_path.decode("latin-1") if raw_path is not None else path
+    for candidate in (raw, path):
+        if _OBFUSCATED.search(candidate) or "internal" in candidate.lower().split("/"):
+            return True
+    return False
+
+
+def match(routes: list[Route], path: str) -> Route | None:
+    for route in routes:
+        if path == route.prefix or path.startswith(route.prefix + "/"):
+            return route
+    return None

@@ -1,0 +1,8 @@
+"""The audit service: create_app() for uvicorn's --factory."""
+
+from common.app import ComptoirAPI, create_service_app
+from services.audit.config import Settings
+
+
+def create_app(settings: Settings | None = None) -> ComptoirAPI:
+    return create_service_app(name="audit", settings=settings or Settings())
