@@ -32,7 +32,8 @@ _SECRET_KEY_PARTS = (
 )
 _SECRET_KEYS_EXACT = frozenset({"code", "otp", "otp_code", "pin", "password_hash", "hash_value"})
 
-_SECRET_FIELD = r"(?:password|passwd|new_password|current_password|secret|token|refresh_token|access_token|code|otp)"
+# Names of secret fields, not a secret.
+_SECRET_FIELD = r"(?:password|passwd|new_password|current_password|secret|token|refresh_token|access_token|code|otp)"  # noqa: S105
 _STRING_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), REDACTED),
@@ -93,12 +94,14 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
         _redact_processor,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
@@ -112,7 +115,7 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -123,6 +126,21 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
         lg.handlers.clear()
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our access log is redacted and structured
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is now (test capture, a redirected stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
 
 
 def _add_service(service: str) -> Any:

@@ -146,14 +146,12 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_wrapper)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
     """413 before a body over the limit is read: by Content-Length, or while a chunked body streams.
 
     ``limits`` maps path patterns to their own limit (image uploads); other requests get ``default``.
+    When a streamed body crosses the limit, this middleware answers 413 itself and tells the app the
+    client disconnected (frameworks turn exceptions raised while reading a body into a 400).
     """
 
     def __init__(self, app: ASGIApp, *, default: int, limits: Iterable[tuple[str, int]] = ()) -> None:
@@ -185,28 +183,36 @@ class BodyLimitMiddleware:
 
         received = 0
         started = False
+        answered = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge
+                    if started:
+                        return {"type": "http.disconnect"}
+                    answered = True
+                    await _too_large(scope, receive, send, limit)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if answered:
+                return  # the 413 has been sent; whatever the app says now goes nowhere
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if started:
+        except Exception:
+            if not answered:
                 raise
-            await _too_large(scope, receive, send, limit)
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
@@ -242,9 +248,7 @@ class ContentTypeMiddleware:
         if scope["type"] == "http" and scope["method"] in _BODY_METHODS and _has_body(scope):
             content_type = header(scope, b"content-type")
             if content_type is None or not self.allowed(scope["path"], _media_type(content_type)):
-                response = problem_response(
-                    415, scope=scope, detail="Send the request body as application/json."
-                )
+                response = problem_response(415, scope=scope, detail="Send the request body as application/json.")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -26,9 +26,7 @@ def unprefixed(name: str) -> AliasChoices:
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_by_name=True)
 
     environment: Environment = Field(Environment.development, validation_alias=unprefixed("ENVIRONMENT"))
     data_dir: Path = Field(Path("var"), validation_alias=unprefixed("DATA_DIR"))
@@ -51,9 +49,7 @@ class CommonSettings(BaseSettings):
 class ServiceSettings(CommonSettings):
     """Settings of a service that owns a database schema."""
 
-    database_url: str = Field(
-        "", description="Connection URL of this service's own database role (postgresql://...)."
-    )
+    database_url: str = Field("", description="Connection URL of this service's own database role (postgresql://...).")
     db_pool_size: int = Field(5, ge=1, le=100)
     db_max_overflow: int = Field(5, ge=0, le=100)
     db_connect_timeout_seconds: float = Field(5.0, gt=0)

@@ -54,3 +54,7 @@ COMMANDS = {"run": cmd_run, "migrate": cmd_migrate}
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     sys.exit(COMMANDS[args.command](args))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,13 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or join) the server and return the superuser URL of the ``comptoir`` database."""
-        import pgserver
+        # pgserver picks its lock directory at import; without XDG_RUNTIME_DIR it warns and uses /tmp.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        from pgserver.postgres_server import get_server
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
         self.socket_dir = Path(self._server.get_postmaster_info().socket_dir)
         creds = load_json(self.credentials_file)
         hba = self.pgdata / "pg_hba.conf"
@@ -73,9 +77,7 @@ class EmbeddedPostgres:
             await conn.close()
 
     async def _reload(self, password: str) -> None:
-        conn = await asyncpg.connect(
-            user=SUPERUSER, password=password, host=str(self.socket_dir), database="postgres"
-        )
+        conn = await asyncpg.connect(user=SUPERUSER, password=password, host=str(self.socket_dir), database="postgres")
         try:
             await conn.execute("SELECT pg_reload_conf()")
         finally:

@@ -111,7 +111,9 @@ async def _provision_one(conn: asyncpg.Connection, database: str, role: ServiceR
     if not await _role_exists(conn, role.owner):
         await conn.execute(f"CREATE ROLE {owner} NOLOGIN")
     if await _role_exists(conn, role.user):
-        await conn.execute(f"ALTER ROLE {user} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT PASSWORD {literal(role.password)}")
+        await conn.execute(
+            f"ALTER ROLE {user} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT PASSWORD {literal(role.password)}"
+        )
     else:
         await conn.execute(f"CREATE ROLE {user} LOGIN NOINHERIT PASSWORD {literal(role.password)}")
     # The admin must be able to SET ROLE to the owner to run migrations (no-op for a superuser).
@@ -166,6 +168,3 @@ def migrate(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
 
 def redact_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
-
-
-

@@ -9,7 +9,11 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 class GatewaySettings(CommonSettings):
     model_config = SettingsConfigDict(
-        env_prefix="GATEWAY_", env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_by_name=True
+        env_prefix="GATEWAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_by_name=True,
     )
 
     auth_url: str = "http://127.0.0.1:8001"

@@ -11,8 +11,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from common.app import ComptoirAPI
 from common.logging import configure_logging
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
+from gateway.health import HEALTH_PATH
+from gateway.health import router as health_router
 from gateway.proxy import Proxy
 from gateway.routes import IMAGE_UPLOAD_PATH
+
+# Paths under /api/v1 that the gateway answers itself.
+OWN_PATHS = frozenset({HEALTH_PATH})
 
 
 class _Dispatch:
@@ -23,7 +28,8 @@ class _Dispatch:
         self.own = own
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.proxy.handles(scope["path"]):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/api/v1/") and path not in OWN_PATHS:
             await self.proxy(scope, receive, send)
         else:
             await self.own(scope, receive, send)
@@ -59,5 +65,6 @@ def create_app(settings: GatewaySettings | None = None) -> GatewayApp:
         lifespan=lifespan,
     )
     app.proxy = proxy
+    app.include_router(health_router)
     app.state.settings = settings
     return app

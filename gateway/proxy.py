@@ -32,7 +32,14 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Headers a client may never set for the services: only the gateway speaks them.
-GATEWAY_OWNED_PREFIXES = (b"x-forwarded-", b"x-real-ip", b"x-user-", b"x-client-", b"forwarded", b"x-comptoir-")
+GATEWAY_OWNED_PREFIXES = (
+    b"x-forwarded-",
+    b"x-real-ip",
+    b"x-user-",
+    b"x-client-",
+    b"forwarded",
+    b"x-comptoir-",
+)
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date", b"x-request-id"}
 _CHUNK = 64 * 1024
@@ -49,7 +56,7 @@ def _connection_listed(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
 class Proxy:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.routes = route_table(settings)
+        self.routes = route_table()
         self.upstreams = upstream_urls(settings)
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.timeout = aiohttp.ClientTimeout(
@@ -64,15 +71,15 @@ class Proxy:
                 limit=self.settings.upstream_pool_size, keepalive_timeout=30, enable_cleanup_closed=True
             )
             self.sessions[name] = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+                connector=connector,
+                timeout=self.timeout,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
             )
 
     async def close(self) -> None:
         await asyncio.gather(*(session.close() for session in self.sessions.values()))
         self.sessions.clear()
-
-    def handles(self, path: str) -> bool:
-        return path.startswith("/api/v1/")
 
     def _request_headers(self, scope: Scope) -> dict[str, str]:
         raw: list[tuple[bytes, bytes]] = list(scope.get("headers", ()))
@@ -114,11 +121,7 @@ class Proxy:
                 data=body or None,
                 allow_redirects=False,
             ) as upstream:
-                headers = [
-                    (k.lower(), v)
-                    for k, v in upstream.raw_headers
-                    if k.lower() not in _DROP_RESPONSE
-                ]
+                headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE]
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

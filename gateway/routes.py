@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 from gateway.config import GatewaySettings
 
@@ -18,7 +17,7 @@ class Route:
     upstream: str
 
 
-def route_table(settings: GatewaySettings) -> list[Route]:
+def route_table() -> list[Route]:
     return [
         Route("/api/v1/auth", "auth"),
         Route("/api/v1/products", "inventory"),

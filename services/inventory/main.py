@@ -2,7 +2,8 @@
 
 from common.app import ComptoirAPI, create_service_app
 from services.inventory.config import Settings
+from services.inventory.router import router
 
 
 def create_app(settings: Settings | None = None) -> ComptoirAPI:
-    return create_service_app(name="inventory", settings=settings or Settings())
+    return create_service_app(name="inventory", settings=settings or Settings(), routers=[router])

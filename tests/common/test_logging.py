@@ -1,0 +1,76 @@
+"""Logs are JSON events with the request id, and secrets never reach them."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+
+import pytest
+import structlog
+
+from common.logging import REDACTED, configure_logging, redact
+
+PASSWORD = "Tr0ub4dor&3-horse-staple"
+TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLXZhbHVl"
+OPAQUE = "rt_5f4dcc3b5aa765d61d8327deb882cf99"
+
+
+def test_redact_walks_nested_structures() -> None:
+    event = {
+        "user": {"email": "a@b.cm", "password": PASSWORD, "profile": [{"otp": "123456"}]},
+        "headers": {"Authorization": f"Bearer {OPAQUE}"},
+        "refresh_token": OPAQUE,
+        "status_code": 200,
+        "code": "654321",
+    }
+    text = json.dumps(redact(event))
+    for secret in (PASSWORD, OPAQUE, "123456", "654321"):
+        assert secret not in text
+    assert '"status_code": 200' in text
+    assert "a@b.cm" in text
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"GET /login?email=a@b.cm&password={PASSWORD}&next=/",
+        f"Authorization: Bearer {OPAQUE}",
+        f"token {TOKEN} was used",
+        f'body={{"password": "{PASSWORD}", "email": "a@b.cm"}}',
+        f"{{'new_password': '{PASSWORD}'}}",
+        f"refresh_token={OPAQUE}",
+    ],
+)
+def test_redact_scrubs_secrets_inside_free_text(line: str) -> None:
+    out = redact(line)
+    assert PASSWORD not in out
+    assert OPAQUE not in out
+    assert TOKEN not in out
+    assert REDACTED in out
+
+
+def test_every_logger_writes_redacted_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    configure_logging(level="INFO", fmt="json", service="probe")
+    structlog.contextvars.bind_contextvars(request_id="req-abcdef12")
+    try:
+        structlog.get_logger("probe").info("auth.login.failed", email="a@b.cm", password=PASSWORD)
+        logging.getLogger("uvicorn.error").warning("client sent Authorization: Bearer %s", OPAQUE)
+        try:
+            raise ValueError(f"bad payload {{'password': '{PASSWORD}'}}")
+        except ValueError:
+            logging.getLogger("sqlalchemy").exception("statement failed")
+    finally:
+        structlog.contextvars.clear_contextvars()
+        configure_logging(level="INFO", fmt="json", service="tests")
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+    assert [line["event"] for line in lines][0] == "auth.login.failed"
+    assert len(lines) == 3
+    assert all(line["request_id"] == "req-abcdef12" and line["service"] == "probe" for line in lines)
+    dumped = buffer.getvalue()
+    assert PASSWORD not in dumped
+    assert OPAQUE not in dumped
+    assert "exception" in lines[2]

@@ -1,0 +1,46 @@
+"""Each service boots on its own role, answers health checks and exports metrics."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from tests.conftest import DatabaseFixture, assert_problem, assert_security_headers, running
+
+SERVICES = ["auth", "inventory", "orders", "audit"]
+
+
+def service_app(name: str, database: DatabaseFixture, **overrides: object):  # noqa: ANN201
+    main = importlib.import_module(f"services.{name}.main")
+    config = importlib.import_module(f"services.{name}.config")
+    settings = config.Settings(database_url=database.url(name), environment="test", **overrides)
+    return main.create_app(settings)
+
+
+@pytest.mark.parametrize("name", SERVICES)
+async def test_service_is_alive_ready_and_measured(name: str, database: DatabaseFixture) -> None:
+    async with running(service_app(name, database)) as client:
+        health = await client.get("/healthz")
+        assert health.status_code == 200
+        assert health.json() == {"status": "ok", "service": name}
+        assert_security_headers(health)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {"database": True}
+        metrics = await client.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain")
+        assert f'route="/readyz",service="{name}",status="200"' in metrics.text
+        assert_problem(await client.get("/no/such/route"), 404)
+
+
+@pytest.mark.parametrize("name", SERVICES)
+async def test_service_refuses_to_start_without_a_database_url(name: str, database: DatabaseFixture) -> None:
+    app = service_app(name, database)
+    app.state  # noqa: B018 - building the app must not touch the database
+    main = importlib.import_module(f"services.{name}.main")
+    config = importlib.import_module(f"services.{name}.config")
+    empty = main.create_app(config.Settings(database_url="", environment="test"))
+    with pytest.raises(ValueError, match="no database URL"):
+        async with running(empty):
+            pass
