@@ -1,0 +1,274 @@
+"""docker-compose.yml, deploy/Dockerfile and .env.example: hardened, and in agreement with each other."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+PORTS = {"gateway": 8000, "auth": 8001, "inventory": 8002, "orders": 8003, "audit": 8004}
+APP_SERVICES = list(PORTS)
+UPSTREAMS = [name for name in APP_SERVICES if name != "gateway"]
+INFRA_SERVICES = ["postgres", "redis"]
+IMAGE_SERVICES = [*APP_SERVICES, "migrate"]
+LONG_RUNNING = [*INFRA_SERVICES, *APP_SERVICES]
+DB_PASSWORDS = {name: f"{name.upper()}_DB_PASSWORD" for name in UPSTREAMS}
+SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
+ROOT_USERS = {"", "0", "root"}
+# A container listens on every interface of its own network namespace; only published ports leave it.
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104
+# Scratch space on a read-only root file system: a tmpfs, private to the container.
+TMP = "/tmp"  # noqa: S108
+
+# ${VAR}, ${VAR:-default}, ${VAR:?message} and $VAR, but not the $$ escape.
+COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
+ENV_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(compose["services"])
+
+
+def env_example() -> dict[str, str]:
+    """The variables .env.example sets (commented-out lines only document defaults)."""
+    assignments = {}
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        match = ENV_ASSIGNMENT.match(line.strip())
+        if match:
+            assignments[match.group(1)] = match.group(2)
+    return assignments
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    if pending:
+        logical.append(pending)
+    pairs = []
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def environment_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(key): "" if value is None else str(value) for key, value in env.items()}
+
+
+def test_compose_file_parses_and_declares_every_process(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == {*INFRA_SERVICES, "migrate", *APP_SERVICES}
+
+
+def test_only_the_gateway_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
+    assert [name for name, service in services.items() if service.get("ports")] == ["gateway"]
+    (published,) = services["gateway"]["ports"]
+    assert str(published).endswith(":8000")
+    assert "127.0.0.1:8000" in str(published), "the default must publish on loopback only"
+    assert not [name for name, service in services.items() if service.get("network_mode")]
+
+
+@pytest.mark.parametrize("name", IMAGE_SERVICES)
+def test_application_containers_run_the_project_image_as_non_root(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    service = services[name]
+    build = service["build"]
+    assert Path(build["context"]) == Path(".")
+    assert build["dockerfile"] == "deploy/Dockerfile"
+    user = str(service.get("user", ""))
+    assert user.split(":")[0] not in ROOT_USERS, f"{name} must run as a non-root user, got {user!r}"
+
+
+def test_every_application_container_shares_one_image(services: dict[str, dict[str, Any]]) -> None:
+    assert len({services[name]["image"] for name in IMAGE_SERVICES}) == 1
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_services_have_a_healthcheck(services: dict[str, dict[str, Any]], name: str) -> None:
+    healthcheck = services[name].get("healthcheck") or {}
+    assert not healthcheck.get("disable", False)
+    test = healthcheck.get("test")
+    assert test, f"{name} has no healthcheck"
+    assert test[0] != "NONE"
+
+
+@pytest.mark.parametrize(("name", "port"), list(PORTS.items()))
+def test_each_process_listens_and_is_probed_on_its_own_port(
+    services: dict[str, dict[str, Any]], name: str, port: int
+) -> None:
+    service = services[name]
+    command = service["command"]
+    assert command[:4] == ["python", "-m", "comptoir.serve", name]
+    assert command[command.index("--port") + 1] == str(port)
+    assert command[command.index("--host") + 1] == ALL_INTERFACES
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(service["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("name", IMAGE_SERVICES)
+def test_application_containers_are_confined(services: dict[str, dict[str, Any]], name: str) -> None:
+    service = services[name]
+    limits = service["deploy"]["resources"]["limits"]
+    assert limits.get("cpus"), f"{name} has no CPU limit"
+    assert limits.get("memory"), f"{name} has no memory limit"
+    assert service["cap_drop"] == ["ALL"]
+    assert service["read_only"] is True
+    assert TMP in service.get("tmpfs", [])
+    assert "no-new-privileges:true" in service.get("security_opt", [])
+    assert not service.get("privileged", False)
+    assert not service.get("cap_add")
+
+
+def test_migrate_runs_once_before_every_application_process(services: dict[str, dict[str, Any]]) -> None:
+    migrate = services["migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["command"] == ["comptoir", "migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "healthcheck" not in migrate
+    for name in APP_SERVICES:
+        depends_on = services[name]["depends_on"]
+        assert depends_on["migrate"]["condition"] == "service_completed_successfully", name
+        assert services[name]["restart"] == "unless-stopped"
+
+
+def test_the_gateway_starts_after_every_upstream_is_healthy(services: dict[str, dict[str, Any]]) -> None:
+    depends_on = services["gateway"]["depends_on"]
+    for name in [*UPSTREAMS, "redis"]:
+        assert depends_on[name]["condition"] == "service_healthy", name
+    env = environment_of(services["gateway"])
+    for name in UPSTREAMS:
+        assert env[f"GATEWAY_{name.upper()}_URL"] == f"http://{name}:{PORTS[name]}"
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_only_the_gateway_reaches_the_outside_network(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert compose["networks"]["backend"]["internal"] is True
+    for name, service in services.items():
+        expected = {"frontend", "backend"} if name == "gateway" else {"backend"}
+        assert set(service["networks"]) == expected, name
+
+
+def test_each_database_password_reaches_only_the_containers_that_need_it(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in services.items():
+        # env_file: .env would hand every password of the installation to every container.
+        assert "env_file" not in service, name
+        env = " ".join(environment_of(service).values())
+        passwords = {var for var in [*DB_PASSWORDS.values(), "POSTGRES_PASSWORD"] if "${" + var in env}
+        if name in ("migrate", "postgres"):
+            continue
+        assert passwords == ({DB_PASSWORDS[name]} if name in DB_PASSWORDS else set()), name
+
+
+@pytest.mark.parametrize("name", UPSTREAMS)
+def test_each_service_connects_as_its_own_database_role(services: dict[str, dict[str, Any]], name: str) -> None:
+    variable = f"{name.upper()}_DATABASE_URL"
+    runtime_url = environment_of(services[name])[variable]
+    assert runtime_url.startswith(f"postgresql://comptoir_{name}:${{{DB_PASSWORDS[name]}")
+    assert runtime_url.endswith("@postgres:5432/comptoir")
+    # migrate creates the role with exactly the password the service will log in with.
+    assert environment_of(services["migrate"])[variable] == runtime_url
+
+
+def test_dockerfile_final_stage_runs_as_a_non_root_user() -> None:
+    users = [argument for keyword, argument in final_stage() if keyword == "USER"]
+    assert users, "the final stage sets no USER, so it runs as root"
+    assert users[-1].split(":")[0].strip() not in ROOT_USERS
+
+
+def test_dockerfile_final_stage_starts_the_gateway_by_default() -> None:
+    (command,) = [argument for keyword, argument in final_stage() if keyword == "CMD"]
+    assert json.loads(command) == [
+        "python",
+        "-m",
+        "comptoir.serve",
+        "gateway",
+        "--host",
+        ALL_INTERFACES,
+        "--port",
+        "8000",
+    ]
+
+
+def test_dockerfile_installs_pinned_dependencies_without_dev_extras() -> None:
+    runs = " ".join(argument for keyword, argument in dockerfile_instructions() if keyword == "RUN")
+    assert "pip install -c requirements.lock ." in runs
+    assert "[dev]" not in runs
+
+
+def _declared_names(keyword: str, argument: str) -> list[tuple[str, str]]:
+    """(name, value) of an ENV or ARG instruction, in the `a=b c=d` and the legacy `a b` forms."""
+    tokens = shlex.split(argument)
+    if keyword == "ENV" and tokens and "=" not in tokens[0]:
+        return [(tokens[0], " ".join(tokens[1:]))]
+    return [(name, value) for name, _, value in (token.partition("=") for token in tokens)]
+
+
+def test_dockerfile_bakes_in_no_secret() -> None:
+    offending = [
+        f"{keyword} {name}"
+        for keyword, argument in dockerfile_instructions()
+        if keyword in ("ENV", "ARG")
+        for name, value in _declared_names(keyword, argument)
+        if value and any(word in name.upper() for word in SECRET_WORDS)
+    ]
+    assert offending == []
+
+
+def test_env_example_declares_every_variable_the_compose_file_reads() -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    referenced = {braced or bare for braced, bare in COMPOSE_VARIABLE.findall(text)}
+    assert referenced, "the compose file reads no variable; the pattern is broken"
+    assert sorted(referenced - set(env_example())) == []
+
+
+def test_env_example_holds_only_placeholders_for_secrets() -> None:
+    for name, value in env_example().items():
+        if any(word in name for word in SECRET_WORDS):
+            assert value == "" or value.startswith("change-me"), name
+
+
+def test_env_file_is_never_committed_nor_sent_to_the_builder() -> None:
+    assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    for entry in (".env", ".venv", ".git", "var", "tests", "bench"):
+        assert entry in ignored or f"**/{entry}" in ignored, entry
