@@ -12,9 +12,13 @@ from starlette.types import ASGIApp
 from common import health
 from common.db import Database
 from common.errors import install_error_handlers
+from common.http import create_client
 from common.logging import configure_logging
 from common.middleware import standard_stack
+from common.revocation import RevocationPoller, RevocationSet
+from common.service_tokens import ServiceTokenClient
 from common.settings import CommonSettings, ServiceSettings
+from common.tokens import ACCESS, SERVICE, Claims, KeySource, RemoteJWKS, TokenVerifier
 
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -72,8 +76,13 @@ def create_service_app(
     body_limits: Iterable[tuple[str, int]] = (),
     multipart_paths: str | None = None,
     title: str | None = None,
+    key_source: KeySource | None = None,
+    poll_revocations: bool = True,
 ) -> ComptoirAPI:
-    """A service app: logging, database, health, errors and the standard middlewares."""
+    """A service app: logging, database, token verification, health, errors and the standard middlewares.
+
+    ``key_source`` replaces the auth service's JWKS over HTTP (the auth service's own keys, a test's).
+    """
     configure_logging(level=settings.log_level, fmt=settings.log_format, service=name)
 
     @asynccontextmanager
@@ -89,6 +98,27 @@ def create_service_app(
         )
         app.state.db = db
         app.state.settings = settings
+        auth_client = create_client(settings.auth_internal_url)
+        keys = key_source or RemoteJWKS(settings.jwks_url, auth_client)
+        issuer = settings.token_issuer
+        app.state.access_verifier = TokenVerifier(
+            keys, issuer=issuer, audience=settings.token_audience, token_use=ACCESS
+        )
+        app.state.service_verifier = TokenVerifier(keys, issuer=issuer, audience=name, token_use=SERVICE)
+        app.state.auth_client = auth_client
+        app.state.service_tokens = ServiceTokenClient(auth_client, client_id=name, client_secret=settings.client_secret)
+        revocations = RevocationSet()
+        poller = RevocationPoller(
+            auth_client, app.state.service_tokens, revocations, interval=settings.revocation_poll_seconds
+        )
+
+        async def is_revoked(claims: Claims) -> bool:
+            return revocations.is_revoked(claims.sid)
+
+        app.state.revocations = revocations
+        app.state.is_revoked = is_revoked
+        if poll_revocations and settings.client_secret:
+            poller.start()
 
         async def database_ready() -> bool:
             return await db.ping(settings.readiness_timeout_seconds)
@@ -101,6 +131,8 @@ def create_service_app(
                 async with lifespan_hook(app):
                     yield
         finally:
+            await poller.stop()
+            await auth_client.aclose()
             await db.dispose()
 
     app = ComptoirAPI(

@@ -37,6 +37,19 @@ class CommonSettings(BaseSettings):
     # HSTS is sent only when the installation is served over HTTPS, i.e. in production by default.
     hsts_seconds: int = Field(31_536_000, ge=0)
 
+    # Tokens: the auth service signs, every other process verifies with its published keys.
+    token_issuer: str = Field("urn:comptoir:auth", validation_alias=unprefixed("TOKEN_ISSUER"))
+    token_audience: str = Field("urn:comptoir:api", validation_alias=unprefixed("TOKEN_AUDIENCE"))
+    auth_internal_url: str = Field("http://127.0.0.1:8001", validation_alias=unprefixed("AUTH_INTERNAL_URL"))
+    # This process's own client secret for service tokens (client-credentials grant at auth).
+    client_secret: str = Field("", repr=False)
+    # How often the revocation feed is polled (the gateway must reject a revoked session within 1 s).
+    revocation_poll_seconds: float = Field(0.25, gt=0, le=5)
+
+    @property
+    def jwks_url(self) -> str:
+        return self.auth_internal_url.rstrip("/") + "/.well-known/jwks.json"
+
     @property
     def is_production(self) -> bool:
         return self.environment is Environment.production
@@ -55,3 +68,5 @@ class ServiceSettings(CommonSettings):
     db_connect_timeout_seconds: float = Field(5.0, gt=0)
     db_statement_timeout_ms: int = Field(15_000, ge=100)
     readiness_timeout_seconds: float = Field(2.0, gt=0)
+    # Peers whose X-Forwarded-For is believed: the gateway's addresses (loopback for `comptoir run`).
+    gateway_networks: str = Field("127.0.0.1/32,::1/128")

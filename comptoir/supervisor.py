@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
+from comptoir.clients import client_env
 from comptoir.config import PROCESSES, RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import ServiceRole, migrate, redact_url
@@ -50,6 +51,8 @@ def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]
         env[f"{role.service.upper()}_DATABASE_URL"] = role.url
     for process in PROCESSES[1:]:
         env[f"GATEWAY_{process.upper()}_URL"] = f"http://{settings.connect_host}:{settings.port_of(process)}"
+    env["AUTH_INTERNAL_URL"] = f"http://{settings.connect_host}:{settings.auth_port}"
+    env.update(client_env(settings.data_dir))
     return env
 
 

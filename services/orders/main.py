@@ -1,8 +1,9 @@
 """The orders service: create_app() for uvicorn's --factory."""
 
 from common.app import ComptoirAPI, create_service_app
+from common.tokens import KeySource
 from services.orders.config import Settings
 
 
-def create_app(settings: Settings | None = None) -> ComptoirAPI:
-    return create_service_app(name="orders", settings=settings or Settings())
+def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> ComptoirAPI:
+    return create_service_app(name="orders", settings=settings or Settings(), key_source=key_source)

@@ -1,0 +1,105 @@
+"""Audit events: built from the request, redacted, and written to the service's own outbox table in the
+same transaction as the change they describe (DESIGN.md, "Data and consistency").
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from fastapi import Request
+from pydantic import BaseModel, Field
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.clientip import parse_networks, resolve_client_ip
+from common.logging import is_secret_key, redact_text
+
+Outcome = Literal["success", "failure", "denied"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuditEvent(BaseModel):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: datetime = Field(default_factory=utcnow)
+    service: str
+    action: str = Field(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$", max_length=100)
+    actor_id: str | None = None
+    actor_role: str | None = None
+    ip: str | None = None
+    user_agent: str | None = Field(None, max_length=512)
+    method: str | None = None
+    path: str | None = Field(None, max_length=512)
+    request_id: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    old_values: dict[str, Any] | None = None
+    new_values: dict[str, Any] | None = None
+    outcome: Outcome = "success"
+
+
+def scrub(value: Any, _depth: int = 0) -> Any:
+    """Drop secret-named fields entirely and mask secret-looking text, at any depth."""
+    if _depth > 20:
+        return None
+    if isinstance(value, Mapping):
+        return {k: scrub(v, _depth + 1) for k, v in value.items() if not (isinstance(k, str) and is_secret_key(k))}
+    if isinstance(value, list | tuple):
+        return [scrub(v, _depth + 1) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Only the fields that changed, as (old values, new values)."""
+    keys = [k for k in new if old.get(k) != new.get(k)]
+    return {k: old.get(k) for k in keys}, {k: new.get(k) for k in keys}
+
+
+def request_fields(request: Request) -> dict[str, Any]:
+    """Where an action came from: client IP (believed from the gateway only), user agent, request id."""
+    settings = getattr(request.app.state, "settings", None)
+    networks = parse_networks(getattr(settings, "gateway_networks", "") or "")
+    peer = request.client.host if request.client else None
+    return {
+        "ip": resolve_client_ip(peer, request.headers.get("x-forwarded-for"), networks),
+        "user_agent": (request.headers.get("user-agent") or "")[:512] or None,
+        "method": request.method,
+        "path": request.url.path,
+        "request_id": getattr(request.state, "request_id", None) or request.scope.get("state", {}).get("request_id"),
+    }
+
+
+def outbox_columns() -> list[sa.Column[Any]]:
+    """The outbox table's columns, shared by every emitting service's models and migrations."""
+    return [
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("payload", JSONB(), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+    ]
+
+
+def outbox_table(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        "outbox",
+        metadata,
+        *outbox_columns(),
+        sa.Index("ix_outbox_pending", "next_attempt_at", postgresql_where=sa.text("delivered_at IS NULL")),
+    )
+
+
+async def record(session: AsyncSession, outbox: sa.Table, event: AuditEvent) -> None:
+    """Add the event to the outbox in the caller's transaction (no change without its event)."""
+    payload = scrub(event.model_dump(mode="json"))
+    await session.execute(sa.insert(outbox).values(id=event.id, occurred_at=event.occurred_at, payload=payload))

@@ -1,0 +1,99 @@
+"""The revocation feed: sessions revoked at the auth service, polled so every process rejects them fast.
+
+Auth appends ``{seq, sid, expires_at}`` rows when a session is revoked (logout, logout-all, password
+change or reset, session delete, deactivation, refresh-token reuse). Pollers ask
+``GET /internal/revocations?after=<seq>`` with a service token and keep the revoked session ids until
+the last access token of that session has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import httpx
+import structlog
+
+from common.service_tokens import ServiceTokenClient
+
+log = structlog.get_logger("comptoir.revocation")
+
+FEED_PATH = "/internal/revocations"
+
+
+class RevocationSet:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.revoked: dict[str, float] = {}
+        self.cursor = 0
+        self.synced_at: float | None = None
+
+    def add(self, sid: str, expires_at: float) -> None:
+        self.revoked[sid] = max(expires_at, self.revoked.get(sid, 0.0))
+
+    def is_revoked(self, sid: str | None) -> bool:
+        return sid is not None and sid in self.revoked
+
+    def prune(self) -> None:
+        now = self.clock()
+        for sid in [sid for sid, until in self.revoked.items() if until < now]:
+            del self.revoked[sid]
+
+
+class RevocationPoller:
+    """Polls the feed every ``interval`` seconds; a failed poll keeps what it knows and retries."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        tokens: ServiceTokenClient,
+        revocations: RevocationSet,
+        *,
+        interval: float,
+    ) -> None:
+        self.client = client
+        self.tokens = tokens
+        self.revocations = revocations
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def poll_once(self) -> int:
+        """Fetch every entry after the cursor; returns how many arrived."""
+        arrived = 0
+        while True:
+            headers = await self.tokens.headers_for("auth")
+            response = await self.client.get(FEED_PATH, params={"after": self.revocations.cursor}, headers=headers)
+            if response.status_code == 401:
+                self.tokens.forget("auth")
+            response.raise_for_status()
+            body = response.json()
+            for item in body["items"]:
+                self.revocations.add(str(item["sid"]), float(item["expires_at"]))
+                self.revocations.cursor = max(self.revocations.cursor, int(item["seq"]))
+                arrived += 1
+            self.revocations.synced_at = self.revocations.clock()
+            if not body.get("has_more"):
+                return arrived
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+                self.revocations.prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep polling whatever happened; the cache stays as it was
+                log.warning("revocation.poll_failed", error=type(exc).__name__)
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="revocation-poller")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,86 @@
+"""Who is calling: FastAPI dependencies every service uses (services verify tokens themselves).
+
+- ``CurrentUser``: a valid user access token (signature, iss, aud, time, type) whose session is not
+  revoked; ``RequireStaff`` / ``RequireAdmin`` add a minimum role.
+- ``require_service("orders", ...)``: internal endpoints accept only service tokens minted for this
+  service (aud = its name) and only from the named callers. A user token is never a service token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+
+from common.errors import Forbidden, Unauthorized
+from common.tokens import Claims, InvalidToken, TokenVerifier
+
+log = structlog.get_logger("comptoir.security")
+
+
+def bearer_token(request: Request) -> str | None:
+    value = request.headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise Unauthorized("The Authorization header must be 'Bearer <token>'.")
+    return token
+
+
+async def _verify(request: Request, verifier: TokenVerifier) -> Claims:
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Authentication required.")
+    try:
+        return await verifier.verify(token)
+    except InvalidToken as exc:
+        log.info("security.token_rejected", reason=exc.reason, path=request.url.path)
+        raise Unauthorized("The access token is invalid or expired.") from exc
+
+
+async def current_user(request: Request) -> Claims:
+    claims = await _verify(request, request.app.state.access_verifier)
+    is_revoked: Callable[[Claims], Awaitable[bool]] | None = getattr(request.app.state, "is_revoked", None)
+    if is_revoked is not None and await is_revoked(claims):
+        raise Unauthorized("The session has been revoked.")
+    request.state.principal = claims
+    return claims
+
+
+async def optional_user(request: Request) -> Claims | None:
+    """Public routes: anonymous is fine, but a token that is present must be valid."""
+    if request.headers.get("authorization") is None:
+        return None
+    return await current_user(request)
+
+
+def require_role(minimum: str) -> Callable[[Claims], Awaitable[Claims]]:
+    async def dependency(claims: Annotated[Claims, Depends(current_user)]) -> Claims:
+        if not claims.has_role(minimum):
+            raise Forbidden(f"This action needs the {minimum} role.")
+        return claims
+
+    return dependency
+
+
+CurrentUser = Annotated[Claims, Depends(current_user)]
+OptionalUser = Annotated[Claims | None, Depends(optional_user)]
+RequireStaff = Annotated[Claims, Depends(require_role("staff"))]
+RequireAdmin = Annotated[Claims, Depends(require_role("admin"))]
+
+
+def require_service(*callers: str) -> Callable[[Request], Awaitable[Claims]]:
+    allowed = frozenset(callers)
+
+    async def dependency(request: Request) -> Claims:
+        claims = await _verify(request, request.app.state.service_verifier)
+        if claims.sub not in allowed:
+            raise Forbidden("This caller may not use this endpoint.")
+        request.state.principal = claims
+        return claims
+
+    return dependency

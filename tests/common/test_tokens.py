@@ -1,0 +1,169 @@
+"""Token verification against the attacks RFC 8725 lists."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from common.tokens import InvalidToken, RemoteJWKS, TokenVerifier
+from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer
+
+
+@pytest.fixture
+def issuer() -> TestIssuer:
+    return TestIssuer()
+
+
+@pytest.fixture
+def verifier(issuer: TestIssuer) -> TokenVerifier:
+    return TokenVerifier(issuer.keys(), issuer=ISSUER, audience=AUDIENCE)
+
+
+def b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+async def test_a_good_token_verifies(issuer: TestIssuer, verifier: TokenVerifier) -> None:
+    claims = await verifier.verify(issuer.access(role="staff", sub="u-1", sid="s-1"))
+    assert (claims.sub, claims.role, claims.sid, claims.token_use) == ("u-1", "staff", "s-1", "access")
+    assert claims.has_role("customer")
+    assert claims.has_role("staff")
+    assert not claims.has_role("admin")
+
+
+async def test_alg_none_is_refused(issuer: TestIssuer, verifier: TokenVerifier) -> None:
+    header = {"alg": "none", "typ": "at+jwt", "kid": issuer.kid}
+    with pytest.raises(InvalidToken, match="algorithm"):
+        await verifier.verify(f"{b64(header)}.{b64(issuer.access_claims())}.")
+
+
+async def test_hs256_signed_with_the_public_key_is_refused(issuer: TestIssuer, verifier: TokenVerifier) -> None:
+    public = issuer.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    forged = jwt.encode(
+        issuer.access_claims(role="admin"), public, algorithm="HS256", headers={"kid": issuer.kid, "typ": "at+jwt"}
+    )
+    with pytest.raises(InvalidToken, match="algorithm"):
+        await verifier.verify(forged)
+
+
+@pytest.mark.parametrize("header", ["jku", "x5u", "jwk", "x5c"])
+async def test_key_material_in_the_header_is_refused(issuer: TestIssuer, verifier: TokenVerifier, header: str) -> None:
+    value: object = {"kty": "OKP"} if header == "jwk" else "https://evil.example/keys"
+    with pytest.raises(InvalidToken, match="key material"):
+        await verifier.verify(issuer.sign(issuer.access_claims(), headers={header: value}))
+
+
+async def test_another_key_is_refused(issuer: TestIssuer, verifier: TokenVerifier) -> None:
+    impostor = TestIssuer(kid=issuer.kid)  # same kid, different key
+    with pytest.raises(InvalidToken):
+        await verifier.verify(impostor.access())
+
+
+@pytest.mark.parametrize("kid", ["../../etc/passwd", "' OR 1=1 --", "x" * 129, ""])
+async def test_kid_is_opaque(issuer: TestIssuer, verifier: TokenVerifier, kid: str) -> None:
+    with pytest.raises(InvalidToken):
+        await verifier.verify(issuer.sign(issuer.access_claims(), headers={"kid": kid}))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"iss": "urn:evil"}, "InvalidIssuerError"),
+        ({"aud": "urn:other-api"}, "InvalidAudienceError"),
+        ({"exp": int(time.time()) - 1}, "expired"),
+        ({"nbf": int(time.time()) + 600, "iat": int(time.time()) + 600}, "not yet valid"),
+        ({"token_use": "refresh"}, "wrong token use"),
+        ({"role": "superuser"}, "bad access claims"),
+        ({"sid": None}, "bad access claims"),
+        ({"exp": "never"}, "bad time claims"),
+    ],
+)
+async def test_bad_claims_are_refused(issuer: TestIssuer, verifier: TokenVerifier, change: dict, reason: str) -> None:
+    claims = issuer.access_claims() | change
+    with pytest.raises(InvalidToken, match=reason):
+        await verifier.verify(issuer.sign(claims))
+
+
+async def test_missing_claims_are_refused(issuer: TestIssuer, verifier: TokenVerifier) -> None:
+    claims = issuer.access_claims()
+    del claims["jti"]
+    with pytest.raises(InvalidToken):
+        await verifier.verify(issuer.sign(claims))
+
+
+async def test_a_service_token_is_not_an_access_token(issuer: TestIssuer, verifier: TokenVerifier) -> None:
+    with pytest.raises(InvalidToken, match="type"):
+        await verifier.verify(issuer.service(caller="orders", audience=AUDIENCE))
+
+
+async def test_an_access_token_is_not_a_service_token(issuer: TestIssuer) -> None:
+    service_verifier = TokenVerifier(issuer.keys(), issuer=ISSUER, audience="inventory", token_use="service")
+    assert (await service_verifier.verify(issuer.service(caller="orders", audience="inventory"))).sub == "orders"
+    with pytest.raises(InvalidToken):
+        await service_verifier.verify(issuer.access(aud="inventory"))
+    with pytest.raises(InvalidToken):  # minted for another callee
+        await service_verifier.verify(issuer.service(caller="orders", audience="audit"))
+
+
+async def test_the_clock_is_injectable(issuer: TestIssuer) -> None:
+    now = [time.time()]
+    verifier = TokenVerifier(issuer.keys(), issuer=ISSUER, audience=AUDIENCE, clock=lambda: now[0])
+    token = issuer.access(ttl=60)
+    await verifier.verify(token)
+    now[0] += 61
+    with pytest.raises(InvalidToken, match="expired"):
+        await verifier.verify(token)
+
+
+@pytest.mark.parametrize("token", ["", "a.b", "not-a-jwt", "x" * 5000, "eyJhbGciOiJFZERTQSJ9.e30"])
+async def test_garbage_is_refused(verifier: TokenVerifier, token: str) -> None:
+    with pytest.raises(InvalidToken):
+        await verifier.verify(token)
+
+
+async def test_remote_jwks_refetches_unknown_kids_at_most_every_few_seconds(issuer: TestIssuer) -> None:
+    calls = []
+    rotated = TestIssuer(kid="test-key-2")
+    documents = [issuer.jwks(), {"keys": [issuer.jwk(), rotated.jwk()]}]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return httpx.Response(200, json=documents[min(len(calls) - 1, 1)])
+
+    now = [1000.0]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://auth") as client:
+        jwks = RemoteJWKS("http://auth/.well-known/jwks.json", client, min_refetch_seconds=5, clock=lambda: now[0])
+        verifier = TokenVerifier(jwks, issuer=ISSUER, audience=AUDIENCE)
+        await verifier.verify(issuer.access())
+        assert len(calls) == 1
+        for _ in range(20):  # forged kids inside the window cost nothing
+            with pytest.raises(InvalidToken):
+                await verifier.verify(issuer.sign(issuer.access_claims(), headers={"kid": "forged"}))
+        assert len(calls) == 1
+        now[0] += 6  # a rotated key becomes known after the window
+        assert (await verifier.verify(rotated.access(sub="u-2"))).sub == "u-2"
+        assert len(calls) == 2
+
+
+async def test_remote_jwks_keeps_working_while_auth_is_down(issuer: TestIssuer) -> None:
+    up = [True]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not up[0]:
+            raise httpx.ConnectError("down")
+        return httpx.Response(200, json=issuer.jwks())
+
+    now = [0.0]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        jwks = RemoteJWKS("http://auth/jwks", client, refresh_seconds=10, clock=lambda: now[0])
+        verifier = TokenVerifier(jwks, issuer=ISSUER, audience=AUDIENCE)
+        await verifier.verify(issuer.access())
+        up[0] = False
+        now[0] += 100  # stale, and the refresh fails: the cached key still verifies
+        await verifier.verify(issuer.access())
