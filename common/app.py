@@ -41,7 +41,9 @@ class ComptoirAPI(FastAPI):
         production = settings.is_production
         kwargs.setdefault("docs_url", None if production else "/docs")
         kwargs.setdefault("redoc_url", None)
-        kwargs.setdefault("openapi_url", None if production else "/openapi.json")
+        # The schema stays available on the process's own port (the gateway aggregates it; it never
+        # routes /openapi.json); the interactive docs are off in production.
+        kwargs.setdefault("openapi_url", "/openapi.json")
         super().__init__(**kwargs)
         self.state.service_name = service
         self.state.readiness_checks = {}

@@ -1,19 +1,29 @@
-from pydantic import Field
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import CommonSettings
+from common.settings import CommonSettings, unprefixed
 
 IMAGE_UPLOAD_BYTES = 5 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
+DEFAULT_ROUTE_LIMITS = (
+    "POST /api/v1/auth/login=10/minute;"
+    "POST /api/v1/auth/register=10/hour;"
+    "POST /api/v1/auth/token/refresh=120/hour;"
+    "POST /api/v1/auth/otp/request=5/hour;"
+    "POST /api/v1/auth/otp/verify=20/hour;"
+    "POST /api/v1/auth/password-reset/request=5/hour;"
+    "POST /api/v1/auth/password-reset/confirm=10/hour"
+)
+
 
 class GatewaySettings(CommonSettings):
     model_config = SettingsConfigDict(
-        env_prefix="GATEWAY_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        validate_by_name=True,
+        env_prefix="GATEWAY_", env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_by_name=True
     )
 
     auth_url: str = "http://127.0.0.1:8001"
@@ -24,3 +34,45 @@ class GatewaySettings(CommonSettings):
     upstream_timeout_seconds: float = Field(15.0, gt=0)
     upstream_pool_size: int = Field(100, ge=1)
     image_upload_max_bytes: int = Field(IMAGE_UPLOAD_BYTES, ge=1024)
+    # A dead upstream: after this many consecutive connection failures or timeouts, answer 503 at once
+    # for `circuit_open_seconds`, then let one request through to probe it.
+    circuit_failure_threshold: int = Field(5, ge=1)
+    circuit_open_seconds: float = Field(10.0, gt=0)
+
+    # Client identity: X-Forwarded-For is believed only from these peers (CIDRs, comma-separated).
+    trusted_proxies: str = Field("", validation_alias=unprefixed("TRUSTED_PROXIES"))
+
+    # CORS: exact origins (scheme://host[:port]), comma-separated; empty = no cross-origin access.
+    cors_allowed_origins: str = Field("", validation_alias=unprefixed("CORS_ALLOWED_ORIGINS"))
+    cors_allow_credentials: bool = True
+    cors_max_age_seconds: int = Field(600, ge=0, le=86_400)
+
+    # Rate limits (`limits` notation: "100/hour", "10/minute"); storage in memory, or Redis when set.
+    redis_url: str = Field("", validation_alias=unprefixed("REDIS_URL"))
+    rate_limits_enabled: bool = True
+    anonymous_rate_limit: str = "100/hour"
+    authenticated_rate_limit: str = "1000/hour"
+    route_rate_limits: str = DEFAULT_ROUTE_LIMITS
+    # When the limit storage (Redis) is unreachable: "closed-for-auth" refuses /api/v1/auth with 503 and
+    # lets other routes through; "closed" refuses everything; "open" lets everything through.
+    rate_limit_storage_failure: Literal["closed-for-auth", "closed", "open"] = "closed-for-auth"
+
+    # Verified access tokens are cached until they expire (revocation is still checked every time).
+    token_cache_size: int = Field(10_000, ge=0)
+    jwks_refresh_seconds: float = Field(300.0, gt=0)
+    jwks_min_refetch_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _explicit_origins(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            if origin == "*" or origin == "null" or "*" in origin:
+                raise ValueError("CORS_ALLOWED_ORIGINS must list explicit origins, never '*' or 'null'")
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        return value
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip().lower() for o in self.cors_allowed_origins.split(",") if o.strip())

@@ -9,52 +9,91 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.app import ComptoirAPI
+from common.clientip import parse_networks
+from common.http import create_client
 from common.logging import configure_logging
+from common.revocation import RevocationPoller, RevocationSet
+from common.service_tokens import ServiceTokenClient
+from common.tokens import ACCESS, KeySource, RemoteJWKS, TokenVerifier
+from gateway.auth import GatewayAuth
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
+from gateway.cors import Cors
 from gateway.health import HEALTH_PATH
 from gateway.health import router as health_router
+from gateway.limits import RateLimits
+from gateway.openapi import OPENAPI_PATH, OpenAPICache
+from gateway.openapi import router as openapi_router
+from gateway.pipeline import Pipeline
 from gateway.proxy import Proxy
 from gateway.routes import IMAGE_UPLOAD_PATH
 
 # Paths under /api/v1 that the gateway answers itself.
-OWN_PATHS = frozenset({HEALTH_PATH})
+OWN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
 
 
 class _Dispatch:
-    """``/api/v1/...`` goes straight to the proxy; everything else to the gateway's own endpoints."""
+    """``/api/v1/...`` goes straight to the pipeline; everything else to the gateway's own endpoints."""
 
-    def __init__(self, proxy: Proxy, own: ASGIApp) -> None:
-        self.proxy = proxy
+    def __init__(self, pipeline: Pipeline, own: ASGIApp) -> None:
+        self.pipeline = pipeline
         self.own = own
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and path.startswith("/api/v1/") and path not in OWN_PATHS:
-            await self.proxy(scope, receive, send)
+            await self.pipeline(scope, receive, send)
         else:
             await self.own(scope, receive, send)
 
 
 class GatewayApp(ComptoirAPI):
     proxy: Proxy
+    pipeline: Pipeline
+    openapi_cache: OpenAPICache
 
     def build_middleware_stack(self) -> ASGIApp:
         own = FastAPI.build_middleware_stack(self)
-        return self.wrap(_Dispatch(self.proxy, own))  # type: ignore[no-any-return]
+        return self.wrap(_Dispatch(self.pipeline, own))  # type: ignore[no-any-return]
 
 
-def create_app(settings: GatewaySettings | None = None) -> GatewayApp:
+def create_app(settings: GatewaySettings | None = None, *, key_source: KeySource | None = None) -> GatewayApp:
     settings = settings or GatewaySettings()
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="gateway")
     proxy = Proxy(settings)
+    auth_client = create_client(settings.auth_internal_url)
+    keys = key_source or RemoteJWKS(
+        settings.jwks_url,
+        auth_client,
+        refresh_seconds=settings.jwks_refresh_seconds,
+        min_refetch_seconds=settings.jwks_min_refetch_seconds,
+    )
+    verifier = TokenVerifier(keys, issuer=settings.token_issuer, audience=settings.token_audience, token_use=ACCESS)
+    revocations = RevocationSet()
+    service_tokens = ServiceTokenClient(auth_client, client_id="gateway", client_secret=settings.client_secret)
+    poller = RevocationPoller(auth_client, service_tokens, revocations, interval=settings.revocation_poll_seconds)
+    limits = RateLimits(settings)
+    pipeline = Pipeline(
+        proxy=proxy,
+        auth=GatewayAuth(verifier, revocations, cache_size=settings.token_cache_size),
+        limits=limits,
+        cors=Cors(
+            settings.origins, allow_credentials=settings.cors_allow_credentials, max_age=settings.cors_max_age_seconds
+        ),
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+        storage_failure=settings.rate_limit_storage_failure,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await proxy.start()
+        if settings.client_secret:
+            poller.start()
         try:
             yield
         finally:
+            await poller.stop()
             await proxy.close()
+            await auth_client.aclose()
 
     app = GatewayApp(
         service="gateway",
@@ -63,8 +102,15 @@ def create_app(settings: GatewaySettings | None = None) -> GatewayApp:
         multipart_paths=IMAGE_UPLOAD_PATH,
         title="Comptoir gateway",
         lifespan=lifespan,
+        openapi_url=None,
     )
     app.proxy = proxy
-    app.include_router(health_router)
+    app.pipeline = pipeline
+    app.openapi_cache = OpenAPICache()
     app.state.settings = settings
+    app.state.revocations = revocations
+    app.state.service_tokens = service_tokens
+    app.state.readiness_checks["rate_limit_storage"] = limits.healthy
+    app.include_router(health_router)
+    app.include_router(openapi_router)
     return app

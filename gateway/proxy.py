@@ -7,6 +7,8 @@ hot path uses it; responses are streamed back chunk by chunk, never buffered who
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import aiohttp
 import structlog
@@ -14,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from common.errors import problem_response
 from gateway.config import GatewaySettings
-from gateway.routes import Route, is_forbidden_path, match, route_table, upstream_urls
+from gateway.routes import Route, upstream_urls
 
 log = structlog.get_logger("gateway.proxy")
 
@@ -53,11 +55,46 @@ def _connection_listed(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return listed
 
 
+class Circuit:
+    """Consecutive connect failures or timeouts open the circuit; after a pause one probe may pass."""
+
+    def __init__(self, threshold: int, open_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.open_seconds = open_seconds
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if not self.probing and self.clock() - self.opened_at >= self.open_seconds:
+            self.probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures, self.opened_at, self.probing = 0, None, False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.failures >= self.threshold:
+            self.opened_at = self.clock()
+
+
 class Proxy:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.routes = route_table()
         self.upstreams = upstream_urls(settings)
+        self.circuits = {
+            name: Circuit(settings.circuit_failure_threshold, settings.circuit_open_seconds) for name in self.upstreams
+        }
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -81,7 +118,7 @@ class Proxy:
         await asyncio.gather(*(session.close() for session in self.sessions.values()))
         self.sessions.clear()
 
-    def _request_headers(self, scope: Scope) -> dict[str, str]:
+    def _request_headers(self, scope: Scope, client_ip: str | None) -> dict[str, str]:
         raw: list[tuple[bytes, bytes]] = list(scope.get("headers", ()))
         drop = _DROP_REQUEST | _connection_listed(raw)
         out: dict[str, str] = {}
@@ -91,44 +128,44 @@ class Proxy:
             name = key.decode("latin-1")
             text = value.decode("latin-1")
             out[name] = f"{out[name]}, {text}" if name in out else text
-        client = scope.get("client")
-        if client:
-            out["x-forwarded-for"] = client[0]
+        if client_ip:
+            out["x-forwarded-for"] = client_ip
         out["x-forwarded-proto"] = scope.get("scheme", "http")
         request_id = scope.get("state", {}).get("request_id")
         if request_id:
             out["x-request-id"] = request_id
         return out
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        route: Route | None = None
-        if not is_forbidden_path(path, scope.get("raw_path")):
-            route = match(self.routes, path)
-        if route is None:
-            await problem_response(404, scope=scope, detail="No such resource.")(scope, receive, send)
+    async def forward(self, scope: Scope, receive: Receive, send: Send, route: Route, client_ip: str | None) -> None:
+        circuit = self.circuits[route.upstream]
+        if not circuit.allow():
+            await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.")
             return
-        scope["comptoir.route"] = route.prefix + "/*"
         body = await _read_body(receive)
         query = scope.get("query_string", b"")
-        url = self.upstreams[route.upstream] + path + ("?" + query.decode("latin-1") if query else "")
+        url = self.upstreams[route.upstream] + scope["path"] + ("?" + query.decode("latin-1") if query else "")
         session = self.sessions[route.upstream]
         try:
             async with session.request(
                 scope["method"],
                 url,
-                headers=self._request_headers(scope),
+                headers=self._request_headers(scope, client_ip),
                 data=body or None,
                 allow_redirects=False,
             ) as upstream:
-                headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE]
+                circuit.success()
+                raw = [(k.lower(), v) for k, v in upstream.raw_headers]
+                drop = _DROP_RESPONSE | _connection_listed(raw)
+                headers = [(k, v) for k, v in raw if k not in drop]
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
+            circuit.failure()
             await self._fail(scope, receive, send, 504, route, "The upstream service did not answer in time.")
         except aiohttp.ClientConnectorError:
+            circuit.failure()
             await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.")
         except aiohttp.ClientError:
             await self._fail(scope, receive, send, 502, route, "The upstream service gave an invalid answer.")

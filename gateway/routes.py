@@ -48,6 +48,29 @@ def is_forbidden_path(path: str, raw_path: bytes | None) -> bool:
     return False
 
 
+_UUIDISH = r"[^/]+"
+# Routes that need no access token (a token that is present must still be valid).
+PUBLIC_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (method, re.compile(pattern))
+    for method, pattern in (
+        ("POST", r"^/api/v1/auth/register$"),
+        ("POST", r"^/api/v1/auth/login$"),
+        ("POST", r"^/api/v1/auth/token/refresh$"),
+        ("POST", r"^/api/v1/auth/password-reset/request$"),
+        ("POST", r"^/api/v1/auth/password-reset/confirm$"),
+        ("GET", r"^/api/v1/auth/\.well-known/jwks\.json$"),
+        ("GET", r"^/api/v1/products$"),
+        ("GET", rf"^/api/v1/products/{_UUIDISH}$"),
+        ("GET", rf"^/api/v1/products/{_UUIDISH}/images/{_UUIDISH}$"),
+    )
+)
+
+
+def is_public(method: str, path: str) -> bool:
+    method = "GET" if method == "HEAD" else method
+    return any(m == method and pattern.match(path) for m, pattern in PUBLIC_ROUTES)
+
+
 def match(routes: list[Route], path: str) -> Route | None:
     for route in routes:
         if path == route.prefix or path.startswith(route.prefix + "/"):

@@ -1,0 +1,101 @@
+"""Rate limits (``limits`` library): per client IP when anonymous, per user when authenticated, plus
+tighter per-route limits. Memory storage by default; Redis when ``REDIS_URL`` is set, so that several
+gateway replicas share the counters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter
+
+from gateway.config import GatewaySettings
+
+log = structlog.get_logger("gateway.limits")
+
+
+class LimitStorageUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b"ratelimit-limit", str(self.limit).encode()),
+            (b"ratelimit-remaining", str(self.remaining).encode()),
+            (b"ratelimit-reset", str(self.reset_seconds).encode()),
+        ]
+        if not self.allowed:
+            headers.append((b"retry-after", str(max(1, self.reset_seconds)).encode()))
+        return headers
+
+
+def parse_route_limits(spec: str) -> dict[tuple[str, str], RateLimitItem]:
+    """``"POST /api/v1/auth/login=10/minute; ..."`` -> {(method, path): item}."""
+    rules: dict[tuple[str, str], RateLimitItem] = {}
+    for part in (p.strip() for p in spec.split(";") if p.strip()):
+        target, _, limit = part.partition("=")
+        method, _, path = target.strip().partition(" ")
+        if not limit or not path:
+            raise ValueError(f"bad route rate limit {part!r}: expected 'METHOD /path=N/period'")
+        rules[(method.strip().upper(), path.strip())] = parse(limit.strip())
+    return rules
+
+
+def make_storage(redis_url: str) -> Storage:
+    if not redis_url:
+        return MemoryStorage()
+    scheme, sep, rest = redis_url.partition("://")
+    return RedisStorage(f"async+{scheme}{sep}{rest}", implementation="redispy")
+
+
+class RateLimits:
+    def __init__(self, settings: GatewaySettings, storage: Storage | None = None) -> None:
+        self.enabled = settings.rate_limits_enabled
+        self.storage = storage or make_storage(settings.redis_url)
+        self.limiter = FixedWindowRateLimiter(self.storage)
+        self.anonymous = parse(settings.anonymous_rate_limit)
+        self.authenticated = parse(settings.authenticated_rate_limit)
+        self.routes = parse_route_limits(settings.route_rate_limits)
+
+    async def check(self, method: str, path: str, identity: str, *, authenticated: bool) -> Decision | None:
+        """Count this request; the most restrictive applicable limit decides. None when disabled."""
+        if not self.enabled:
+            return None
+        rules = [(self.authenticated if authenticated else self.anonymous, "all")]
+        route_item = self.routes.get((method, path))
+        if route_item is not None:
+            rules.append((route_item, f"{method} {path}"))
+        decisions = []
+        try:
+            for item, scope in rules:
+                allowed = await self.limiter.hit(item, scope, identity)
+                stats = await self.limiter.get_window_stats(item, scope, identity)
+                reset = max(0, math.ceil(stats.reset_time - time.time()))
+                decisions.append(Decision(allowed, item.amount, max(0, stats.remaining), reset))
+                if not allowed:
+                    break
+        except Exception as exc:  # the storage library raises its driver's errors
+            log.error("gateway.rate_limit_storage_unavailable", error=type(exc).__name__)
+            raise LimitStorageUnavailable from exc
+        denied = [d for d in decisions if not d.allowed]
+        if denied:
+            return denied[0]
+        return min(decisions, key=lambda d: (d.remaining, -d.reset_seconds))
+
+    async def healthy(self) -> bool:
+        try:
+            return bool(await self.storage.check())
+        except Exception:
+            return False

@@ -1,0 +1,137 @@
+"""The gateway's request pipeline for ``/api/v1/...``: route, CORS, client identity, token, rate limit, forward.
+
+Raw ASGI on purpose: it runs on every request (DESIGN.md, "Performance facts").
+"""
+
+from __future__ import annotations
+
+from starlette.types import Message, Receive, Scope, Send
+
+from common.clientip import Network, resolve_client_ip
+from common.errors import problem_response
+from common.tokens import InvalidToken
+from gateway.auth import GatewayAuth
+from gateway.cors import Cors
+from gateway.limits import LimitStorageUnavailable, RateLimits
+from gateway.proxy import Proxy
+from gateway.routes import Route, is_forbidden_path, is_public, match, route_table
+
+AUTH_PREFIX = "/api/v1/auth"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        proxy: Proxy,
+        auth: GatewayAuth,
+        limits: RateLimits,
+        cors: Cors,
+        trusted_proxies: list[Network],
+        storage_failure: str,
+    ) -> None:
+        self.proxy = proxy
+        self.auth = auth
+        self.limits = limits
+        self.cors = cors
+        self.trusted = trusted_proxies
+        self.storage_failure = storage_failure
+        self.routes = route_table()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        wanted = {b"origin", b"authorization", b"x-forwarded-for", b"access-control-request-method"}
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope.get("headers", ()):
+            if key in wanted and key not in headers:
+                headers[key] = value
+
+        route: Route | None = None
+        if not is_forbidden_path(path, scope.get("raw_path")):
+            route = match(self.routes, path)
+        if route is None:
+            await problem_response(404, scope=scope, detail="No such resource.")(scope, receive, send)
+            return
+        scope["comptoir.route"] = route.prefix + "/*"
+
+        extra: list[tuple[bytes, bytes]] = [(b"vary", b"Origin")]
+        origin = headers.get(b"origin")
+        if origin is not None:
+            if method == "OPTIONS" and b"access-control-request-method" in headers:
+                await self._preflight(scope, receive, send, origin)
+                return
+            if self.cors.allowed(origin):
+                extra.extend(self.cors.response_headers(origin))
+
+        async def send_with_extra(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        peer = scope["client"][0] if scope.get("client") else None
+        xff = headers.get(b"x-forwarded-for")
+        client_ip = resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted)
+        scope["comptoir.client_ip"] = client_ip
+
+        claims = None
+        authorization = headers.get(b"authorization")
+        if authorization is not None:
+            try:
+                claims = await self.auth.authenticate(authorization)
+            except InvalidToken:
+                await self._unauthorized(scope, receive, send_with_extra, "The access token is invalid or expired.")
+                return
+        elif not is_public(method, path):
+            await self._unauthorized(scope, receive, send_with_extra, "Authentication required.")
+            return
+        scope["comptoir.claims"] = claims
+
+        identity = f"user:{claims.sub}" if claims is not None else f"ip:{client_ip}"
+        try:
+            decision = await self.limits.check(method, path, identity, authenticated=claims is not None)
+        except LimitStorageUnavailable:
+            if self.storage_failure == "closed" or (
+                self.storage_failure == "closed-for-auth" and path.startswith(AUTH_PREFIX)
+            ):
+                await problem_response(
+                    503,
+                    scope=scope,
+                    detail="Rate limiting is unavailable; try again shortly.",
+                    headers={"Retry-After": "5"},
+                )(scope, receive, send_with_extra)
+                return
+            decision = None
+        if decision is not None:
+            extra.extend(decision.headers())
+            if not decision.allowed:
+                await problem_response(
+                    429, scope=scope, detail="Too many requests; retry after the time in Retry-After."
+                )(scope, receive, send_with_extra)
+                return
+
+        await self.proxy.forward(scope, receive, send_with_extra, route, client_ip)
+
+    async def _preflight(self, scope: Scope, receive: Receive, send: Send, origin: bytes) -> None:
+        allowed = self.cors.preflight_headers(origin, _header(scope, b"access-control-request-headers"))
+        if not self.cors.allowed(origin) or allowed is None:
+            response = problem_response(403, scope=scope, detail="Cross-origin request not allowed.")
+            response.headers["vary"] = "Origin"
+            await response(scope, receive, send)
+            return
+        headers = [(b"vary", b"Origin"), (b"content-length", b"0"), *allowed]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _unauthorized(self, scope: Scope, receive: Receive, send: Send, detail: str) -> None:
+        response = problem_response(
+            401, scope=scope, detail=detail, headers={"WWW-Authenticate": 'Bearer realm="comptoir"'}
+        )
+        await response(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None

@@ -1,0 +1,155 @@
+"""Routing, /internal blocking, header hygiene, streaming, limits on size and time, upstream failures."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import assert_problem, assert_security_headers, free_port
+from tests.gateway.conftest import running_gateway
+from tests.support.servers import echoed_headers, raw_request
+from tests.support.tokens import bearer
+
+
+def test_prefixes_reach_their_upstream(gateway, echo) -> None:  # noqa: ANN001
+    url, _ = gateway
+    for path in ("/api/v1/products", "/api/v1/auth/login", "/api/v1/products/abc/images/def"):
+        method = "POST" if path.endswith("login") else "GET"
+        response = httpx.request(method, url + path + "?q=savon&limit=2", json={} if method == "POST" else None)
+        assert response.status_code in (200, 201)
+        assert response.json()["path"] == path
+        assert response.json()["query"] == "q=savon&limit=2"
+
+
+@pytest.mark.parametrize("path", ["/api/v2/products", "/api/v1/unknown", "/api/v1/productsx", "/nothing"])
+def test_unknown_paths_are_404_problems(gateway, path: str) -> None:  # noqa: ANN001
+    assert_problem(httpx.get(gateway[0] + path), 404)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/api/v1/auth/internal/token",
+        b"/api/v1/products/internal",
+        b"/api/v1/products/INTERNAL/reserve",
+        b"/api/v1/products/%69nternal/reserve",
+        b"/api/v1/products/..%2F..%2Finternal%2Freserve",
+        b"/api/v1/products/%2e%2e/%2e%2e/internal/reserve",
+        b"/api/v1/products/../../internal/reserve",
+        b"/api/v1/products/./internal",
+        b"/api/v1/products//internal",
+        b"/api/v1/products%2Finternal",
+        b"/api/v1/products/%252e%252e/internal",
+        b"/api/v1/products\\..\\internal",
+        b"/internal/reserve",
+        b"//internal/reserve",
+    ],
+)
+def test_internal_is_never_forwarded_however_spelled(gateway, echo, path: bytes) -> None:  # noqa: ANN001
+    url, _ = gateway
+    port = int(url.rsplit(":", 1)[1])
+    upstream, _ = echo
+    before = len(upstream.hits)
+    answer = raw_request(port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status = answer.split(b" ", 2)[1]
+    assert status in (b"404", b"400"), answer[:200]
+    assert len(upstream.hits) == before, "the upstream was reached"
+
+
+def test_gateway_owned_and_hop_by_hop_headers_are_stripped(gateway) -> None:  # noqa: ANN001
+    response = httpx.get(
+        gateway[0] + "/api/v1/products",
+        headers={
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Host": "evil.example",
+            "X-Real-IP": "6.6.6.6",
+            "X-User-Id": "admin",
+            "X-User-Role": "admin",
+            "Forwarded": "for=6.6.6.6",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+            "TE": "trailers",
+            "User-Agent": "shop-app/1.0",
+        },
+    )
+    seen = echoed_headers(response.json())
+    for name in (
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-user-id",
+        "x-user-role",
+        "forwarded",
+        "x-secret-hop",
+        "proxy-authorization",
+        "te",
+    ):
+        assert name not in seen, name
+    assert seen["x-forwarded-for"] == "127.0.0.1"  # the socket peer, not what the client claimed
+    assert seen["user-agent"] == "shop-app/1.0"
+    assert seen["x-request-id"] == response.headers["x-request-id"]
+    # and on the way back: the upstream's hop-by-hop, Connection-listed and Server headers are gone
+    assert "x-upstream-hop" not in response.headers
+    assert "keep-alive" not in response.headers
+    assert "server" not in response.headers
+    assert_security_headers(response)
+
+
+def test_client_request_id_is_forwarded(gateway) -> None:  # noqa: ANN001
+    response = httpx.get(gateway[0] + "/api/v1/products", headers={"X-Request-ID": "shop-app-req-000123"})
+    assert echoed_headers(response.json())["x-request-id"] == "shop-app-req-000123"
+
+
+def test_large_responses_stream(gateway) -> None:  # noqa: ANN001
+    with httpx.stream("GET", gateway[0] + "/api/v1/products/x/images/stream") as response:
+        assert response.status_code == 200
+        total = sum(len(chunk) for chunk in response.iter_bytes())
+    assert total == 48 * 65536
+
+
+def test_oversized_json_is_413_before_reaching_the_upstream(gateway, echo) -> None:  # noqa: ANN001
+    upstream, _ = echo
+    before = len(upstream.hits)
+    big = b'{"name": "' + b"x" * (1024 * 1024 + 10) + b'"}'
+    response = httpx.post(
+        gateway[0] + "/api/v1/auth/register", content=big, headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 413)
+
+    def chunks():  # noqa: ANN202 - chunked, no Content-Length
+        for _ in range(20):
+            yield b" " * 65536
+
+    chunked = httpx.post(
+        gateway[0] + "/api/v1/auth/register", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_problem(chunked, 413)
+    assert len(upstream.hits) == before
+
+
+def test_image_uploads_get_the_larger_limit(gateway, issuer) -> None:  # noqa: ANN001
+    url, _ = gateway
+    staff = bearer(issuer.access(role="staff"))
+    image = {"file": ("p.png", b"x" * (3 * 1024 * 1024), "image/png")}
+    assert httpx.post(url + "/api/v1/products/abc/images", files=image, headers=staff).status_code == 201
+    too_big = {"file": ("p.png", b"x" * (5 * 1024 * 1024 + 100 * 1024), "image/png")}
+    assert_problem(httpx.post(url + "/api/v1/products/abc/images", files=too_big, headers=staff), 413)
+    # JSON routes keep the 1 MiB limit even with a multipart body
+    assert_problem(httpx.post(url + "/api/v1/orders", files=image, headers=staff), 413)
+
+
+def test_upstream_down_is_503_and_the_circuit_opens(issuer) -> None:  # noqa: ANN001
+    dead = f"http://127.0.0.1:{free_port()}"
+    with running_gateway(dead, issuer, circuit_failure_threshold=2, circuit_open_seconds=60) as (url, app):
+        for _ in range(2):
+            assert_problem(httpx.get(url + "/api/v1/products"), 503)
+        assert app.proxy.circuits["inventory"].is_open
+        response = httpx.get(url + "/api/v1/products")
+        assert_problem(response, 503)
+
+
+def test_slow_upstream_is_504_within_the_timeout(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(echo[1].url, issuer, upstream_timeout_seconds=0.5) as (url, _):
+        response = httpx.get(url + "/api/v1/products/slow", timeout=5)
+        assert_problem(response, 504)
+        assert response.elapsed.total_seconds() < 2.5

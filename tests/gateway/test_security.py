@@ -1,0 +1,270 @@
+"""Token checks, revocation, client identity, rate limits and CORS at the gateway (real HTTP)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from tests.conftest import assert_problem, assert_security_headers
+from tests.gateway.conftest import running_gateway
+from tests.support.servers import echoed_headers
+from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer, bearer
+
+PROTECTED = "/api/v1/orders"
+PUBLIC = "/api/v1/products"
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def hs256(claims: dict, secret: bytes, kid: str) -> str:
+    """An HS256 token made by hand: the key-confusion attack that libraries refuse to produce."""
+    import hashlib
+    import hmac
+
+    signing_input = f"{_b64({'alg': 'HS256', 'typ': 'at+jwt', 'kid': kid})}.{_b64(claims)}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
+
+
+def assert_401(response: httpx.Response) -> None:
+    assert_problem(response, 401)
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_valid_token_is_forwarded_with_the_original_header(gateway, issuer) -> None:  # noqa: ANN001
+    token = issuer.access(role="customer")
+    response = httpx.get(gateway[0] + PROTECTED, headers=bearer(token))
+    assert response.status_code == 200
+    assert echoed_headers(response.json())["authorization"] == f"Bearer {token}"
+
+
+def test_protected_route_without_token_is_401(gateway) -> None:  # noqa: ANN001
+    assert_401(httpx.get(gateway[0] + PROTECTED))
+    assert_401(httpx.post(gateway[0] + "/api/v1/auth/logout", json={}))
+
+
+def test_public_routes_need_no_token(gateway) -> None:  # noqa: ANN001
+    assert httpx.get(gateway[0] + PUBLIC).status_code == 200
+    assert httpx.post(gateway[0] + "/api/v1/auth/login", json={}).status_code == 201
+    assert httpx.get(gateway[0] + "/api/v1/auth/.well-known/jwks.json").status_code == 200
+
+
+def forged_tokens(issuer: TestIssuer) -> dict[str, str]:
+    claims = issuer.access_claims(role="admin")
+    public = issuer.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    pem = issuer.private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    now = int(time.time())
+    return {
+        "alg none": f"{_b64({'alg': 'none', 'typ': 'at+jwt', 'kid': issuer.kid})}.{_b64(claims)}.",
+        "hs256 with public key": hs256(claims, public, issuer.kid),
+        "hs256 with pem": hs256(claims, pem, issuer.kid),
+        "forged kid": issuer.sign(claims, headers={"kid": "../../../../dev/null"}),
+        "sql kid": issuer.sign(claims, headers={"kid": "x' OR '1'='1"}),
+        "other key": TestIssuer(kid=issuer.kid).access(role="admin"),
+        "jku": issuer.sign(claims, headers={"jku": "https://evil.example/jwks.json"}),
+        "embedded jwk": issuer.sign(claims, headers={"jwk": issuer.jwk()}),
+        "x5u": issuer.sign(claims, headers={"x5u": "https://evil.example/cert.pem"}),
+        "expired": issuer.sign(claims | {"exp": now - 5}),
+        "not yet valid": issuer.sign(claims | {"nbf": now + 300, "iat": now + 300}),
+        "wrong audience": issuer.sign(claims | {"aud": "urn:another-api"}),
+        "wrong issuer": issuer.sign(claims | {"iss": "urn:evil"}),
+        "refresh as access": issuer.sign(claims | {"token_use": "refresh"}, typ="rt+jwt"),
+        "service as access": issuer.service(caller="orders", audience=AUDIENCE),
+        "garbage": "not.a.token",
+        "truncated": issuer.access()[:-10],
+    }
+
+
+@pytest.mark.parametrize("case", list(forged_tokens(TestIssuer())))
+def test_forged_and_wrong_tokens_are_401_everywhere(gateway, issuer, echo, case: str) -> None:  # noqa: ANN001
+    token = forged_tokens(issuer)[case]
+    upstream, _ = echo
+    before = len(upstream.hits)
+    assert_401(httpx.get(gateway[0] + PROTECTED, headers=bearer(token)))
+    assert_401(httpx.get(gateway[0] + PUBLIC, headers=bearer(token)))  # present but invalid: 401 even on public
+    assert len(upstream.hits) == before
+
+
+@pytest.mark.parametrize(
+    "header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer a b", "bearer", "Token abc", "Bearer eyJ.eyJ.sig"]
+)
+def test_malformed_authorization_is_401(gateway, header: str) -> None:  # noqa: ANN001
+    assert_401(httpx.get(gateway[0] + PROTECTED, headers={"Authorization": header}))
+
+
+def test_revoked_session_is_refused(gateway, issuer) -> None:  # noqa: ANN001
+    url, app = gateway
+    token = issuer.access(sid="session-to-revoke")
+    assert httpx.get(url + PROTECTED, headers=bearer(token)).status_code == 200  # now cached as verified
+    app.state.revocations.add("session-to-revoke", time.time() + 3600)
+    assert_401(httpx.get(url + PROTECTED, headers=bearer(token)))
+
+
+def test_verified_tokens_are_cached_until_they_expire(gateway, issuer) -> None:  # noqa: ANN001
+    url, app = gateway
+    token = issuer.access(ttl=3600)
+    httpx.get(url + PROTECTED, headers=bearer(token))
+    assert token in app.pipeline.auth._cache
+
+
+def test_spoofed_forwarded_for_does_not_dodge_limits(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(echo[1].url, issuer, anonymous_rate_limit="3/hour") as (url, _):
+        codes = [
+            httpx.get(url + PUBLIC, headers={"X-Forwarded-For": f"10.0.0.{i}", "X-Real-IP": f"10.0.0.{i}"}).status_code
+            for i in range(5)
+        ]
+        assert codes == [200, 200, 200, 429, 429]
+
+
+def test_forwarded_for_is_believed_from_trusted_proxies_only(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(
+        echo[1].url, issuer, trusted_proxies="127.0.0.1/32, 10.0.0.0/8", anonymous_rate_limit="2/hour"
+    ) as (url, _):
+        seen = echoed_headers(
+            httpx.get(url + PUBLIC, headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.9, 10.1.2.3"}).json()
+        )
+        assert seen["x-forwarded-for"] == "198.51.100.9"  # right-most untrusted hop
+        # each real client has its own bucket behind the proxy
+        for client in ("198.51.100.1", "198.51.100.2"):
+            codes = [httpx.get(url + PUBLIC, headers={"X-Forwarded-For": client}).status_code for _ in range(3)]
+            assert codes == [200, 200, 429]
+
+
+def test_rate_limit_headers_and_429(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(echo[1].url, issuer, anonymous_rate_limit="2/hour") as (url, _):
+        first = httpx.get(url + PUBLIC)
+        assert first.headers["ratelimit-limit"] == "2"
+        assert first.headers["ratelimit-remaining"] == "1"
+        assert 0 < int(first.headers["ratelimit-reset"]) <= 3600
+        httpx.get(url + PUBLIC)
+        limited = httpx.get(url + PUBLIC)
+        assert_problem(limited, 429)
+        assert 0 < int(limited.headers["retry-after"]) <= 3600
+        assert limited.headers["ratelimit-remaining"] == "0"
+
+
+def test_authenticated_limits_are_per_user(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(echo[1].url, issuer, authenticated_rate_limit="2/hour", anonymous_rate_limit="1/hour") as (
+        url,
+        _,
+    ):
+        alice, bob = bearer(issuer.access(sub="alice")), bearer(issuer.access(sub="bob"))
+        assert [httpx.get(url + PROTECTED, headers=alice).status_code for _ in range(3)] == [200, 200, 429]
+        assert httpx.get(url + PROTECTED, headers=bob).status_code == 200
+        assert httpx.get(url + PROTECTED, headers=bob).headers["ratelimit-limit"] == "2"
+
+
+def test_route_limits_are_tighter_and_configurable(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(
+        echo[1].url, issuer, route_rate_limits="POST /api/v1/auth/login=2/minute; POST /api/v1/auth/register=1/hour"
+    ) as (url, _):
+        assert [httpx.post(url + "/api/v1/auth/login", json={}).status_code for _ in range(3)] == [201, 201, 429]
+        assert [httpx.post(url + "/api/v1/auth/register", json={}).status_code for _ in range(2)] == [201, 429]
+        assert httpx.get(url + PUBLIC).status_code == 200  # other routes unaffected
+
+
+ALLOWED = "https://shop.example.com"
+
+
+@pytest.fixture(scope="module")
+def cors_gateway(echo, issuer):  # noqa: ANN001, ANN201
+    with running_gateway(echo[1].url, issuer, cors_allowed_origins=f"{ALLOWED},https://admin.example.com") as running:
+        yield running[0]
+
+
+def test_cors_allows_listed_origins_with_credentials(cors_gateway: str) -> None:
+    response = httpx.get(cors_gateway + PUBLIC, headers={"Origin": ALLOWED})
+    assert response.headers["access-control-allow-origin"] == ALLOWED
+    assert response.headers["access-control-allow-credentials"] == "true"
+    assert "Origin" in response.headers["vary"]
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.example",
+        "null",
+        "https://shop.example.com.evil.tld",
+        "http://shop.example.com",
+        "https://evilshop.example.com",
+        "https://shop.example.com:8443",
+        "*",
+    ],
+)
+def test_cors_never_reflects_other_origins(cors_gateway: str, origin: str) -> None:
+    response = httpx.get(cors_gateway + PUBLIC, headers={"Origin": origin})
+    assert "access-control-allow-origin" not in response.headers
+    assert "access-control-allow-credentials" not in response.headers
+    preflight = httpx.options(
+        cors_gateway + PROTECTED, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert_problem(preflight, 403)
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_preflight_is_answered_by_the_gateway(cors_gateway: str, echo) -> None:  # noqa: ANN001
+    upstream, _ = echo
+    before = len(upstream.hits)
+    response = httpx.options(
+        cors_gateway + PROTECTED,
+        headers={
+            "Origin": ALLOWED,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+        },
+    )
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == ALLOWED
+    assert "POST" in response.headers["access-control-allow-methods"]
+    assert "idempotency-key" in response.headers["access-control-allow-headers"]
+    assert len(upstream.hits) == before
+    odd = httpx.options(
+        cors_gateway + PROTECTED,
+        headers={
+            "Origin": ALLOWED,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-user-role",
+        },
+    )
+    assert_problem(odd, 403)
+
+
+@pytest.mark.parametrize("value", ["*", "null", "https://*.example.com", "shop.example.com", "https://a.example/path"])
+def test_cors_configuration_must_be_explicit(value: str) -> None:
+    from pydantic import ValidationError
+
+    from gateway.config import GatewaySettings
+
+    with pytest.raises(ValidationError):
+        GatewaySettings(cors_allowed_origins=value)
+
+
+def test_security_headers_on_gateway_errors(gateway, echo, issuer) -> None:  # noqa: ANN001
+    url, _ = gateway
+    for response in (
+        httpx.get(url + PROTECTED),  # 401
+        httpx.get(url + "/api/v1/nope"),  # 404
+        httpx.post(
+            url + "/api/v1/auth/login", content=b"x" * (2 * 1024 * 1024), headers={"content-type": "application/json"}
+        ),
+    ):
+        assert_security_headers(response)
+    with running_gateway(echo[1].url, issuer, anonymous_rate_limit="1/hour") as (limited, _):
+        httpx.get(limited + PUBLIC)
+        assert_security_headers(httpx.get(limited + PUBLIC))  # 429
+
+
+def test_issuer_constants_match_the_gateway_defaults() -> None:
+    from gateway.config import GatewaySettings
+
+    settings = GatewaySettings()
+    assert (settings.token_issuer, settings.token_audience) == (ISSUER, AUDIENCE)
