@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway up clean
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ lock:
 	/tmp/comptoir-lock/bin/pip install --quiet --upgrade pip
 	/tmp/comptoir-lock/bin/pip install --quiet -e '.[dev]'
 	/tmp/comptoir-lock/bin/pip freeze --exclude-editable | grep -v '^comptoir' > requirements.lock
+
+# Benchmarks print a table; they are never part of `make test`.
+bench: bench-gateway
+
+bench-gateway: install
+	$(BIN)/python -m bench.gateway
 
 up:
 	docker compose up --build

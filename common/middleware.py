@@ -23,6 +23,9 @@ _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
 
 access_log = structlog.get_logger("comptoir.access")
 
+# Probes and pollers: successful requests to these paths are counted in metrics but not logged.
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics", "/internal/revocations")
+
 
 def header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers", ()):
@@ -34,10 +37,11 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 class RequestContextMiddleware:
     """Request id (echo a well-formed one, else a new UUID), structured access log and metrics."""
 
-    def __init__(self, app: ASGIApp, *, service: str, quiet_paths: Iterable[str] = ("/healthz", "/metrics")) -> None:
+    def __init__(self, app: ASGIApp, *, service: str, quiet_paths: Iterable[str] = QUIET_PATHS) -> None:
         self.app = app
         self.service = service
         self.quiet_paths = frozenset(quiet_paths)
+        self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,20 +68,30 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
-            # Starlette re-raises after it has sent its 500; anything else never got an answer.
-            if status == 500 and not _response_started(scope):
+            # Starlette re-raises after its handler has logged the error and sent the 500; anything
+            # else never got an answer, so answer and log it here.
+            if not _response_started(scope):
                 await problem_response(500, scope=scope, detail="An unexpected error occurred.")(
                     scope, receive, send_wrapper
                 )
-            access_log.error("http.unhandled_exception", exc_info=exc, path=scope.get("path"))
+                access_log.error("http.unhandled_exception", exc_info=exc, path=scope.get("path"))
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or scope.get("comptoir.route") or "unmatched"
             method = scope.get("method", "GET")
-            HTTP_REQUESTS.labels(self.service, method, template, str(status)).inc()
-            HTTP_LATENCY.labels(self.service, method, template).observe(elapsed)
-            if scope.get("path") not in self.quiet_paths:
+            key = (method, template, status)
+            children = self._metric_children.get(key)
+            if children is None:  # labels() is a locked dict lookup; cache the children per key
+                children = (
+                    HTTP_REQUESTS.labels(self.service, method, template, str(status)),
+                    HTTP_LATENCY.labels(self.service, method, template),
+                )
+                if len(self._metric_children) < 10_000:
+                    self._metric_children[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)
+            if status >= 400 or scope.get("path") not in self.quiet_paths:
                 access_log.info(
                     "http.request",
                     method=method,

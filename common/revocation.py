@@ -78,14 +78,20 @@ class RevocationPoller:
                 return arrived
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 await self.poll_once()
                 self.revocations.prune()
+                if failing:
+                    log.info("revocation.poll_recovered")
+                failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep polling whatever happened; the cache stays as it was
-                log.warning("revocation.poll_failed", error=type(exc).__name__)
+                if not failing:
+                    log.warning("revocation.poll_failing", error=type(exc).__name__)
+                failing = True
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:

@@ -53,6 +53,9 @@ def test_run_serves_restarts_stops_cleanly_and_keeps_data(tmp_path: Path) -> Non
         assert catalogue.status_code == 200
         assert catalogue.json() == {"items": [], "next_cursor": None}
         assert catalogue.headers["x-content-type-options"] == "nosniff"
+        schema = httpx.get(gateway + "/api/v1/openapi.json")
+        assert schema.status_code == 200
+        assert "/api/v1/products" in schema.json()["paths"]
 
         # Secrets in a query string, a header and a body never reach the logs, though the request does.
         request_id = "e2e-secret-probe-0001"

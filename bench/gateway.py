@@ -1,0 +1,210 @@
+"""make bench-gateway: req/s and latency of direct uvicorn, nginx proxy_pass and the Comptoir gateway.
+
+One run, same machine, same tiny upstream. The gateway does its real work on every request: an EdDSA
+access token (verified once, then served from the verified-token cache), the revocation check, a rate
+limit (memory storage), CORS/header hygiene, then a pooled aiohttp forward. nginx and wrk come from
+Debian packages (installed here when missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt.algorithms import OKPAlgorithm
+
+DURATION = os.environ.get("BENCH_DURATION", "10s")
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_tools() -> None:
+    if shutil.which("wrk") is None or not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        print("installing nginx and wrk from Debian packages ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "nginx-light", "wrk"],
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def wrk(url: str, connections: int, headers: dict[str, str]) -> dict[str, float]:
+    args = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{DURATION}", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*args, url], check=True, capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+
+    def pct(label: str) -> float:
+        value, unit = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0}
+
+
+def main() -> None:
+    ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="comptoir-bench-"))
+    key = Ed25519PrivateKey.generate()
+    jwk = json.loads(OKPAlgorithm.to_jwk(key.public_key())) | {"kid": "bench", "alg": "EdDSA", "use": "sig"}
+    (work / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    now = int(time.time())
+    token = jwt.encode(
+        {
+            "iss": "urn:comptoir:auth",
+            "aud": "urn:comptoir:api",
+            "sub": str(uuid.uuid4()),
+            "role": "customer",
+            "sid": str(uuid.uuid4()),
+            "jti": str(uuid.uuid4()),
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "token_use": "access",
+        },
+        key,
+        algorithm="EdDSA",
+        headers={"kid": "bench", "typ": "at+jwt"},
+    )
+    upstream_port, nginx_port, gateway_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "bench.upstream:app",
+                    "--port",
+                    str(upstream_port),
+                    "--loop",
+                    "uvloop",
+                    "--http",
+                    "httptools",
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+                env={**os.environ, "BENCH_JWKS": str(work / "jwks.json")},
+                **quiet,
+            )
+        )
+        conf = work / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{nginx_port};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+""")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        procs.append(subprocess.Popen([nginx, "-c", str(conf), "-p", str(work), "-g", "daemon off;"], **quiet))
+        env = {
+            **os.environ,
+            "DATA_DIR": str(work),
+            "LOG_LEVEL": "WARNING",
+            "GATEWAY_INVENTORY_URL": f"http://127.0.0.1:{upstream_port}",
+            "AUTH_INTERNAL_URL": f"http://127.0.0.1:{upstream_port}",
+            "GATEWAY_AUTHENTICATED_RATE_LIMIT": "1000000000/hour",
+            "GATEWAY_CLIENT_SECRET": "",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "comptoir.serve", "gateway", "--port", str(gateway_port)], env=env, **quiet
+            )
+        )
+        for port in (upstream_port, nginx_port, gateway_port):
+            wait_port(port)
+        auth = {"Authorization": f"Bearer {token}"}
+        path = "/api/v1/products"
+        check = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                f"Authorization: Bearer {token}",
+                f"http://127.0.0.1:{gateway_port}{path}",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert check == "200", f"gateway answered {check}"
+        rows = []
+        for name, port in (
+            ("upstream direct (uvicorn)", upstream_port),
+            ("nginx proxy_pass, keepalive", nginx_port),
+            ("comptoir gateway (EdDSA token, limit)", gateway_port),
+        ):
+            url = f"http://127.0.0.1:{port}{path}"
+            loaded = wrk(url, CONNECTIONS, auth)
+            single = wrk(url, 1, auth)
+            rows.append((name, loaded, single))
+        nginx_rps = rows[1][1]["rps"]
+        print(f"\nwrk -t2 -c{CONNECTIONS} -d{DURATION} (and -c1 for unloaded latency), GET {path}, one run\n")
+        print(f"| path | req/s (c{CONNECTIONS}) | vs nginx | p50 ms | p99 ms | p50 ms (c1) | non-2xx |")
+        print("|---|---|---|---|---|---|---|")
+        for name, loaded, single in rows:
+            print(
+                f"| {name} | {loaded['rps']:,.0f} | {loaded['rps'] / nginx_rps:.0%} | {loaded['p50']:.2f} | "
+                f"{loaded['p99']:.2f} | {single['p50']:.3f} | {int(loaded['errors'])} |"
+            )
+        added = rows[2][2]["p50"] - rows[0][2]["p50"]
+        print(
+            f"\nadded median latency of the gateway at c1: {added:.3f} ms; "
+            f"throughput vs nginx at c{CONNECTIONS}: {rows[2][1]['rps'] / nginx_rps:.0%}"
+        )
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
