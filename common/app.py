@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 from starlette.types import ASGIApp
 
@@ -15,6 +16,7 @@ from common.errors import install_error_handlers
 from common.http import create_client
 from common.logging import configure_logging
 from common.middleware import standard_stack
+from common.relay import OutboxRelay
 from common.revocation import RevocationPoller, RevocationSet
 from common.service_tokens import ServiceTokenClient
 from common.settings import CommonSettings, ServiceSettings
@@ -80,10 +82,12 @@ def create_service_app(
     title: str | None = None,
     key_source: KeySource | None = None,
     poll_revocations: bool = True,
+    outbox: sa.Table | None = None,
 ) -> ComptoirAPI:
     """A service app: logging, database, token verification, health, errors and the standard middlewares.
 
     ``key_source`` replaces the auth service's JWKS over HTTP (the auth service's own keys, a test's).
+    ``outbox``: the service's audit outbox table; a relay delivers it to the audit service.
     """
     configure_logging(level=settings.log_level, fmt=settings.log_format, service=name)
 
@@ -121,6 +125,23 @@ def create_service_app(
         app.state.is_revoked = is_revoked
         if poll_revocations and settings.client_secret:
             poller.start()
+        audit_client = create_client(settings.audit_internal_url)
+        relay = None
+        if outbox is not None:
+            relay = OutboxRelay(
+                service=name,
+                db=db,
+                outbox=outbox,
+                client=audit_client,
+                tokens=app.state.service_tokens,
+                batch_size=settings.outbox_batch_size,
+                poll_seconds=settings.outbox_poll_seconds,
+                max_backoff_seconds=settings.outbox_max_backoff_seconds,
+                alert_after_attempts=settings.outbox_alert_after_attempts,
+            )
+            if settings.client_secret:
+                relay.start()
+        app.state.outbox_relay = relay
 
         async def database_ready() -> bool:
             return await db.ping(settings.readiness_timeout_seconds)
@@ -133,7 +154,10 @@ def create_service_app(
                 async with lifespan_hook(app):
                     yield
         finally:
+            if relay is not None:
+                await relay.stop()
             await poller.stop()
+            await audit_client.aclose()
             await auth_client.aclose()
             await db.dispose()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import sqlalchemy as sa
 from alembic import context
 from sqlalchemy import MetaData, pool
 from sqlalchemy.engine import Connection
@@ -27,6 +28,7 @@ def run_migrations(target_metadata: MetaData) -> None:
     assert schema, "a service's metadata names its schema"
     url: str = config.attributes.get("url") or config.get_main_option("sqlalchemy.url") or ""
     owner_role: str | None = config.attributes.get("owner_role")
+    runtime_role: str | None = config.attributes.get("runtime_role")
 
     if context.is_offline_mode():
         context.configure(
@@ -42,6 +44,12 @@ def run_migrations(target_metadata: MetaData) -> None:
     def do_run(connection: Connection) -> None:
         if owner_role:
             connection.exec_driver_sql(f"SET ROLE {_quote_ident(owner_role)}")
+        if runtime_role:
+            # Migrations that grant the runtime role more than the default privileges read its name
+            # here: current_setting('comptoir.runtime_role') (see runtime_role_grant below).
+            connection.execute(
+                sa.text("SELECT set_config('comptoir.runtime_role', :role, false)"), {"role": runtime_role}
+            )
         connection.exec_driver_sql(f"SET search_path TO {_quote_ident(schema)}")
         context.configure(
             connection=connection,
@@ -63,3 +71,14 @@ def run_migrations(target_metadata: MetaData) -> None:
             await engine.dispose()
 
     asyncio.run(online())
+
+
+def runtime_role_grant(privileges: str, table: str) -> str:
+    """SQL for a migration: GRANT extra privileges on ``table`` to the service's runtime role."""
+    return (
+        "DO $$ BEGIN EXECUTE format('GRANT "
+        + privileges
+        + " ON "
+        + table
+        + " TO %I', current_setting('comptoir.runtime_role')); END $$"
+    )

@@ -41,6 +41,7 @@ class CommonSettings(BaseSettings):
     token_issuer: str = Field("urn:comptoir:auth", validation_alias=unprefixed("TOKEN_ISSUER"))
     token_audience: str = Field("urn:comptoir:api", validation_alias=unprefixed("TOKEN_AUDIENCE"))
     auth_internal_url: str = Field("http://127.0.0.1:8001", validation_alias=unprefixed("AUTH_INTERNAL_URL"))
+    audit_internal_url: str = Field("http://127.0.0.1:8004", validation_alias=unprefixed("AUDIT_INTERNAL_URL"))
     # This process's own client secret for service tokens (client-credentials grant at auth).
     client_secret: str = Field("", repr=False)
     # How often the revocation feed is polled (the gateway must reject a revoked session within 1 s).
@@ -68,5 +69,10 @@ class ServiceSettings(CommonSettings):
     db_connect_timeout_seconds: float = Field(5.0, gt=0)
     db_statement_timeout_ms: int = Field(15_000, ge=100)
     readiness_timeout_seconds: float = Field(2.0, gt=0)
+    # Audit outbox relay: batch size, idle poll interval, longest backoff, attempts before it alerts.
+    outbox_batch_size: int = Field(200, ge=1, le=1000)
+    outbox_poll_seconds: float = Field(0.5, gt=0)
+    outbox_max_backoff_seconds: float = Field(300.0, gt=0)
+    outbox_alert_after_attempts: int = Field(10, ge=1)
     # Peers whose X-Forwarded-For is believed: the gateway's addresses (loopback for `comptoir run`).
     gateway_networks: str = Field("127.0.0.1/32,::1/128")

@@ -147,12 +147,13 @@ async def _lock_version_tables(admin_url: str, roles: list[ServiceRole]) -> None
         await conn.close()
 
 
-def alembic_config(service: str, admin_url: str, owner_role: str | None) -> Config:
+def alembic_config(service: str, admin_url: str, owner_role: str | None, runtime_role: str | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(services.__file__).parent / service / "migrations"))
     cfg.set_main_option("file_template", "%%(year)d_%%(month).2d_%%(day).2d_%%(slug)s")
     cfg.attributes["url"] = admin_url
     cfg.attributes["owner_role"] = owner_role
+    cfg.attributes["runtime_role"] = runtime_role
     return cfg
 
 
@@ -161,7 +162,7 @@ def migrate(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
     roles = resolve_roles(settings, admin_url)
     asyncio.run(_provision(admin_url, roles))
     for role in roles:
-        command.upgrade(alembic_config(role.service, admin_url, role.owner), "head")
+        command.upgrade(alembic_config(role.service, admin_url, role.owner, role.user), "head")
     asyncio.run(_lock_version_tables(admin_url, roles))
     return roles
 

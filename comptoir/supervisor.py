@@ -52,6 +52,7 @@ def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]
     for process in PROCESSES[1:]:
         env[f"GATEWAY_{process.upper()}_URL"] = f"http://{settings.connect_host}:{settings.port_of(process)}"
     env["AUTH_INTERNAL_URL"] = f"http://{settings.connect_host}:{settings.auth_port}"
+    env["AUDIT_INTERNAL_URL"] = f"http://{settings.connect_host}:{settings.audit_port}"
     env.update(client_env(settings.data_dir))
     return env
 
