@@ -18,6 +18,7 @@ from common.tokens import ACCESS, KeySource, RemoteJWKS, TokenVerifier
 from gateway.auth import GatewayAuth
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
 from gateway.cors import Cors
+from gateway.events import SecurityEvents
 from gateway.health import HEALTH_PATH
 from gateway.health import router as health_router
 from gateway.limits import RateLimits
@@ -72,6 +73,8 @@ def create_app(settings: GatewaySettings | None = None, *, key_source: KeySource
     service_tokens = ServiceTokenClient(auth_client, client_id="gateway", client_secret=settings.client_secret)
     poller = RevocationPoller(auth_client, service_tokens, revocations, interval=settings.revocation_poll_seconds)
     limits = RateLimits(settings)
+    audit_client = create_client(settings.audit_internal_url)
+    events = SecurityEvents(audit_client, service_tokens)
     pipeline = Pipeline(
         proxy=proxy,
         auth=GatewayAuth(verifier, revocations, cache_size=settings.token_cache_size),
@@ -81,6 +84,7 @@ def create_app(settings: GatewaySettings | None = None, *, key_source: KeySource
         ),
         trusted_proxies=parse_networks(settings.trusted_proxies),
         storage_failure=settings.rate_limit_storage_failure,
+        events=events,
     )
 
     @asynccontextmanager
@@ -88,12 +92,15 @@ def create_app(settings: GatewaySettings | None = None, *, key_source: KeySource
         await proxy.start()
         if settings.client_secret:
             poller.start()
+            events.start()
         try:
             yield
         finally:
             await poller.stop()
+            await events.stop()
             await proxy.close()
             await auth_client.aclose()
+            await audit_client.aclose()
 
     app = GatewayApp(
         service="gateway",
@@ -110,6 +117,7 @@ def create_app(settings: GatewaySettings | None = None, *, key_source: KeySource
     app.state.settings = settings
     app.state.revocations = revocations
     app.state.service_tokens = service_tokens
+    app.state.security_events = events
     app.state.readiness_checks["rate_limit_storage"] = limits.healthy
     app.include_router(health_router)
     app.include_router(openapi_router)

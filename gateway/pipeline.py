@@ -5,6 +5,8 @@ Raw ASGI on purpose: it runs on every request (DESIGN.md, "Performance facts").
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.types import Message, Receive, Scope, Send
 
 from common.clientip import Network, resolve_client_ip
@@ -12,6 +14,7 @@ from common.errors import problem_response
 from common.tokens import InvalidToken
 from gateway.auth import GatewayAuth
 from gateway.cors import Cors
+from gateway.events import SecurityEvents
 from gateway.limits import LimitStorageUnavailable, RateLimits
 from gateway.proxy import Proxy
 from gateway.routes import Route, is_forbidden_path, is_public, match, route_table
@@ -29,6 +32,7 @@ class Pipeline:
         cors: Cors,
         trusted_proxies: list[Network],
         storage_failure: str,
+        events: SecurityEvents | None = None,
     ) -> None:
         self.proxy = proxy
         self.auth = auth
@@ -36,6 +40,7 @@ class Pipeline:
         self.cors = cors
         self.trusted = trusted_proxies
         self.storage_failure = storage_failure
+        self.events = events
         self.routes = route_table()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -48,7 +53,9 @@ class Pipeline:
                 headers[key] = value
 
         route: Route | None = None
-        if not is_forbidden_path(path, scope.get("raw_path")):
+        if is_forbidden_path(path, scope.get("raw_path")):
+            self._event(scope, "gateway.path.blocked", reason="internal or obfuscated path")
+        else:
             route = match(self.routes, path)
         if route is None:
             await problem_response(404, scope=scope, detail="No such resource.")(scope, receive, send)
@@ -79,7 +86,8 @@ class Pipeline:
         if authorization is not None:
             try:
                 claims = await self.auth.authenticate(authorization)
-            except InvalidToken:
+            except InvalidToken as exc:
+                self._event(scope, "gateway.token.rejected", reason=exc.reason)
                 await self._unauthorized(scope, receive, send_with_extra, "The access token is invalid or expired.")
                 return
         elif not is_public(method, path):
@@ -105,12 +113,18 @@ class Pipeline:
         if decision is not None:
             extra.extend(decision.headers())
             if not decision.allowed:
+                if path.startswith(AUTH_PREFIX):
+                    self._event(scope, "gateway.rate_limit.exceeded", limit=decision.limit)
                 await problem_response(
                     429, scope=scope, detail="Too many requests; retry after the time in Retry-After."
                 )(scope, receive, send_with_extra)
                 return
 
         await self.proxy.forward(scope, receive, send_with_extra, route, client_ip)
+
+    def _event(self, scope: Scope, action: str, **details: Any) -> None:
+        if self.events is not None:
+            self.events.record(scope, action, **details)
 
     async def _preflight(self, scope: Scope, receive: Receive, send: Send, origin: bytes) -> None:
         allowed = self.cors.preflight_headers(origin, _header(scope, b"access-control-request-headers"))

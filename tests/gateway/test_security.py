@@ -268,3 +268,36 @@ def test_issuer_constants_match_the_gateway_defaults() -> None:
 
     settings = GatewaySettings()
     assert (settings.token_issuer, settings.token_audience) == (ISSUER, AUDIENCE)
+
+
+def test_security_events_are_recorded_without_secrets(gateway, issuer, echo) -> None:  # noqa: ANN001
+    url, app = gateway
+    events = app.state.security_events
+    events.queue.clear()
+    forged = TestIssuer(kid=issuer.kid).access(role="admin")
+    httpx.get(url + PROTECTED, headers={**bearer(forged), "User-Agent": "probe/1"})
+    port = int(url.rsplit(":", 1)[1])
+    from tests.support.servers import raw_request
+
+    raw_request(port, b"GET /api/v1/products/..%2Finternal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    actions = [e["action"] for e in events.queue]
+    assert actions == ["gateway.token.rejected", "gateway.path.blocked"]
+    rejected = events.queue[0]
+    assert rejected["ip"] == "127.0.0.1"
+    assert rejected["user_agent"] == "probe/1"
+    assert rejected["outcome"] == "denied"
+    assert forged not in json.dumps(list(events.queue))
+
+
+def test_security_event_queue_is_bounded(gateway) -> None:  # noqa: ANN001
+    _, app = gateway
+    events = app.state.security_events
+    events.queue.clear()
+    capacity, events.capacity = events.capacity, 5
+    try:
+        for _ in range(12):
+            events.record({"method": "GET", "path": "/x", "headers": []}, "gateway.token.rejected")
+        assert len(events.queue) == 5
+    finally:
+        events.capacity = capacity
+        events.queue.clear()

@@ -1,0 +1,112 @@
+"""The gateway's own security events, sent to the audit service without a database.
+
+Events wait in a bounded in-memory queue (the oldest are dropped, and counted, if audit is away for
+long); a background task sends them in batches with a service token. These are signals (bad tokens,
+throttling on auth routes, probing of /internal), not business records: losing some under a flood is
+acceptable where blocking requests would not be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any
+
+import httpx
+import structlog
+from prometheus_client import Counter
+from starlette.types import Scope
+
+from common.audit import AuditEvent, scrub
+from common.relay import EVENTS_PATH
+from common.service_tokens import ServiceTokenClient
+
+log = structlog.get_logger("gateway.events")
+
+GATEWAY_EVENTS = Counter("comptoir_gateway_security_events_total", "Security events seen by the gateway.", ["action"])
+GATEWAY_EVENTS_DROPPED = Counter(
+    "comptoir_gateway_security_events_dropped_total", "Security events dropped because the queue was full."
+)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class SecurityEvents:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        tokens: ServiceTokenClient,
+        *,
+        capacity: int = 10_000,
+        batch_size: int = 200,
+        interval: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.tokens = tokens
+        self.queue: deque[dict[str, Any]] = deque()
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, scope: Scope, action: str, *, outcome: str = "denied", **details: Any) -> None:
+        GATEWAY_EVENTS.labels(action).inc()
+        claims = scope.get("comptoir.claims")
+        event = AuditEvent(
+            service="gateway",
+            action=action,
+            actor_id=getattr(claims, "sub", None),
+            actor_role=getattr(claims, "role", None),
+            ip=scope.get("comptoir.client_ip") or (scope.get("client") or (None,))[0],
+            user_agent=(_header(scope, b"user-agent") or "")[:512] or None,
+            method=scope.get("method"),
+            path=str(scope.get("path", ""))[:512],
+            request_id=scope.get("state", {}).get("request_id"),
+            new_values=details or None,
+            outcome="denied" if outcome == "denied" else "failure",
+        )
+        if len(self.queue) >= self.capacity:
+            self.queue.popleft()
+            GATEWAY_EVENTS_DROPPED.inc()
+        self.queue.append(scrub(event.model_dump(mode="json")))
+
+    async def flush(self) -> int:
+        if not self.queue:
+            return 0
+        batch = [self.queue[i] for i in range(min(self.batch_size, len(self.queue)))]
+        try:
+            headers = await self.tokens.headers_for("audit")
+            response = await self.client.post(EVENTS_PATH, json={"events": batch}, headers=headers)
+            if response.status_code == 401:
+                self.tokens.forget("audit")
+            response.raise_for_status()
+        except Exception as exc:  # keep them queued; the next round tries again
+            log.warning("gateway.security_events.delivery_failed", error=type(exc).__name__, queued=len(self.queue))
+            return 0
+        for _ in batch:
+            self.queue.popleft()
+        return len(batch)
+
+    async def _run(self) -> None:
+        while True:
+            delivered = await self.flush()
+            if delivered < self.batch_size:
+                await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gateway-security-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.flush()  # a last try on shutdown
