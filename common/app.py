@@ -12,6 +12,7 @@ from starlette.types import ASGIApp
 
 from common import health
 from common.db import Database
+from common.deploychecks import auth_checks, enforce, service_checks
 from common.errors import install_error_handlers
 from common.http import create_client
 from common.logging import configure_logging
@@ -86,10 +87,18 @@ def create_service_app(
 ) -> ComptoirAPI:
     """A service app: logging, database, token verification, health, errors and the standard middlewares.
 
+    In production a failing critical deployment check stops it here (common.deploychecks).
+
     ``key_source`` replaces the auth service's JWKS over HTTP (the auth service's own keys, a test's).
     ``outbox``: the service's audit outbox table; a relay delivers it to the audit service.
     """
-    configure_logging(level=settings.log_level, fmt=settings.log_format, service=name)
+    configure_logging(
+        level=settings.log_level,
+        fmt=settings.log_format,
+        service=name,
+    )
+    checks = auth_checks(settings) if name == "auth" else service_checks(settings, name)
+    enforce(checks, production=settings.is_production)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -32,6 +32,11 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Field(Path("var"), validation_alias=unprefixed("DATA_DIR"))
     log_level: str = Field("INFO", validation_alias=unprefixed("LOG_LEVEL"))
     log_format: str = Field("json", validation_alias=unprefixed("LOG_FORMAT"), pattern="^(json|console)$")
+    # Plain HTTP is acceptable in production only behind a TLS-terminating proxy declared here
+    # (with its address in TRUSTED_PROXIES).
+    tls_terminating_proxy: bool = Field(False, validation_alias=unprefixed("TLS_TERMINATING_PROXY"))
+    # Authenticated encryption key for `comptoir backup` (urlsafe base64 of 32 random bytes).
+    backup_encryption_key: str = Field("", validation_alias=unprefixed("BACKUP_ENCRYPTION_KEY"), repr=False)
     # Bodies above this size are refused with 413 before they are read.
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # HSTS is sent only when the installation is served over HTTPS, i.e. in production by default.

@@ -39,6 +39,12 @@ class GatewaySettings(CommonSettings):
     circuit_failure_threshold: int = Field(5, ge=1)
     circuit_open_seconds: float = Field(10.0, gt=0)
 
+    # Host names the gateway answers for (comma-separated; a leading dot allows subdomains). Empty
+    # accepts any Host, which `comptoir check --deploy` refuses in production.
+    allowed_hosts: str = Field("", validation_alias=unprefixed("ALLOWED_HOSTS"))
+    # How many gateway replicas the deployment runs: above 1, limits and revocations need REDIS_URL.
+    replicas: int = Field(1, ge=1, validation_alias=unprefixed("GATEWAY_REPLICAS"))
+
     # Client identity: X-Forwarded-For is believed only from these peers (CIDRs, comma-separated).
     trusted_proxies: str = Field("", validation_alias=unprefixed("TRUSTED_PROXIES"))
 
@@ -72,6 +78,10 @@ class GatewaySettings(CommonSettings):
             if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
                 raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
         return value
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
 
     @property
     def origins(self) -> frozenset[str]:

@@ -103,10 +103,11 @@ class SecurityEvents:
         self._task = asyncio.create_task(self._run(), name="gateway-security-events")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
         with contextlib.suppress(Exception):
             await self.flush()  # a last try on shutdown

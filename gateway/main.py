@@ -10,6 +10,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.app import ComptoirAPI
 from common.clientip import parse_networks
+from common.deploychecks import enforce, gateway_checks
+from common.errors import problem_response
 from common.http import create_client
 from common.logging import configure_logging
 from common.revocation import RevocationPoller, RevocationSet
@@ -32,15 +34,34 @@ from gateway.routes import IMAGE_UPLOAD_PATH
 OWN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
 
 
+_PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def host_allowed(host: bytes | None, allowed: tuple[str, ...]) -> bool:
+    if not allowed:
+        return True
+    if host is None:
+        return False
+    name = host.decode("latin-1").strip().lower()
+    name = name.rsplit(":", 1)[0] if not name.endswith("]") else name
+    return any(name == entry or (entry.startswith(".") and name.endswith(entry)) for entry in allowed)
+
+
 class _Dispatch:
     """``/api/v1/...`` goes straight to the pipeline; everything else to the gateway's own endpoints."""
 
-    def __init__(self, pipeline: Pipeline, own: ASGIApp) -> None:
+    def __init__(self, pipeline: Pipeline, own: ASGIApp, allowed_hosts: tuple[str, ...] = ()) -> None:
         self.pipeline = pipeline
         self.own = own
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and self.allowed_hosts and path not in _PROBES:
+            host = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+            if not host_allowed(host, self.allowed_hosts):
+                await problem_response(400, scope=scope, detail="Unknown Host.")(scope, receive, send)
+                return
         if scope["type"] == "http" and path.startswith("/api/v1/") and path not in OWN_PATHS:
             await self.pipeline(scope, receive, send)
         else:
@@ -54,12 +75,17 @@ class GatewayApp(ComptoirAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         own = FastAPI.build_middleware_stack(self)
-        return self.wrap(_Dispatch(self.pipeline, own))  # type: ignore[no-any-return]
+        hosts = self.state.settings.hosts if hasattr(self.state, "settings") else ()
+        return self.wrap(_Dispatch(self.pipeline, own, hosts))  # type: ignore[no-any-return]
 
 
-def create_app(settings: GatewaySettings | None = None, *, key_source: KeySource | None = None) -> GatewayApp:
+def create_app(
+    settings: GatewaySettings | None = None, *, key_source: KeySource | None = None, enforce_checks: bool = True
+) -> GatewayApp:
     settings = settings or GatewaySettings()
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="gateway")
+    if enforce_checks:
+        enforce(gateway_checks(settings), production=settings.is_production)
     proxy = Proxy(settings)
     auth_client = create_client(settings.auth_internal_url)
     keys = key_source or RemoteJWKS(

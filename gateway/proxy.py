@@ -142,6 +142,8 @@ class Proxy:
             await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.")
             return
         body = await _read_body(receive)
+        if body is None:
+            return
         query = scope.get("query_string", b"")
         url = self.upstreams[route.upstream] + scope["path"] + ("?" + query.decode("latin-1") if query else "")
         session = self.sessions[route.upstream]
@@ -177,14 +179,15 @@ class Proxy:
         await problem_response(status, scope=scope, detail=detail)(scope, receive, send)
 
 
-async def _read_body(receive: Receive) -> bytes:
-    """The body, already bounded by BodyLimitMiddleware (1 MiB JSON, 5 MiB images)."""
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole body (bounded by BodyLimitMiddleware), or None when the client went away before the end
+    (or the limit was crossed and 413 already answered): a partial body is never forwarded."""
     chunks = []
     more = True
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return None
         chunks.append(message.get("body", b""))
         more = message.get("more_body", False)
     return b"".join(chunks)

@@ -153,3 +153,12 @@ def test_slow_upstream_is_504_within_the_timeout(echo, issuer) -> None:  # noqa:
         response = httpx.get(url + "/api/v1/products/slow", timeout=5)
         assert_problem(response, 504)
         assert response.elapsed.total_seconds() < 2.5
+
+
+def test_allowed_hosts_refuse_other_host_headers(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(echo[1].url, issuer, allowed_hosts="api.shop.example, .shop.example") as (url, _):
+        assert httpx.get(url + "/api/v1/products", headers={"Host": "api.shop.example"}).status_code == 200
+        assert httpx.get(url + "/api/v1/products", headers={"Host": "eu.shop.example:443"}).status_code == 200
+        for host in ("evil.example", "shop.example.evil.tld", "api.shop.example.evil"):
+            assert_problem(httpx.get(url + "/api/v1/products", headers={"Host": host}), 400)
+        assert httpx.get(url + "/healthz", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # probes
