@@ -12,7 +12,7 @@ from starlette.types import ASGIApp
 
 from common import health
 from common.db import Database
-from common.deploychecks import auth_checks, enforce, service_checks
+from common.deploychecks import Check, enforce, service_checks
 from common.errors import install_error_handlers
 from common.http import create_client
 from common.logging import configure_logging
@@ -84,6 +84,7 @@ def create_service_app(
     key_source: KeySource | None = None,
     poll_revocations: bool = True,
     outbox: sa.Table | None = None,
+    deploy_checks: Callable[[Any], list[Check]] | None = None,
 ) -> ComptoirAPI:
     """A service app: logging, database, token verification, health, errors and the standard middlewares.
 
@@ -97,7 +98,7 @@ def create_service_app(
         fmt=settings.log_format,
         service=name,
     )
-    checks = auth_checks(settings) if name == "auth" else service_checks(settings, name)
+    checks = deploy_checks(settings) if deploy_checks is not None else service_checks(settings, name)
     enforce(checks, production=settings.is_production)
 
     @asynccontextmanager
