@@ -13,10 +13,16 @@ import structlog
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter
+from prometheus_client import Counter
 
 from gateway.config import GatewaySettings
 
 log = structlog.get_logger("gateway.limits")
+
+RATE_LIMITED = Counter("comptoir_gateway_rate_limited_total", "Requests refused with 429.", ["route"])
+STORAGE_ERRORS = Counter(
+    "comptoir_gateway_rate_limit_storage_errors_total", "Rate-limit checks that could not reach the storage (Redis)."
+)
 
 
 class LimitStorageUnavailable(Exception):
@@ -88,9 +94,11 @@ class RateLimits:
                     break
         except Exception as exc:  # the storage library raises its driver's errors
             log.error("gateway.rate_limit_storage_unavailable", error=type(exc).__name__)
+            STORAGE_ERRORS.inc()
             raise LimitStorageUnavailable from exc
         denied = [d for d in decisions if not d.allowed]
         if denied:
+            RATE_LIMITED.labels(path if route_item is not None else "all").inc()
             return denied[0]
         return min(decisions, key=lambda d: (d.remaining, -d.reset_seconds))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import aiohttp
 import structlog
+from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
 from common.errors import problem_response
@@ -19,6 +20,11 @@ from gateway.config import GatewaySettings
 from gateway.routes import Route, upstream_urls
 
 log = structlog.get_logger("gateway.proxy")
+
+UPSTREAM_FAILURES = Counter(
+    "comptoir_gateway_upstream_failures_total", "Requests the gateway could not forward.", ["upstream", "status"]
+)
+CIRCUIT_OPEN = Gauge("comptoir_gateway_circuit_open", "1 while the upstream's circuit breaker is open.", ["upstream"])
 
 HOP_BY_HOP = frozenset(
     {
@@ -58,7 +64,10 @@ def _connection_listed(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
 class Circuit:
     """Consecutive connect failures or timeouts open the circuit; after a pause one probe may pass."""
 
-    def __init__(self, threshold: int, open_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, threshold: int, open_seconds: float, clock: Callable[[], float] = time.monotonic, name: str = ""
+    ) -> None:
+        self.name = name
         self.threshold = threshold
         self.open_seconds = open_seconds
         self.clock = clock
@@ -79,6 +88,8 @@ class Circuit:
         return False
 
     def success(self) -> None:
+        if self.opened_at is not None:
+            CIRCUIT_OPEN.labels(self.name).set(0)
         self.failures, self.opened_at, self.probing = 0, None, False
 
     def failure(self) -> None:
@@ -86,6 +97,7 @@ class Circuit:
         self.probing = False
         if self.failures >= self.threshold:
             self.opened_at = self.clock()
+            CIRCUIT_OPEN.labels(self.name).set(1)
 
 
 class Proxy:
@@ -93,7 +105,8 @@ class Proxy:
         self.settings = settings
         self.upstreams = upstream_urls(settings)
         self.circuits = {
-            name: Circuit(settings.circuit_failure_threshold, settings.circuit_open_seconds) for name in self.upstreams
+            name: Circuit(settings.circuit_failure_threshold, settings.circuit_open_seconds, name=name)
+            for name in self.upstreams
         }
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.timeout = aiohttp.ClientTimeout(
@@ -174,6 +187,7 @@ class Proxy:
 
     async def _fail(self, scope: Scope, receive: Receive, send: Send, status: int, route: Route, detail: str) -> None:
         log.warning("gateway.upstream_failed", upstream=route.upstream, status=status)
+        UPSTREAM_FAILURES.labels(route.upstream, str(status)).inc()
         if scope.get("comptoir.response_started"):
             raise RuntimeError("upstream failed after the response started")
         await problem_response(status, scope=scope, detail=detail)(scope, receive, send)

@@ -45,17 +45,25 @@ def ids(checks: list[Any]) -> dict[str, bool]:
 
 def safe_gateway(**overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
-        "environment": "production", "client_secret": STRONG, "tls_terminating_proxy": True,
-        "trusted_proxies": "10.0.0.2/32", "allowed_hosts": "api.boutique.cm", "backup_encryption_key": STRONG,
+        "environment": "production",
+        "client_secret": STRONG,
+        "tls_terminating_proxy": True,
+        "trusted_proxies": "10.0.0.2/32",
+        "allowed_hosts": "api.boutique.cm",
+        "backup_encryption_key": STRONG,
     }
     return GatewaySettings(**(values | overrides))
 
 
 def safe_auth(**overrides: Any) -> AuthSettings:
     values: dict[str, Any] = {
-        "environment": "production", "client_secret": STRONG, "tls_terminating_proxy": True,
+        "environment": "production",
+        "client_secret": STRONG,
+        "tls_terminating_proxy": True,
         "database_url": f"postgresql://comptoir_auth:{STRONG}@db.boutique.cm/comptoir?sslmode=verify-full",
-        "webhook_url": "https://sms.boutique.cm/hook", "webhook_secret": STRONG, "backup_encryption_key": STRONG,
+        "webhook_url": "https://sms.boutique.cm/hook",
+        "webhook_secret": STRONG,
+        "backup_encryption_key": STRONG,
     }
     return AuthSettings(**(values | overrides))
 
@@ -114,11 +122,15 @@ def test_each_auth_check_fails_on_its_unsafe_setting(check_id: str, overrides: d
 
 def test_a_unix_socket_database_needs_no_tls() -> None:
     url = f"postgresql://comptoir_orders:{STRONG}@/comptoir?host=/srv/comptoir/pg"
-    settings = OrdersSettings(environment="production", client_secret=STRONG, tls_terminating_proxy=True, database_url=url)
+    settings = OrdersSettings(
+        environment="production", client_secret=STRONG, tls_terminating_proxy=True, database_url=url
+    )
     assert ids(service_checks(settings, "orders"))["CMP-W019"] is True
 
 
-def test_the_development_defaults_report_their_expected_failures(database: DatabaseFixture, monkeypatch) -> None:  # noqa: ANN001
+def test_the_development_defaults_report_their_expected_failures(
+    database: DatabaseFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in list(os.environ):
         if name.endswith(("_CLIENT_SECRET", "DATABASE_URL")) or name in ("ENVIRONMENT", "ALLOWED_HOSTS"):
             monkeypatch.delenv(name, raising=False)
@@ -132,7 +144,9 @@ def test_the_development_defaults_report_their_expected_failures(database: Datab
     assert report["scorecard"]["band"].startswith("poor")
 
 
-def test_a_production_grade_configuration_passes(database: DatabaseFixture, monkeypatch, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_production_grade_configuration_passes(
+    database: DatabaseFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     for name, value in production_env(database).items():
         monkeypatch.setenv(name, value)
     report = check.run_deploy_check()
@@ -151,7 +165,10 @@ def test_a_production_grade_configuration_passes(database: DatabaseFixture, monk
 def start(process: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "comptoir.serve", process, "--port", str(free_port())],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -160,7 +177,8 @@ def test_production_refuses_to_start_an_unsafe_gateway(database: DatabaseFixture
     env |= production_env(database) | {"ALLOWED_HOSTS": "", "TRUSTED_PROXIES": "0.0.0.0/0"}
     result = start("gateway", env)
     assert result.returncode != 0
-    assert "CMP-W003" in result.stderr and "CMP-W016" in result.stderr
+    assert "CMP-W003" in result.stderr
+    assert "CMP-W016" in result.stderr
 
 
 def test_production_refuses_to_start_an_unsafe_service(database: DatabaseFixture) -> None:
