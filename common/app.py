@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -85,13 +86,15 @@ def create_service_app(
     poll_revocations: bool = True,
     outbox: sa.Table | None = None,
     deploy_checks: Callable[[Any], list[Check]] | None = None,
+    relay_enabled: bool | None = None,
 ) -> ComptoirAPI:
     """A service app: logging, database, token verification, health, errors and the standard middlewares.
 
     In production a failing critical deployment check stops it here (common.deploychecks).
 
     ``key_source`` replaces the auth service's JWKS over HTTP (the auth service's own keys, a test's).
-    ``outbox``: the service's audit outbox table; a relay delivers it to the audit service.
+    ``outbox``: the service's audit outbox table; a relay delivers it to the audit service (started when
+    the service has a client secret, or when ``relay_enabled`` says so).
     """
     configure_logging(
         level=settings.log_level,
@@ -135,34 +138,32 @@ def create_service_app(
         app.state.is_revoked = is_revoked
         if poll_revocations and settings.client_secret:
             poller.start()
-        audit_client = create_client(settings.audit_internal_url)
-        relay = None
-        if outbox is not None:
-            relay = OutboxRelay(
-                service=name,
-                db=db,
-                outbox=outbox,
-                client=audit_client,
-                tokens=app.state.service_tokens,
-                batch_size=settings.outbox_batch_size,
-                poll_seconds=settings.outbox_poll_seconds,
-                max_backoff_seconds=settings.outbox_max_backoff_seconds,
-                alert_after_attempts=settings.outbox_alert_after_attempts,
-            )
-            if settings.client_secret:
-                relay.start()
-        app.state.outbox_relay = relay
 
         async def database_ready() -> bool:
             return await db.ping(settings.readiness_timeout_seconds)
 
         app.state.readiness_checks["database"] = database_ready
+        audit_client = create_client(settings.audit_internal_url)
+        relay: OutboxRelay | None = None
         try:
-            if lifespan_hook is None:
+            async with lifespan_hook(app) if lifespan_hook is not None else contextlib.nullcontext():
+                # After the hook: a service may have installed its own token source (auth signs in-process).
+                if outbox is not None:
+                    relay = OutboxRelay(
+                        service=name,
+                        db=db,
+                        outbox=outbox,
+                        client=audit_client,
+                        tokens=app.state.service_tokens,
+                        batch_size=settings.outbox_batch_size,
+                        poll_seconds=settings.outbox_poll_seconds,
+                        max_backoff_seconds=settings.outbox_max_backoff_seconds,
+                        alert_after_attempts=settings.outbox_alert_after_attempts,
+                    )
+                    if relay_enabled if relay_enabled is not None else bool(settings.client_secret):
+                        relay.start()
+                app.state.outbox_relay = relay
                 yield
-            else:
-                async with lifespan_hook(app):
-                    yield
         finally:
             if relay is not None:
                 await relay.stop()

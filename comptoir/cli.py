@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from comptoir.config import RunSettings
 
@@ -40,15 +43,302 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_password() -> str:
+    """BOOTSTRAP_ADMIN_PASSWORD, or asked twice on the terminal (never an argument: argv is public)."""
+    import getpass
+    import os
+
+    password = os.environ.get("BOOTSTRAP_ADMIN_PASSWORD", "")
+    if password:
+        return password
+    password = getpass.getpass("Password for the new admin: ")
+    if getpass.getpass("Once more: ") != password:
+        raise ValueError("the two passwords differ")
+    return password
+
+
+def cmd_create_admin(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from comptoir.embedded import EmbeddedPostgres
+    from comptoir.provision import migrate
+    from services.auth.bootstrap import AdminRefused, check_admin_input, create_admin_in_database
+    from services.auth.config import Settings as AuthSettings
+    from services.auth.passwords import PasswordPolicy
+
+    auth_settings = AuthSettings()
+    try:
+        password = _admin_password()
+        policy = PasswordPolicy(
+            min_length=auth_settings.password_min_length, max_length=auth_settings.password_max_length
+        )
+        check_admin_input(args.email, password, policy)
+    except (AdminRefused, ValueError) as exc:
+        print(f"comptoir create-admin: {exc}", file=sys.stderr)
+        return 2
+    settings = RunSettings()
+    admin_url, embedded = _database_url(settings)
+    try:
+        roles = migrate(settings, admin_url)
+        auth_url = next(role.url for role in roles if role.service == "auth")
+        user = asyncio.run(create_admin_in_database(auth_url, args.email, password, auth_settings))
+    except AdminRefused as exc:
+        print(f"comptoir create-admin: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if isinstance(embedded, EmbeddedPostgres):
+            embedded.stop()
+    print(f"admin {user.email} created (id {user.id})")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from services.auth.bootstrap import AdminRefused, rotate_keys
+    from services.auth.config import Settings as AuthSettings
+
+    settings = AuthSettings()
+    try:
+        key = rotate_keys(settings)
+    except AdminRefused as exc:
+        print(f"comptoir keys {args.keys_command}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"new signing key {key.kid} in {settings.resolved_keys_dir}: published now, signs from "
+        f"{settings.key_activation_delay_seconds} s on; the running auth service picks it up by itself"
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from comptoir import check
+
+    if not args.deploy:
+        print("comptoir check: say what to check: --deploy", file=sys.stderr)
+        return 2
+    return check.main(
+        json_output=args.json, fail_under=args.fail_under, with_database=not args.no_database, evidence=args.evidence
+    )
+
+
+# ---- audit: verify, checkpoints, retention ----
+
+
+def _with_admin_url(run: Callable[[str], int]) -> int:
+    """Run ``run(admin_url)`` against DATABASE_URL or the embedded server, exactly as ``migrate`` connects."""
+    from comptoir.embedded import EmbeddedPostgres
+
+    admin_url, embedded = _database_url(RunSettings())
+    try:
+        return run(admin_url)
+    finally:
+        if isinstance(embedded, EmbeddedPostgres):
+            embedded.stop()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+    import json
+
+    from services.audit import admin
+    from services.audit.config import Settings as AuditSettings
+
+    settings = AuditSettings()
+    if args.audit_command == "verify-archive":
+        result = admin.verify_archive(args.file, admin.trusted_for(settings))
+        print(json.dumps(result, indent=2))
+        return 0 if result["ok"] else 1
+
+    def verify(admin_url: str) -> int:
+        # Log lines (an alert on failure) go to stderr: stdout is the verdict, as JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            verdict = asyncio.run(admin.verify(admin_url, settings))
+        print(verdict.model_dump_json(indent=2))
+        return 0 if verdict.ok else 1
+
+    def export(admin_url: str) -> int:
+        with contextlib.redirect_stdout(sys.stderr):
+            entries = asyncio.run(admin.export_checkpoints(admin_url, settings))
+        lines = [json.dumps(entry, sort_keys=True) for entry in entries]
+        text = "".join(line + "\n" for line in lines)
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+            print(f"{len(lines)} checkpoints written to {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    def archive(admin_url: str) -> int:
+        days = settings.retention_days if args.older_than_days is None else args.older_than_days
+        output_dir = args.output_dir or settings.data_dir / "audit" / "archive"
+        try:
+            result = asyncio.run(admin.archive(admin_url, settings, older_than_days=days, output_dir=output_dir))
+        except admin.ArchiveRefused as exc:
+            print(f"comptoir audit archive: refused: {exc}", file=sys.stderr)
+            return 1
+        if result.archived:
+            print(f"archived events {result.first_sequence}..{result.last_sequence} to {result.file} and dropped them")
+        else:
+            print(f"nothing archived: {result.reason}")
+        return 0
+
+    if args.audit_command == "checkpoints":
+        return _with_admin_url(export)
+    return _with_admin_url({"verify": verify, "archive": archive}[args.audit_command])
+
+
+# ---- outbox: dead letters of the audit delivery ----
+
+OUTBOX_SERVICES = ("auth", "inventory", "orders")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def outbox_status(
+    admin_url: str, services: Sequence[str], *, stuck_after: int, rows: int = 0, table: str = "outbox"
+) -> list[dict[str, Any]]:
+    """Pending and stuck (dead-letter) counts per service, and the oldest pending rows if asked."""
+    import asyncpg
+
+    from comptoir.provision import to_asyncpg_dsn
+
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        out: list[dict[str, Any]] = []
+        for service in services:
+            if await conn.fetchval("SELECT to_regclass($1)", f"{_ident(service)}.{_ident(table)}") is None:
+                out.append({"service": service, "outbox": False})
+                continue
+            qualified = f"{_ident(service)}.{_ident(table)}"
+            counts_sql = (
+                "SELECT count(*) AS pending, count(*) FILTER (WHERE attempts >= $1) AS stuck,"  # noqa: S608 - quoted names
+                f" min(occurred_at) AS oldest FROM {qualified} WHERE delivered_at IS NULL"
+            )
+            counts = await conn.fetchrow(counts_sql, stuck_after)
+            entry: dict[str, Any] = {"service": service, "outbox": True, **dict(counts)}
+            if rows:
+                rows_sql = (
+                    "SELECT id, occurred_at, payload->>'action' AS action, attempts, next_attempt_at, last_error"  # noqa: S608
+                    f" FROM {qualified} WHERE delivered_at IS NULL ORDER BY occurred_at, id LIMIT $1"
+                )
+                entry["rows"] = [dict(r) for r in await conn.fetch(rows_sql, rows)]
+            out.append(entry)
+        return out
+    finally:
+        await conn.close()
+
+
+async def outbox_replay(
+    admin_url: str, service: str, *, stuck_after: int, everything: bool = False, table: str = "outbox"
+) -> int:
+    """Make stuck events due now with a fresh attempt count; returns how many. Nothing is deleted."""
+    import asyncpg
+
+    from comptoir.provision import to_asyncpg_dsn
+
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        status = await conn.execute(
+            f"UPDATE {_ident(service)}.{_ident(table)} SET attempts = 0, next_attempt_at = now()"  # noqa: S608
+            " WHERE delivered_at IS NULL AND (attempts >= $1 OR $2)",
+            stuck_after,
+            everything,
+        )
+        return int(status.split()[-1])
+    finally:
+        await conn.close()
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    import asyncio
+
+    if args.outbox_command == "replay":
+
+        def replay(admin_url: str) -> int:
+            count = asyncio.run(
+                outbox_replay(admin_url, args.service, stuck_after=args.stuck_after, everything=args.all)
+            )
+            print(f"{args.service}: {count} undelivered events are due again now")
+            return 0
+
+        return _with_admin_url(replay)
+
+    def show(admin_url: str) -> int:
+        services = [args.service] if args.service else list(OUTBOX_SERVICES)
+        limit = args.rows if args.service else 0
+        for entry in asyncio.run(outbox_status(admin_url, services, stuck_after=args.stuck_after, rows=limit)):
+            if not entry["outbox"]:
+                print(f"{entry['service']:<10} no outbox table")
+                continue
+            print(
+                f"{entry['service']:<10} pending {entry['pending']:>6}  stuck {entry['stuck']:>6}"
+                f"  oldest {entry['oldest'].isoformat() if entry['oldest'] else '-'}"
+            )
+            for row in entry.get("rows", []):
+                print(
+                    f"  {row['id']}  {row['occurred_at'].isoformat()}  {row['action'] or '-':<32}"
+                    f" attempts {row['attempts']:>3}  next {row['next_attempt_at'].isoformat()}"
+                    f"  {row['last_error'] or ''}"
+                )
+        return 0
+
+    return _with_admin_url(show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comptoir", description="Comptoir commerce backend")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start the database (embedded by default), migrate, and run all five processes")
     sub.add_parser("migrate", help="create schemas and roles and apply every service's migrations")
+    check = sub.add_parser("check", help="deployment checks and the security scorecard")
+    check.add_argument("--deploy", action="store_true", help="check the effective settings, headers and database")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this")
+    check.add_argument("--no-database", action="store_true", help="skip the checks that need the database")
+    check.add_argument("--evidence", type=Path, default=None, help="folder of operator evidence documents")
+    create_admin = sub.add_parser(
+        "create-admin", help="create an admin (password from BOOTSTRAP_ADMIN_PASSWORD or a prompt)"
+    )
+    create_admin.add_argument("--email", required=True)
+    keys = sub.add_parser("keys", help="the auth service's signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser("rotate", help="add a new signing key; older ones keep verifying until their tokens expire")
+    audit = sub.add_parser("audit", help="the audit chain: verify, export signed checkpoints, retention")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_sub.add_parser("verify", help="recompute the chain and check every signed checkpoint; exit 1 if not ok")
+    checkpoints = audit_sub.add_parser("checkpoints", help="signed checkpoints of the chain head")
+    checkpoints_sub = checkpoints.add_subparsers(dest="checkpoints_command", required=True)
+    export = checkpoints_sub.add_parser("export", help="print every checkpoint as a JSON line with its public key")
+    export.add_argument("--output", type=Path, default=None, help="write to this file instead of standard output")
+    archive = audit_sub.add_parser("archive", help="retention: archive old events to a signed file, then drop them")
+    archive.add_argument("--older-than-days", type=int, default=None, help="default: AUDIT_RETENTION_DAYS (0 = keep)")
+    archive.add_argument("--output-dir", type=Path, default=None, help="default: DATA_DIR/audit/archive")
+    verify_archive = audit_sub.add_parser("verify-archive", help="check an archive file's chain and signature")
+    verify_archive.add_argument("file", type=Path)
+    outbox = sub.add_parser("outbox", help="undelivered audit events in the services' outboxes")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
+    outbox_list = outbox_sub.add_parser("list", help="pending and stuck events per service")
+    outbox_list.add_argument("--service", choices=OUTBOX_SERVICES, default=None, help="also list its pending rows")
+    outbox_list.add_argument("--rows", type=int, default=50, help="how many pending rows to list")
+    outbox_list.add_argument("--stuck-after", type=int, default=10, help="attempts after which an event is stuck")
+    replay = outbox_sub.add_parser("replay", help="make a service's stuck events due now (nothing is deleted)")
+    replay.add_argument("--service", choices=OUTBOX_SERVICES, required=True)
+    replay.add_argument("--stuck-after", type=int, default=10, help="attempts after which an event is stuck")
+    replay.add_argument("--all", action="store_true", help="every undelivered event, not only the stuck ones")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "migrate": cmd_migrate}
+COMMANDS = {
+    "run": cmd_run,
+    "migrate": cmd_migrate,
+    "check": cmd_check,
+    "create-admin": cmd_create_admin,
+    "keys": cmd_keys,
+    "audit": cmd_audit,
+    "outbox": cmd_outbox,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

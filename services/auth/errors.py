@@ -1,0 +1,160 @@
+"""The auth service's errors: each a ``common.errors.ServiceError`` with a stable problem type."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from common.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+)
+
+
+class InvalidCredentials(Unauthorized):
+    """The one answer for an unknown e-mail, a wrong password and a disabled account."""
+
+    slug = "invalid-credentials"
+    title = "Invalid credentials"
+
+    def __init__(self) -> None:
+        super().__init__("The e-mail or password is incorrect.")
+
+
+class LoginThrottled(TooManyRequests):
+    slug = "login-throttled"
+    title = "Too many failed logins"
+
+    def __init__(self, retry_after: float) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            "Too many failed attempts: try again later, or reset the password.",
+            headers={"Retry-After": str(seconds)},
+            extra={"retry_after": seconds},
+        )
+
+
+class InvalidRefreshToken(Unauthorized):
+    slug = "invalid-refresh-token"
+    title = "Invalid refresh token"
+
+    def __init__(self) -> None:
+        super().__init__("The refresh token is invalid, expired or already used.")
+
+
+class EmailTaken(Conflict):
+    slug = "email-taken"
+    title = "E-mail already registered"
+
+
+class WeakPassword(Unprocessable):
+    slug = "weak-password"
+    title = "Password refused"
+
+    def __init__(self, field: str, reasons: list[str]) -> None:
+        errors: list[dict[str, Any]] = [{"loc": ["body", field], "msg": f"The password {r}."} for r in reasons]
+        super().__init__("The password does not meet the password policy.", extra={"errors": errors})
+
+
+class InvalidField(Unprocessable):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(
+            "One or more fields are invalid.", extra={"errors": [{"loc": ["body", field], "msg": message}]}
+        )
+
+
+class WrongPassword(BadRequest):
+    slug = "wrong-password"
+    title = "Wrong password"
+
+    def __init__(self) -> None:
+        super().__init__("The password is incorrect.")
+
+
+class UserNotFound(NotFound):
+    slug = "user-not-found"
+    title = "User not found"
+
+
+class SessionNotFound(NotFound):
+    slug = "session-not-found"
+    title = "Session not found"
+
+
+class InvalidResetToken(BadRequest):
+    slug = "invalid-reset-token"
+    title = "Invalid password reset token"
+
+    def __init__(self) -> None:
+        super().__init__("The reset link is invalid, expired or already used.")
+
+
+class InvalidCode(BadRequest):
+    slug = "invalid-code"
+    title = "Invalid code"
+
+    def __init__(self) -> None:
+        super().__init__("The code is incorrect, expired or already used; request a new one if needed.")
+
+
+class NoPhone(Unprocessable):
+    slug = "no-phone"
+    title = "No phone number"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Add a phone number first.", extra={"errors": [{"loc": ["body", "phone"], "msg": "No phone number."}]}
+        )
+
+
+class PhoneAlreadyVerified(Conflict):
+    slug = "phone-already-verified"
+    title = "Phone already verified"
+
+
+class OtpThrottled(TooManyRequests):
+    slug = "otp-throttled"
+    title = "Too many codes requested"
+
+    def __init__(self, retry_after: float) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            "Too many codes were requested: try again later.",
+            headers={"Retry-After": str(seconds)},
+            extra={"retry_after": seconds},
+        )
+
+
+class OwnAccountChange(Forbidden):
+    slug = "own-account-change"
+    title = "Own account"
+
+    def __init__(self) -> None:
+        super().__init__("Nobody changes their own role or deactivates their own account.")
+
+
+class InvalidClient(Unauthorized):
+    slug = "invalid-client"
+    title = "Invalid client credentials"
+
+    def __init__(self) -> None:
+        super().__init__("The client credentials are invalid.")
+
+
+class AudienceNotAllowed(Forbidden):
+    slug = "audience-not-allowed"
+    title = "Audience not allowed"
+
+    def __init__(self) -> None:
+        super().__init__("This client may not obtain tokens for that audience.")
+
+
+class PeerUnavailable(ServiceUnavailable):
+    slug = "peer-unavailable"
+    title = "A service is unavailable"

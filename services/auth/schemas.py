@@ -1,0 +1,215 @@
+"""Request and response bodies. Requests forbid unknown fields (no mass assignment)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_REGION = "CM"
+# Password fields are bounded generously here; the policy gives the real limits with its reasons.
+PasswordField = Field(min_length=1, max_length=1024)
+
+
+def normalise_email(value: str) -> str:
+    """The stored form: validated syntax, normalised, lower-cased (so uniqueness ignores case)."""
+    result = validate_email(value.strip(), check_deliverability=False)
+    return result.normalized.lower()
+
+
+def lookup_email(value: str) -> str:
+    """Best-effort normal form for a lookup: invalid input is still counted by the login throttle."""
+    try:
+        return normalise_email(value)
+    except EmailNotValidError:
+        return value.strip().lower()
+
+
+def normalise_phone(value: str) -> str:
+    """E.164, parsed with Cameroon as the default region; anything else is a ValueError."""
+    try:
+        number = phonenumbers.parse(value, DEFAULT_REGION)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError("not a phone number") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError("not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+class Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # PostgreSQL text cannot hold NUL: refuse it here (422) instead of failing in the database.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class RegisterRequest(Input):
+    email: str = Field(max_length=320)
+    password: str = PasswordField
+    full_name: str | None = Field(None, max_length=200)
+    phone: str | None = Field(None, max_length=40)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        try:
+            return normalise_email(value)
+        except EmailNotValidError as exc:
+            raise ValueError("not a valid e-mail address") from exc
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        return normalise_phone(value) if value else None
+
+    @field_validator("full_name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+
+class LoginRequest(Input):
+    email: str = Field(max_length=320)
+    password: str = PasswordField
+
+
+class RefreshRequest(Input):
+    refresh_token: str = Field(min_length=1, max_length=4096)
+
+
+class LogoutRequest(Input):
+    refresh_token: str | None = Field(None, max_length=4096)
+
+
+class TokenPair(Schema):
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - a token type name, not a secret
+    expires_in: int
+    refresh_expires_in: int = Field(description="Seconds until the session's absolute end.")
+    refresh_idle_expires_in: int = Field(description="Seconds until this refresh token expires if unused.")
+
+
+class UserRead(Schema):
+    id: uuid.UUID
+    email: str | None
+    full_name: str | None
+    phone: str | None
+    phone_verified: bool
+    role: str
+    is_active: bool
+    created_at: datetime
+
+
+class UserUpdate(Input):
+    """What a user may change about themselves: nothing else is accepted (422)."""
+
+    full_name: str | None = Field(None, max_length=200)
+    phone: str | None = Field(None, max_length=40)
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        return normalise_phone(value) if value else None
+
+    @field_validator("full_name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+
+class PasswordChange(Input):
+    current_password: str = PasswordField
+    new_password: str = PasswordField
+
+
+class OtpRequest(Input):
+    phone: str | None = Field(None, max_length=40)
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        return normalise_phone(value) if value else None
+
+
+class OtpVerify(Input):
+    code: str = Field(min_length=1, max_length=16)
+
+
+class ResetRequest(Input):
+    email: str = Field(max_length=320)
+
+
+class ResetConfirm(Input):
+    token: str = Field(min_length=1, max_length=512)
+    new_password: str = PasswordField
+
+
+class AccountDeletion(Input):
+    password: str = PasswordField
+
+
+class SessionRead(Schema):
+    id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime
+    ip: str | None
+    user_agent: str | None
+    current: bool
+
+
+class AdminUserUpdate(Input):
+    role: Literal["customer", "staff", "admin"] | None = None
+    is_active: bool | None = None
+
+
+class Accepted(Schema):
+    status: Literal["accepted"] = "accepted"
+    detail: str
+
+
+class ServiceTokenRequest(Input):
+    client_id: str = Field(min_length=1, max_length=64)
+    client_secret: str = Field(min_length=1, max_length=512)
+    audience: str = Field(min_length=1, max_length=64)
+
+
+class ServiceTokenResponse(Schema):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - a token type name, not a secret
+    expires_in: int
+
+
+class RevocationItem(Schema):
+    seq: int
+    sid: str
+    expires_at: float
+
+
+class RevocationPage(Schema):
+    items: list[RevocationItem]
+    has_more: bool
+
+
+class Export(Schema):
+    generated_at: datetime
+    user: UserRead
+    sessions: list[dict[str, Any]]
+    phone_verifications: list[dict[str, Any]]
+    password_resets: list[dict[str, Any]]
+    services: dict[str, Any] = Field(
+        description="What each other service holds, as it answered; null when it holds nothing."
+    )

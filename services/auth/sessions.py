@@ -1,0 +1,142 @@
+"""Sessions and their tokens: start (with the per-user cap), refresh rotation with reuse detection,
+revocation published on the feed in the same transaction.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.auth.context import RequestContext, Runtime, sha256_hex
+from services.auth.errors import InvalidRefreshToken
+from services.auth.models import RefreshToken, Session, User
+from services.auth.repository import RefreshTokenRepository, RevocationRepository, SessionRepository, UserRepository
+from services.auth.schemas import TokenPair
+
+REFRESH_TOKEN_BYTES = 32  # 256 bits
+
+
+def seconds_until(moment: datetime, now: datetime) -> int:
+    return max(0, int((moment - now).total_seconds()))
+
+
+class SessionManager:
+    def __init__(self, db: AsyncSession, rt: Runtime) -> None:
+        self.db = db
+        self.rt = rt
+        self.settings = rt.settings
+        self.sessions = SessionRepository(db)
+        self.tokens = RefreshTokenRepository(db)
+        self.revocations = RevocationRepository(db)
+
+    async def _issue(self, row: Session, user: User, now: datetime) -> TokenPair:
+        access, exp = self.rt.issuer.access_token(user_id=str(user.id), role=user.role, sid=str(row.id))
+        row.access_expires_at = max(row.access_expires_at, datetime.fromtimestamp(exp, UTC))
+        refresh = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+        await self.tokens.add(
+            RefreshToken(
+                session_id=row.id, token_hash=sha256_hex(refresh), created_at=now, expires_at=row.idle_expires_at
+            )
+        )
+        return TokenPair(
+            access_token=access,
+            refresh_token=refresh,
+            expires_in=self.settings.access_token_ttl_seconds,
+            refresh_expires_in=seconds_until(row.expires_at, now),
+            refresh_idle_expires_in=seconds_until(row.idle_expires_at, now),
+        )
+
+    async def start(self, user: User, ctx: RequestContext) -> tuple[Session, TokenPair, list[uuid.UUID]]:
+        """A new session for ``user`` (whose row the caller has locked); the oldest ones beyond the cap go."""
+        now = self.rt.now()
+        active = await self.sessions.active(user.id, now)
+        excess = len(active) - self.settings.max_sessions_per_user + 1
+        evicted = [s.id for s in active[:excess]] if excess > 0 else []
+        revoked = await self.sessions.revoke(evicted, now=now, reason="session_cap")
+        expires = now + timedelta(seconds=self.settings.refresh_token_ttl_seconds)
+        row = await self.sessions.add(
+            Session(
+                id=uuid.uuid4(),
+                user_id=user.id,
+                created_at=now,
+                last_used_at=now,
+                expires_at=expires,
+                idle_expires_at=min(expires, now + timedelta(seconds=self.settings.refresh_idle_timeout_seconds)),
+                access_expires_at=now,
+                ip=ctx.ip,
+                user_agent=ctx.user_agent,
+            )
+        )
+        pair = await self._issue(row, user, now)
+        await self.publish(revoked, now)
+        return row, pair, [sid for sid, _ in revoked]
+
+    async def refresh(self, token: str, ctx: RequestContext) -> TokenPair:
+        """Rotate: the presented token is spent, a new pair is returned.
+
+        The token row is locked first (then its session), so two concurrent refreshes with one token
+        run one after the other and the second sees a spent token: 401 and the session is revoked;
+        the session never forks. A spent token presented again is treated as stolen: the whole session
+        is revoked, committed, audited, and the answer is 401.
+        """
+        now = self.rt.now()
+        row = await self.tokens.by_hash_for_update(sha256_hex(token))
+        if row is None:
+            raise InvalidRefreshToken()
+        session = await self.sessions.get(row.session_id, lock=True)
+        assert session is not None  # the foreign key guarantees it
+        actor = ctx.as_actor(str(session.user_id), None)
+        if row.rotated_at is not None:
+            revoked = await self.sessions.revoke([session.id], now=now, reason="refresh_reuse")
+            await self.publish(revoked, now)
+            since = (now - row.rotated_at).total_seconds()
+            await actor.audit(
+                self.db,
+                "auth.token.reuse_detected",
+                outcome="denied",
+                resource_type="session",
+                resource_id=str(session.id),
+                new_values={
+                    "session_revoked": bool(revoked),
+                    "seconds_since_rotation": round(since, 3),
+                    "likely_concurrent_retry": since <= self.settings.refresh_race_window_seconds,
+                },
+            )
+            # The revocation and its audit event must survive the error answer.
+            await self.db.commit()
+            raise InvalidRefreshToken()
+        if session.revoked_at is not None or session.expires_at <= now or row.expires_at <= now:
+            raise InvalidRefreshToken()
+        user = await UserRepository(self.db).get(session.user_id)
+        if user is None or not user.is_active:
+            raise InvalidRefreshToken()
+        row.rotated_at = now
+        session.last_used_at = now
+        session.idle_expires_at = min(
+            session.expires_at, now + timedelta(seconds=self.settings.refresh_idle_timeout_seconds)
+        )
+        pair = await self._issue(session, user, now)
+        await actor.as_actor(str(user.id), user.role).audit(
+            self.db, "auth.token.refreshed", resource_type="session", resource_id=str(session.id)
+        )
+        return pair
+
+    async def revoke(self, ids: Sequence[uuid.UUID], *, reason: str) -> list[uuid.UUID]:
+        now = self.rt.now()
+        revoked = await self.sessions.revoke(ids, now=now, reason=reason)
+        await self.publish(revoked, now)
+        return [sid for sid, _ in revoked]
+
+    async def revoke_all(self, user_id: uuid.UUID, *, reason: str, keep: uuid.UUID | None = None) -> list[uuid.UUID]:
+        now = self.rt.now()
+        revoked = await self.sessions.revoke_all(user_id, now=now, reason=reason, keep=keep)
+        await self.publish(revoked, now)
+        return [sid for sid, _ in revoked]
+
+    async def publish(self, revoked: Sequence[tuple[uuid.UUID, datetime]], now: datetime) -> None:
+        """Feed entries for revoked sessions whose access tokens may still be presented."""
+        await self.revocations.append([(sid, until) for sid, until in revoked if until > now])
