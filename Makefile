@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway audit-deps up clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/bandit -q -r common comptoir gateway services -x '*/migrations/versions/*' --severity-level high
+
+# Known vulnerabilities in the locked dependencies. Needs PyPI's JSON API (or OSV), which the
+# development machine this was built on cannot reach; run it in CI that can.
+audit-deps: install
+	$(BIN)/pip-audit -r requirements.lock --strict --progress-spinner off
 
 pytest: install
 	$(BIN)/pytest

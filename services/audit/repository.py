@@ -1,0 +1,251 @@
+"""Queries only: flush, never commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, literal_column, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from services.audit.models import Alert, Checkpoint, ErasedSubject, Event, Pseudonym
+
+# Every ingest (and erasure) holds this transaction-scoped lock: one writer at a time extends the
+# chain, so it cannot fork and its sequence has no gaps.
+CHAIN_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('comptoir.audit.chain'))")
+
+VERIFY_COLUMNS = (
+    Event.sequence,
+    Event.id,
+    Event.occurred_at,
+    Event.recorded_at,
+    Event.service,
+    Event.action,
+    Event.actor_id,
+    Event.resource_type,
+    Event.resource_id,
+    Event.outcome,
+    Event.document,
+    Event.prev_hash,
+    Event.hash,
+)
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    actor_ids: Sequence[str] = ()
+    action: str | None = None
+    resource_type: str | None = None
+    resource_ids: Sequence[str] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class EventRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def lock_chain(self) -> None:
+        await self.session.execute(CHAIN_LOCK)
+
+    async def existing_ids(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        if not ids:
+            return set()
+        rows = await self.session.scalars(select(Event.id).where(Event.id.in_(ids)))
+        return set(rows.all())
+
+    async def head(self) -> tuple[int, str] | None:
+        row = (
+            await self.session.execute(select(Event.sequence, Event.hash).order_by(Event.sequence.desc()).limit(1))
+        ).first()
+        return (row.sequence, row.hash) if row else None
+
+    async def insert(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(insert(Event), list(rows))
+
+    async def page(self, where: EventFilter, *, limit: int, before: int | None) -> list[Any]:
+        """Newest first (by sequence), with the real user ids the pseudonyms stand for while they exist."""
+        actor, resource = aliased(Pseudonym), aliased(Pseudonym)
+        stmt = (
+            select(
+                Event.sequence,
+                Event.document,
+                Event.hash,
+                Event.prev_hash,
+                actor.user_id.label("actor_user_id"),
+                resource.user_id.label("resource_user_id"),
+            )
+            .outerjoin(actor, actor.pseudonym == Event.actor_id)
+            .outerjoin(resource, (resource.pseudonym == Event.resource_id) & (Event.resource_type == "user"))
+        )
+        if where.actor_ids:
+            stmt = stmt.where(Event.actor_id.in_(where.actor_ids))
+        if where.action is not None:
+            stmt = stmt.where(Event.action == where.action)
+        if where.resource_type is not None:
+            stmt = stmt.where(Event.resource_type == where.resource_type)
+        if where.resource_ids:
+            stmt = stmt.where(Event.resource_id.in_(where.resource_ids))
+        if where.since is not None:
+            stmt = stmt.where(Event.occurred_at >= where.since)
+        if where.until is not None:
+            stmt = stmt.where(Event.occurred_at < where.until)
+        if before is not None:
+            stmt = stmt.where(Event.sequence < before)
+        stmt = stmt.order_by(Event.sequence.desc()).limit(limit)
+        return list((await self.session.execute(stmt)).all())
+
+    async def count_by_actor(self, actor_id: str) -> int:
+        return int(await self.session.scalar(select(func.count()).where(Event.actor_id == actor_id)) or 0)
+
+    async def count_recent(
+        self, *, action: str, resource_type: str, resource_id: str, since: datetime, until: datetime
+    ) -> int:
+        stmt = select(func.count()).where(
+            Event.resource_type == resource_type,
+            Event.resource_id == resource_id,
+            Event.action == action,
+            Event.occurred_at > since,
+            Event.occurred_at <= until,
+        )
+        return int(await self.session.scalar(stmt) or 0)
+
+    async def chunk(self, *, start: int, upto: int, limit: int) -> list[Any]:
+        """Rows for verification, in sequence order."""
+        stmt = (
+            select(*VERIFY_COLUMNS)
+            .where(Event.sequence >= start, Event.sequence <= upto)
+            .order_by(Event.sequence)
+            .limit(limit)
+        )
+        return list((await self.session.execute(stmt)).all())
+
+    async def first_after(self, cutoff: datetime, *, after: int) -> int | None:
+        """The first sequence after ``after`` recorded at or after ``cutoff``."""
+        stmt = select(func.min(Event.sequence)).where(Event.sequence > after, Event.recorded_at >= cutoff)
+        value = await self.session.scalar(stmt)
+        return int(value) if value is not None else None
+
+    async def first_sequence(self) -> int | None:
+        value = await self.session.scalar(select(func.min(Event.sequence)))
+        return int(value) if value is not None else None
+
+    async def delete_upto(self, sequence: int) -> int:
+        """Retention only: the trigger lets this through for archived, checkpointed rows alone."""
+        await self.session.execute(text("SET LOCAL comptoir.audit_retention = 'archive'"))
+        result = await self.session.execute(delete(Event).where(Event.sequence <= sequence))
+        await self.session.execute(text("SET LOCAL comptoir.audit_retention = ''"))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+class PseudonymRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def lookup(self, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
+        ids = list(user_ids)
+        if not ids:
+            return {}
+        rows = await self.session.execute(
+            select(Pseudonym.user_id, Pseudonym.pseudonym).where(Pseudonym.user_id.in_(ids))
+        )
+        return {row.user_id: row.pseudonym for row in rows}
+
+    async def erased(self, digests: Iterable[str]) -> set[str]:
+        values = list(digests)
+        if not values:
+            return set()
+        rows = await self.session.scalars(
+            select(ErasedSubject.subject_digest).where(ErasedSubject.subject_digest.in_(values))
+        )
+        return set(rows.all())
+
+    async def add(self, mapping: dict[uuid.UUID, str]) -> None:
+        if mapping:
+            values = [{"user_id": k, "pseudonym": v} for k, v in mapping.items()]
+            await self.session.execute(insert(Pseudonym).values(values).on_conflict_do_nothing())
+
+    async def of(self, user_id: uuid.UUID) -> str | None:
+        return await self.session.scalar(select(Pseudonym.pseudonym).where(Pseudonym.user_id == user_id))
+
+    async def forget(self, user_id: uuid.UUID, digest: str) -> bool:
+        """Delete the mapping and remember the erasure (by digest); True if a mapping existed."""
+        result = await self.session.execute(delete(Pseudonym).where(Pseudonym.user_id == user_id))
+        await self.session.execute(insert(ErasedSubject).values(subject_digest=digest).on_conflict_do_nothing())
+        return bool(getattr(result, "rowcount", 0))
+
+
+class CheckpointRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, values: dict[str, Any]) -> Checkpoint:
+        checkpoint = Checkpoint(**values)
+        self.session.add(checkpoint)
+        await self.session.flush()
+        return checkpoint
+
+    async def all(self) -> Sequence[Checkpoint]:
+        return (await self.session.scalars(select(Checkpoint).order_by(Checkpoint.sequence, Checkpoint.id))).all()
+
+    async def page(self, *, limit: int, before: int | None) -> Sequence[Checkpoint]:
+        stmt = select(Checkpoint)
+        if before is not None:
+            stmt = stmt.where(Checkpoint.id < before)
+        return (await self.session.scalars(stmt.order_by(Checkpoint.id.desc()).limit(limit))).all()
+
+
+class AlertRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def raise_alert(self, values: dict[str, Any]) -> tuple[int, bool]:
+        """Open an alert, or count one more occurrence of the open alert for the same rule and subject.
+
+        Returns (alert id, whether a new alert was opened).
+        """
+        insert_stmt = insert(Alert).values(**values)
+        stmt: Any = insert_stmt.on_conflict_do_update(
+            index_elements=[Alert.rule, Alert.subject],
+            index_where=Alert.status == "open",
+            set_={
+                "occurrences": Alert.occurrences + 1,
+                "last_seen_at": insert_stmt.excluded.last_seen_at,
+                "detail": insert_stmt.excluded.detail,
+                "event_sequence": func.coalesce(insert_stmt.excluded.event_sequence, Alert.event_sequence),
+            },
+        ).returning(Alert.id, literal_column("xmax = 0").label("inserted"))
+        row = (await self.session.execute(stmt)).one()
+        return int(row.id), bool(row.inserted)
+
+    async def page(self, *, status: str | None, limit: int, before: int | None) -> Sequence[Alert]:
+        stmt = select(Alert)
+        if status is not None:
+            stmt = stmt.where(Alert.status == status)
+        if before is not None:
+            stmt = stmt.where(Alert.id < before)
+        return (await self.session.scalars(stmt.order_by(Alert.id.desc()).limit(limit))).all()
+
+    async def resolve(self, alert_id: int, *, by: str, at: datetime) -> Alert | None:
+        """Close an alert (resolving a resolved alert again changes nothing)."""
+        stmt = (
+            update(Alert)
+            .where(Alert.id == alert_id)
+            .values(
+                status="resolved",
+                resolved_at=func.coalesce(Alert.resolved_at, at),
+                resolved_by=func.coalesce(Alert.resolved_by, by),
+            )
+            .returning(Alert)
+        )
+        return (await self.session.scalars(stmt)).one_or_none()
+
+    async def forget_resolver(self, user_id: str, replacement: str) -> None:
+        """GDPR erasure: an erased admin no longer appears as the one who resolved alerts."""
+        await self.session.execute(update(Alert).where(Alert.resolved_by == user_id).values(resolved_by=replacement))

@@ -1,0 +1,113 @@
+"""What the audit endpoints share, built in the app's lifespan (never at import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, Request
+
+from common.audit import Outcome
+from common.db import Database
+from common.errors import Forbidden
+from common.security import bearer_token, current_user, require_service
+from common.tokens import Claims, InvalidToken
+from services.audit.checkpoints import Checkpointer, CheckpointService
+from services.audit.config import Settings
+from services.audit.service import AuditChain, Gdpr, own_event
+
+log = structlog.get_logger("comptoir.audit")
+
+INGEST_CALLERS = ("auth", "inventory", "orders", "gateway")
+
+
+@dataclass
+class AuditRuntime:
+    settings: Settings
+    chain: AuditChain
+    gdpr: Gdpr
+    checkpoints: CheckpointService
+    checkpointer: Checkpointer
+
+    @property
+    def db(self) -> Database:
+        return self.chain.db
+
+    async def record(
+        self,
+        request: Request,
+        action: str,
+        *,
+        claims: Claims | None,
+        outcome: Outcome = "success",
+        resource_type: str | None = None,
+        resource_id: str | None = None,
+        new_values: dict[str, Any] | None = None,
+    ) -> None:
+        """Record one of the audit service's own events in its chain; never fails the request."""
+        event = own_event(
+            request,
+            action,
+            claims=claims,
+            outcome=outcome,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            new_values=new_values,
+        )
+        try:
+            await self.chain.record_own(event)
+        except Exception as exc:  # the answer still goes out; the failure is logged loudly
+            log.error("audit.own_event_failed", action=action, error=type(exc).__name__)
+
+
+def runtime(request: Request) -> AuditRuntime:
+    rt: AuditRuntime = request.app.state.audit
+    return rt
+
+
+Runtime = Annotated[AuditRuntime, Depends(runtime)]
+
+
+async def audited_admin(request: Request) -> Claims:
+    """An admin's access token; anyone else signed in gets 403, and the denial goes into the chain."""
+    claims = await current_user(request)
+    if not claims.has_role("admin"):
+        await runtime(request).record(
+            request,
+            "audit.access.denied",
+            claims=claims,
+            outcome="denied",
+            resource_type="audit_api",
+            new_values={"required_role": "admin", "role": claims.role},
+        )
+        raise Forbidden("This action needs the admin role.")
+    return claims
+
+
+def audited_service(*callers: str) -> Any:
+    """A service token from one of ``callers``; another (valid) caller gets 403, recorded in the chain."""
+    check = require_service(*callers)
+
+    async def dependency(request: Request) -> Claims:
+        try:
+            return await check(request)
+        except Forbidden:
+            token = bearer_token(request)
+            claims = None
+            if token is not None:
+                try:
+                    claims = await request.app.state.service_verifier.verify(token)
+                except InvalidToken:
+                    claims = None
+            await runtime(request).record(
+                request, "audit.internal.denied", claims=claims, outcome="denied", resource_type="internal_api"
+            )
+            raise
+
+    return dependency
+
+
+AuditAdmin = Annotated[Claims, Depends(audited_admin)]
+IngestCaller = Annotated[Claims, Depends(audited_service(*INGEST_CALLERS))]
+AuthCaller = Annotated[Claims, Depends(audited_service("auth"))]

@@ -1,0 +1,322 @@
+"""The audit service's rules: ingest into the one chain, queries, GDPR access and erasure, alerts."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from fastapi import Request
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.audit import AuditEvent, Outcome, request_fields, scrub
+from common.db import Database
+from common.errors import BadRequest
+from common.pagination import decode_cursor, encode_cursor
+from common.tokens import Claims
+from services.audit.alerts import AlertRules, Opened, Raised, announce, raise_alerts, store_alerts
+from services.audit.chain import GENESIS, canonical_document, chain_hash, column_values, format_timestamp
+from services.audit.errors import AlertNotFound, ChainBusy, InvalidEvent, NothingHeld
+from services.audit.metrics import CHAIN_HEAD, EVENTS_DUPLICATE, EVENTS_STORED
+from services.audit.pseudonyms import ERASED, as_user_id, clean_text, erased_digest, new_pseudonym, subjects, substitute
+from services.audit.repository import (
+    AlertRepository,
+    CheckpointRepository,
+    EventFilter,
+    EventRepository,
+    PseudonymRepository,
+)
+from services.audit.schemas import AlertRead, CheckpointRead, ErasureResult, EventRead, IngestResult, UserExport
+
+log = structlog.get_logger("comptoir.audit")
+
+SERVICE = "audit"
+# lock_not_available (lock_timeout), deadlock_detected, serialization_failure, query_canceled
+RETRYABLE_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57014"})
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+def prepare(payload: dict[str, Any]) -> dict[str, Any]:
+    """Redact again (a sender may have forgotten) and make every string storable."""
+    cleaned = clean_text(scrub(payload))
+    assert isinstance(cleaned, dict)
+    return cleaned
+
+
+def read_event(row: Any) -> EventRead:
+    doc = json.loads(row.document)
+    doc.pop("sequence", None)
+    actor_user_id = getattr(row, "actor_user_id", None)
+    resource_user_id = getattr(row, "resource_user_id", None)
+    return EventRead(
+        **doc,
+        sequence=row.sequence,
+        hash=row.hash,
+        prev_hash=row.prev_hash,
+        actor_user_id=str(actor_user_id) if actor_user_id else None,
+        resource_user_id=str(resource_user_id) if resource_user_id else None,
+    )
+
+
+class AuditChain:
+    """Appends events to the one chain, one writer at a time (a transaction-scoped advisory lock)."""
+
+    def __init__(self, db: Database, rules: AlertRules) -> None:
+        self.db = db
+        self.rules = rules
+
+    async def append(self, payloads: Sequence[dict[str, Any]]) -> IngestResult:
+        """Store each event once (idempotent by id), in order, each chained to the one before."""
+        events: dict[uuid.UUID, dict[str, Any]] = {}
+        for payload in payloads:
+            event = prepare(payload)
+            events.setdefault(uuid.UUID(str(event["id"])), event)
+        in_batch_repeats = len(payloads) - len(events)
+        try:
+            async with self.db.sessionmaker() as session, session.begin():
+                stored_docs, opened = await self._append_locked(session, events)
+        except DBAPIError as exc:
+            if sqlstate_of(exc) in RETRYABLE_SQLSTATES:
+                raise ChainBusy("The audit chain is busy; retry shortly.", headers={"Retry-After": "1"}) from exc
+            raise
+        announce(opened)
+        duplicates = len(events) - len(stored_docs) + in_batch_repeats
+        for doc in stored_docs:
+            EVENTS_STORED.labels(doc["service"]).inc()
+        if duplicates:
+            EVENTS_DUPLICATE.labels(str(payloads[0].get("service"))).inc(duplicates)
+        if stored_docs:
+            CHAIN_HEAD.set(stored_docs[-1]["sequence"])
+        return IngestResult(stored=len(stored_docs), duplicates=duplicates)
+
+    async def _append_locked(
+        self, session: AsyncSession, events: dict[uuid.UUID, dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[Opened]]:
+        repo = EventRepository(session)
+        await repo.lock_chain()
+        existing = await repo.existing_ids(list(events))
+        fresh = [event for event_id, event in events.items() if event_id not in existing]
+        if not fresh:
+            return [], []
+        mapping = await pseudonyms_for(session, fresh)
+        head = await repo.head()
+        sequence, prev_hash = head if head is not None else (0, GENESIS)
+        recorded_at = format_timestamp(datetime.now(UTC))
+        rows, docs = [], []
+        for event in fresh:
+            sequence += 1
+            doc = build_document(substitute(event, mapping), sequence=sequence, recorded_at=recorded_at)
+            try:
+                document = canonical_document(doc)
+            except ValueError as exc:  # NaN or infinity in a value
+                raise InvalidEvent(f"Event {doc['id']} holds a value JSON cannot represent.") from exc
+            digest = chain_hash(prev_hash, document)
+            rows.append(
+                {
+                    **column_values(doc),
+                    "sequence": sequence,
+                    "document": document,
+                    "prev_hash": prev_hash,
+                    "hash": digest,
+                }
+            )
+            docs.append(doc)
+            prev_hash = digest
+        await repo.insert(rows)
+        opened = await store_alerts(session, await self.rules.evaluate(session, docs))
+        return docs, opened
+
+    async def record_own(self, event: AuditEvent) -> None:
+        """The audit service's own events go straight into its chain (no outbox)."""
+        await self.append([event.model_dump(mode="json")])
+
+    async def raise_alerts(self, raised: Sequence[Raised]) -> None:
+        await raise_alerts(self.db, raised)
+
+
+def build_document(event: dict[str, Any], *, sequence: int, recorded_at: str) -> dict[str, Any]:
+    occurred_at = datetime.fromisoformat(str(event["occurred_at"]).replace("Z", "+00:00"))
+    return {
+        "sequence": sequence,
+        "id": str(uuid.UUID(str(event["id"]))),
+        "occurred_at": format_timestamp(occurred_at),
+        "recorded_at": recorded_at,
+        "service": event["service"],
+        "action": event["action"],
+        "actor_id": event.get("actor_id"),
+        "actor_role": event.get("actor_role"),
+        "resource_type": event.get("resource_type"),
+        "resource_id": event.get("resource_id"),
+        "ip": event.get("ip"),
+        "user_agent": event.get("user_agent"),
+        "method": event.get("method"),
+        "path": event.get("path"),
+        "request_id": event.get("request_id"),
+        "old_values": event.get("old_values"),
+        "new_values": event.get("new_values"),
+        "outcome": event.get("outcome") or "success",
+    }
+
+
+async def pseudonyms_for(session: AsyncSession, events: Iterable[dict[str, Any]]) -> dict[uuid.UUID, str]:
+    """The pseudonym of every user the events refer to; new users get one, erased users get ERASED."""
+    wanted: set[uuid.UUID] = set()
+    for event in events:
+        wanted |= subjects(event)
+    if not wanted:
+        return {}
+    repo = PseudonymRepository(session)
+    mapping = await repo.lookup(wanted)
+    missing = wanted - set(mapping)
+    if missing:
+        digests = {erased_digest(user_id): user_id for user_id in missing}
+        erased = await repo.erased(digests)
+        created = {user_id: new_pseudonym() for digest, user_id in digests.items() if digest not in erased}
+        await repo.add(created)
+        mapping |= created
+        mapping |= {digests[digest]: ERASED for digest in erased}
+    return mapping
+
+
+def own_event(
+    request: Request,
+    action: str,
+    *,
+    claims: Claims | None,
+    outcome: Outcome = "success",
+    resource_type: str | None = None,
+    resource_id: str | None = None,
+    new_values: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """An event the audit service records about its own endpoints."""
+    fields = request_fields(request)
+    actor_id = claims.sub if claims is not None else None
+    actor_role = (claims.role if not claims.is_service else "service") if claims is not None else None
+    return AuditEvent(
+        service=SERVICE,
+        action=action,
+        actor_id=actor_id,
+        actor_role=actor_role,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        new_values=new_values,
+        outcome=outcome,
+        **fields,
+    )
+
+
+class EventQueries:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.events = EventRepository(session)
+        self.pseudonyms = PseudonymRepository(session)
+
+    async def _ids(self, value: str | None) -> list[str]:
+        """A user id is searched for by its pseudonym (and as given: a pseudonym, a service name ...)."""
+        if value is None:
+            return []
+        user_id = as_user_id(value)
+        pseudonym = await self.pseudonyms.of(user_id) if user_id is not None else None
+        return [value, pseudonym] if pseudonym else [value]
+
+    async def page(
+        self,
+        *,
+        actor_id: str | None,
+        action: str | None,
+        resource_type: str | None,
+        resource_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[EventRead], str | None]:
+        before = _before(cursor)
+        where = EventFilter(
+            actor_ids=await self._ids(actor_id),
+            action=action,
+            resource_type=resource_type,
+            resource_ids=await self._ids(resource_id),
+            since=since,
+            until=until,
+        )
+        rows = await self.events.page(where, limit=limit + 1, before=before)
+        items = [read_event(row) for row in rows[:limit]]
+        next_cursor = encode_cursor([str(items[-1].sequence)]) if len(rows) > limit and items else None
+        return items, next_cursor
+
+
+def _before(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    (value,) = decode_cursor(cursor, 1)
+    if not value.isdigit() or len(value) > 19:
+        raise BadRequest("The cursor is not valid.")
+    return int(value)
+
+
+async def checkpoint_page(
+    session: AsyncSession, *, limit: int, cursor: str | None
+) -> tuple[list[CheckpointRead], str | None]:
+    rows = await CheckpointRepository(session).page(limit=limit + 1, before=_before(cursor))
+    items = [CheckpointRead.model_validate(row) for row in rows[:limit]]
+    next_cursor = encode_cursor([str(items[-1].id)]) if len(rows) > limit and items else None
+    return items, next_cursor
+
+
+class Alerts:
+    def __init__(self, session: AsyncSession) -> None:
+        self.repo = AlertRepository(session)
+
+    async def page(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[AlertRead], str | None]:
+        before = _before(cursor)
+        rows = await self.repo.page(status=status, limit=limit + 1, before=before)
+        items = [AlertRead.model_validate(row) for row in rows[:limit]]
+        next_cursor = encode_cursor([str(items[-1].id)]) if len(rows) > limit and items else None
+        return items, next_cursor
+
+    async def resolve(self, alert_id: int, *, by: str) -> AlertRead:
+        alert = await self.repo.resolve(alert_id, by=by, at=datetime.now(UTC))
+        if alert is None:
+            raise AlertNotFound()
+        return AlertRead.model_validate(alert)
+
+
+class Gdpr:
+    """GDPR access and erasure for the auth service."""
+
+    def __init__(self, db: Database, chain: AuditChain, *, export_limit: int) -> None:
+        self.db = db
+        self.chain = chain
+        self.export_limit = export_limit
+
+    async def export(self, user_id: uuid.UUID) -> UserExport:
+        async with self.db.sessionmaker() as session, session.begin():
+            pseudonym = await PseudonymRepository(session).of(user_id)
+            if pseudonym is None:
+                raise NothingHeld()
+            rows = await EventRepository(session).page(
+                EventFilter(actor_ids=[pseudonym]), limit=self.export_limit + 1, before=None
+            )
+        events = [read_event(row) for row in rows[: self.export_limit]]
+        return UserExport(user_id=user_id, pseudonym=pseudonym, events=events, truncated=len(rows) > self.export_limit)
+
+    async def erase(self, user_id: uuid.UUID) -> ErasureResult:
+        """Delete the pseudonym mapping (under the chain lock, so no ingest re-creates it meanwhile)."""
+        async with self.db.sessionmaker() as session, session.begin():
+            await EventRepository(session).lock_chain()
+            pseudonyms = PseudonymRepository(session)
+            pseudonym = await pseudonyms.of(user_id)
+            count = await EventRepository(session).count_by_actor(pseudonym) if pseudonym else 0
+            removed = await pseudonyms.forget(user_id, erased_digest(user_id))
+            await AlertRepository(session).forget_resolver(str(user_id), ERASED)
+        return ErasureResult(erased=True, pseudonym_removed=removed, events_pseudonymised=count)

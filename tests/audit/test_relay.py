@@ -1,0 +1,176 @@
+"""The real outbox relay delivering to the real audit app: audit down means events wait, never lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.schema import CreateTable
+
+from common.audit import AuditEvent, outbox_columns, record
+from common.db import Database
+from common.relay import OutboxRelay
+from comptoir.cli import outbox_replay, outbox_status
+from tests.audit.support import AuditClient, chain_rows
+from tests.conftest import DatabaseFixture
+from tests.support.tokens import TestIssuer, bearer
+
+TABLE = "audit_relay_probe_outbox"
+
+
+class IssuerTokens:
+    """Stands in for ServiceTokenClient: mints the service tokens the real verifier accepts."""
+
+    def __init__(self, issuer: TestIssuer, caller: str) -> None:
+        self.issuer = issuer
+        self.caller = caller
+        self.forgotten: list[str] = []
+
+    async def headers_for(self, audience: str) -> dict[str, str]:
+        return bearer(self.issuer.service(caller=self.caller, audience=audience))
+
+    def forget(self, audience: str) -> None:
+        self.forgotten.append(audience)
+
+
+class Down(httpx.AsyncBaseTransport):
+    """The audit service is not there."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+
+@pytest.fixture
+async def outbox(database: DatabaseFixture) -> AsyncIterator[sa.Table]:
+    """An outbox table in the orders schema, created by its owner role as a migration would."""
+    table = sa.Table(TABLE, sa.MetaData(schema="orders"), *outbox_columns())
+    ddl = str(CreateTable(table).compile(dialect=postgresql.dialect()))
+    admin = await database.admin()
+    try:
+        await admin.execute("SET ROLE comptoir_orders_owner")
+        await admin.execute(f"DROP TABLE IF EXISTS orders.{TABLE}")
+        await admin.execute(ddl)
+        yield table
+        await admin.execute(f"DROP TABLE orders.{TABLE}")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def orders_db(database: DatabaseFixture) -> AsyncIterator[Database]:
+    db = Database(database.url("orders"), schema="orders", application_name="test-orders")
+    yield db
+    await db.dispose()
+
+
+async def outbox_rows(db: Database, table: sa.Table) -> list[sa.Row[tuple[object, ...]]]:
+    async with db.sessionmaker() as session:
+        return list((await session.execute(sa.select(table).order_by(table.c.occurred_at))).all())
+
+
+async def test_events_wait_while_audit_is_down_then_arrive_exactly_once(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    # Thirty changes in orders, each with its event written in the same transaction.
+    for i in range(30):
+        async with orders_db.sessionmaker() as session, session.begin():
+            await record(
+                session,
+                outbox,
+                AuditEvent(service="orders", action="orders.order.created", resource_type="order", resource_id=str(i)),
+            )
+    down = httpx.AsyncClient(transport=Down(), base_url="http://audit")
+    relay = OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=down,
+        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
+        batch_size=10,
+        max_backoff_seconds=600,
+    )
+
+    # Audit is down: every batch fails, nothing is lost, and the next attempt moves further out.
+    for _ in range(3):
+        assert await relay.deliver_once() == 0
+    assert await relay.deliver_once() == 0  # nothing due: all three batches wait for their backoff
+    first = await outbox_rows(orders_db, outbox)
+    assert all(r.delivered_at is None and r.attempts == 1 for r in first)
+    assert all(r.next_attempt_at > datetime.now(UTC) for r in first)
+    assert all("ConnectError" in (r.last_error or "") for r in first)
+    for _ in range(2):  # time passes (as an operator's replay would make them due): they fail again
+        admin = await database.admin()
+        try:
+            await admin.execute(f"UPDATE orders.{TABLE} SET next_attempt_at = now()")
+        finally:
+            await admin.close()
+        for _ in range(3):
+            await relay.deliver_once()
+    second = {r.id: r for r in await outbox_rows(orders_db, outbox)}
+    assert all(r.attempts == 3 and r.delivered_at is None for r in second.values())
+    assert all(second[r.id].next_attempt_at > r.next_attempt_at for r in first)
+    assert await chain_rows(database) == []
+    status = await outbox_status(database.admin_url, ["orders"], stuck_after=3, rows=5, table=TABLE)
+    assert (status[0]["pending"], status[0]["stuck"], len(status[0]["rows"])) == (30, 30, 5)
+
+    # Audit is back; the operator replays the dead letters; the relay delivers everything.
+    relay.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=audit.app), base_url="http://audit")
+    assert await outbox_replay(database.admin_url, "orders", stuck_after=3, table=TABLE) == 30
+    delivered = 0
+    for _ in range(10):
+        delivered += await relay.deliver_once()
+    assert delivered == 30
+    # A relay that crashed after audit stored a batch but before marking it sends that batch again.
+    admin = await database.admin()
+    try:
+        await admin.execute(
+            f"UPDATE orders.{TABLE} SET delivered_at = NULL WHERE id IN"
+            f" (SELECT id FROM orders.{TABLE} ORDER BY occurred_at LIMIT 10)"
+        )
+    finally:
+        await admin.close()
+    assert await relay.deliver_once() == 10
+
+    rows = await chain_rows(database)
+    assert len(rows) == 30
+    assert {r["id"] for r in rows} == {r.id for r in await outbox_rows(orders_db, outbox)}
+    assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
+    assert (await audit.verify())["ok"] is True
+    await down.aclose()
+    await relay.client.aclose()
+
+
+async def test_the_relay_loop_delivers_in_the_background(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=audit.app), base_url="http://audit")
+    relay = OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=client,
+        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
+        batch_size=50,
+        poll_seconds=0.05,
+    )
+    relay.start()
+    try:
+        for i in range(120):
+            async with orders_db.sessionmaker() as session, session.begin():
+                event = AuditEvent(service="orders", action="orders.order.created", resource_id=str(i))
+                await record(session, outbox, event)
+            relay.wake()
+        for _ in range(100):
+            if len(await chain_rows(database)) == 120:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+        await client.aclose()
+    assert len(await chain_rows(database)) == 120
+    assert (await audit.verify())["ok"] is True
