@@ -206,6 +206,24 @@ async def database_checks(admin_url: str, roles: Sequence[Any]) -> list[Check]:
     return checks
 
 
+async def audit_chain_check(admin_url: str) -> Check:
+    """The audit chain recomputed, with its signed checkpoints (what `comptoir audit verify` does)."""
+    from services.audit import admin
+    from services.audit.config import Settings as AuditSettings
+
+    result = await admin.verify(admin_url, AuditSettings())
+    problem = "" if result.ok else f"the audit chain breaks at sequence {result.first_bad_sequence}"
+    return Check(
+        "CMP-D004",
+        "audit chain verifies",
+        result.ok,
+        True,
+        problem,
+        "" if result.ok else "investigate with comptoir audit verify; restore from backup",
+        "audit",
+    )
+
+
 @dataclass(frozen=True)
 class Item:
     text: str
@@ -345,7 +363,7 @@ SCORECARD: list[tuple[str, str, list[Item]]] = [
             Item("Log rotation", "file-check:log-rotation"),
             Item("Sensitive data not logged", "file:tests/common/test_logging.py"),
             Item("Centralised log management", "manual:docs/evidence/log-shipping.md"),
-            Item("Log integrity protection", "check:CMP-D003"),
+            Item("Log integrity protection", "check:CMP-D004"),
         ],
     ),
     (
@@ -476,6 +494,7 @@ def run_deploy_check(*, with_database: bool = True, evidence: Path | None = None
         checks += asyncio.run(live_header_checks())
         if admin_url:
             checks += asyncio.run(database_checks(admin_url, roles))
+            checks.append(asyncio.run(audit_chain_check(admin_url)))
         else:
             checks.append(
                 Check(
