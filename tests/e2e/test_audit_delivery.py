@@ -1,0 +1,93 @@
+"""Audit down means events wait, never events lost (real processes, real HTTP, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from comptoir.embedded import SUPERUSER, libpq_url
+from tests.e2e.harness import new_system
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "correct horse battery staple 42"
+
+
+def admin_url(data_dir: Path) -> str:
+    creds = json.loads((data_dir / "secrets" / "postgres.json").read_text())
+    return libpq_url(SUPERUSER, creds["superuser_password"], data_dir / "pg")
+
+
+async def outbox_state(data_dir: Path) -> tuple[int, list[str], list[str]]:
+    conn = await asyncpg.connect(admin_url(data_dir))
+    try:
+        pending = await conn.fetchval("SELECT count(*) FROM auth.outbox WHERE delivered_at IS NULL")
+        sent = [str(r["id"]) for r in await conn.fetch("SELECT id FROM auth.outbox")]
+        stored = [str(r["id"]) for r in await conn.fetch("SELECT id FROM audit.events WHERE service = 'auth'")]
+        return int(pending), sent, stored
+    finally:
+        await conn.close()
+
+
+def test_events_wait_while_audit_is_down_and_arrive_exactly_once(tmp_path: Path) -> None:
+    system = new_system(tmp_path)
+    system.env["AUTH_PBKDF2_ROUNDS"] = "1000"
+    system.env["AUTH_OUTBOX_MAX_BACKOFF_SECONDS"] = "2"  # a cost setting: retry sooner than in production
+    system.start()
+    gateway = system.url()
+    try:
+        audit = system.child("audit")
+        audit.send_signal(signal.SIGSTOP)  # audit hangs: connections are accepted, nothing answers
+        try:
+            emails = [f"outage-{uuid.uuid4().hex[:8]}@boutique.cm" for _ in range(4)]
+            for email in emails:
+                assert (
+                    httpx.post(
+                        gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD}
+                    ).status_code
+                    == 201
+                )
+                login = httpx.post(gateway + "/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+                assert login.status_code == 200  # no request fails because audit is down
+            pending, sent, stored = asyncio.run(outbox_state(system.data_dir))
+            assert pending >= 8
+            # The emitting service dies with undelivered events; the supervisor restarts it.
+            victim = system.child("auth")
+            victim.kill()
+            victim.wait(10)
+            system.wait_healthy(processes=["auth"])
+        finally:
+            audit.send_signal(signal.SIGCONT)
+
+        deadline = time.monotonic() + 60
+        while True:
+            pending, sent, stored = asyncio.run(outbox_state(system.data_dir))
+            if pending == 0 and set(sent) <= set(stored):
+                break
+            assert time.monotonic() < deadline, f"{pending} events still pending"
+            time.sleep(0.5)
+        assert len(stored) == len(set(stored))  # each event stored exactly once
+        assert set(sent) <= set(stored)
+        verdict = subprocess.run(
+            [sys.executable, "-m", "comptoir.cli", "audit", "verify"],
+            env={**system.env, "DATABASE_URL": admin_url(system.data_dir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+        assert json.loads(verdict.stdout)["ok"] is True
+    finally:
+        assert system.stop() == 0
+    logs = system.logs()
+    assert PASSWORD not in logs
