@@ -287,11 +287,41 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return _with_admin_url(show)
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from comptoir.backup import BackupError, backup, load_key, restore
+
+    settings = RunSettings()
+    try:
+        key = load_key(settings.backup_encryption_key)
+    except BackupError as exc:
+        print(f"comptoir {args.command}: {exc}", file=sys.stderr)
+        return 2
+    admin_url, embedded = _database_url(settings)
+    try:
+        if args.command == "backup":
+            size = backup(admin_url, args.out, key)
+            print(f"encrypted backup of schemas auth, inventory, orders, audit: {args.out} ({size} bytes)")
+        else:
+            restore(admin_url, args.file, key, settings)
+            print(f"restored {args.file}; run `comptoir audit verify` to check the audit chain")
+    except BackupError as exc:
+        print(f"comptoir {args.command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comptoir", description="Comptoir commerce backend")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start the database (embedded by default), migrate, and run all five processes")
     sub.add_parser("migrate", help="create schemas and roles and apply every service's migrations")
+    backup = sub.add_parser("backup", help="encrypted dump of the four schemas (key: BACKUP_ENCRYPTION_KEY)")
+    backup.add_argument("--out", type=Path, required=True)
+    restore = sub.add_parser("restore", help="restore an encrypted backup into an empty database")
+    restore.add_argument("file", type=Path)
     check = sub.add_parser("check", help="deployment checks and the security scorecard")
     check.add_argument("--deploy", action="store_true", help="check the effective settings, headers and database")
     check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -334,6 +364,8 @@ COMMANDS = {
     "run": cmd_run,
     "migrate": cmd_migrate,
     "check": cmd_check,
+    "backup": cmd_backup,
+    "restore": cmd_backup,
     "create-admin": cmd_create_admin,
     "keys": cmd_keys,
     "audit": cmd_audit,

@@ -1,0 +1,145 @@
+"""`comptoir backup` / `comptoir restore` on the embedded database: a real round trip, and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from comptoir.config import RunSettings
+from comptoir.embedded import EmbeddedPostgres
+from comptoir.provision import migrate, to_asyncpg_dsn
+from services.audit.config import Settings as AuditSettings
+from services.audit.main import create_app as audit_app
+from tests.audit.support import event
+from tests.conftest import running
+from tests.support.tokens import TestIssuer, bearer
+
+KEY = base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def comptoir(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "comptoir.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+async def seed(admin_url: str, audit_url: str, data_dir: Path) -> uuid.UUID:
+    product = uuid.uuid4()
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        await conn.execute(
+            "INSERT INTO inventory.products (id, sku, name, price_xaf) VALUES ($1, 'BKP-1', 'Savon de Marseille', 750)",
+            product,
+        )
+    finally:
+        await conn.close()
+    issuer = TestIssuer()
+    app = audit_app(
+        AuditSettings(database_url=audit_url, environment="test", data_dir=data_dir), key_source=issuer.keys()
+    )
+    async with running(app) as client:
+        headers = bearer(issuer.service(caller="orders", audience="audit"))
+        response = await client.post("/internal/events", json={"events": [event() for _ in range(5)]}, headers=headers)
+        assert response.status_code == 200, response.text
+    return product
+
+
+async def wipe(admin_url: str) -> None:
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        await conn.execute("DROP SCHEMA auth, inventory, orders, audit CASCADE")
+    finally:
+        await conn.close()
+
+
+async def read_back(admin_url: str) -> tuple[str | None, int]:
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        name = await conn.fetchval("SELECT name FROM inventory.products WHERE sku = 'BKP-1'")
+        events = await conn.fetchval("SELECT count(*) FROM audit.events")
+        return name, int(events)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def installation(tmp_path: Path):  # noqa: ANN201
+    embedded = EmbeddedPostgres(tmp_path)
+    admin_url = embedded.start()
+    roles = migrate(RunSettings(data_dir=tmp_path, database_url=admin_url), admin_url)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env |= {"DATA_DIR": str(tmp_path), "DATABASE_URL": admin_url, "BACKUP_ENCRYPTION_KEY": KEY}
+    try:
+        yield admin_url, {r.service: r.url for r in roles}, env, tmp_path
+    finally:
+        embedded.stop()
+
+
+def test_backup_wipe_restore_gives_the_same_data_and_a_valid_chain(installation) -> None:  # noqa: ANN001
+    admin_url, urls, env, data_dir = installation
+    asyncio.run(seed(admin_url, urls["audit"], data_dir))
+    before = asyncio.run(read_back(admin_url))
+    file = data_dir / "shop.backup"
+    made = comptoir("backup", "--out", str(file), env=env)
+    assert made.returncode == 0, made.stderr
+    assert oct(file.stat().st_mode & 0o777) == "0o600"
+    assert b"Savon de Marseille" not in file.read_bytes()  # encrypted
+
+    asyncio.run(wipe(admin_url))
+    restored = comptoir("restore", str(file), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert asyncio.run(read_back(admin_url)) == before == ("Savon de Marseille", 5)
+    verdict = comptoir("audit", "verify", env=env)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+    again = comptoir("restore", str(file), env=env)  # never over live data
+    assert again.returncode == 1
+    assert "not empty" in again.stderr
+
+
+def test_tampered_truncated_or_foreign_backups_are_refused(installation) -> None:  # noqa: ANN001
+    admin_url, _, env, data_dir = installation
+    file = data_dir / "shop.backup"
+    assert comptoir("backup", "--out", str(file), env=env).returncode == 0
+    asyncio.run(wipe(admin_url))
+    data = file.read_bytes()
+    cases = {
+        "flipped": data[:100] + bytes([data[100] ^ 1]) + data[101:],
+        "truncated": data[: len(data) // 2],
+        "not a backup": b"PGDMP" + data[5:],
+    }
+    for name, content in cases.items():
+        bad = data_dir / f"{name}.backup"
+        bad.write_bytes(content)
+        result = comptoir("restore", str(bad), env=env)
+        assert result.returncode == 1, name
+    wrong_key = env | {"BACKUP_ENCRYPTION_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode()}
+    assert comptoir("restore", str(file), env=wrong_key).returncode == 1
+    weak = comptoir("backup", "--out", str(file), env=env | {"BACKUP_ENCRYPTION_KEY": "short"})
+    assert weak.returncode == 2
+
+
+def test_the_stream_format_catches_reordering() -> None:
+    import io
+
+    from comptoir.backup import CHUNK, BackupError, seal, unseal
+
+    key = os.urandom(32)
+    sealed = io.BytesIO()
+    seal(io.BytesIO(os.urandom(CHUNK * 2 + 10)), sealed, key)
+    raw = sealed.getvalue()
+    header = len(b"COMPTOIR-BACKUP\x00v1") + 8
+    first_len = int.from_bytes(raw[header : header + 4], "big")
+    first = raw[header : header + 4 + first_len]
+    second = raw[header + 4 + first_len : header + 8 + 2 * first_len]
+    swapped = raw[:header] + second + first + raw[header + 8 + 2 * first_len :]
+    with pytest.raises(BackupError):
+        unseal(io.BytesIO(swapped), io.BytesIO(), key)
