@@ -51,6 +51,14 @@ def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]
         env[f"{role.service.upper()}_DATABASE_URL"] = role.url
     for process in PROCESSES[1:]:
         env[f"GATEWAY_{process.upper()}_URL"] = f"http://{settings.connect_host}:{settings.port_of(process)}"
+    def url(process: str) -> str:
+        return f"http://{settings.connect_host}:{settings.port_of(process)}"
+
+    # Service-to-service peers (they default to the standard ports; the chosen ports win here).
+    env["AUTH_ORDERS_URL"] = url("orders")
+    env["AUTH_AUDIT_URL"] = url("audit")
+    env["AUTH_INVENTORY_URL"] = url("inventory")
+    env["ORDERS_INVENTORY_URL"] = url("inventory")
     env["AUTH_INTERNAL_URL"] = f"http://{settings.connect_host}:{settings.auth_port}"
     env["AUDIT_INTERNAL_URL"] = f"http://{settings.connect_host}:{settings.audit_port}"
     env.update(client_env(settings.data_dir))
