@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime
 
 from common.db import SessionDep
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
+from common.types import RFC3339
 from services.audit.runtime import AuditAdmin, Runtime
 from services.audit.schemas import AlertRead, CheckpointRead, EventRead, VerifyResult
 from services.audit.service import Alerts, EventQueries, checkpoint_page
@@ -32,8 +32,8 @@ async def list_events(
     action: Annotated[str | None, Query(max_length=100, description="Exact dotted action name.")] = None,
     resource_type: Annotated[str | None, Query(max_length=64)] = None,
     resource_id: ShortText = None,
-    since: Annotated[AwareDatetime | None, Query(description="occurred_at at or after (RFC 3339).")] = None,
-    until: Annotated[AwareDatetime | None, Query(description="occurred_at strictly before (RFC 3339).")] = None,
+    since: Annotated[RFC3339 | None, Query(description="occurred_at at or after (RFC 3339).")] = None,
+    until: Annotated[RFC3339 | None, Query(description="occurred_at strictly before (RFC 3339).")] = None,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
 ) -> Page[EventRead]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.audit.support import AuditClient, chain_rows, event
 from tests.conftest import DatabaseFixture, assert_problem
 
@@ -138,3 +140,12 @@ async def test_filters_cursor_and_order(audit: AuditClient) -> None:
     assert viewed["actor_user_id"] == audit.admin_id
     assert viewed["new_values"]["filters"]["resource_type"] == "user"
     assert viewed["new_values"]["filters"]["resource_id"].startswith("psn_")  # pseudonymised like everything else
+
+
+@pytest.mark.parametrize("value", ["0.5", "1700000000", "2026-11-23", "2026-11-23T08:00:00", "yesterday"])
+async def test_time_filters_take_rfc3339_only(audit: AuditClient, value: str) -> None:
+    """Found by fuzzing: numbers were read as Unix timestamps."""
+    response = await audit.http.get("/api/v1/audit/events", params={"until": value}, headers=audit.admin())
+    assert response.status_code == 422
+    ok = await audit.http.get("/api/v1/audit/events", params={"until": "2026-11-23T08:00:00Z"}, headers=audit.admin())
+    assert ok.status_code == 200
