@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway audit-deps up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway audit-deps fuzz up clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ lock:
 	/tmp/comptoir-lock/bin/pip install --quiet --upgrade pip
 	/tmp/comptoir-lock/bin/pip install --quiet -e '.[dev]'
 	/tmp/comptoir-lock/bin/pip freeze --exclude-editable | grep -v '^comptoir' > requirements.lock
+
+# A long fuzzing run (make test runs the same test with 10 examples per operation).
+fuzz: install
+	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-200} $(BIN)/pytest tests/e2e/test_fuzz.py -v
 
 # Benchmarks print a table; they are never part of `make test`.
 bench: bench-gateway
