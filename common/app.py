@@ -51,6 +51,7 @@ class ComptoirAPI(FastAPI):
         super().__init__(**kwargs)
         self.state.service_name = service
         self.state.readiness_checks = {}
+        self.state.readiness_advisories = {}
         self._comptoir_service = service
         self._comptoir_settings = settings
         self._body_limits = list(body_limits)

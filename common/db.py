@@ -18,9 +18,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 
 def async_url(url: str | URL) -> URL:
-    """Accept ``postgresql://`` (libpq style) and use the asyncpg driver."""
+    """Accept ``postgresql://`` (libpq style, ``sslmode=``) and use the asyncpg driver.
+
+    SQLAlchemy hands URL query parameters to ``asyncpg.connect()`` as keywords, where TLS is ``ssl``,
+    not libpq's ``sslmode``; translate it so one URL works everywhere.
+    """
     parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.set(drivername="postgresql+asyncpg")
+    query = dict(parsed.query)
+    if "sslmode" in query:
+        query["ssl"] = query.pop("sslmode")
+    return parsed.set(drivername="postgresql+asyncpg", query=query)
 
 
 class Database:

@@ -26,11 +26,17 @@ async def healthz(request: Request) -> dict[str, str]:
 async def readyz(request: Request) -> Response:
     """Every dependency this process needs answers (503 with the failing ones otherwise)."""
     checks: dict[str, ReadinessCheck] = getattr(request.app.state, "readiness_checks", {})
+    advisories: dict[str, ReadinessCheck] = getattr(request.app.state, "readiness_advisories", {})
     names = list(checks)
     results = await asyncio.gather(*(checks[name]() for name in names))
     status = dict(zip(names, results, strict=True))
+    advisory_names = list(advisories)
+    advisory = dict(zip(advisory_names, await asyncio.gather(*(advisories[n]() for n in advisory_names)), strict=True))
     if all(results):
-        return JSONResponse({"status": "ready", "checks": status})
+        body: dict[str, object] = {"status": "ready", "checks": status}
+        if advisory:
+            body["advisories"] = advisory
+        return JSONResponse(body)
     failing = ", ".join(name for name, ok in status.items() if not ok)
     return problem_response(
         503, scope=request.scope, detail=f"Not ready: {failing} unreachable.", extra={"checks": status}

@@ -52,8 +52,12 @@ def literal(value: str) -> str:
 
 
 def to_asyncpg_dsn(url: str) -> str:
-    """A libpq-style URL asyncpg accepts (it does not know SQLAlchemy's ``+driver`` suffix)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """A libpq-style URL asyncpg accepts (no ``+driver`` suffix; TLS spelled ``sslmode``, as libpq does)."""
+    parsed = make_url(url)
+    query = dict(parsed.query)
+    if "ssl" in query:
+        query["sslmode"] = query.pop("ssl")
+    return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 def with_credentials(admin_url: str, user: str, password: str) -> str:

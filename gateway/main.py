@@ -34,7 +34,8 @@ from gateway.routes import IMAGE_UPLOAD_PATH
 OWN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
 
 
-_PROBES = frozenset({"/healthz", "/readyz"})
+# Probes and Prometheus reach a pod by its address, not by a public host name.
+_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def host_allowed(host: bytes | None, allowed: tuple[str, ...]) -> bool:
@@ -144,7 +145,9 @@ def create_app(
     app.state.revocations = revocations
     app.state.service_tokens = service_tokens
     app.state.security_events = events
-    app.state.readiness_checks["rate_limit_storage"] = limits.healthy
+    # Reported, not gating: with Redis down every replica would turn unready at once, and the
+    # storage-failure policy (closed-for-auth by default) already decides what is served.
+    app.state.readiness_advisories["rate_limit_storage"] = limits.healthy
     app.include_router(health_router)
     app.include_router(openapi_router)
     return app

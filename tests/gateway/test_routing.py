@@ -162,3 +162,4 @@ def test_allowed_hosts_refuse_other_host_headers(echo, issuer) -> None:  # noqa:
         for host in ("evil.example", "shop.example.evil.tld", "api.shop.example.evil"):
             assert_problem(httpx.get(url + "/api/v1/products", headers={"Host": host}), 400)
         assert httpx.get(url + "/healthz", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # probes
+        assert httpx.get(url + "/metrics", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # scrapes

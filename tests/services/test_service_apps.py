@@ -44,3 +44,14 @@ async def test_service_refuses_to_start_without_a_database_url(name: str, databa
     with pytest.raises(ValueError, match="no database URL"):
         async with running(empty):
             pass
+
+
+def test_tls_in_a_database_url_works_for_sqlalchemy_and_asyncpg() -> None:
+    """libpq's sslmode= must reach asyncpg as ssl= through SQLAlchemy, and stay sslmode= for asyncpg DSNs."""
+    from common.db import async_url
+    from comptoir.provision import to_asyncpg_dsn
+
+    url = "postgresql://svc:pw@db.example:5432/comptoir?sslmode=verify-full"
+    assert dict(async_url(url).query) == {"ssl": "verify-full"}
+    assert to_asyncpg_dsn(async_url(url).render_as_string(hide_password=False)).endswith("?sslmode=verify-full")
+    assert "sslmode=require" in to_asyncpg_dsn("postgresql://svc:pw@db.example/comptoir?sslmode=require")
