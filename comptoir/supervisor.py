@@ -51,6 +51,7 @@ def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]
         env[f"{role.service.upper()}_DATABASE_URL"] = role.url
     for process in PROCESSES[1:]:
         env[f"GATEWAY_{process.upper()}_URL"] = f"http://{settings.connect_host}:{settings.port_of(process)}"
+
     def url(process: str) -> str:
         return f"http://{settings.connect_host}:{settings.port_of(process)}"
 
