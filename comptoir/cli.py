@@ -112,8 +112,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from comptoir import check
 
+    if args.live:
+        import json
+
+        from comptoir import live
+
+        report = live.live_check(args.live)
+        print(json.dumps(report, indent=2) if args.json else live.render(report))
+        return 0 if report["ok"] else 1
     if not args.deploy:
-        print("comptoir check: say what to check: --deploy", file=sys.stderr)
+        print("comptoir check: say what to check: --deploy or --live URL", file=sys.stderr)
         return 2
     return check.main(
         json_output=args.json, fail_under=args.fail_under, with_database=not args.no_database, evidence=args.evidence
@@ -347,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("file", type=Path)
     check = sub.add_parser("check", help="deployment checks and the security scorecard")
     check.add_argument("--deploy", action="store_true", help="check the effective settings, headers and database")
+    check.add_argument("--live", metavar="URL", help="score a running gateway's headers and exposure")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this")
     check.add_argument("--no-database", action="store_true", help="skip the checks that need the database")

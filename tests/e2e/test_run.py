@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -53,6 +55,15 @@ def test_run_serves_restarts_stops_cleanly_and_keeps_data(tmp_path: Path) -> Non
         assert catalogue.status_code == 200
         assert catalogue.json() == {"items": [], "next_cursor": None}
         assert catalogue.headers["x-content-type-options"] == "nosniff"
+        # Headers scored like the Mozilla Observatory on every kind of answer, nothing internal reachable.
+        live = subprocess.run(
+            [sys.executable, "-m", "comptoir.cli", "check", "--live", gateway, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert live.returncode == 0, live.stdout + live.stderr
+        assert json.loads(live.stdout)["grade"] == "A+"
         schema = httpx.get(gateway + "/api/v1/openapi.json")
         assert schema.status_code == 200
         assert "/api/v1/products" in schema.json()["paths"]
