@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.context import RequestContext, Runtime, sha256_hex
 from services.auth.errors import InvalidRefreshToken
+from services.auth.metrics import REFRESH_REUSE
 from services.auth.models import RefreshToken, Session, User
 from services.auth.repository import RefreshTokenRepository, RevocationRepository, SessionRepository, UserRepository
 from services.auth.schemas import TokenPair
@@ -108,6 +109,7 @@ class SessionManager:
             )
             # The revocation and its audit event must survive the error answer.
             await self.db.commit()
+            REFRESH_REUSE.inc()
             raise InvalidRefreshToken()
         if session.revoked_at is not None or session.expires_at <= now or row.expires_at <= now:
             raise InvalidRefreshToken()

@@ -1,6 +1,78 @@
-from common.errors import NotFound
+from common.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 
 
 class ProductNotFound(NotFound):
     slug = "product-not-found"
     title = "Product not found"
+
+
+class ImageNotFound(NotFound):
+    slug = "image-not-found"
+    title = "Image not found"
+
+
+class ReservationNotFound(NotFound):
+    slug = "reservation-not-found"
+    title = "Reservation not found"
+
+
+class DuplicateSku(Conflict):
+    slug = "duplicate-sku"
+    title = "SKU already in use"
+
+
+class StockBelowReserved(Conflict):
+    slug = "stock-below-reserved"
+    title = "On-hand stock cannot drop below reserved stock"
+
+
+class InsufficientStock(Conflict):
+    slug = "insufficient-stock"
+    title = "Not enough stock"
+
+
+class ReservationClosed(Conflict):
+    slug = "reservation-closed"
+    title = "The reservation is no longer held"
+
+
+class ReservationMismatch(Unprocessable):
+    slug = "reservation-mismatch"
+    title = "This reservation id was used with other items"
+
+
+class UnknownProducts(Unprocessable):
+    slug = "unknown-products"
+    title = "Unknown products"
+
+
+class TooManyImages(Conflict):
+    slug = "too-many-images"
+    title = "Too many images"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    slug = "image-too-large"
+    title = "Image too large"
+
+
+class UnsupportedImageType(UnsupportedMediaType):
+    slug = "unsupported-image-type"
+    title = "Only JPEG, PNG and WebP images are accepted"
+
+
+class InvalidImage(Unprocessable):
+    slug = "invalid-image"
+    title = "The file is not a valid image"
+
+
+class StockBusy(ServiceUnavailable):
+    slug = "stock-busy"
+    title = "Stock is busy"

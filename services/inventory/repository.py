@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, or_, select, tuple_
+from sqlalchemy import func, or_, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload, undefer
 
-from services.inventory.models import Product
+from services.inventory.models import Product, ProductImage, Reservation, StockMovement
 
 
 def _escape_like(text: str) -> str:
@@ -19,10 +23,32 @@ class ProductRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def get(self, product_id: uuid.UUID) -> Product | None:
-        return await self.session.get(Product, product_id)
+    async def get(self, product_id: uuid.UUID, *, with_images: bool = True) -> Product | None:
+        stmt = select(Product).where(Product.id == product_id)
+        if with_images:
+            # populate_existing: a product already in the session gets its images loaded (and fresh values).
+            stmt = stmt.options(undefer(Product.image_ids)).execution_options(populate_existing=True)
+        return (await self.session.scalars(stmt)).one_or_none()
 
-    async def list(
+    async def lock(self, product_id: uuid.UUID) -> Product | None:
+        """The product row, locked until the end of the transaction."""
+        stmt = select(Product).where(Product.id == product_id).with_for_update()
+        return (await self.session.scalars(stmt)).one_or_none()
+
+    async def lock_many(self, product_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Product]:
+        """Lock the rows in product-id order: two transactions over the same products never deadlock."""
+        ids = sorted(set(product_ids))
+        stmt = select(Product).where(Product.id.in_(ids)).order_by(Product.id).with_for_update()
+        # populate_existing: a row read earlier in this transaction must show the locked, current values.
+        stmt = stmt.execution_options(populate_existing=True)
+        return {p.id: p for p in (await self.session.scalars(stmt)).all()}
+
+    async def insert(self, values: dict[str, object]) -> uuid.UUID | None:
+        """Insert unless the sku is taken (by any case); returns the new id or None."""
+        stmt = insert(Product).values(**values).on_conflict_do_nothing().returning(Product.id)
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    async def page(
         self,
         *,
         limit: int,
@@ -31,7 +57,7 @@ class ProductRepository:
         after: tuple[datetime, uuid.UUID] | None,
     ) -> list[Product]:
         """Newest first, keyset-paginated on (created_at, id)."""
-        stmt = select(Product)
+        stmt = select(Product).options(undefer(Product.image_ids))
         if not include_inactive:
             stmt = stmt.where(Product.is_active.is_(True))
         if query:
@@ -45,4 +71,100 @@ class ProductRepository:
         if after is not None:
             stmt = stmt.where(tuple_(Product.created_at, Product.id) < tuple_(*after))
         stmt = stmt.order_by(Product.created_at.desc(), Product.id.desc()).limit(limit)
+        return list((await self.session.scalars(stmt)).all())
+
+    async def add_movements(self, movements: Sequence[StockMovement]) -> None:
+        self.session.add_all(movements)
+        await self.session.flush()
+
+    async def movements(self, product_id: uuid.UUID, *, limit: int, before: int | None) -> list[StockMovement]:
+        stmt = select(StockMovement).where(StockMovement.product_id == product_id)
+        if before is not None:
+            stmt = stmt.where(StockMovement.id < before)
+        stmt = stmt.order_by(StockMovement.id.desc()).limit(limit)
+        return list((await self.session.scalars(stmt)).all())
+
+    async def image(self, product_id: uuid.UUID, image_id: uuid.UUID) -> ProductImage | None:
+        stmt = select(ProductImage).where(ProductImage.id == image_id, ProductImage.product_id == product_id)
+        return (await self.session.scalars(stmt)).one_or_none()
+
+    async def count_images(self, product_id: uuid.UUID) -> int:
+        stmt = select(func.count()).select_from(ProductImage).where(ProductImage.product_id == product_id)
+        return int((await self.session.execute(stmt)).scalar_one())
+
+
+_HOLD = text(
+    """
+    WITH v AS (
+        SELECT * FROM unnest(
+            CAST(:product_ids AS uuid[]), CAST(:lines AS integer[]), CAST(:quantities AS bigint[]),
+            CAST(:skus AS varchar[]), CAST(:names AS varchar[]), CAST(:prices AS bigint[])
+        ) AS v(product_id, line, quantity, sku, name, unit_price_xaf)
+    ),
+    held AS (
+        UPDATE products AS p SET reserved = p.reserved + v.quantity FROM v WHERE p.id = v.product_id
+    ),
+    lines AS (
+        INSERT INTO reservation_items (reservation_id, product_id, line, quantity, sku, name, unit_price_xaf)
+        SELECT :reservation_id, product_id, line, quantity, sku, name, unit_price_xaf FROM v
+    )
+    INSERT INTO stock_movements (product_id, kind, delta_on_hand, delta_reserved, reservation_id)
+    SELECT product_id, 'reserve', 0, quantity, :reservation_id FROM v
+    """
+)
+
+
+class ReservationRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def claim(self, values: dict[str, object]) -> bool:
+        """Insert the reservation row unless the id exists; a concurrent twin waits for our commit."""
+        stmt = insert(Reservation).values(**values).on_conflict_do_nothing().returning(Reservation.id)
+        return (await self.session.execute(stmt)).scalar_one_or_none() is not None
+
+    async def lock(self, reservation_id: uuid.UUID, *, skip_locked: bool = False) -> Reservation | None:
+        stmt = (
+            select(Reservation)
+            .where(Reservation.id == reservation_id)
+            .options(selectinload(Reservation.items))
+            .with_for_update(skip_locked=skip_locked)
+            .execution_options(populate_existing=True)
+        )
+        return (await self.session.scalars(stmt)).one_or_none()
+
+    async def hold(self, reservation_id: uuid.UUID, lines: list[dict[str, Any]]) -> None:
+        """Add the held units to the (already locked) products, the reservation's lines and the ledger rows."""
+        await self.session.execute(
+            _HOLD,
+            {
+                "reservation_id": reservation_id,
+                "product_ids": [line["product_id"] for line in lines],
+                "lines": [line["line"] for line in lines],
+                "quantities": [line["quantity"] for line in lines],
+                "skus": [line["sku"] for line in lines],
+                "names": [line["name"] for line in lines],
+                "prices": [line["unit_price_xaf"] for line in lines],
+            },
+        )
+
+    async def reject(self, reservation_id: uuid.UUID, rejection: dict[str, object]) -> None:
+        stmt = (
+            update(Reservation)
+            .where(Reservation.id == reservation_id)
+            .values(status="rejected", expires_at=None, rejection=rejection)
+        )
+        await self.session.execute(stmt)
+
+    async def get(self, reservation_id: uuid.UUID) -> Reservation | None:
+        stmt = select(Reservation).where(Reservation.id == reservation_id).options(selectinload(Reservation.items))
+        return (await self.session.scalars(stmt)).one_or_none()
+
+    async def expired_ids(self, now: datetime, *, limit: int) -> list[uuid.UUID]:
+        stmt = (
+            select(Reservation.id)
+            .where(Reservation.status == "held", Reservation.expires_at <= now)
+            .order_by(Reservation.expires_at)
+            .limit(limit)
+        )
         return list((await self.session.scalars(stmt)).all())

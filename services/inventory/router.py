@@ -1,37 +1,229 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from starlette.datastructures import UploadFile
+from starlette.responses import FileResponse
 
 from common.db import SessionDep
+from common.errors import Unprocessable, UnsupportedMediaType
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
+from common.security import OptionalUser, RequireStaff
+from common.tokens import Claims
+from services.inventory.config import Settings
+from services.inventory.errors import ImageNotFound, ImageTooLarge
 from services.inventory.repository import ProductRepository
-from services.inventory.schemas import ProductRead
-from services.inventory.service import CatalogueService
+from services.inventory.schemas import (
+    ImageRead,
+    MovementRead,
+    ProductCreate,
+    ProductRead,
+    ProductUpdate,
+    StockAdjustment,
+    StockRead,
+    check_printable,
+)
+from services.inventory.service import Actor, CatalogueService, ImageService, StockService
 
 router = APIRouter(prefix="/api/v1/products", tags=["products"])
 
 CATALOGUE_CACHE = "public, max-age=30"
+IMAGE_CACHE = "public, max-age=86400"
+PRIVATE = "no-store"
+
+
+def _is_staff(claims: Claims | None) -> bool:
+    return claims is not None and claims.has_role("staff")
+
+
+def _cache(response: Response, claims: Claims | None, public: str) -> None:
+    """Staff see inactive products: their answers must never sit in a shared cache."""
+    response.headers["Cache-Control"] = PRIVATE if _is_staff(claims) else public
+    response.headers["Vary"] = "Authorization"
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _stock_service(request: Request, session: SessionDep) -> StockService:
+    return StockService(ProductRepository(session), lock_timeout_ms=_settings(request).lock_timeout_ms)
+
+
+def _image_service(request: Request, session: SessionDep) -> ImageService:
+    settings = _settings(request)
+    return ImageService(
+        ProductRepository(session),
+        request.app.state.image_store,
+        max_pixels=settings.image_max_pixels,
+        max_images=settings.max_images_per_product,
+        decode_slots=request.app.state.decode_slots,
+    )
+
+
+def _query(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_printable(value, multiline=False)
+    except ValueError as exc:
+        raise Unprocessable("The search text must not contain control characters.") from exc
 
 
 @router.get("", response_model=Page[ProductRead])
 async def list_products(
     session: SessionDep,
     response: Response,
+    claims: OptionalUser,
     q: Annotated[str | None, Query(max_length=100, description="Matches sku or name, case-insensitively.")] = None,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
 ) -> Page[ProductRead]:
-    """List active products, newest first."""
-    response.headers["Cache-Control"] = CATALOGUE_CACHE
+    """List products, newest first: active ones for everyone, inactive ones too for staff."""
+    _cache(response, claims, CATALOGUE_CACHE)
     service = CatalogueService(ProductRepository(session))
-    return await service.list_products(limit=limit, cursor=cursor, query=q, include_inactive=False)
+    return await service.list_products(limit=limit, cursor=cursor, query=_query(q), include_inactive=_is_staff(claims))
+
+
+@router.post("", response_model=ProductRead, status_code=201, responses={409: {"description": "Duplicate sku"}})
+async def create_product(
+    data: ProductCreate, session: SessionDep, request: Request, response: Response, claims: RequireStaff
+) -> ProductRead:
+    """Create a product (staff); `initial_stock` units are received into stock."""
+    product = await CatalogueService(ProductRepository(session)).create_product(data, Actor.of(request, claims))
+    response.headers["Location"] = f"/api/v1/products/{product.id}"
+    return product
 
 
 @router.get("/{product_id}", response_model=ProductRead)
-async def get_product(product_id: uuid.UUID, session: SessionDep, response: Response) -> ProductRead:
-    """One product."""
-    response.headers["Cache-Control"] = CATALOGUE_CACHE
-    return await CatalogueService(ProductRepository(session)).get_product(product_id, include_inactive=False)
+async def get_product(
+    product_id: uuid.UUID, session: SessionDep, response: Response, claims: OptionalUser
+) -> ProductRead:
+    """One product (an inactive one only for staff)."""
+    _cache(response, claims, CATALOGUE_CACHE)
+    service = CatalogueService(ProductRepository(session))
+    return await service.get_product(product_id, include_inactive=_is_staff(claims))
+
+
+@router.patch("/{product_id}", response_model=ProductRead)
+async def update_product(
+    product_id: uuid.UUID, data: ProductUpdate, session: SessionDep, request: Request, claims: RequireStaff
+) -> ProductRead:
+    """Change a product's name, description, price or visibility (staff)."""
+    service = CatalogueService(ProductRepository(session))
+    return await service.update_product(product_id, data, Actor.of(request, claims))
+
+
+@router.get("/{product_id}/stock", response_model=StockRead)
+async def get_stock(product_id: uuid.UUID, session: SessionDep, request: Request, _staff: RequireStaff) -> StockRead:
+    """On-hand, reserved and available units (staff)."""
+    return await _stock_service(request, session).stock(product_id)
+
+
+@router.post(
+    "/{product_id}/stock-adjustments",
+    response_model=StockRead,
+    responses={409: {"description": "On hand would drop below the reserved units"}},
+)
+async def adjust_stock(
+    product_id: uuid.UUID, data: StockAdjustment, session: SessionDep, request: Request, claims: RequireStaff
+) -> StockRead:
+    """Add or remove on-hand units with a reason (staff); recorded in the stock ledger and the audit trail."""
+    return await _stock_service(request, session).adjust(product_id, data, Actor.of(request, claims))
+
+
+@router.get("/{product_id}/stock-movements", response_model=Page[MovementRead])
+async def list_movements(
+    product_id: uuid.UUID,
+    session: SessionDep,
+    request: Request,
+    _staff: RequireStaff,
+    limit: LimitParam = DEFAULT_LIMIT,
+    cursor: CursorParam = None,
+) -> Page[MovementRead]:
+    """The product's stock ledger, newest first (staff)."""
+    return await _stock_service(request, session).movements(product_id, limit=limit, cursor=cursor)
+
+
+_UPLOAD_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+}
+
+
+async def _read_upload(request: Request, max_bytes: int) -> bytes:
+    """The bytes of the one `file` part, refused past ``max_bytes`` (the body itself is bounded upstream)."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaType("Send the image as multipart/form-data with a `file` part.")
+    async with request.form(max_files=1, max_fields=4, max_part_size=4096) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise Unprocessable(
+                "The `file` part is missing.", extra={"errors": [{"loc": ["body", "file"], "msg": "Field required"}]}
+            )
+        data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"An image may be at most {max_bytes} bytes.")
+    if not data:
+        raise Unprocessable("The file is empty.")
+    return data
+
+
+@router.post(
+    "/{product_id}/images",
+    response_model=ImageRead,
+    status_code=201,
+    openapi_extra=_UPLOAD_SCHEMA,
+    responses={
+        413: {"description": "Larger than 5 MiB"},
+        415: {"description": "Not a JPEG, PNG or WebP image"},
+        422: {"description": "Damaged, too many pixels, animated, or carrying a payload (polyglot)"},
+    },
+)
+async def upload_image(
+    product_id: uuid.UUID, request: Request, response: Response, session: SessionDep, claims: RequireStaff
+) -> ImageRead:
+    """Add an image (staff): checked, decoded and re-encoded; metadata and anything around the pixels is dropped.
+
+    Only the signature of the bytes decides the type; the client's file name and content type are ignored.
+    """
+    data = await _read_upload(request, _settings(request).image_max_bytes)
+    image = await _image_service(request, session).add(product_id, data, Actor.of(request, claims))
+    response.headers["Location"] = image.url
+    return image
+
+
+@router.get(
+    "/{product_id}/images/{image_id}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}},
+)
+async def get_image(
+    product_id: uuid.UUID, image_id: uuid.UUID, request: Request, session: SessionDep, claims: OptionalUser
+) -> FileResponse:
+    """The image bytes, with their real content type."""
+    service = _image_service(request, session)
+    image = await service.locate(product_id, image_id, include_inactive=_is_staff(claims))
+    path = service.store.path_of(image.storage_key)
+    headers = {
+        "Cache-Control": PRIVATE if _is_staff(claims) else IMAGE_CACHE,
+        "ETag": f'"{image.sha256}"',
+        "Content-Disposition": f'inline; filename="{image.id}.{path.suffix.lstrip(".")}"',
+        "Vary": "Authorization",
+    }
+    if not path.is_file():
+        raise ImageNotFound()
+    return FileResponse(path, media_type=image.content_type, headers=headers)

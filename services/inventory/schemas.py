@@ -1,9 +1,58 @@
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from services.inventory.models import MAX_PRICE_XAF
+
+MAX_QUANTITY = 10_000
+MAX_LINES = 100
+MAX_ADJUSTMENT = 10**9
+MAX_INITIAL_STOCK = 10**9
+
+
+def check_printable(value: str, *, multiline: bool) -> str:
+    """Text is stored and returned exactly as sent, but never with control characters or lone surrogates.
+
+    PostgreSQL cannot store NUL, a lone surrogate cannot be encoded, and other control characters in a
+    name are only ever an attack on whoever displays it (newlines are fine in a description).
+    """
+    allowed = {"\n", "\r", "\t"} if multiline else set()
+    for char in value:
+        category = unicodedata.category(char)
+        if (category == "Cc" and char not in allowed) or category == "Cs":
+            raise ValueError("must not contain control characters")
+    return value
+
+
+def _one_line(value: str) -> str:
+    check_printable(value, multiline=False)
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _multi_line(value: str) -> str:
+    return check_printable(value, multiline=True)
+
+
+Sku = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    Field(description="Letters, digits, '.', '_' and '-', 1-64 characters; unique ignoring case."),
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_one_line)]
+Description = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_multi_line)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_one_line)]
+PriceXAF = Annotated[
+    int,
+    Field(strict=True, ge=0, le=MAX_PRICE_XAF, description="Integer XAF francs, 0 to 10^12."),
+]
+Quantity = Annotated[int, Field(strict=True, ge=1, le=MAX_QUANTITY)]
 
 
 class Schema(BaseModel):
@@ -21,3 +70,108 @@ class ProductRead(Schema):
     image_urls: list[str] = []
     created_at: datetime
     updated_at: datetime
+
+
+class ProductCreate(Schema):
+    sku: Sku
+    name: Name
+    description: Description = ""
+    price_xaf: PriceXAF
+    initial_stock: Annotated[int, Field(strict=True, ge=0, le=MAX_INITIAL_STOCK)] = 0
+
+
+class ProductUpdate(Schema):
+    """Only the fields sent are changed; null is not a value for any of them."""
+
+    name: Name | None = None
+    description: Description | None = None
+    price_xaf: PriceXAF | None = None
+    is_active: Annotated[bool, Field(strict=True)] | None = None
+
+    @model_validator(mode="after")
+    def no_nulls(self) -> ProductUpdate:
+        for field in self.model_fields_set:
+            if getattr(self, field) is None:
+                raise ValueError(f"{field} may be omitted but not null")
+        return self
+
+
+class StockRead(Schema):
+    product_id: uuid.UUID
+    on_hand: int
+    reserved: int
+    available: int
+
+
+class StockAdjustment(Schema):
+    delta: Annotated[
+        int,
+        Field(strict=True, ge=-MAX_ADJUSTMENT, le=MAX_ADJUSTMENT, description="Units added (> 0) or removed (< 0)."),
+    ]
+    reason: Reason
+
+    @model_validator(mode="after")
+    def non_zero(self) -> StockAdjustment:
+        if self.delta == 0:
+            raise ValueError("delta must not be 0")
+        return self
+
+
+class MovementRead(Schema):
+    id: int
+    kind: str
+    delta_on_hand: int
+    delta_reserved: int
+    reservation_id: uuid.UUID | None
+    reason: str | None
+    actor_id: str | None
+    created_at: datetime
+
+
+class ImageRead(Schema):
+    id: uuid.UUID
+    url: str
+    content_type: str
+    size: int
+    width: int
+    height: int
+
+
+# Internal (orders only)
+
+
+class ReserveItem(Schema):
+    product_id: uuid.UUID
+    quantity: Quantity
+
+
+class ReserveRequest(Schema):
+    items: Annotated[list[ReserveItem], Field(min_length=1, max_length=MAX_LINES)]
+
+    @model_validator(mode="after")
+    def distinct_products(self) -> ReserveRequest:
+        ids = [item.product_id for item in self.items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("each product may appear once")
+        return self
+
+
+class ReservedItem(Schema):
+    product_id: uuid.UUID
+    sku: str
+    name: str
+    quantity: int
+    unit_price_xaf: int
+
+
+class ReservationRead(Schema):
+    reservation_id: uuid.UUID
+    status: str
+    expires_at: datetime | None
+    items: list[ReservedItem]
+
+
+class ShortItem(Schema):
+    product_id: uuid.UUID
+    requested: int
+    available: int

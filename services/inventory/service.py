@@ -1,20 +1,108 @@
-"""Catalogue rules."""
+"""Catalogue, stock and image rules."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import secrets
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
-from common.errors import BadRequest
+from fastapi import Request
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.audit import AuditEvent, changes, record, request_fields
+from common.errors import BadRequest, Unprocessable
 from common.pagination import Page, decode_cursor, encode_cursor
-from services.inventory.errors import ProductNotFound
+from common.tokens import Claims
+from services.inventory import images
+from services.inventory.errors import (
+    DuplicateSku,
+    ImageNotFound,
+    ProductNotFound,
+    StockBelowReserved,
+    TooManyImages,
+)
+from services.inventory.models import MAX_STOCK, MovementKind, Product, ProductImage, StockMovement, outbox
 from services.inventory.repository import ProductRepository
-from services.inventory.schemas import ProductRead
+from services.inventory.schemas import (
+    ImageRead,
+    MovementRead,
+    ProductCreate,
+    ProductRead,
+    ProductUpdate,
+    StockAdjustment,
+    StockRead,
+)
+
+Clock = Callable[[], datetime]
+
+SERVICE = "inventory"
+_STORAGE_KEY = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp)$")
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asked, and from where: the facts every audit event carries."""
+
+    id: str | None
+    role: str | None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, request: Request, claims: Claims | None) -> Actor:
+        role = None if claims is None else ("service" if claims.is_service else claims.role)
+        return cls(id=None if claims is None else claims.sub, role=role, context=request_fields(request))
+
+    def event(
+        self,
+        action: str,
+        *,
+        resource_type: str,
+        resource_id: str,
+        old: dict[str, Any] | None = None,
+        new: dict[str, Any] | None = None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            service=SERVICE,
+            action=action,
+            actor_id=self.id,
+            actor_role=self.role,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            old_values=old,
+            new_values=new,
+            **self.context,
+        )
+
+
+async def set_lock_timeout(session: AsyncSession, milliseconds: int) -> None:
+    """Stock changes wait this long for a row lock, then fail with 503 instead of queueing forever."""
+    await session.execute(text(f"SET LOCAL lock_timeout = '{int(milliseconds)}ms'"))
+
+
+def _product_values(product: Product) -> dict[str, Any]:
+    return {
+        "name": product.name,
+        "description": product.description,
+        "price_xaf": product.price_xaf,
+        "is_active": product.is_active,
+    }
 
 
 class CatalogueService:
     def __init__(self, products: ProductRepository) -> None:
         self.products = products
+
+    @property
+    def session(self) -> AsyncSession:
+        return self.products.session
 
     async def list_products(
         self, *, limit: int, cursor: str | None, query: str | None, include_inactive: bool
@@ -26,7 +114,7 @@ class CatalogueService:
                 after = (datetime.fromisoformat(created), uuid.UUID(ident))
             except ValueError as exc:
                 raise BadRequest("The cursor is not valid.") from exc
-        rows = await self.products.list(limit=limit + 1, include_inactive=include_inactive, query=query, after=after)
+        rows = await self.products.page(limit=limit + 1, include_inactive=include_inactive, query=query, after=after)
         page, more = rows[:limit], len(rows) > limit
         next_cursor = encode_cursor([page[-1].created_at.isoformat(), str(page[-1].id)]) if more else None
         return Page[ProductRead](items=[ProductRead.model_validate(p) for p in page], next_cursor=next_cursor)
@@ -36,3 +124,251 @@ class CatalogueService:
         if product is None or (not product.is_active and not include_inactive):
             raise ProductNotFound()
         return ProductRead.model_validate(product)
+
+    async def create_product(self, data: ProductCreate, actor: Actor) -> ProductRead:
+        product_id = await self.products.insert(
+            {
+                "id": uuid.uuid4(),
+                "sku": data.sku,
+                "name": data.name,
+                "description": data.description,
+                "price_xaf": data.price_xaf,
+                "is_active": True,
+                "on_hand": data.initial_stock,
+                "reserved": 0,
+            }
+        )
+        if product_id is None:
+            raise DuplicateSku(f"The sku {data.sku!r} is already in use.")
+        if data.initial_stock:
+            await self.products.add_movements(
+                [
+                    StockMovement(
+                        product_id=product_id,
+                        kind=MovementKind.receive,
+                        delta_on_hand=data.initial_stock,
+                        delta_reserved=0,
+                        reason="initial stock",
+                        actor_id=actor.id,
+                    )
+                ]
+            )
+        product = await self.products.get(product_id)
+        assert product is not None
+        await record(
+            self.session,
+            outbox,
+            actor.event(
+                "inventory.product.created",
+                resource_type="product",
+                resource_id=str(product_id),
+                new={"sku": product.sku, **_product_values(product), "initial_stock": data.initial_stock},
+            ),
+        )
+        return ProductRead.model_validate(product)
+
+    async def update_product(self, product_id: uuid.UUID, data: ProductUpdate, actor: Actor) -> ProductRead:
+        product = await self.products.lock(product_id)
+        if product is None:
+            raise ProductNotFound()
+        before = _product_values(product)
+        for name, value in data.model_dump(exclude_unset=True).items():
+            setattr(product, name, value)
+        old, new = changes(before, _product_values(product))
+        if new:
+            await self.session.flush()
+            await record(
+                self.session,
+                outbox,
+                actor.event(
+                    "inventory.product.updated", resource_type="product", resource_id=str(product_id), old=old, new=new
+                ),
+            )
+        refreshed = await self.products.get(product_id)
+        assert refreshed is not None
+        return ProductRead.model_validate(refreshed)
+
+
+def stock_of(product: Product) -> StockRead:
+    return StockRead(
+        product_id=product.id, on_hand=product.on_hand, reserved=product.reserved, available=product.available
+    )
+
+
+class StockService:
+    def __init__(self, products: ProductRepository, *, lock_timeout_ms: int) -> None:
+        self.products = products
+        self.lock_timeout_ms = lock_timeout_ms
+
+    async def stock(self, product_id: uuid.UUID) -> StockRead:
+        product = await self.products.get(product_id, with_images=False)
+        if product is None:
+            raise ProductNotFound()
+        return stock_of(product)
+
+    async def adjust(self, product_id: uuid.UUID, data: StockAdjustment, actor: Actor) -> StockRead:
+        session = self.products.session
+        await set_lock_timeout(session, self.lock_timeout_ms)
+        product = await self.products.lock(product_id)
+        if product is None:
+            raise ProductNotFound()
+        on_hand = product.on_hand + data.delta
+        if on_hand < product.reserved:
+            raise StockBelowReserved(
+                f"On hand would be {on_hand} but {product.reserved} units are reserved.",
+                extra={"on_hand": product.on_hand, "reserved": product.reserved, "available": product.available},
+            )
+        if on_hand > MAX_STOCK:
+            raise Unprocessable(f"On hand stock cannot exceed {MAX_STOCK} units.")
+        old_on_hand = product.on_hand
+        product.on_hand = on_hand
+        await self.products.add_movements(
+            [
+                StockMovement(
+                    product_id=product_id,
+                    kind=MovementKind.adjust,
+                    delta_on_hand=data.delta,
+                    delta_reserved=0,
+                    reason=data.reason,
+                    actor_id=actor.id,
+                )
+            ]
+        )
+        await record(
+            session,
+            outbox,
+            actor.event(
+                "inventory.stock.adjusted",
+                resource_type="product",
+                resource_id=str(product_id),
+                old={"on_hand": old_on_hand},
+                new={"on_hand": on_hand, "delta": data.delta, "reason": data.reason},
+            ),
+        )
+        return stock_of(product)
+
+    async def movements(self, product_id: uuid.UUID, *, limit: int, cursor: str | None) -> Page[MovementRead]:
+        if await self.products.get(product_id, with_images=False) is None:
+            raise ProductNotFound()
+        before = None
+        if cursor:
+            (value,) = decode_cursor(cursor, 1)
+            if not value.isdigit():
+                raise BadRequest("The cursor is not valid.")
+            before = int(value)
+        rows = await self.products.movements(product_id, limit=limit + 1, before=before)
+        page, more = rows[:limit], len(rows) > limit
+        return Page[MovementRead](
+            items=[MovementRead.model_validate(m) for m in page],
+            next_cursor=encode_cursor([str(page[-1].id)]) if more else None,
+        )
+
+
+class ImageStore:
+    """Re-encoded images on disk under random names; the directory is never served as such."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path_of(self, storage_key: str) -> Path:
+        if not _STORAGE_KEY.match(storage_key):
+            raise ImageNotFound()
+        return self.directory / storage_key
+
+    def write(self, data: bytes, extension: str) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = f"{secrets.token_hex(16)}.{extension}"
+        final = self.directory / key
+        temporary = self.directory / f".{key}.part"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return key
+
+    def delete(self, storage_key: str) -> None:
+        self.path_of(storage_key).unlink(missing_ok=True)
+
+
+class ImageService:
+    def __init__(
+        self,
+        products: ProductRepository,
+        store: ImageStore,
+        *,
+        max_pixels: int,
+        max_images: int,
+        decode_slots: asyncio.Semaphore,
+    ) -> None:
+        self.products = products
+        self.store = store
+        self.max_pixels = max_pixels
+        self.max_images = max_images
+        self.decode_slots = decode_slots
+
+    async def add(self, product_id: uuid.UUID, data: bytes, actor: Actor) -> ImageRead:
+        if await self.products.get(product_id, with_images=False) is None:
+            raise ProductNotFound()
+        # Decoding takes CPU and memory: a few at a time, off the event loop, and before any row is locked.
+        async with self.decode_slots:
+            clean = await asyncio.to_thread(images.process, data, max_pixels=self.max_pixels)
+        session = self.products.session
+        if await self.products.lock(product_id) is None:
+            raise ProductNotFound()
+        if await self.products.count_images(product_id) >= self.max_images:
+            raise TooManyImages(f"A product has at most {self.max_images} images.")
+        key = await asyncio.to_thread(self.store.write, clean.data, clean.format.extension)
+        image = ProductImage(
+            id=uuid.uuid4(),
+            product_id=product_id,
+            storage_key=key,
+            content_type=clean.format.content_type,
+            size=len(clean.data),
+            width=clean.width,
+            height=clean.height,
+            sha256=clean.sha256,
+        )
+        try:
+            session.add(image)
+            await session.flush()
+            await record(
+                session,
+                outbox,
+                actor.event(
+                    "inventory.product.image_added",
+                    resource_type="product",
+                    resource_id=str(product_id),
+                    new={
+                        "image_id": str(image.id),
+                        "content_type": image.content_type,
+                        "size": image.size,
+                        "sha256": image.sha256,
+                    },
+                ),
+            )
+        except BaseException:
+            self.store.delete(key)
+            raise
+        return ImageRead(
+            id=image.id,
+            url=image.url,
+            content_type=image.content_type,
+            size=image.size,
+            width=image.width,
+            height=image.height,
+        )
+
+    async def locate(self, product_id: uuid.UUID, image_id: uuid.UUID, *, include_inactive: bool) -> ProductImage:
+        product = await self.products.get(product_id, with_images=False)
+        if product is None or (not product.is_active and not include_inactive):
+            raise ImageNotFound()
+        image = await self.products.image(product_id, image_id)
+        if image is None:
+            raise ImageNotFound()
+        return image

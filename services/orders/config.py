@@ -1,3 +1,4 @@
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import ServiceSettings
@@ -11,3 +12,18 @@ class Settings(ServiceSettings):
         extra="ignore",
         validate_by_name=True,
     )
+
+    # Where the inventory service answers its /internal/reservations endpoints.
+    inventory_url: str = "http://127.0.0.1:8002"
+    inventory_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    inventory_connect_timeout_seconds: float = Field(2.0, gt=0, le=30)
+    # Reservation calls are idempotent, so a failed one is retried this many times in all.
+    inventory_attempts: int = Field(3, ge=1, le=10)
+    # A retried POST /orders waits this long for the first attempt with the same key to finish.
+    idempotency_wait_seconds: float = Field(20.0, gt=0, le=120)
+    # An order still being placed after this long was orphaned (a crash): its hold is released.
+    placing_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    # A confirmation whose inventory call has not finished after this long is driven by the sweeper.
+    stale_action_seconds: float = Field(60.0, gt=0, le=3600)
+    # How often the sweeper expires pending orders and reconciles interrupted ones.
+    sweep_interval_seconds: float = Field(10.0, gt=0, le=3600)

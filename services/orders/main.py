@@ -1,9 +1,82 @@
 """The orders service: create_app() for uvicorn's --factory."""
 
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import httpx
+from fastapi import FastAPI
+
 from common.app import ComptoirAPI, create_service_app
+from common.http import create_client
 from common.tokens import KeySource
+from services.orders import dberrors
 from services.orders.config import Settings
+from services.orders.internal_router import router as internal_router
+from services.orders.inventory import InventoryClient, TokenSource
+from services.orders.models import outbox
+from services.orders.router import router
+from services.orders.service import OrderService
+from services.orders.sweeper import OrderSweeper
+
+Clock = Callable[[], datetime]
 
 
-def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> ComptoirAPI:
-    return create_service_app(name="orders", settings=settings or Settings(), key_source=key_source)
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    key_source: KeySource | None = None,
+    clock: Clock | None = None,
+    inventory_transport: httpx.AsyncBaseTransport | None = None,
+    run_sweeper: bool = True,
+) -> ComptoirAPI:
+    """``clock`` replaces the wall clock; ``inventory_transport`` replaces the network to inventory (tests)."""
+    settings = settings or Settings()
+    now = clock or utcnow
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if inventory_transport is None:
+            client = create_client(
+                settings.inventory_url,
+                timeout=settings.inventory_timeout_seconds,
+                connect_timeout=settings.inventory_connect_timeout_seconds,
+            )
+        else:
+            client = httpx.AsyncClient(transport=inventory_transport, base_url=settings.inventory_url)
+
+        def tokens() -> TokenSource:
+            source: TokenSource = app.state.service_tokens
+            return source
+
+        inventory = InventoryClient(client, tokens, attempts=settings.inventory_attempts)
+        service = OrderService(app.state.db, inventory, settings, now)
+        sweeper = OrderSweeper(service, interval=settings.sweep_interval_seconds)
+        app.state.inventory = inventory
+        app.state.orders = service
+        app.state.sweeper = sweeper
+        app.state.clock = now
+        if run_sweeper:
+            sweeper.start()
+        try:
+            yield
+        finally:
+            await sweeper.stop()
+            await client.aclose()
+
+    app = create_service_app(
+        name="orders",
+        settings=settings,
+        key_source=key_source,
+        routers=[router, internal_router],
+        lifespan_hook=lifespan,
+        outbox=outbox,
+    )
+    dberrors.install(app)
+    return app

@@ -54,11 +54,15 @@ async def test_refresh_rotates_and_the_new_pair_works(auth: AuthClient) -> None:
 
 
 async def test_replayed_refresh_token_revokes_the_whole_session(auth: AuthClient) -> None:
+    from services.auth.metrics import REFRESH_REUSE
+
     user, pair = await auth.user()
     auth.clock.advance(30)
     new = (await auth.refresh(pair["refresh_token"])).json()
     auth.clock.advance(30)
+    reuses_before = REFRESH_REUSE._value.get()
     body = assert_problem(await auth.refresh(pair["refresh_token"]), 401)
+    assert REFRESH_REUSE._value.get() == reuses_before + 1  # the signal the alert rule watches
     assert body["type"] == "urn:comptoir:problem:invalid-refresh-token"
     # Every token of the session is dead now, the legitimate new ones included.
     assert_problem(await auth.refresh(new["refresh_token"]), 401)

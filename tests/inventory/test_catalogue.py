@@ -10,12 +10,15 @@ from services.inventory.config import Settings
 from services.inventory.main import create_app
 from tests.conftest import DatabaseFixture, assert_problem, running
 
+# The rows below are written straight into the table, without ledger movements.
+LEDGER_CHECK = False
+
 
 @pytest.fixture
 async def catalogue(database: DatabaseFixture):  # noqa: ANN201
     admin = await database.admin()
     try:
-        await admin.execute("TRUNCATE inventory.products")
+        await admin.execute("TRUNCATE inventory.products CASCADE")
         rows = [(uuid.uuid4(), f"SKU-{i:03d}", f"Savon {i}", 100 * i, i != 3, 10 + i, i, float(i)) for i in range(1, 8)]
         rows.append((uuid.uuid4(), "RIZ-50KG", "Riz parfumé 50% <b>bio</b>", 25000, True, 5, 0, 0.0))
         await admin.executemany(
@@ -25,7 +28,7 @@ async def catalogue(database: DatabaseFixture):  # noqa: ANN201
         )
         yield rows
     finally:
-        await admin.execute("TRUNCATE inventory.products")
+        await admin.execute("TRUNCATE inventory.products CASCADE")
         await admin.close()
 
 

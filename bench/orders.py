@@ -1,0 +1,377 @@
+"""make bench-orders: orders per second through the gateway on one hot SKU, next to pgbench's single-row
+``UPDATE ... SET qty = qty - 1`` on the same PostgreSQL, the oversell count, and catalogue reads per
+second through the gateway vs directly.
+
+One run on this machine: an embedded PostgreSQL (``comptoir migrate``), inventory, orders and the gateway
+as real uvicorn processes. A small in-thread server stands in for the auth service (JWKS and service
+tokens from a throwaway Ed25519 key) and for the audit service's event intake, so the benchmark needs
+nothing else running. Environment: ``BENCH_SECONDS`` (default 10), ``BENCH_BUYERS`` (default 32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiohttp
+import asyncpg
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt.algorithms import OKPAlgorithm
+
+from comptoir.config import RunSettings
+from comptoir.embedded import EmbeddedPostgres
+from comptoir.provision import migrate, to_asyncpg_dsn
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
+BUYERS = int(os.environ.get("BENCH_BUYERS", "32"))
+SELL_OUT_STOCK = 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Issuer:
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+
+    def jwks(self) -> dict[str, Any]:
+        jwk = json.loads(OKPAlgorithm.to_jwk(self.key.public_key()))
+        return {"keys": [jwk | {"kid": "bench", "alg": "EdDSA", "use": "sig"}]}
+
+    def access(self, role: str = "customer") -> str:
+        now = int(time.time())
+        claims = {
+            "iss": "urn:comptoir:auth",
+            "aud": "urn:comptoir:api",
+            "sub": str(uuid.uuid4()),
+            "role": role,
+            "sid": str(uuid.uuid4()),
+            "jti": str(uuid.uuid4()),
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "token_use": "access",
+        }
+        return jwt.encode(claims, self.key, algorithm="EdDSA", headers={"kid": "bench", "typ": "at+jwt"})
+
+    def service(self, caller: str, audience: str) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": "urn:comptoir:auth",
+            "aud": audience,
+            "sub": caller,
+            "jti": str(uuid.uuid4()),
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "token_use": "service",
+        }
+        return jwt.encode(claims, self.key, algorithm="EdDSA", headers={"kid": "bench", "typ": "service+jwt"})
+
+
+def stand_in_for_auth_and_audit(issuer: Issuer) -> ThreadingHTTPServer:
+    def reply(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.startswith("/internal/revocations"):
+                reply(self, b'{"items": [], "has_more": false}')
+            else:
+                reply(self, json.dumps(issuer.jwks()).encode())
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            if self.path == "/internal/token":
+                token = issuer.service(body["client_id"], body["audience"])
+                reply(self, json.dumps({"access_token": token, "token_type": "bearer", "expires_in": 600}).encode())
+            else:  # /internal/events: the services' audit outbox relays
+                reply(self, b"{}")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text(errors="replace")[-3000:])
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as answer:  # noqa: S310 - our own loopback URL
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not healthy\n" + log.read_text(errors="replace")[-3000:])
+        time.sleep(0.1)
+
+
+def pgbench(admin_url: str, work: Path, seconds: float, clients: int) -> float:
+    """tps of a single-row `UPDATE stock SET qty = qty - 1` with ``clients`` connections."""
+    parts = urlsplit(admin_url)
+    socket_dir = parse_qs(parts.query)["host"][0]
+
+    async def prepare() -> None:
+        conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+        try:
+            await conn.execute("CREATE SCHEMA IF NOT EXISTS bench")
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench.stock (id int PRIMARY KEY, qty bigint NOT NULL)")
+            await conn.execute(
+                "INSERT INTO bench.stock VALUES (1, 1000000000000) ON CONFLICT (id) DO UPDATE SET qty = 1000000000000"
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare())
+    script = work / "hot-row.sql"
+    script.write_text("UPDATE bench.stock SET qty = qty - 1 WHERE id = 1;\n")
+    # The pgbench bundled with the embedded server matches its version; the system's is the fallback.
+    bundled = list(Path(sys.prefix).glob("lib/*/site-packages/pgserver/pginstall/bin/pgbench"))
+    binary = str(bundled[0]) if bundled else shutil.which("pgbench") or "pgbench"
+    out = subprocess.run(
+        [
+            binary,
+            "-n",
+            "-c",
+            str(clients),
+            "-j",
+            "2",
+            "-T",
+            str(int(seconds)),
+            "-f",
+            str(script),
+            "-h",
+            socket_dir,
+            "-U",
+            unquote(parts.username or "postgres"),
+            parts.path.lstrip("/"),
+        ],
+        env={**os.environ, "PGPASSWORD": unquote(parts.password or "")},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    found = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out) or re.search(r"tps = ([\d.]+)", out)
+    assert found, out
+    return float(found.group(1))
+
+
+Request = Callable[[aiohttp.ClientSession, int], Awaitable[int]]
+
+
+async def hammer(
+    request: Request, *, seconds: float, workers: int, stop_after_409s: int = 0
+) -> tuple[Counter[int], float]:
+    """``workers`` loops sending requests until the time is up (or each saw ``stop_after_409s`` 409s in a row)."""
+    statuses: Counter[int] = Counter()
+    connector = aiohttp.TCPConnector(limit=workers)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        deadline = time.monotonic() + seconds
+        started = time.monotonic()
+
+        async def worker(index: int) -> None:
+            refused = 0
+            while time.monotonic() < deadline:
+                status = await request(session, index)
+                statuses[status] += 1
+                refused = refused + 1 if status == 409 else 0
+                if stop_after_409s and refused >= stop_after_409s:
+                    return
+
+        await asyncio.gather(*(worker(i) for i in range(workers)))
+        elapsed = time.monotonic() - started
+    return statuses, elapsed
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="comptoir-bench-orders-"))
+    embedded = EmbeddedPostgres(work)
+    procs: list[subprocess.Popen[bytes]] = []
+    stub: ThreadingHTTPServer | None = None
+    try:
+        admin_url = embedded.start()
+        roles = {r.service: r.url for r in migrate(RunSettings(data_dir=work, database_url=admin_url), admin_url)}
+        issuer = Issuer()
+        stub = stand_in_for_auth_and_audit(issuer)
+        stub_url = f"http://127.0.0.1:{stub.server_address[1]}"
+        ports = {"inventory": free_port(), "orders": free_port(), "gateway": free_port()}
+        url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")},
+            "DATA_DIR": str(work),
+            "ENVIRONMENT": "development",
+            "LOG_LEVEL": "WARNING",
+            "AUTH_INTERNAL_URL": stub_url,
+            "AUDIT_INTERNAL_URL": stub_url,
+            "INVENTORY_DATABASE_URL": roles["inventory"],
+            "ORDERS_DATABASE_URL": roles["orders"],
+            "ORDERS_INVENTORY_URL": url["inventory"],
+            "INVENTORY_CLIENT_SECRET": "bench",
+            "ORDERS_CLIENT_SECRET": "bench",
+            "GATEWAY_CLIENT_SECRET": "",
+            "GATEWAY_INVENTORY_URL": url["inventory"],
+            "GATEWAY_ORDERS_URL": url["orders"],
+            "GATEWAY_RATE_LIMITS_ENABLED": "false",
+        }
+        for name in ("inventory", "orders", "gateway"):
+            log = work / f"{name}.log"
+            with log.open("wb") as handle:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "comptoir.serve", name, "--port", str(ports[name])],
+                    env=env,
+                    cwd=work,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+            procs.append(proc)
+            wait_healthy(url[name], proc, log)
+        asyncio.run(
+            run(issuer, url, admin_url, work, dict(zip(("inventory", "orders", "gateway"), procs, strict=True)))
+        )
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if stub is not None:
+            stub.shutdown()
+        embedded.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), to see where an order's cost goes."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(
+    issuer: Issuer, url: dict[str, str], admin_url: str, work: Path, procs: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    gateway = url["gateway"]
+    staff = {"Authorization": f"Bearer {issuer.access('staff')}"}
+    buyers = [{"Authorization": f"Bearer {issuer.access()}"} for _ in range(BUYERS)]
+
+    async def new_product(stock: int) -> str:
+        async with aiohttp.ClientSession() as session:
+            body = {"sku": f"HOT-{uuid.uuid4().hex[:8]}", "name": "Hot SKU", "price_xaf": 1500, "initial_stock": stock}
+            async with session.post(gateway + "/api/v1/products", json=body, headers=staff) as answer:
+                assert answer.status == 201, await answer.text()
+                return str((await answer.json())["id"])
+
+    def buy(product_id: str) -> Request:
+        payload = {"items": [{"product_id": product_id, "quantity": 1}]}
+
+        async def request(session: aiohttp.ClientSession, index: int) -> int:
+            headers = buyers[index] | {"Idempotency-Key": str(uuid.uuid4())}
+            async with session.post(gateway + "/api/v1/orders", json=payload, headers=headers) as answer:
+                await answer.read()
+                return answer.status
+
+        return request
+
+    def read(base: str) -> Request:
+        async def request(session: aiohttp.ClientSession, _index: int) -> int:
+            async with session.get(base + "/api/v1/products?limit=20") as answer:
+                await answer.read()
+                return answer.status
+
+        return request
+
+    hot = await new_product(10_000_000)
+    await hammer(buy(hot), seconds=2, workers=BUYERS)  # warm-up: pools, JIT'd paths, caches
+    tps = await asyncio.to_thread(pgbench, admin_url, work, SECONDS, BUYERS)
+    hot = await new_product(10_000_000)
+    before = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
+    statuses, elapsed = await hammer(buy(hot), seconds=SECONDS, workers=BUYERS)
+    orders_per_second = statuses[201] / elapsed
+    cost = {name: (cpu_seconds(proc.pid) - before[name]) * 1000 / max(statuses[201], 1) for name, proc in procs.items()}
+
+    scarce = await new_product(SELL_OUT_STOCK)
+    sold_out, _ = await hammer(buy(scarce), seconds=30, workers=BUYERS, stop_after_409s=5)
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        on_hand, reserved = await conn.fetchrow(
+            "SELECT on_hand, reserved FROM inventory.products WHERE id = $1", uuid.UUID(scarce)
+        )
+        placed = await conn.fetchval(
+            "SELECT count(*) FROM orders.order_items i JOIN orders.orders o ON o.id = i.order_id"
+            " WHERE i.product_id = $1 AND o.status = 'pending'",
+            uuid.UUID(scarce),
+        )
+        ledger_breaks = await conn.fetchval(
+            "SELECT count(*) FROM inventory.products p LEFT JOIN (SELECT product_id, sum(delta_on_hand) AS oh,"
+            " sum(delta_reserved) AS r FROM inventory.stock_movements GROUP BY product_id) m ON m.product_id = p.id"
+            " WHERE p.on_hand <> coalesce(m.oh, 0) OR p.reserved <> coalesce(m.r, 0)"
+        )
+    finally:
+        await conn.close()
+    oversold = max(0, sold_out[201] - SELL_OUT_STOCK) + max(0, reserved - on_hand) + max(0, placed - SELL_OUT_STOCK)
+
+    reads: dict[str, float] = {}
+    for name, base in (("gateway", gateway), ("direct", url["inventory"])):
+        got, took = await hammer(read(base), seconds=SECONDS / 2, workers=BUYERS)
+        reads[name] = got[200] / took
+
+    others = {status: n for status, n in statuses.items() if status != 201}
+    print(f"\none run, {BUYERS} concurrent clients, {SECONDS:.0f} s per measurement\n")
+    print("| measurement | result |")
+    print("|---|---|")
+    print(f"| pgbench: one hot row, `qty = qty - 1` per transaction (tps) | {tps:,.0f} |")
+    print(f"| orders/s through the gateway, one hot SKU | {orders_per_second:,.0f} |")
+    print(f"| ratio (target >= 25 %) | {orders_per_second / tps:.0%} |")
+    print(f"| non-201 answers while buying | {sum(others.values())} {dict(others) or ''} |")
+    print(
+        "| CPU per order: gateway / orders / inventory (ms) | "
+        f"{cost['gateway']:.1f} / {cost['orders']:.1f} / {cost['inventory']:.1f} |"
+    )
+    print(
+        f"| sell-out of {SELL_OUT_STOCK} units: sold / refused (409) / oversold | "
+        f"{sold_out[201]} / {sold_out[409]} / {oversold} |"
+    )
+    print(f"| stock ledger breaks (on_hand or reserved != sum of movements) | {ledger_breaks} |")
+    print(f"| catalogue reads/s through the gateway | {reads['gateway']:,.0f} |")
+    print(f"| catalogue reads/s directly from inventory | {reads['direct']:,.0f} |")
+    print(f"| gateway / direct | {reads['gateway'] / reads['direct']:.0%} |")
+    if oversold or ledger_breaks:
+        raise SystemExit("OVERSOLD: the stock invariant was broken")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+
+from common.errors import Forbidden, Unauthorized
+from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
+from common.security import CurrentUser, RequireStaff
+from common.tokens import Claims
+from services.orders.errors import IdempotencyKeyMissing
+from services.orders.models import Status
+from services.orders.schemas import OrderCreate, OrderRead
+from services.orders.service import Actor, OrderService, Viewer, user_id_of
+
+router = APIRouter(prefix="/api/v1/orders", tags=["orders"])
+
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+PUBLIC_STATUSES = tuple(s.value for s in Status if s is not Status.placing)
+
+
+def _service(request: Request) -> OrderService:
+    service: OrderService = request.app.state.orders
+    return service
+
+
+def _request_id(request: Request) -> str | None:
+    value = request.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def _customer_id(claims: Claims) -> uuid.UUID:
+    user_id = user_id_of(claims)
+    if user_id is None:
+        raise Unauthorized("The access token does not name a user.")
+    return user_id
+
+
+def idempotency_key(
+    key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Required. 1-255 visible ASCII characters, unique per intended order (a UUID is ideal). "
+            "The same key with the same body returns the same order; with another body, 422.",
+        ),
+    ] = None,
+) -> str:
+    if key is None or not key.strip():
+        raise IdempotencyKeyMissing("Send an Idempotency-Key header with every POST /orders.")
+    if not _KEY.match(key):
+        raise IdempotencyKeyMissing("The Idempotency-Key must be 1-255 visible ASCII characters.")
+    return key
+
+
+@router.post(
+    "",
+    response_model=OrderRead,
+    status_code=201,
+    responses={
+        400: {"description": "Idempotency-Key header missing or malformed"},
+        409: {
+            "description": "Some items lack stock (`short_items`, nothing reserved), or the first request with "
+            "this key is still running"
+        },
+        422: {
+            "description": "Invalid body, unknown product, duplicate product lines, or the key reused with another body"
+        },
+        503: {"description": "Inventory unavailable: no order was placed"},
+    },
+)
+async def place_order(
+    data: OrderCreate,
+    request: Request,
+    response: Response,
+    claims: CurrentUser,
+    key: Annotated[str, Depends(idempotency_key)],
+) -> OrderRead:
+    """Place an order: stock is reserved at inventory, prices and names come from inventory.
+
+    Each product may appear on one line only (duplicate lines are rejected, not merged). The order is
+    `pending` until staff confirm it; it expires (stock released) at `expires_at`. A repeat with the
+    same Idempotency-Key and body answers with the same order and `Idempotent-Replayed: true`.
+    """
+    order, replayed = await _service(request).place(
+        _customer_id(claims), key, data, Actor.of(request, claims), request_id=_request_id(request)
+    )
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/api/v1/orders/{order.id}"
+    return order
+
+
+@router.get("", response_model=Page[OrderRead])
+async def list_orders(
+    request: Request,
+    claims: CurrentUser,
+    limit: LimitParam = DEFAULT_LIMIT,
+    cursor: CursorParam = None,
+    status: Annotated[str | None, Query(pattern="^(" + "|".join(PUBLIC_STATUSES) + ")$")] = None,
+    user_id: Annotated[uuid.UUID | None, Query(description="Staff only: one customer's orders.")] = None,
+) -> Page[OrderRead]:
+    """Orders, newest first: a customer's own, or everyone's for staff."""
+    viewer = Viewer.of(claims)
+    if user_id is not None and not viewer.staff:
+        raise Forbidden("Only staff may list another customer's orders.")
+    return await _service(request).page(viewer, limit=limit, cursor=cursor, status=status, user_id=user_id)
+
+
+@router.get("/{order_id}", response_model=OrderRead)
+async def get_order(order_id: uuid.UUID, request: Request, claims: CurrentUser) -> OrderRead:
+    """One order (another customer's order is 404, exactly like a missing one)."""
+    return await _service(request).get(order_id, Viewer.of(claims))
+
+
+async def _change(request: Request, claims: Claims, order_id: uuid.UUID, target: Status) -> OrderRead:
+    return await _service(request).change(
+        order_id, target, Actor.of(request, claims), Viewer.of(claims), request_id=_request_id(request)
+    )
+
+
+@router.post("/{order_id}/cancel", response_model=OrderRead, responses={409: {"description": "Not cancellable"}})
+async def cancel_order(order_id: uuid.UUID, request: Request, claims: CurrentUser) -> OrderRead:
+    """Cancel a pending or confirmed order (owner or staff); its stock goes back."""
+    return await _change(request, claims, order_id, Status.cancelled)
+
+
+@router.post("/{order_id}/confirm", response_model=OrderRead, responses={409: {"description": "Not pending"}})
+async def confirm_order(order_id: uuid.UUID, request: Request, claims: RequireStaff) -> OrderRead:
+    """pending → confirmed (staff): the reserved units leave on-hand stock."""
+    return await _change(request, claims, order_id, Status.confirmed)
+
+
+@router.post("/{order_id}/ship", response_model=OrderRead, responses={409: {"description": "Not confirmed"}})
+async def ship_order(order_id: uuid.UUID, request: Request, claims: RequireStaff) -> OrderRead:
+    """confirmed → shipped (staff)."""
+    return await _change(request, claims, order_id, Status.shipped)
+
+
+@router.post("/{order_id}/deliver", response_model=OrderRead, responses={409: {"description": "Not shipped"}})
+async def deliver_order(order_id: uuid.UUID, request: Request, claims: RequireStaff) -> OrderRead:
+    """shipped → delivered (staff)."""
+    return await _change(request, claims, order_id, Status.delivered)

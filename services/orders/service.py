@@ -1,0 +1,643 @@
+"""Order rules: placing an order (the reservation saga), the state machine, expiry and reconciliation.
+
+No database transaction is ever held open across a call to inventory. Instead, each change that needs
+inventory is written down first as a durable intent on the order row (``stock_action`` with an attempt
+id), then the idempotent inventory call is made, then the outcome is recorded if the attempt still owns
+the intent. A crash at any point leaves an intent the sweeper can finish or undo, and the attempt id
+fences a slow attempt that the sweeper has already taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from fastapi import Request
+from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from common.audit import AuditEvent, record, request_fields
+from common.db import Database
+from common.errors import BadRequest
+from common.pagination import Page, decode_cursor, encode_cursor
+from common.tokens import Claims
+from services.orders import inventory as inv
+from services.orders.config import Settings
+from services.orders.errors import (
+    IdempotencyKeyReused,
+    IdempotentRequestInProgress,
+    InsufficientStock,
+    InventoryUnavailable,
+    OrderBusy,
+    OrderExpired,
+    OrderNotFound,
+    OrderTotalTooLarge,
+    TransitionNotAllowed,
+    UnknownProducts,
+)
+from services.orders.models import MAX_TOTAL_XAF, Order, OrderItem, Status, Stock, StockAction, outbox
+from services.orders.schemas import OrderCreate, OrderItemRead, OrderRead, Reservation, UserErasure, UserOrdersExport
+
+log = structlog.get_logger("comptoir.orders")
+
+Clock = Callable[[], datetime]
+
+SERVICE = "orders"
+
+# The state machine. Anything not listed is refused with 409.
+ALLOWED: dict[str, frozenset[str]] = {
+    Status.pending: frozenset({Status.confirmed, Status.cancelled, Status.expired}),
+    Status.confirmed: frozenset({Status.shipped, Status.cancelled}),
+    Status.shipped: frozenset({Status.delivered}),
+}
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asked, and from where: the facts every audit event carries."""
+
+    id: str | None
+    role: str | None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, request: Request, claims: Claims) -> Actor:
+        role = "service" if claims.is_service else claims.role
+        return cls(id=claims.sub, role=role, context=request_fields(request))
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any] | None) -> Actor:
+        saved = saved or {}
+        return cls(id=saved.get("actor_id"), role=saved.get("actor_role"), context=dict(saved.get("context") or {}))
+
+    def save(self) -> dict[str, Any]:
+        return {"actor_id": self.id, "actor_role": self.role, "context": self.context}
+
+    def event(
+        self, action: str, order_id: uuid.UUID, old: dict[str, Any] | None, new: dict[str, Any] | None
+    ) -> AuditEvent:
+        return AuditEvent(
+            service=SERVICE,
+            action=action,
+            actor_id=self.id,
+            actor_role=self.role,
+            resource_type="order",
+            resource_id=str(order_id),
+            old_values=old,
+            new_values=new,
+            **self.context,
+        )
+
+
+SYSTEM = Actor(id=None, role="system")
+
+
+@dataclass(frozen=True)
+class Viewer:
+    user_id: uuid.UUID | None
+    staff: bool
+
+    @classmethod
+    def of(cls, claims: Claims) -> Viewer:
+        return cls(user_id=user_id_of(claims), staff=claims.has_role("staff"))
+
+    def sees(self, order: Order) -> bool:
+        return order.status != Status.placing and (self.staff or order.user_id == self.user_id)
+
+
+STAFF = Viewer(user_id=None, staff=True)
+
+
+def user_id_of(claims: Claims) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(claims.sub)
+    except ValueError:
+        return None
+
+
+def request_hash(data: OrderCreate) -> str:
+    canonical = json.dumps([[str(i.product_id), i.quantity] for i in data.items], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def read_of(order: Order) -> OrderRead:
+    return OrderRead(
+        id=order.id,
+        user_id=order.user_id,
+        status=order.status,
+        items=[OrderItemRead.model_validate(item) for item in order.items],
+        total_xaf=order.total_xaf,
+        expires_at=order.expires_at if order.status == Status.pending else None,
+        created_at=order.created_at,
+        updated_at=order.updated_at,
+    )
+
+
+def price_lines(data: OrderCreate, reservation: Reservation) -> tuple[list[dict[str, Any]], int]:
+    """The order's lines from what inventory reserved (never from the client), and the total, checked."""
+    reserved = {line.product_id: line for line in reservation.items}
+    if reservation.status != "held" or len(reserved) != len(data.items):
+        raise InventoryUnavailable("Inventory reserved something other than what was asked.")
+    lines = []
+    total = 0
+    for number, item in enumerate(data.items):
+        line = reserved.get(item.product_id)
+        if line is None or line.quantity != item.quantity:
+            raise InventoryUnavailable("Inventory reserved something other than what was asked.")
+        line_total = line.quantity * line.unit_price_xaf  # Python ints do not overflow; the bounds are checked
+        total += line_total
+        lines.append(
+            {
+                "line": number,
+                "product_id": line.product_id,
+                "sku": line.sku,
+                "name": line.name,
+                "quantity": line.quantity,
+                "unit_price_xaf": line.unit_price_xaf,
+                "line_total_xaf": line_total,
+            }
+        )
+    if total > MAX_TOTAL_XAF:
+        raise OrderTotalTooLarge(f"An order total may not exceed {MAX_TOTAL_XAF} XAF.")
+    return lines, total
+
+
+class OrderService:
+    def __init__(self, db: Database, inventory: inv.InventoryClient, settings: Settings, clock: Clock) -> None:
+        self.db = db
+        self.inventory = inventory
+        self.settings = settings
+        self.clock = clock
+
+    # Reading
+
+    @staticmethod
+    async def _load(session: AsyncSession, order_id: uuid.UUID, *, lock: bool = False) -> Order | None:
+        stmt = (
+            select(Order)
+            .where(Order.id == order_id)
+            .options(selectinload(Order.items))
+            .execution_options(populate_existing=True)
+        )
+        if lock:
+            stmt = stmt.with_for_update()
+        return (await session.scalars(stmt)).one_or_none()
+
+    async def get(self, order_id: uuid.UUID, viewer: Viewer) -> OrderRead:
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await self._load(session, order_id)
+            if order is None or not viewer.sees(order):
+                raise OrderNotFound()
+            return read_of(order)
+
+    async def page(
+        self,
+        viewer: Viewer,
+        *,
+        limit: int,
+        cursor: str | None,
+        status: str | None,
+        user_id: uuid.UUID | None,
+    ) -> Page[OrderRead]:
+        stmt = select(Order).options(selectinload(Order.items)).where(Order.status != Status.placing)
+        if not viewer.staff:
+            stmt = stmt.where(Order.user_id == viewer.user_id)
+        if user_id is not None:
+            stmt = stmt.where(Order.user_id == user_id)
+        if status is not None:
+            stmt = stmt.where(Order.status == status)
+        if cursor:
+            created, ident = decode_cursor(cursor, 2)
+            try:
+                after = (datetime.fromisoformat(created), uuid.UUID(ident))
+            except ValueError as exc:
+                raise BadRequest("The cursor is not valid.") from exc
+            stmt = stmt.where(tuple_(Order.created_at, Order.id) < tuple_(*after))
+        stmt = stmt.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)
+        async with self.db.sessionmaker() as session, session.begin():
+            rows = list((await session.scalars(stmt)).all())
+        page, more = rows[:limit], len(rows) > limit
+        next_cursor = encode_cursor([page[-1].created_at.isoformat(), str(page[-1].id)]) if more else None
+        return Page[OrderRead](items=[read_of(o) for o in page], next_cursor=next_cursor)
+
+    # Placing an order
+
+    async def place(
+        self, user_id: uuid.UUID, key: str, data: OrderCreate, actor: Actor, *, request_id: str | None = None
+    ) -> tuple[OrderRead, bool]:
+        """Returns the order and whether it is a replay of an earlier request with the same key."""
+        digest = request_hash(data)
+        deadline = time.monotonic() + self.settings.idempotency_wait_seconds
+        delay = 0.02
+        while True:
+            order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+            async with self.db.sessionmaker() as session, session.begin():
+                claimed = await session.execute(
+                    insert(Order)
+                    .values(
+                        id=order_id,
+                        user_id=user_id,
+                        status=Status.placing,
+                        idempotency_key=key,
+                        request_hash=digest,
+                        reservation_id=reservation_id,
+                        total_xaf=0,
+                        stock=Stock.reserving,
+                        stock_action=StockAction.reserve,
+                        stock_action_id=attempt,
+                        stock_action_since=self.clock(),
+                        stock_action_context=actor.save(),
+                    )
+                    .on_conflict_do_nothing(constraint="uq_orders_user_id_idempotency_key")
+                    .returning(Order.id)
+                )
+                if claimed.scalar_one_or_none() is not None:
+                    break
+                # The key is taken: that request is done (replay it) or still running (wait for it).
+                existing = (
+                    await session.scalars(
+                        select(Order)
+                        .where(Order.user_id == user_id, Order.idempotency_key == key)
+                        .options(selectinload(Order.items))
+                    )
+                ).one_or_none()
+                if existing is not None:
+                    if existing.request_hash != digest:
+                        raise IdempotencyKeyReused()
+                    if existing.status != Status.placing:
+                        return read_of(existing), True
+            if existing is not None:
+                if time.monotonic() > deadline:
+                    raise IdempotentRequestInProgress(
+                        "The first request with this key is still running; retry shortly.",
+                        headers={"Retry-After": "1"},
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+
+        try:
+            reservation = await self.inventory.reserve(reservation_id, data.items, request_id=request_id)
+        except inv.Rejected as exc:
+            await self._abandon(order_id, attempt)
+            raise InsufficientStock(
+                "Some items lack stock; nothing was reserved.",
+                extra={"short_items": [s.model_dump(mode="json") for s in exc.short]},
+            ) from None
+        except inv.UnknownProducts as exc:
+            await self._abandon(order_id, attempt)
+            index = {str(item.product_id): n for n, item in enumerate(data.items)}
+            raise UnknownProducts(
+                "Some products do not exist.",
+                extra={
+                    "errors": [
+                        {"loc": ["body", "items", index.get(p, 0), "product_id"], "msg": "Unknown product"}
+                        for p in exc.product_ids
+                    ]
+                },
+            ) from None
+        except (inv.Closed, InventoryUnavailable):
+            # The reservation may exist (a lost answer): release it; inventory's expiry covers a failure here.
+            await self._abandon(order_id, attempt, release=reservation_id, request_id=request_id)
+            raise InventoryUnavailable(
+                "Inventory is unavailable; the order was not placed. Retry shortly.", headers={"Retry-After": "2"}
+            ) from None
+        return await self._record_placed(order_id, attempt, data, reservation, actor, request_id=request_id), False
+
+    async def _record_placed(
+        self,
+        order_id: uuid.UUID,
+        attempt: uuid.UUID,
+        data: OrderCreate,
+        reservation: Reservation,
+        actor: Actor,
+        *,
+        request_id: str | None,
+    ) -> OrderRead:
+        try:
+            lines, total = price_lines(data, reservation)
+        except Exception:
+            await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)
+            raise
+        async with self.db.sessionmaker() as session, session.begin():
+            # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
+            placed = (
+                await session.execute(
+                    update(Order)
+                    .where(Order.id == order_id, Order.status == Status.placing, Order.stock_action_id == attempt)
+                    .values(
+                        status=Status.pending,
+                        stock=Stock.held,
+                        total_xaf=total,
+                        expires_at=reservation.expires_at,
+                        stock_action=None,
+                        stock_action_id=None,
+                        stock_action_since=None,
+                        stock_action_context=None,
+                    )
+                    .returning(Order.user_id, Order.created_at, Order.updated_at)
+                )
+            ).one_or_none()
+            ours = placed is not None
+            if placed is not None:
+                await session.execute(insert(OrderItem), [{"order_id": order_id, **line} for line in lines])
+                event = actor.event(
+                    "orders.order.created",
+                    order_id,
+                    None,
+                    {"status": Status.pending, "total_xaf": total, "lines": len(lines)},
+                )
+                await record(session, outbox, event)
+                result = OrderRead(
+                    id=order_id,
+                    user_id=placed.user_id,
+                    status=Status.pending,
+                    items=[OrderItemRead(**{k: v for k, v in line.items() if k != "line"}) for line in lines],
+                    total_xaf=total,
+                    expires_at=reservation.expires_at,
+                    created_at=placed.created_at,
+                    updated_at=placed.updated_at,
+                )
+        if not ours:
+            # The sweeper judged this attempt orphaned and released its reservation first.
+            await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)
+            raise InventoryUnavailable("The order could not be completed; retry.", headers={"Retry-After": "1"})
+        log.info("orders.order.created", order_id=str(order_id), total_xaf=total)
+        return result
+
+    async def _abandon(
+        self,
+        order_id: uuid.UUID,
+        attempt: uuid.UUID,
+        *,
+        release: uuid.UUID | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        """Forget a placement that failed: release what may be held, then remove the invisible row."""
+        if release is not None:
+            try:
+                await self.inventory.release(release, request_id=request_id)
+            except InventoryUnavailable:
+                log.warning("orders.placement.release_failed", reservation_id=str(release))
+        async with self.db.sessionmaker() as session, session.begin():
+            await session.execute(
+                delete(Order).where(
+                    Order.id == order_id, Order.status == Status.placing, Order.stock_action_id == attempt
+                )
+            )
+
+    # The state machine
+
+    @staticmethod
+    def _clear_action(order: Order) -> None:
+        order.stock_action = None
+        order.stock_action_id = None
+        order.stock_action_since = None
+        order.stock_action_context = None
+
+    def _start_action(self, order: Order, action: StockAction, actor: Actor) -> uuid.UUID:
+        attempt = uuid.uuid4()
+        order.stock_action = action
+        order.stock_action_id = attempt
+        order.stock_action_since = self.clock()
+        order.stock_action_context = actor.save()
+        return attempt
+
+    async def _close(self, session: AsyncSession, order: Order, target: Status, actor: Actor) -> None:
+        """Cancel or expire: the status changes now, the stock release is owed (and retried until done)."""
+        old = order.status
+        order.status = target
+        if order.stock in (Stock.held, Stock.committed):
+            self._start_action(order, StockAction.release, actor)
+        await session.flush()
+        await record(
+            session, outbox, actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
+        )
+
+    async def change(
+        self, order_id: uuid.UUID, target: Status, actor: Actor, viewer: Viewer, *, request_id: str | None = None
+    ) -> OrderRead:
+        deadline = time.monotonic() + self.settings.idempotency_wait_seconds
+        delay = 0.02
+        while True:
+            outcome = None
+            async with self.db.sessionmaker() as session, session.begin():
+                order = await self._load(session, order_id, lock=True)
+                if order is None or not viewer.sees(order):
+                    raise OrderNotFound()
+                if order.stock_action == StockAction.commit:
+                    outcome = "busy"  # a confirmation is talking to inventory: wait for its outcome
+                elif (
+                    order.status == Status.pending and order.expires_at is not None and order.expires_at <= self.clock()
+                ):
+                    await self._close(session, order, Status.expired, SYSTEM)
+                    outcome = "expired"
+                elif target not in ALLOWED.get(order.status, frozenset()):
+                    raise TransitionNotAllowed(
+                        f"A {order.status} order cannot become {target}.",
+                        extra={"order_status": order.status, "requested_status": str(target)},
+                    )
+                elif target == Status.confirmed:
+                    attempt = self._start_action(order, StockAction.commit, actor)
+                    outcome = "commit"
+                elif target in (Status.cancelled, Status.expired):
+                    await self._close(session, order, target, actor)
+                    outcome = "release"
+                else:
+                    old = order.status
+                    order.status = target
+                    await session.flush()
+                    event = actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
+                    await record(session, outbox, event)
+                    return read_of(order)
+            if outcome != "busy":
+                break
+            if time.monotonic() > deadline:
+                raise OrderBusy("The order is being changed by another request; retry shortly.")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+        if outcome == "commit":
+            return await self._drive_commit(order_id, attempt, request_id=request_id)
+        await self._drive_release(order_id, request_id=request_id)
+        if outcome == "expired":
+            raise OrderExpired("The order expired before this change; its stock was released.")
+        return await self.get(order_id, STAFF)
+
+    async def _drive_commit(self, order_id: uuid.UUID, attempt: uuid.UUID, *, request_id: str | None) -> OrderRead:
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await self._load(session, order_id)
+            assert order is not None
+            reservation_id = order.reservation_id
+        try:
+            await self.inventory.commit(reservation_id, request_id=request_id)
+        except InventoryUnavailable:
+            # The commit may or may not have happened; both are safe (a retry commits once, a cancel or the
+            # expiry releases a committed reservation back on hand). The order stays pending.
+            async with self.db.sessionmaker() as session, session.begin():
+                order = await self._load(session, order_id, lock=True)
+                if order is not None and order.stock_action_id == attempt:
+                    self._clear_action(order)
+            raise
+        except inv.Closed:
+            async with self.db.sessionmaker() as session, session.begin():
+                order = await self._load(session, order_id, lock=True)
+                if order is not None and order.stock_action_id == attempt:
+                    self._clear_action(order)
+                    order.stock = Stock.released
+                    if order.status == Status.pending:
+                        await self._close(session, order, Status.expired, SYSTEM)
+            raise OrderExpired("The order's reservation expired; its stock was released.") from None
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await self._load(session, order_id, lock=True)
+            assert order is not None
+            if order.stock_action_id == attempt:
+                actor = Actor.restore(order.stock_action_context)
+                old = order.status
+                order.status = Status.confirmed
+                order.stock = Stock.committed
+                self._clear_action(order)
+                await session.flush()
+                event = actor.event("orders.order.confirmed", order.id, {"status": old}, {"status": Status.confirmed})
+                await record(session, outbox, event)
+            return read_of(order)
+
+    async def _drive_release(self, order_id: uuid.UUID, *, request_id: str | None = None) -> bool:
+        """Make the owed release; False when inventory could not be reached (the sweeper retries)."""
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await self._load(session, order_id)
+            if order is None or order.stock_action != StockAction.release:
+                return True
+            reservation_id, attempt = order.reservation_id, order.stock_action_id
+        try:
+            await self.inventory.release(reservation_id, request_id=request_id)
+        except InventoryUnavailable:
+            log.warning("orders.release.deferred", order_id=str(order_id))
+            return False
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await self._load(session, order_id, lock=True)
+            if order is not None and order.stock_action_id == attempt:
+                order.stock = Stock.released
+                self._clear_action(order)
+        return True
+
+    # Background work: expiry and reconciliation
+
+    async def _ids(self, *conditions: Any, limit: int = 100) -> list[uuid.UUID]:
+        async with self.db.sessionmaker() as session, session.begin():
+            stmt = select(Order.id).where(*conditions).order_by(Order.created_at).limit(limit)
+            return list((await session.scalars(stmt)).all())
+
+    async def _claim(self, order_id: uuid.UUID, *conditions: Any, action: StockAction) -> uuid.UUID | None:
+        """Take over an interrupted action with a new attempt id (fencing the old attempt)."""
+        async with self.db.sessionmaker() as session, session.begin():
+            stmt = select(Order).where(Order.id == order_id, *conditions).with_for_update(skip_locked=True)
+            order = (await session.scalars(stmt)).one_or_none()
+            if order is None:
+                return None
+            attempt = uuid.uuid4()
+            order.stock_action = action
+            order.stock_action_id = attempt
+            order.stock_action_since = self.clock()
+            return attempt
+
+    async def sweep(self) -> dict[str, int]:
+        """One pass: orphaned placements released, interrupted confirmations finished, owed releases made,
+        due pending orders expired. Safe to run in several replicas at once."""
+        now = self.clock()
+        done = {"orphans": 0, "confirmations": 0, "releases": 0, "expired": 0}
+
+        orphan_cutoff = now - timedelta(seconds=self.settings.placing_timeout_seconds)
+        stale_placing = (Order.status == Status.placing, Order.stock_action_since < orphan_cutoff)
+        abandoned = (Order.status == Status.placing, Order.stock_action == StockAction.release)
+        for order_id in await self._ids(*stale_placing) + await self._ids(*abandoned):
+            attempt = await self._claim(order_id, Order.status == Status.placing, action=StockAction.release)
+            if attempt is None:
+                continue
+            async with self.db.sessionmaker() as session, session.begin():
+                reservation_id = (await session.scalars(select(Order.reservation_id).where(Order.id == order_id))).one()
+            try:
+                await self.inventory.release(reservation_id)
+            except InventoryUnavailable:
+                continue
+            async with self.db.sessionmaker() as session, session.begin():
+                await session.execute(
+                    delete(Order).where(
+                        Order.id == order_id, Order.status == Status.placing, Order.stock_action_id == attempt
+                    )
+                )
+            done["orphans"] += 1
+            log.info("orders.placement.reconciled", order_id=str(order_id))
+
+        stale_cutoff = now - timedelta(seconds=self.settings.stale_action_seconds)
+        stale_commit = (Order.stock_action == StockAction.commit, Order.stock_action_since < stale_cutoff)
+        for order_id in await self._ids(*stale_commit):
+            attempt = await self._claim(order_id, *stale_commit, action=StockAction.commit)
+            if attempt is None:
+                continue
+            try:
+                await self._drive_commit(order_id, attempt, request_id=None)
+                done["confirmations"] += 1
+            except (InventoryUnavailable, OrderExpired):
+                continue
+
+        owed = (Order.stock_action == StockAction.release, Order.status != Status.placing)
+        for order_id in await self._ids(*owed):
+            if await self._drive_release(order_id):
+                done["releases"] += 1
+
+        due = (Order.status == Status.pending, Order.stock_action.is_(None), Order.expires_at <= now)
+        for order_id in await self._ids(*due):
+            async with self.db.sessionmaker() as session, session.begin():
+                stmt = select(Order).where(Order.id == order_id, *due).with_for_update(skip_locked=True)
+                order = (await session.scalars(stmt)).one_or_none()
+                if order is None:
+                    continue
+                await self._close(session, order, Status.expired, SYSTEM)
+            await self._drive_release(order_id)
+            done["expired"] += 1
+        if any(done.values()):
+            log.info("orders.sweep", **done)
+        return done
+
+    # Personal data (called by the auth service)
+
+    async def export(self, user_id: uuid.UUID) -> UserOrdersExport:
+        page = await self.page(STAFF, limit=10**6, cursor=None, status=None, user_id=user_id)
+        return UserOrdersExport(user_id=user_id, orders=page.items)
+
+    async def erase(self, user_id: uuid.UUID, actor: Actor) -> UserErasure:
+        """Orders stay (bookkeeping) but no longer point at the person: a random pseudonym replaces the user id."""
+        pseudonym = uuid.uuid4()
+        async with self.db.sessionmaker() as session, session.begin():
+            result = await session.execute(
+                update(Order)
+                .where(Order.user_id == user_id)
+                .values(user_id=pseudonym, idempotency_key=None, anonymised_at=self.clock())
+                .returning(Order.id)
+            )
+            count = len(result.all())
+            if count:
+                # The request path names the user; the event must not undo the erasure it records.
+                context = actor.context | {"path": "/internal/users/{user_id}/erase"}
+                event = AuditEvent(
+                    service=SERVICE,
+                    action="orders.user.anonymised",
+                    actor_id=actor.id,
+                    actor_role=actor.role,
+                    resource_type="customer",
+                    resource_id=str(pseudonym),
+                    new_values={"orders_anonymised": count},
+                    **context,
+                )
+                await record(session, outbox, event)
+        return UserErasure(orders_anonymised=count)

@@ -1,0 +1,101 @@
+"""Correctness under contention: concurrent HTTP requests through orders and inventory on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from tests.inventory.support import assert_ledger_invariant
+from tests.orders.conftest import System
+
+ORDERS = "/api/v1/orders"
+
+
+async def test_fifty_buyers_for_the_last_ten_units(system: System) -> None:
+    product = await system.product(stock=10, price=2500)
+    samples: list[int] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            samples.append((await system.stock(product["id"]))["available"])
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    responses = await asyncio.gather(*(system.place([(product["id"], 1)]) for _ in range(50)))
+    done.set()
+    await watcher
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] * 10 + [409] * 40, [r.text for r in responses if r.status_code not in (201, 409)][:3]
+    assert all(a >= 0 for a in samples)
+    assert await system.stock(product["id"]) == {"on_hand": 10, "reserved": 10, "available": 0}
+
+    # Confirming all ten sells exactly ten units.
+    sold = [r.json()["id"] for r in responses if r.status_code == 201]
+    staff = system.tokens.staff()
+    confirms = await asyncio.gather(*(system.orders.post(f"{ORDERS}/{oid}/confirm", headers=staff) for oid in sold))
+    assert {c.status_code for c in confirms} == {200}
+    assert await system.stock(product["id"]) == {"on_hand": 0, "reserved": 0, "available": 0}
+    await assert_ledger_invariant(system.database)
+
+
+async def test_opposite_orders_over_two_products_never_deadlock(system: System) -> None:
+    a = await system.product(stock=1000)
+    b = await system.product(stock=1000)
+    for _ in range(3):
+        responses = await asyncio.gather(
+            *(system.place([(a["id"], 1), (b["id"], 2)]) for _ in range(10)),
+            *(system.place([(b["id"], 2), (a["id"], 1)]) for _ in range(10)),
+        )
+        assert [r.status_code for r in responses] == [201] * 20, [r.text for r in responses if r.status_code != 201]
+    assert (await system.stock(a["id"]))["reserved"] == 60
+    assert (await system.stock(b["id"]))["reserved"] == 120
+
+
+async def test_concurrent_retries_with_one_key_make_one_order(system: System) -> None:
+    product = await system.product(stock=100)
+    customer = system.tokens.customer()
+    responses = await asyncio.gather(
+        *(system.place([(product["id"], 3)], customer=customer, key="retry-me") for _ in range(12))
+    )
+    assert {r.status_code for r in responses} == {201}, [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum(1 for r in responses if "idempotent-replayed" not in r.headers) == 1
+    assert await system.stock(product["id"]) == {"on_hand": 100, "reserved": 3, "available": 97}
+
+
+async def test_concurrent_staff_and_customer_actions_stay_consistent(system: System) -> None:
+    product = await system.product(stock=100)
+    customer = system.tokens.customer()
+    staff = system.tokens.staff()
+    orders = [(await system.place([(product["id"], 2)], customer=customer)).json()["id"] for _ in range(8)]
+    actions = []
+    for order_id in orders:
+        actions += [
+            system.orders.post(f"{ORDERS}/{order_id}/confirm", headers=staff),
+            system.orders.post(f"{ORDERS}/{order_id}/cancel", headers=customer),
+            system.orders.post(f"{ORDERS}/{order_id}/confirm", headers=staff),
+        ]
+    results = await asyncio.gather(*actions)
+    assert {r.status_code for r in results} <= {200, 409}, [r.text for r in results if r.status_code >= 500]
+    final = {oid: (await system.orders.get(f"{ORDERS}/{oid}", headers=staff)).json()["status"] for oid in orders}
+    confirmed = sum(1 for s in final.values() if s == "confirmed")
+    assert set(final.values()) <= {"confirmed", "cancelled"}
+    assert await system.stock(product["id"]) == {
+        "on_hand": 100 - 2 * confirmed,
+        "reserved": 0,
+        "available": 100 - 2 * confirmed,
+    }
+
+
+async def test_the_same_order_cannot_be_placed_twice_by_racing_a_different_body(system: System) -> None:
+    product = await system.product(stock=100)
+    customer = system.tokens.customer()
+    key = str(uuid.uuid4())
+    responses = await asyncio.gather(
+        *(system.place([(product["id"], 1 + i % 2)], customer=customer, key=key) for i in range(8))
+    )
+    created = {r.json()["id"] for r in responses if r.status_code == 201}
+    assert len(created) == 1
+    assert {r.status_code for r in responses} <= {201, 422}
+    assert (await system.stock(product["id"]))["reserved"] in (1, 2)
