@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
@@ -202,6 +203,28 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
+# lock_not_available (lock_timeout), deadlock_detected, serialization_failure, query_canceled (statement_timeout)
+RETRYABLE_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57014"})
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """A busy database (lock or statement timeout, deadlock) is a 503 with Retry-After, never a hang or a 500."""
+    state = sqlstate_of(exc)
+    if state in RETRYABLE_SQLSTATES:
+        log.warning("db.busy", sqlstate=state, path=request.url.path)
+        return problem_response(
+            503, scope=request.scope, detail="The data is busy; retry shortly.", headers={"Retry-After": "1"}
+        )
+    log.error("db.error", sqlstate=state, error=type(exc).__name__, path=request.url.path)
+    return problem_response(500, scope=request.scope, detail="An unexpected error occurred.")
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
     # The traceback goes to the (redacting) log, never to the client.
     log.error("http.unhandled_exception", exc_info=exc, path=request.url.path)
@@ -212,4 +235,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unhandled)

@@ -134,6 +134,9 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
         lg.handlers.clear()
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our access log is redacted and structured
+    # Client libraries log every outgoing URL at INFO, ids of people included (GDPR calls): warnings only.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -95,7 +95,8 @@ class RequestContextMiddleware:
                 access_log.info(
                     "http.request",
                     method=method,
-                    path=scope.get("path"),
+                    # A path that names a person (GDPR export/erasure) is logged as its template.
+                    path=template if "{user_id}" in template else scope.get("path"),
                     route=template,
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
@@ -137,10 +138,15 @@ class SecurityHeadersMiddleware:
     catalogue) sets its own ``Cache-Control`` and keeps it.
     """
 
+    # A route may declare these itself (public images are embeddable cross-origin); the rest are forced.
+    OVERRIDABLE = frozenset({b"cross-origin-resource-policy"})
+
     def __init__(self, app: ASGIApp, *, hsts_seconds: int | None = None) -> None:
         self.app = app
         self.headers = security_headers(hsts_seconds=hsts_seconds)
-        self.forced = frozenset(name for name, _ in self.headers) | {b"server"}
+        self.forced = frozenset(name for name, _ in self.headers if name not in self.OVERRIDABLE) | {b"server"}
+        self.defaults = [(name, value) for name, value in self.headers if name in self.OVERRIDABLE]
+        self.always = [(name, value) for name, value in self.headers if name not in self.OVERRIDABLE]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,9 +156,11 @@ class SecurityHeadersMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 raw = message.get("headers", ())
-                headers = [(k, v) for k, v in raw if k.lower() not in self.forced]
-                headers.extend(self.headers)
-                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                headers = [(k.lower(), v) for k, v in raw if k.lower() not in self.forced]
+                present = {k for k, _ in headers}
+                headers.extend(self.always)
+                headers.extend((k, v) for k, v in self.defaults if k not in present)
+                if b"cache-control" not in present:
                     headers.append((b"cache-control", b"no-store"))
                 message["headers"] = headers
             await send(message)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.audit import AuditEvent, Outcome, request_fields, scrub
 from common.db import Database
-from common.errors import BadRequest
+from common.errors import RETRYABLE_SQLSTATES, BadRequest, sqlstate_of
 from common.pagination import decode_cursor, encode_cursor
 from common.tokens import Claims
 from services.audit.alerts import AlertRules, Opened, Raised, announce, raise_alerts, store_alerts
@@ -35,16 +35,9 @@ from services.audit.schemas import AlertRead, CheckpointRead, ErasureResult, Eve
 log = structlog.get_logger("comptoir.audit")
 
 SERVICE = "audit"
+
+
 # lock_not_available (lock_timeout), deadlock_detected, serialization_failure, query_canceled
-RETRYABLE_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57014"})
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return state if isinstance(state, str) else None
-
-
 def prepare(payload: dict[str, Any]) -> dict[str, Any]:
     """Redact again (a sender may have forgotten) and make every string storable."""
     cleaned = clean_text(scrub(payload))

@@ -11,7 +11,6 @@ from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
 from common.tokens import KeySource
-from services.inventory import dberrors
 from services.inventory.config import IMAGE_UPLOAD_PATH, MULTIPART_OVERHEAD_BYTES, Settings
 from services.inventory.internal_router import router as internal_router
 from services.inventory.models import outbox
@@ -68,5 +67,4 @@ def create_app(
         body_limits=[(IMAGE_UPLOAD_PATH, settings.image_max_bytes + MULTIPART_OVERHEAD_BYTES)],
         multipart_paths=IMAGE_UPLOAD_PATH,
     )
-    dberrors.install(app)
     return app

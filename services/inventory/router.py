@@ -221,6 +221,8 @@ async def get_image(
     headers = {
         "Cache-Control": PRIVATE if _is_staff(claims) else IMAGE_CACHE,
         "ETag": f'"{image.sha256}"',
+        # Shop web apps on other origins embed product pictures; everything else stays same-origin.
+        "Cross-Origin-Resource-Policy": "cross-origin",
         "Content-Disposition": f'inline; filename="{image.id}.{path.suffix.lstrip(".")}"',
         "Vary": "Authorization",
     }

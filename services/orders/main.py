@@ -12,7 +12,6 @@ from fastapi import FastAPI
 from common.app import ComptoirAPI, create_service_app
 from common.http import create_client
 from common.tokens import KeySource
-from services.orders import dberrors
 from services.orders.config import Settings
 from services.orders.internal_router import router as internal_router
 from services.orders.inventory import InventoryClient, TokenSource
@@ -78,5 +77,4 @@ def create_app(
         lifespan_hook=lifespan,
         outbox=outbox,
     )
-    dberrors.install(app)
     return app

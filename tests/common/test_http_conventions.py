@@ -165,3 +165,9 @@ def test_problem_body_is_json_serialisable() -> None:
     from common.errors import problem_body
 
     assert json.loads(json.dumps(problem_body(404, request_id="r")))["type"].startswith("urn:comptoir:problem:")
+
+
+async def test_cross_origin_resource_policy_stays_same_origin_unless_a_route_says_otherwise(
+    client: httpx.AsyncClient,
+) -> None:
+    assert (await client.get("/healthz")).headers["cross-origin-resource-policy"] == "same-origin"

@@ -74,3 +74,34 @@ def test_every_logger_writes_redacted_json(monkeypatch: pytest.MonkeyPatch) -> N
     assert PASSWORD not in dumped
     assert OPAQUE not in dumped
     assert "exception" in lines[2]
+
+
+def test_paths_naming_a_person_are_logged_as_their_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import httpx
+
+    from common.app import ComptoirAPI
+    from common.settings import CommonSettings
+
+    app = ComptoirAPI(service="probe", settings=CommonSettings())
+
+    @app.post("/internal/users/{user_id}/erase")
+    async def erase(user_id: str) -> dict[str, str]:
+        return {"erased": "yes"}
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    configure_logging(level="INFO", fmt="json", service="probe")
+
+    async def call() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.post("/internal/users/4b1d2c3e-user-secret-id/erase")).status_code == 200
+
+    try:
+        asyncio.run(call())
+    finally:
+        configure_logging(level="INFO", fmt="json", service="tests")
+    assert "4b1d2c3e-user-secret-id" not in buffer.getvalue()
+    assert "/internal/users/{user_id}/erase" in buffer.getvalue()

@@ -101,6 +101,8 @@ async def test_upload_and_serve_each_format(
     assert served.headers["content-type"] == content_type
     assert served.headers["x-content-type-options"] == "nosniff"
     assert served.headers["cache-control"] == "public, max-age=86400"
+    assert served.headers["cross-origin-resource-policy"] == "cross-origin"  # embeddable by shop front-ends
+    assert served.headers["content-security-policy"].startswith("default-src 'none'")
     assert len(served.content) == image["size"]
     assert Image.open(io.BytesIO(served.content)).format == fmt
     listed = (await client.get(f"/api/v1/products/{product['id']}")).json()
