@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders audit-deps fuzz up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit audit-deps fuzz up clean
 
 install: $(STAMP)
 
@@ -55,13 +55,16 @@ fuzz: install
 	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-200} $(BIN)/pytest tests/e2e/test_fuzz.py -v
 
 # Benchmarks print a table; they are never part of `make test`.
-bench: bench-gateway bench-orders
+bench: bench-gateway bench-orders bench-audit
 
 bench-gateway: install
 	$(BIN)/python -m bench.gateway
 
 bench-orders: install
 	$(BIN)/python -m bench.orders
+
+bench-audit: install
+	$(BIN)/python -m bench.audit
 
 up:
 	docker compose up --build
