@@ -25,6 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
 DURATION = os.environ.get("BENCH_DURATION", "10s")
+# "raw": a bare ASGI endpoint (the fastest possible upstream); "fastapi": a FastAPI endpoint, like the
+# services behind the gateway and like the reference measurement.
+UPSTREAMS = os.environ.get("BENCH_UPSTREAMS", "fastapi,raw").split(",")
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 
 
@@ -71,8 +74,7 @@ def wrk(url: str, connections: int, headers: dict[str, str]) -> dict[str, float]
     return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0}
 
 
-def main() -> None:
-    ensure_tools()
+def run(upstream_kind: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="comptoir-bench-"))
     key = Ed25519PrivateKey.generate()
     jwk = json.loads(OKPAlgorithm.to_jwk(key.public_key())) | {"kid": "bench", "alg": "EdDSA", "use": "sig"}
@@ -105,7 +107,8 @@ def main() -> None:
                     sys.executable,
                     "-m",
                     "uvicorn",
-                    "bench.upstream:app",
+                    "bench.upstream:app" if upstream_kind == "raw" else "bench.upstream:fastapi_app",
+                    *([] if upstream_kind == "raw" else ["--factory"]),
                     "--port",
                     str(upstream_port),
                     "--loop",
@@ -182,7 +185,10 @@ http {{
             single = wrk(url, 1, auth)
             rows.append((name, loaded, single))
         nginx_rps = rows[1][1]["rps"]
-        print(f"\nwrk -t2 -c{CONNECTIONS} -d{DURATION} (and -c1 for unloaded latency), GET {path}, one run\n")
+        print(
+            f"\n{upstream_kind} upstream; wrk -t2 -c{CONNECTIONS} -d{DURATION} (and -c1 for unloaded latency),"
+            f" GET {path}, one run\n"
+        )
         print(f"| path | req/s (c{CONNECTIONS}) | vs nginx | p50 ms | p99 ms | p50 ms (c1) | non-2xx |")
         print("|---|---|---|---|---|---|---|")
         for name, loaded, single in rows:
@@ -204,6 +210,12 @@ http {{
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ensure_tools()
+    for kind in UPSTREAMS:
+        run(kind)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """The benchmark's upstream: a tiny JSON endpoint (and the JWKS the gateway verifies tokens with)."""
 
-from __future__ import annotations
-
 import json
 import os
 from pathlib import Path
@@ -27,3 +25,21 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 if __name__ == "__main__":
     print(json.dumps({"body": _BODY.decode()}))  # noqa: T201
+
+
+def fastapi_app() -> Any:
+    """The same tiny endpoint as a FastAPI app: what the services behind the gateway really are."""
+    from fastapi import FastAPI
+    from starlette.responses import Response
+
+    api = FastAPI()
+
+    @api.get("/api/v1/products")
+    async def products() -> dict[str, object]:
+        return {"items": [], "next_cursor": None}
+
+    @api.get("/.well-known/jwks.json")
+    async def jwks() -> Response:
+        return Response(_JWKS.read_bytes(), media_type="application/json")
+
+    return api

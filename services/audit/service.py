@@ -22,7 +22,16 @@ from services.audit.alerts import AlertRules, Opened, Raised, announce, raise_al
 from services.audit.chain import GENESIS, canonical_document, chain_hash, column_values, format_timestamp
 from services.audit.errors import AlertNotFound, ChainBusy, InvalidEvent, NothingHeld
 from services.audit.metrics import CHAIN_HEAD, EVENTS_DUPLICATE, EVENTS_STORED
-from services.audit.pseudonyms import ERASED, as_user_id, clean_text, erased_digest, new_pseudonym, subjects, substitute
+from services.audit.pseudonyms import (
+    ERASED,
+    as_user_id,
+    by_text,
+    clean_text,
+    erased_digest,
+    new_pseudonym,
+    subjects,
+    substitute,
+)
 from services.audit.repository import (
     AlertRepository,
     CheckpointRepository,
@@ -101,13 +110,14 @@ class AuditChain:
         if not fresh:
             return [], []
         mapping = await pseudonyms_for(session, fresh)
+        mapping_text = by_text(mapping)
         head = await repo.head()
         sequence, prev_hash = head if head is not None else (0, GENESIS)
         recorded_at = format_timestamp(datetime.now(UTC))
         rows, docs = [], []
         for event in fresh:
             sequence += 1
-            doc = build_document(substitute(event, mapping), sequence=sequence, recorded_at=recorded_at)
+            doc = build_document(substitute(event, mapping_text), sequence=sequence, recorded_at=recorded_at)
             try:
                 document = canonical_document(doc)
             except ValueError as exc:  # NaN or infinity in a value
