@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from common.db import Database
 from common.service_tokens import ServiceTokenClient
+from common.tasks import BackgroundLoop
 
 log = structlog.get_logger("comptoir.outbox")
 
@@ -41,7 +42,7 @@ def backoff_seconds(attempts: int, maximum: float) -> float:
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundLoop):
     def __init__(
         self,
         *,
@@ -65,6 +66,7 @@ class OutboxRelay:
         self.max_backoff = max_backoff_seconds
         self.alert_after = alert_after_attempts
         self._task: asyncio.Task[None] | None = None
+        self.task_name = f"outbox-relay-{service}"
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -146,13 +148,3 @@ class OutboxRelay:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.service}")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

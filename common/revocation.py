@@ -9,7 +9,6 @@ the last access token of that session has expired.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -17,6 +16,7 @@ import httpx
 import structlog
 
 from common.service_tokens import ServiceTokenClient
+from common.tasks import BackgroundLoop
 
 log = structlog.get_logger("comptoir.revocation")
 
@@ -42,8 +42,10 @@ class RevocationSet:
             del self.revoked[sid]
 
 
-class RevocationPoller:
+class RevocationPoller(BackgroundLoop):
     """Polls the feed every ``interval`` seconds; a failed poll keeps what it knows and retries."""
+
+    task_name = "revocation-poller"
 
     def __init__(
         self,
@@ -93,13 +95,3 @@ class RevocationPoller:
                     log.warning("revocation.poll_failing", error=type(exc).__name__)
                 failing = True
             await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="revocation-poller")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

@@ -21,6 +21,7 @@ from starlette.types import Scope
 from common.audit import AuditEvent, scrub
 from common.relay import EVENTS_PATH
 from common.service_tokens import ServiceTokenClient
+from common.tasks import BackgroundLoop
 
 log = structlog.get_logger("gateway.events")
 
@@ -37,7 +38,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class SecurityEvents:
+class SecurityEvents(BackgroundLoop):
+    task_name = "gateway-security-events"
+
     def __init__(
         self,
         client: httpx.AsyncClient,
@@ -99,15 +102,9 @@ class SecurityEvents:
             if delivered < self.batch_size:
                 await asyncio.sleep(self.interval)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="gateway-security-events")
-
     async def stop(self) -> None:
-        if self._task is None:
+        if not self.running:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        await super().stop()
         with contextlib.suppress(Exception):
             await self.flush()  # a last try on shutdown

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import structlog
 
 from common.db import Database
+from common.tasks import BackgroundLoop
 from services.inventory.repository import ReservationRepository
 from services.inventory.reservations import ReservationService
 
 log = structlog.get_logger("comptoir.inventory.sweeper")
 
 
-class ReservationSweeper:
+class ReservationSweeper(BackgroundLoop):
+    task_name = "inventory-reservation-sweeper"
+
     def __init__(
         self,
         db: Database,
@@ -72,13 +74,3 @@ class ReservationSweeper:
             except Exception as exc:  # the sweeper must outlive a database outage
                 log.warning("inventory.sweeper.failed", error=type(exc).__name__)
             await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="inventory-reservation-sweeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
+from common.tasks import BackgroundLoop
 from services.orders.service import OrderService
 
 log = structlog.get_logger("comptoir.orders.sweeper")
 
 
-class OrderSweeper:
+class OrderSweeper(BackgroundLoop):
+    task_name = "orders-sweeper"
+
     def __init__(self, service: OrderService, *, interval: float) -> None:
         self.service = service
         self.interval = interval
@@ -30,13 +32,3 @@ class OrderSweeper:
             except Exception as exc:  # the sweeper must outlive a database or inventory outage
                 log.warning("orders.sweeper.failed", error=type(exc).__name__)
             await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="orders-sweeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

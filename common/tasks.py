@@ -1,0 +1,30 @@
+"""Background loops owned by an app's lifespan: started there, cancelled and awaited there."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class BackgroundLoop:
+    """Subclasses implement ``_run`` (an endless loop); ``start``/``stop`` manage its task."""
+
+    task_name = "background-loop"
+    _task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.task_name)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
