@@ -5,8 +5,9 @@ same transaction as the change they describe (DESIGN.md, "Data and consistency")
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.clientip import parse_networks, resolve_client_ip
+from common.clientip import Network, parse_networks, resolve_client_ip
 from common.logging import is_secret_key, redact_text
 
 Outcome = Literal["success", "failure", "denied"]
@@ -63,10 +64,16 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[dict[str, A
     return {k: old.get(k) for k in keys}, {k: new.get(k) for k in keys}
 
 
+@lru_cache(maxsize=16)
+def _trusted_networks(spec: str) -> Sequence[Network]:
+    # Settings are read once per process; parsing the CIDRs on every audited request was measurable.
+    return tuple(parse_networks(spec))
+
+
 def request_fields(request: Request) -> dict[str, Any]:
     """Where an action came from: client IP (believed from the gateway only), user agent, request id."""
     settings = getattr(request.app.state, "settings", None)
-    networks = parse_networks(getattr(settings, "gateway_networks", "") or "")
+    networks = _trusted_networks(getattr(settings, "gateway_networks", "") or "")
     peer = request.client.host if request.client else None
     return {
         "ip": resolve_client_ip(peer, request.headers.get("x-forwarded-for"), networks),
@@ -99,7 +106,13 @@ def outbox_table(metadata: sa.MetaData) -> sa.Table:
     )
 
 
+def outbox_payload(event: AuditEvent) -> dict[str, Any]:
+    """What the outbox stores for an event (redacted), for callers that write the outbox row themselves."""
+    payload: dict[str, Any] = scrub(event.model_dump(mode="json"))
+    return payload
+
+
 async def record(session: AsyncSession, outbox: sa.Table, event: AuditEvent) -> None:
     """Add the event to the outbox in the caller's transaction (no change without its event)."""
-    payload = scrub(event.model_dump(mode="json"))
+    payload = outbox_payload(event)
     await session.execute(sa.insert(outbox).values(id=event.id, occurred_at=event.occurred_at, payload=payload))

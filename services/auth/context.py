@@ -119,7 +119,7 @@ def request_context(request: Request) -> RequestContext:
     )
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
     value = request.app.state.auth
     assert isinstance(value, Runtime)
     return value

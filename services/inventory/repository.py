@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, tuple_, update
+import asyncpg
+from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload, undefer
 
-from services.inventory.models import Product, ProductImage, Reservation, StockMovement
+from services.inventory.models import (
+    Product,
+    ProductImage,
+    Reservation,
+    StockMovement,
+)
 
 
 def _escape_like(text: str) -> str:
@@ -93,25 +102,89 @@ class ProductRepository:
         return int((await self.session.execute(stmt)).scalar_one())
 
 
-_HOLD = text(
-    """
-    WITH v AS (
-        SELECT * FROM unnest(
-            CAST(:product_ids AS uuid[]), CAST(:lines AS integer[]), CAST(:quantities AS bigint[]),
-            CAST(:skus AS varchar[]), CAST(:names AS varchar[]), CAST(:prices AS bigint[])
-        ) AS v(product_id, line, quantity, sku, name, unit_price_xaf)
-    ),
-    held AS (
-        UPDATE products AS p SET reserved = p.reserved + v.quantity FROM v WHERE p.id = v.product_id
-    ),
-    lines AS (
-        INSERT INTO reservation_items (reservation_id, product_id, line, quantity, sku, name, unit_price_xaf)
-        SELECT :reservation_id, product_id, line, quantity, sku, name, unit_price_xaf FROM v
-    )
-    INSERT INTO stock_movements (product_id, kind, delta_on_hand, delta_reserved, reservation_id)
-    SELECT product_id, 'reserve', 0, quantity, :reservation_id FROM v
-    """
+# The reserve path (one per order) in SQL written once, run on the session's asyncpg driver connection:
+# SQLAlchemy's per-call statement building, cache keys and ORM identity bookkeeping cost more CPU than the
+# database work itself. Tables resolve through the connection's search_path (the service's schema).
+
+# The lock timeout rides on the claim (SET LOCAL as a function call): one round trip fewer, and it is in
+# force before the claim may wait for a concurrent twin.
+_CLAIM = """
+INSERT INTO reservations (id, status, request_hash, expires_at, created_at, updated_at)
+SELECT $1, 'held', $2, $3, $4, $4 FROM (SELECT set_config('lock_timeout', $5, true)) AS settings
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+
+_LOCK_PRODUCTS = """
+SELECT id, sku, name, price_xaf, is_active, on_hand, reserved
+FROM products WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+"""
+
+_REJECT = """
+UPDATE reservations SET status = 'rejected', expires_at = NULL, rejection = $2::text::jsonb
+WHERE id = $1
+"""
+
+# The rows are locked: one statement writes the holds, the lines and the ledger.
+_HOLD = """
+WITH v AS (
+    SELECT * FROM unnest(
+        $2::uuid[], $3::integer[], $4::bigint[], $5::varchar[], $6::varchar[], $7::bigint[]
+    ) AS v(product_id, line, quantity, sku, name, unit_price_xaf)
+),
+held AS (
+    UPDATE products AS p SET reserved = p.reserved + v.quantity FROM v WHERE p.id = v.product_id
+),
+lines AS (
+    INSERT INTO reservation_items (reservation_id, product_id, line, quantity, sku, name, unit_price_xaf)
+    SELECT $1, product_id, line, quantity, sku, name, unit_price_xaf FROM v
 )
+INSERT INTO stock_movements (product_id, kind, delta_on_hand, delta_reserved, reservation_id)
+SELECT product_id, 'reserve', 0, quantity, $1 FROM v
+"""
+
+
+class ReserveStatements:
+    """The reserve path's statements, inside the transaction opened by ``ReservationRepository.reserving``."""
+
+    def __init__(self, driver: asyncpg.Connection) -> None:
+        self.driver = driver
+
+    async def claim(
+        self,
+        reservation_id: uuid.UUID,
+        request_hash: str,
+        expires_at: datetime,
+        now: datetime,
+        *,
+        lock_timeout_ms: int,
+    ) -> bool:
+        """Insert the held reservation row unless the id exists; a concurrent twin waits for our commit."""
+        claimed = await self.driver.fetchval(
+            _CLAIM, reservation_id, request_hash, expires_at, now, f"{int(lock_timeout_ms)}ms"
+        )
+        return claimed is not None
+
+    async def lock_products(self, product_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, asyncpg.Record]:
+        """Lock the rows in product-id order: two transactions over the same products never deadlock."""
+        rows = await self.driver.fetch(_LOCK_PRODUCTS, sorted(set(product_ids)))
+        return {row["id"]: row for row in rows}
+
+    async def reject(self, reservation_id: uuid.UUID, rejection: dict[str, Any]) -> None:
+        await self.driver.execute(_REJECT, reservation_id, json.dumps(rejection))
+
+    async def hold(self, reservation_id: uuid.UUID, lines: list[dict[str, Any]]) -> None:
+        """Add the held units to the (already locked) products, the reservation's lines and the ledger rows."""
+        await self.driver.execute(
+            _HOLD,
+            reservation_id,
+            [line["product_id"] for line in lines],
+            [line["line"] for line in lines],
+            [line["quantity"] for line in lines],
+            [line["sku"] for line in lines],
+            [line["name"] for line in lines],
+            [line["unit_price_xaf"] for line in lines],
+        )
 
 
 class ReservationRepository:
@@ -133,28 +206,24 @@ class ReservationRepository:
         )
         return (await self.session.scalars(stmt)).one_or_none()
 
-    async def hold(self, reservation_id: uuid.UUID, lines: list[dict[str, Any]]) -> None:
-        """Add the held units to the (already locked) products, the reservation's lines and the ledger rows."""
-        await self.session.execute(
-            _HOLD,
-            {
-                "reservation_id": reservation_id,
-                "product_ids": [line["product_id"] for line in lines],
-                "lines": [line["line"] for line in lines],
-                "quantities": [line["quantity"] for line in lines],
-                "skus": [line["sku"] for line in lines],
-                "names": [line["name"] for line in lines],
-                "prices": [line["unit_price_xaf"] for line in lines],
-            },
-        )
+    @asynccontextmanager
+    async def reserving(self) -> AsyncIterator[ReserveStatements]:
+        """One transaction on the session's asyncpg driver connection for the reserve statements.
 
-    async def reject(self, reservation_id: uuid.UUID, rejection: dict[str, object]) -> None:
-        stmt = (
-            update(Reservation)
-            .where(Reservation.id == reservation_id)
-            .values(status="rejected", expires_at=None, rejection=rejection)
-        )
-        await self.session.execute(stmt)
+        It commits when the block ends and rolls back when it raises. Database errors are re-raised as
+        SQLAlchemy's ``DBAPIError`` so that the error handler maps them as usual (a lock timeout is a 503).
+        """
+        conn = await self.session.connection()
+        driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+        outer = driver.is_in_transaction()
+        try:
+            async with driver.transaction():
+                yield ReserveStatements(driver)
+        except asyncpg.PostgresError as exc:
+            raise DBAPIError(None, None, exc) from exc
+        finally:
+            if not outer and driver.is_in_transaction():  # a failed COMMIT/ROLLBACK: never reuse it
+                await conn.invalidate()
 
     async def get(self, reservation_id: uuid.UUID) -> Reservation | None:
         stmt = select(Reservation).where(Reservation.id == reservation_id).options(selectinload(Reservation.items))

@@ -26,7 +26,7 @@ from services.inventory.models import (
     ReservationStatus,
     StockMovement,
 )
-from services.inventory.repository import ProductRepository, ReservationRepository
+from services.inventory.repository import ProductRepository, ReservationRepository, ReserveStatements
 from services.inventory.schemas import ReservationRead, ReservedItem, ReserveItem, ShortItem
 from services.inventory.service import set_lock_timeout
 
@@ -71,68 +71,64 @@ class ReservationService:
 
     async def reserve(self, reservation_id: uuid.UUID, items: list[ReserveItem], now: datetime) -> ReserveOutcome:
         digest = request_hash(items)
-        await set_lock_timeout(self.session, self.lock_timeout_ms)
-        claimed = await self.reservations.claim(
-            {
-                "id": reservation_id,
-                "status": ReservationStatus.held,
-                "request_hash": digest,
-                "expires_at": now + self.ttl,
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
-        if not claimed:
-            return await self._replay(reservation_id, digest)
+        expires_at = now + self.ttl
+        async with self.reservations.reserving() as statements:
+            claimed = await statements.claim(
+                reservation_id, digest, expires_at, now, lock_timeout_ms=self.lock_timeout_ms
+            )
+            if claimed:
+                return await self._hold(statements, reservation_id, items, expires_at)
+        return await self._replay(reservation_id, digest)
 
-        products = await self.products.lock_many(item.product_id for item in items)
+    @staticmethod
+    async def _hold(
+        statements: ReserveStatements, reservation_id: uuid.UUID, items: list[ReserveItem], expires_at: datetime
+    ) -> ReserveOutcome:
+        products = await statements.lock_products(item.product_id for item in items)
         missing = [str(item.product_id) for item in items if item.product_id not in products]
         if missing:
-            # Nothing was written that survives this error: the id can be used again.
+            # Raised inside the transaction, which rolls back: the id can be used again.
             raise UnknownProducts("Some products do not exist.", extra={"product_ids": missing})
 
-        short = [
-            ShortItem(
-                product_id=item.product_id,
-                requested=item.quantity,
-                available=products[item.product_id].available if products[item.product_id].is_active else 0,
-            )
-            for item in items
-            if not products[item.product_id].is_active or products[item.product_id].available < item.quantity
-        ]
+        short = []
+        for item in items:
+            product = products[item.product_id]
+            available = product["on_hand"] - product["reserved"] if product["is_active"] else 0
+            if available < item.quantity:
+                short.append(ShortItem(product_id=item.product_id, requested=item.quantity, available=available))
         if short:
-            await self.reservations.reject(reservation_id, {"short_items": [s.model_dump(mode="json") for s in short]})
+            await statements.reject(reservation_id, {"short_items": [s.model_dump(mode="json") for s in short]})
             return ReserveOutcome(short_items=short)
 
         # The rows are locked: one statement writes the holds, the lines and the ledger (the shorter the
         # lock is held, the more orders per second one hot product can take).
-        lines = [(line, item, products[item.product_id]) for line, item in enumerate(items)]
-        await self.reservations.hold(
-            reservation_id,
-            [
-                {
-                    "product_id": product.id,
-                    "line": line,
-                    "quantity": item.quantity,
-                    "sku": product.sku,
-                    "name": product.name,
-                    "unit_price_xaf": product.price_xaf,
-                }
-                for line, item, product in lines
-            ],
-        )
-        reserved = [
-            ReservedItem(
-                product_id=product.id,
-                sku=product.sku,
-                name=product.name,
-                quantity=item.quantity,
-                unit_price_xaf=product.price_xaf,
-            )
-            for _, item, product in lines
+        lines = [
+            {
+                "product_id": item.product_id,
+                "line": line,
+                "quantity": item.quantity,
+                "sku": products[item.product_id]["sku"],
+                "name": products[item.product_id]["name"],
+                "unit_price_xaf": products[item.product_id]["price_xaf"],
+            }
+            for line, item in enumerate(items)
         ]
-        read = ReservationRead(
-            reservation_id=reservation_id, status=ReservationStatus.held, expires_at=now + self.ttl, items=reserved
+        await statements.hold(reservation_id, lines)
+        # Built from the locked rows just read: no validation needed.
+        read = ReservationRead.model_construct(
+            reservation_id=reservation_id,
+            status=ReservationStatus.held.value,
+            expires_at=expires_at,
+            items=[
+                ReservedItem.model_construct(
+                    product_id=line["product_id"],
+                    sku=line["sku"],
+                    name=line["name"],
+                    quantity=line["quantity"],
+                    unit_price_xaf=line["unit_price_xaf"],
+                )
+                for line in lines
+            ],
         )
         return ReserveOutcome(reservation=read, created=True)
 

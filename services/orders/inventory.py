@@ -12,12 +12,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import httpx
 import structlog
 from pydantic import ValidationError
 
 from common.errors import ServiceUnavailable
-from common.http import forward_headers
+from common.http import Answer, Transport, TransportError, forward_headers
 from services.orders.errors import InventoryUnavailable
 from services.orders.schemas import OrderLineIn, Reservation, ShortLine
 
@@ -57,7 +56,7 @@ class Closed(Exception):
 class InventoryClient:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: Transport,
         tokens: Callable[[], TokenSource],
         *,
         attempts: int = 3,
@@ -68,7 +67,7 @@ class InventoryClient:
         self.attempts = attempts
         self.backoff = backoff_seconds
 
-    async def _call(self, method: str, path: str, *, json: Any = None, request_id: str | None) -> httpx.Response:
+    async def _call(self, method: str, path: str, *, json: Any = None, request_id: str | None) -> Answer:
         refreshed = False
         attempt = 0
         while True:
@@ -79,17 +78,17 @@ class InventoryClient:
                 raise InventoryUnavailable("Inventory cannot be reached right now; retry shortly.") from exc
             try:
                 response = await self.client.request(method, path, json=json, headers=headers)
-            except httpx.TransportError as exc:
-                log.warning("orders.inventory.unreachable", path=path, attempt=attempt, error=type(exc).__name__)
+            except TransportError as exc:
+                log.warning("orders.inventory.unreachable", path=path, attempt=attempt, error=str(exc))
                 response = None
-            if response is not None and response.status_code == 401 and not refreshed:
+            if response is not None and response.status == 401 and not refreshed:
                 refreshed = True
                 self.tokens().forget("inventory")
                 attempt -= 1
                 continue
-            if response is not None and response.status_code not in RETRYABLE_STATUS:
-                if response.status_code >= 500 or response.status_code in (401, 403):
-                    log.error("orders.inventory.refused", path=path, status=response.status_code)
+            if response is not None and response.status not in RETRYABLE_STATUS:
+                if response.status >= 500 or response.status in (401, 403):
+                    log.error("orders.inventory.refused", path=path, status=response.status)
                     raise InventoryUnavailable("Inventory refused the request.")
                 return response
             if attempt >= self.attempts:
@@ -97,11 +96,11 @@ class InventoryClient:
             await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
 
     @staticmethod
-    def _reservation(response: httpx.Response) -> Reservation:
+    def _reservation(response: Answer) -> Reservation:
         try:
-            return Reservation.model_validate(response.json())
+            return Reservation.model_validate_json(response.body)
         except (ValueError, ValidationError) as exc:
-            log.error("orders.inventory.bad_answer", status=response.status_code)
+            log.error("orders.inventory.bad_answer", status=response.status)
             raise InventoryUnavailable("Inventory gave an answer orders cannot use.") from exc
 
     async def reserve(
@@ -109,37 +108,37 @@ class InventoryClient:
     ) -> Reservation:
         body = {"items": [{"product_id": str(i.product_id), "quantity": i.quantity} for i in items]}
         response = await self._call("PUT", f"/internal/reservations/{reservation_id}", json=body, request_id=request_id)
-        if response.status_code in (200, 201):
+        if response.status in (200, 201):
             return self._reservation(response)
         problem = _problem(response)
-        if response.status_code == 409 and "short_items" in problem:
+        if response.status == 409 and "short_items" in problem:
             return_short = [ShortLine.model_validate(s) for s in problem["short_items"]]
             raise Rejected(return_short)
-        if response.status_code == 409:
+        if response.status == 409:
             raise Closed(problem.get("reservation_status"))
-        if response.status_code == 422 and "product_ids" in problem:
+        if response.status == 422 and "product_ids" in problem:
             raise UnknownProducts([str(p) for p in problem["product_ids"]])
-        log.error("orders.inventory.unexpected", status=response.status_code, path="reserve")
+        log.error("orders.inventory.unexpected", status=response.status, path="reserve")
         raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
 
     async def commit(self, reservation_id: uuid.UUID, *, request_id: str | None = None) -> Reservation:
         response = await self._call("POST", f"/internal/reservations/{reservation_id}/commit", request_id=request_id)
-        if response.status_code == 200:
+        if response.status == 200:
             return self._reservation(response)
-        if response.status_code in (404, 409):
+        if response.status in (404, 409):
             raise Closed(_problem(response).get("reservation_status"))
-        log.error("orders.inventory.unexpected", status=response.status_code, path="commit")
+        log.error("orders.inventory.unexpected", status=response.status, path="commit")
         raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
 
     async def release(self, reservation_id: uuid.UUID, *, request_id: str | None = None) -> Reservation:
         response = await self._call("POST", f"/internal/reservations/{reservation_id}/release", request_id=request_id)
-        if response.status_code == 200:
+        if response.status == 200:
             return self._reservation(response)
-        log.error("orders.inventory.unexpected", status=response.status_code, path="release")
+        log.error("orders.inventory.unexpected", status=response.status, path="release")
         raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
 
 
-def _problem(response: httpx.Response) -> dict[str, Any]:
+def _problem(response: Answer) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:

@@ -38,7 +38,7 @@ def _customer_id(claims: Claims) -> uuid.UUID:
     return user_id
 
 
-def idempotency_key(
+async def idempotency_key(
     key: Annotated[
         str | None,
         Header(

@@ -14,19 +14,21 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import structlog
 from fastapi import Request
 from sqlalchemy import delete, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from common.audit import AuditEvent, record, request_fields
+from common.audit import AuditEvent, outbox_payload, record, request_fields
 from common.db import Database
 from common.errors import BadRequest
 from common.pagination import Page, decode_cursor, encode_cursor
@@ -45,7 +47,7 @@ from services.orders.errors import (
     TransitionNotAllowed,
     UnknownProducts,
 )
-from services.orders.models import MAX_TOTAL_XAF, Order, OrderItem, Status, Stock, StockAction, outbox
+from services.orders.models import MAX_TOTAL_XAF, Order, Status, Stock, StockAction, outbox
 from services.orders.schemas import OrderCreate, OrderItemRead, OrderRead, Reservation, UserErasure, UserOrdersExport
 
 log = structlog.get_logger("comptoir.orders")
@@ -116,6 +118,64 @@ class Viewer:
 
 
 STAFF = Viewer(user_id=None, staff=True)
+
+
+# Placing an order runs two single-statement transactions, written once here and sent straight to the
+# pooled connection's asyncpg driver in autocommit (a lone statement is its own transaction): no
+# BEGIN/COMMIT round trips, and none of SQLAlchemy's per-call statement building, cache keys and ORM
+# bulk bookkeeping, which were most of the CPU an order cost. Tables resolve through the connection's
+# search_path (the service's schema), as everywhere else.
+_CLAIM = """
+INSERT INTO orders (
+    id, user_id, status, idempotency_key, request_hash, reservation_id, total_xaf, stock,
+    stock_action, stock_action_id, stock_action_since, stock_action_context
+)
+VALUES ($1, $2, 'placing', $3, $4, $5, 0, 'reserving', 'reserve', $6, $7, $8::text::jsonb)
+ON CONFLICT ON CONSTRAINT uq_orders_user_id_idempotency_key DO NOTHING
+RETURNING id
+"""
+
+# Completing a placement: the order, its lines and its audit event in one statement (all or nothing).
+# Lines and event are written only when the UPDATE matched, i.e. this attempt still owns the placement.
+_PLACED = """
+WITH placed AS (
+    UPDATE orders
+    SET status = 'pending', stock = 'held', total_xaf = $3, expires_at = $4,
+        stock_action = NULL, stock_action_id = NULL, stock_action_since = NULL, stock_action_context = NULL,
+        updated_at = now()
+    WHERE id = $1 AND status = 'placing' AND stock_action_id = $2
+    RETURNING user_id, created_at, updated_at
+),
+lines AS (
+    INSERT INTO order_items (order_id, line, product_id, sku, name, quantity, unit_price_xaf, line_total_xaf)
+    SELECT $1, v.line, v.product_id, v.sku, v.name, v.quantity, v.unit_price_xaf, v.line_total_xaf
+    FROM placed, unnest(
+        $5::integer[], $6::uuid[], $7::varchar[], $8::varchar[], $9::integer[], $10::bigint[], $11::bigint[]
+    ) AS v(line, product_id, sku, name, quantity, unit_price_xaf, line_total_xaf)
+),
+event AS (
+    INSERT INTO outbox (id, occurred_at, payload) SELECT $12, $13, $14::text::jsonb FROM placed
+)
+SELECT user_id, created_at, updated_at FROM placed
+"""
+
+
+@asynccontextmanager
+async def autocommit(db: Database) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection's asyncpg driver, outside any transaction: each statement commits on its own.
+
+    Database errors are re-raised as SQLAlchemy's ``DBAPIError``, so that the service's error handler
+    answers them as it answers every other (a lock or statement timeout is a 503).
+    """
+    async with db.engine.connect() as conn:
+        driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+        try:
+            yield driver
+        except asyncpg.PostgresError as exc:
+            raise DBAPIError(None, None, exc) from exc
+        finally:
+            if driver.is_in_transaction():  # never hand the pool a connection inside a transaction
+                await conn.invalidate()
 
 
 def user_id_of(claims: Claims) -> uuid.UUID | None:
@@ -241,29 +301,22 @@ class OrderService:
         delay = 0.02
         while True:
             order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-            async with self.db.sessionmaker() as session, session.begin():
-                claimed = await session.execute(
-                    insert(Order)
-                    .values(
-                        id=order_id,
-                        user_id=user_id,
-                        status=Status.placing,
-                        idempotency_key=key,
-                        request_hash=digest,
-                        reservation_id=reservation_id,
-                        total_xaf=0,
-                        stock=Stock.reserving,
-                        stock_action=StockAction.reserve,
-                        stock_action_id=attempt,
-                        stock_action_since=self.clock(),
-                        stock_action_context=actor.save(),
-                    )
-                    .on_conflict_do_nothing(constraint="uq_orders_user_id_idempotency_key")
-                    .returning(Order.id)
+            async with autocommit(self.db) as conn:
+                claimed = await conn.fetchval(
+                    _CLAIM,
+                    order_id,
+                    user_id,
+                    key,
+                    digest,
+                    reservation_id,
+                    attempt,
+                    self.clock(),
+                    json.dumps(actor.save()),
                 )
-                if claimed.scalar_one_or_none() is not None:
-                    break
-                # The key is taken: that request is done (replay it) or still running (wait for it).
+            if claimed is not None:
+                break
+            # The key is taken: that request is done (replay it) or still running (wait for it).
+            async with self.db.sessionmaker() as session, session.begin():
                 existing = (
                     await session.scalars(
                         select(Order)
@@ -328,49 +381,43 @@ class OrderService:
         except Exception:
             await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)
             raise
-        async with self.db.sessionmaker() as session, session.begin():
-            # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
-            placed = (
-                await session.execute(
-                    update(Order)
-                    .where(Order.id == order_id, Order.status == Status.placing, Order.stock_action_id == attempt)
-                    .values(
-                        status=Status.pending,
-                        stock=Stock.held,
-                        total_xaf=total,
-                        expires_at=reservation.expires_at,
-                        stock_action=None,
-                        stock_action_id=None,
-                        stock_action_since=None,
-                        stock_action_context=None,
-                    )
-                    .returning(Order.user_id, Order.created_at, Order.updated_at)
-                )
-            ).one_or_none()
-            ours = placed is not None
-            if placed is not None:
-                await session.execute(insert(OrderItem), [{"order_id": order_id, **line} for line in lines])
-                event = actor.event(
-                    "orders.order.created",
-                    order_id,
-                    None,
-                    {"status": Status.pending, "total_xaf": total, "lines": len(lines)},
-                )
-                await record(session, outbox, event)
-                result = OrderRead(
-                    id=order_id,
-                    user_id=placed.user_id,
-                    status=Status.pending,
-                    items=[OrderItemRead(**{k: v for k, v in line.items() if k != "line"}) for line in lines],
-                    total_xaf=total,
-                    expires_at=reservation.expires_at,
-                    created_at=placed.created_at,
-                    updated_at=placed.updated_at,
-                )
-        if not ours:
+        event = actor.event(
+            "orders.order.created", order_id, None, {"status": Status.pending, "total_xaf": total, "lines": len(lines)}
+        )
+        # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
+        async with autocommit(self.db) as conn:
+            placed = await conn.fetchrow(
+                _PLACED,
+                order_id,
+                attempt,
+                total,
+                reservation.expires_at,
+                [line["line"] for line in lines],
+                [line["product_id"] for line in lines],
+                [line["sku"] for line in lines],
+                [line["name"] for line in lines],
+                [line["quantity"] for line in lines],
+                [line["unit_price_xaf"] for line in lines],
+                [line["line_total_xaf"] for line in lines],
+                event.id,
+                event.occurred_at,
+                json.dumps(outbox_payload(event)),
+            )
+        if placed is None:
             # The sweeper judged this attempt orphaned and released its reservation first.
             await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)
             raise InventoryUnavailable("The order could not be completed; retry.", headers={"Retry-After": "1"})
+        # Built from values already checked (inventory's answer, our own row): no second validation.
+        result = OrderRead.model_construct(
+            id=order_id,
+            user_id=placed["user_id"],
+            status=Status.pending.value,
+            items=[OrderItemRead.model_construct(**{k: v for k, v in line.items() if k != "line"}) for line in lines],
+            total_xaf=total,
+            expires_at=reservation.expires_at,
+            created_at=placed["created_at"],
+            updated_at=placed["updated_at"],
+        )
         log.info("orders.order.created", order_id=str(order_id), total_xaf=total)
         return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 
@@ -55,3 +56,39 @@ def test_tls_in_a_database_url_works_for_sqlalchemy_and_asyncpg() -> None:
     assert dict(async_url(url).query) == {"ssl": "verify-full"}
     assert to_asyncpg_dsn(async_url(url).render_as_string(hide_password=False)).endswith("?sslmode=verify-full")
     assert "sslmode=require" in to_asyncpg_dsn("postgresql://svc:pw@db.example/comptoir?sslmode=require")
+
+
+def _routes(routes: list[object]) -> list[object]:
+    found: list[object] = []
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        found.extend(_routes(included.routes) if included is not None else [route])
+    return found
+
+
+def _sync_calls(dependant: object) -> list[str]:
+    found = []
+    for sub in getattr(dependant, "dependencies", []):
+        call = sub.call
+        if call is not None and not (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)):
+            found.append(getattr(call, "__qualname__", repr(call)))
+        found += _sync_calls(sub)
+    return found
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_no_endpoint_or_dependency_runs_in_the_thread_pool(name: str, database: DatabaseFixture) -> None:
+    """FastAPI runs a plain ``def`` endpoint or dependency in a worker thread: a hop per request that, under
+    load, waits for the GIL behind busy threads (it held orders' transactions open for milliseconds)."""
+    from fastapi.routing import APIRoute
+
+    app = service_app(name, database)
+    api_routes = [r for r in _routes(app.routes) if isinstance(r, APIRoute)]
+    assert api_routes
+    offenders = {
+        f"{route.path}: {call}"
+        for route in api_routes
+        for call in ([] if inspect.iscoroutinefunction(route.endpoint) else [route.endpoint.__qualname__])
+        + _sync_calls(route.dependant)
+    }
+    assert not offenders
