@@ -1,0 +1,229 @@
+"""The gateway's upstream client against a scripted HTTP server on a real socket: framing, keep-alive,
+stale pooled connections, back-pressure, broken answers and time limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from gateway.upstream import BadResponse, ConnectFailed, Response, UpstreamPool, UpstreamTimeout
+from tests.gateway.conftest import running_gateway
+from tests.support.servers import Echo, raw_request, serve
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello"
+
+# A script answers one request: it gets the request's head and the connection's request count, and
+# returns the bytes to send back, or None to close the connection without answering.
+Script = Callable[[bytes, int], bytes | None]
+
+
+class ScriptedServer:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.lower().split(b"\r\n")
+                        if line.startswith(b"content-length")
+                    ),
+                    0,
+                )
+                body = await reader.readexactly(length) if length else b""
+                self.requests.append(head + body)
+                served += 1
+                answer = self.script(head, served)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def scripted(script: Script, **pool_options: float) -> AsyncIterator[tuple[ScriptedServer, UpstreamPool]]:
+    server = ScriptedServer(script)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    options = {"size": 10, "connect_timeout": 2.0, "read_timeout": 2.0} | pool_options
+    pool = UpstreamPool("127.0.0.1", port, **options)  # type: ignore[arg-type]
+    try:
+        yield server, pool
+    finally:
+        await pool.close()
+        for writer in server.writers:
+            writer.close()
+        listener.close()
+
+
+async def fetch(pool: UpstreamPool, method: bytes = b"GET", body: bytes = b"") -> tuple[int, bytes]:
+    response, conn = await pool.request(method, b"/x", [(b"accept", b"*/*")], body)
+    try:
+        whole = response.body_if_complete()
+        if whole is None:
+            whole = b"".join([chunk async for chunk in response.iter_chunks()])
+        return response.status, whole
+    finally:
+        pool.release(conn)
+
+
+async def drain(response: Response) -> None:
+    async for _ in response.iter_chunks():
+        pass
+
+
+async def test_keep_alive_connections_are_reused() -> None:
+    async with scripted(lambda _head, _n: OK) as (server, pool):
+        for _ in range(20):
+            assert await fetch(pool) == (200, b"hello")
+        results = await asyncio.gather(*(fetch(pool) for _ in range(30)))
+        assert all(result == (200, b"hello") for result in results)
+    assert server.connections <= 10  # never more than the pool's size
+    assert len(server.requests) == 50
+
+
+async def test_the_request_is_framed_with_host_and_length() -> None:
+    async with scripted(lambda _head, _n: OK) as (server, pool):
+        await fetch(pool, b"POST", b'{"a":1}')
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /x HTTP/1.1"
+    assert lines[1].startswith(b"host: 127.0.0.1:")
+    assert b"content-length: 7" in lines
+    assert body == b'{"a":1}'
+
+
+async def test_chunked_answers_are_reassembled() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    async with scripted(lambda _head, _n: chunked) as (_server, pool):
+        assert await fetch(pool) == (200, b"abcde")
+        assert await fetch(pool) == (200, b"abcde")
+
+
+async def test_a_pooled_connection_closed_by_the_upstream_is_retried_for_idempotent_methods() -> None:
+    # Every connection answers one request, then closes on the next without a byte: a stale keep-alive.
+    def one_per_connection(_head: bytes, served: int) -> bytes | None:
+        return OK if served == 1 else None
+
+    async with scripted(one_per_connection, idle_seconds=60) as (server, pool):
+        response, conn = await pool.request(b"GET", b"/x", [], b"")
+        pool.release(conn)
+        # Reuse the connection before its close is noticed: the GET goes to a new connection.
+        assert await fetch(pool) == (200, b"hello")
+        assert server.connections == 2
+        with pytest.raises(BadResponse):  # a POST is never sent twice
+            await fetch(pool, b"POST", b"{}")
+
+
+async def test_answers_to_head_have_no_body_and_do_not_poison_the_connection() -> None:
+    head_answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"
+    async with scripted(lambda head, _n: head_answer if head.startswith(b"HEAD") else OK) as (_server, pool):
+        assert await fetch(pool, b"HEAD") == (200, b"")
+        assert await fetch(pool) == (200, b"hello")
+
+
+async def test_invalid_http_is_a_bad_response() -> None:
+    async with scripted(lambda _head, _n: b"SMTP ready\r\n\r\n") as (_server, pool):
+        with pytest.raises(BadResponse):
+            await fetch(pool)
+
+
+async def test_an_answer_cut_short_is_a_bad_response_not_a_hang() -> None:
+    cut = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nonly-this"
+
+    def then_close(_head: bytes, _n: int) -> bytes:
+        return cut
+
+    async with scripted(then_close) as (server, pool):
+        response, conn = await pool.request(b"GET", b"/x", [], b"")
+        server.writers[0].close()  # the upstream dies mid-body
+        with pytest.raises(BadResponse):
+            await asyncio.wait_for(drain(response), 5)
+        pool.release(conn)
+        assert pool.open == 0
+
+
+async def test_silence_is_a_timeout_before_and_during_the_body() -> None:
+    async with scripted(lambda _head, _n: b"", read_timeout=0.2) as (_server, pool):
+        with pytest.raises(UpstreamTimeout):
+            await fetch(pool)
+    partial = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"
+    async with scripted(lambda _head, _n: partial, read_timeout=0.2) as (_server, pool):
+        with pytest.raises(UpstreamTimeout):
+            await fetch(pool)
+        assert pool.open == 0  # a connection in an unknown state is never reused
+
+
+async def test_nobody_listening_is_connect_failed() -> None:
+    listener = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    listener.close()
+    await listener.wait_closed()
+    pool = UpstreamPool("127.0.0.1", port, size=2, connect_timeout=1.0, read_timeout=1.0)
+    with pytest.raises(ConnectFailed):
+        await pool.request(b"GET", b"/", [], b"")
+    assert pool.open == 0
+
+
+async def test_requests_beyond_the_pool_size_wait_for_a_free_connection() -> None:
+    async with scripted(lambda _head, _n: OK, size=2) as (server, pool):
+        results = await asyncio.gather(*(fetch(pool) for _ in range(12)))
+    assert results == [(200, b"hello")] * 12
+    assert server.connections <= 2
+
+
+async def test_large_bodies_are_read_with_back_pressure() -> None:
+    size = 4 * 1024 * 1024
+    big = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"z" * size
+    async with scripted(lambda _head, _n: big) as (_server, pool):
+        response, conn = await pool.request(b"GET", b"/x", [], b"")
+        await asyncio.sleep(0.2)  # let the upstream fill the socket: reading must stop at the high-water mark
+        assert response._buffered < 1024 * 1024
+        total = 0
+        async for chunk in response.iter_chunks():
+            total += len(chunk)
+        pool.release(conn)
+    assert total == size
+
+
+async def _sized(scope: dict[str, object], receive: object, send: Callable[..., object]) -> None:
+    """An upstream that states Content-Length itself, as FastAPI's JSON responses do."""
+    if scope["type"] != "http":
+        return
+    body = b'{"items":[],"next_cursor":null}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[misc]
+    await send({"type": "http.response.body", "body": body})  # type: ignore[misc]
+
+
+def test_proxied_answers_carry_at_most_one_content_length(issuer) -> None:  # noqa: ANN001
+    with serve(_sized) as sized, running_gateway(sized.url, issuer) as (url, _app):
+        port = int(url.rsplit(":", 1)[1])
+        raw = raw_request(port, b"GET /api/v1/products HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    lengths = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    assert lengths == [b"content-length: %d" % len(body)]
+    with serve(Echo()) as chunked, running_gateway(chunked.url, issuer) as (url, _app):
+        answer = httpx.get(url + "/api/v1/products")
+        streamed = httpx.get(url + "/api/v1/products/x/images/stream")
+    assert answer.status_code == 200
+    assert len(answer.headers.get_list("content-length")) <= 1
+    assert len(streamed.content) == 48 * 65536
