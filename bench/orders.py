@@ -275,10 +275,33 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), to see where an order's cost goes."""
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU time of a process (Linux /proc), to see where an order's cost goes; with
+    ``children``, also that of its exited, reaped children."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """Every PostgreSQL process's CPU, ended backends included (they are the postmaster's children)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(postgres)" in text or "(postmaster)" in text:
+            pid = int(stat.parent.name)
+            parent = int(text.rsplit(")", 1)[1].split()[1])
+            is_postmaster = not Path(f"/proc/{parent}/stat").exists() or "(postgres)" not in Path(
+                f"/proc/{parent}/stat"
+            ).read_text(errors="replace")
+            try:
+                total += cpu_seconds(pid, children=is_postmaster)
+            except OSError:
+                continue
+    return total
 
 
 async def run(
@@ -319,9 +342,12 @@ async def run(
     tps = await asyncio.to_thread(pgbench, admin_url, work, SECONDS, BUYERS)
     hot = await new_product(10_000_000)
     before = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
+    before["postgres"], before["bench"] = postgres_cpu_seconds(), cpu_seconds(os.getpid())
     statuses, elapsed = await hammer(buy(hot), seconds=SECONDS, workers=BUYERS)
     orders_per_second = statuses[201] / elapsed
-    cost = {name: (cpu_seconds(proc.pid) - before[name]) * 1000 / max(statuses[201], 1) for name, proc in procs.items()}
+    after = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
+    after["postgres"], after["bench"] = postgres_cpu_seconds(), cpu_seconds(os.getpid())
+    cost = {name: (after[name] - before[name]) * 1000 / max(statuses[201], 1) for name in after}
 
     scarce = await new_product(SELL_OUT_STOCK)
     sold_out, _ = await hammer(buy(scarce), seconds=30, workers=BUYERS, stop_after_409s=5)
@@ -358,8 +384,9 @@ async def run(
     print(f"| ratio (target >= 25 %) | {orders_per_second / tps:.0%} |")
     print(f"| non-201 answers while buying | {sum(others.values())} {dict(others) or ''} |")
     print(
-        "| CPU per order: gateway / orders / inventory (ms) | "
-        f"{cost['gateway']:.1f} / {cost['orders']:.1f} / {cost['inventory']:.1f} |"
+        "| CPU per order: gateway / orders / inventory / PostgreSQL / bench client and stand-ins (ms) | "
+        f"{cost['gateway']:.1f} / {cost['orders']:.1f} / {cost['inventory']:.1f} / {cost['postgres']:.1f} / "
+        f"{cost['bench']:.1f} |"
     )
     print(
         f"| sell-out of {SELL_OUT_STOCK} units: sold / refused (409) / oversold | "

@@ -8,12 +8,14 @@ transaction that commits when the endpoint returns and rolls back when it raises
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -41,6 +43,7 @@ class Database:
         max_overflow: int = 5,
         connect_timeout: float = 5.0,
         statement_timeout_ms: int = 15_000,
+        ping_after_idle_seconds: float = 5.0,
     ) -> None:
         if not url:
             raise ValueError(f"no database URL configured for {application_name}")
@@ -49,7 +52,9 @@ class Database:
             async_url(url),
             pool_size=pool_size,
             max_overflow=max_overflow,
-            pool_pre_ping=True,
+            # Not pool_pre_ping: with asyncpg that is three round trips (BEGIN, ping, ROLLBACK) on every
+            # checkout, measured at 15 % of an order's CPU. Only a connection idle for a while is pinged.
+            pool_pre_ping=False,
             pool_recycle=1800,
             connect_args={
                 "timeout": connect_timeout,
@@ -64,6 +69,20 @@ class Database:
             },
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.ping_after_idle_seconds = ping_after_idle_seconds
+        event.listen(self.engine.sync_engine.pool, "checkin", _note_checkin)
+        event.listen(self.engine.sync_engine.pool, "checkout", self._ping_if_idle)
+
+    def _ping_if_idle(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        """A connection that sat in the pool may have been closed by the server (restart, failover, idle
+        timeout): ping it, and let the pool replace it if it is dead. Busy connections are not pinged."""
+        since = record.info.get("checked_in_at")
+        if since is None or time.monotonic() - since < self.ping_after_idle_seconds:
+            return
+        try:
+            dbapi_connection.ping()
+        except Exception as exc:  # the pool retries the checkout with a fresh connection
+            raise DisconnectionError("pooled connection is dead") from exc
 
     async def ping(self, timeout: float) -> bool:
         try:
@@ -76,6 +95,10 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["checked_in_at"] = time.monotonic()
 
 
 async def _session(request: Request) -> AsyncIterator[AsyncSession]:
