@@ -166,8 +166,14 @@ class TokenVerifier:
         token_use: str = ACCESS,
         leeway_seconds: int = 0,
         clock: Clock = time.time,
+        cache_size: int = 10_000,
     ) -> None:
         self.keys = keys
+        # Signature-checked payloads by their exact token string: a repeated token (a client's access
+        # token, a service token reused for minutes) skips the EdDSA check; the time, type and claim
+        # checks still run on every use against the clock (revocation is checked by the callers).
+        self.cache_size = cache_size
+        self._verified: dict[str, Mapping[str, Any]] = {}
         self.issuer = issuer
         self.audience = audience
         self.token_use = token_use
@@ -175,6 +181,30 @@ class TokenVerifier:
         self.clock = clock
 
     async def verify(self, token: str) -> Claims:
+        payload = self._verified.get(token)
+        if payload is not None:
+            try:
+                return self._claims(payload)
+            except InvalidToken:
+                del self._verified[token]
+                raise
+        payload = await self._check_signature(token)
+        claims = self._claims(payload)
+        self._remember(token, payload)
+        return claims
+
+    def _remember(self, token: str, payload: Mapping[str, Any]) -> None:
+        if self.cache_size <= 0:
+            return
+        if len(self._verified) >= self.cache_size:
+            now = self.clock()
+            for key in [k for k, p in self._verified.items() if not isinstance(p["exp"], int) or p["exp"] <= now]:
+                del self._verified[key]
+            while len(self._verified) >= self.cache_size:
+                del self._verified[next(iter(self._verified))]  # oldest first
+        self._verified[token] = payload
+
+    async def _check_signature(self, token: str) -> Mapping[str, Any]:
         if not token or len(token) > 4096:
             raise InvalidToken("malformed")
         try:
@@ -210,7 +240,7 @@ class TokenVerifier:
             )
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(type(exc).__name__) from exc
-        return self._claims(payload)
+        return payload
 
     def _claims(self, payload: Mapping[str, Any]) -> Claims:
         if payload.get("token_use") != self.token_use:

@@ -121,6 +121,33 @@ async def test_the_clock_is_injectable(issuer: TestIssuer) -> None:
         await verifier.verify(token)
 
 
+async def test_a_repeated_token_skips_the_signature_check_but_never_the_clock(issuer: TestIssuer) -> None:
+    now = [time.time()]
+    keys = issuer.keys()
+    lookups = []
+    key_for = keys.key_for
+
+    async def counting(kid: str):  # noqa: ANN202
+        lookups.append(kid)
+        return await key_for(kid)
+
+    keys.key_for = counting  # type: ignore[method-assign]
+    verifier = TokenVerifier(keys, issuer=ISSUER, audience=AUDIENCE, clock=lambda: now[0], cache_size=2)
+    token = issuer.access(ttl=60)
+    for _ in range(5):
+        assert (await verifier.verify(token)).sub
+    assert len(lookups) == 1
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(InvalidToken):  # another string is another cache key: its signature is checked
+        await verifier.verify(forged)
+    for _ in range(3):
+        await verifier.verify(issuer.access(ttl=60))
+    assert len(verifier._verified) <= 2
+    now[0] += 61
+    with pytest.raises(InvalidToken, match="expired"):
+        await verifier.verify(token)
+
+
 @pytest.mark.parametrize("token", ["", "a.b", "not-a-jwt", "x" * 5000, "eyJhbGciOiJFZERTQSJ9.e30"])
 async def test_garbage_is_refused(verifier: TokenVerifier, token: str) -> None:
     with pytest.raises(InvalidToken):
