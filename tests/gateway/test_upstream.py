@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from gateway.upstream import BadResponse, ConnectFailed, Response, UpstreamPool, UpstreamTimeout
+from tests.conftest import assert_problem, assert_security_headers
 from tests.gateway.conftest import running_gateway
 from tests.support.servers import Echo, raw_request, serve
 
@@ -227,3 +228,31 @@ def test_proxied_answers_carry_at_most_one_content_length(issuer) -> None:  # no
     assert answer.status_code == 200
     assert len(answer.headers.get_list("content-length")) <= 1
     assert len(streamed.content) == 48 * 65536
+
+
+def test_an_upstream_speaking_garbage_is_a_502_problem(issuer) -> None:  # noqa: ANN001
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_garbage() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        with running_gateway(f"http://127.0.0.1:{port}", issuer) as (url, _app):
+            response = httpx.get(url + "/api/v1/products")
+    finally:
+        listener.close()
+    assert_problem(response, 502)
+    assert_security_headers(response)
+    assert response.headers["x-request-id"]
