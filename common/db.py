@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
 def async_url(url: str | URL) -> URL:
@@ -95,6 +97,36 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection's asyncpg driver outside any transaction: each statement commits on its own.
+
+        For hot paths whose unit of work is one statement (SQLAlchemy's statement building and bookkeeping
+        cost more CPU than the database work there).
+        """
+        async with self.engine.connect() as conn:
+            async with driver_of(conn) as driver:
+                yield driver
+
+
+@asynccontextmanager
+async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
+    """The asyncpg driver under a SQLAlchemy connection, for hand-written statements.
+
+    Database errors leave as SQLAlchemy's ``DBAPIError``, so the error handlers answer them as they answer
+    every other (a lock or statement timeout is a 503); a connection left inside a transaction it did not
+    start (a failed COMMIT or ROLLBACK) is invalidated, never handed back to the pool.
+    """
+    driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+    outer = driver.is_in_transaction()
+    try:
+        yield driver
+    except asyncpg.PostgresError as exc:
+        raise DBAPIError(None, None, exc) from exc
+    finally:
+        if not outer and driver.is_in_transaction():
+            await conn.invalidate()
 
 
 def _note_checkin(_dbapi_connection: Any, record: Any) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 import asyncpg
 from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload, undefer
 
+from common.db import driver_of
 from services.inventory.models import (
     Product,
     ProductImage,
@@ -214,16 +214,8 @@ class ReservationRepository:
         SQLAlchemy's ``DBAPIError`` so that the error handler maps them as usual (a lock timeout is a 503).
         """
         conn = await self.session.connection()
-        driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
-        outer = driver.is_in_transaction()
-        try:
-            async with driver.transaction():
-                yield ReserveStatements(driver)
-        except asyncpg.PostgresError as exc:
-            raise DBAPIError(None, None, exc) from exc
-        finally:
-            if not outer and driver.is_in_transaction():  # a failed COMMIT/ROLLBACK: never reuse it
-                await conn.invalidate()
+        async with driver_of(conn) as driver, driver.transaction():
+            yield ReserveStatements(driver)
 
     async def get(self, reservation_id: uuid.UUID) -> Reservation | None:
         stmt = select(Reservation).where(Reservation.id == reservation_id).options(selectinload(Reservation.items))

@@ -14,17 +14,14 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
 import structlog
 from fastapi import Request
 from sqlalchemy import delete, select, tuple_, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -160,24 +157,6 @@ SELECT user_id, created_at, updated_at FROM placed
 """
 
 
-@asynccontextmanager
-async def autocommit(db: Database) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection's asyncpg driver, outside any transaction: each statement commits on its own.
-
-    Database errors are re-raised as SQLAlchemy's ``DBAPIError``, so that the service's error handler
-    answers them as it answers every other (a lock or statement timeout is a 503).
-    """
-    async with db.engine.connect() as conn:
-        driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
-        try:
-            yield driver
-        except asyncpg.PostgresError as exc:
-            raise DBAPIError(None, None, exc) from exc
-        finally:
-            if driver.is_in_transaction():  # never hand the pool a connection inside a transaction
-                await conn.invalidate()
-
-
 def user_id_of(claims: Claims) -> uuid.UUID | None:
     try:
         return uuid.UUID(claims.sub)
@@ -301,7 +280,7 @@ class OrderService:
         delay = 0.02
         while True:
             order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-            async with autocommit(self.db) as conn:
+            async with self.db.autocommit() as conn:
                 claimed = await conn.fetchval(
                     _CLAIM,
                     order_id,
@@ -385,7 +364,7 @@ class OrderService:
             "orders.order.created", order_id, None, {"status": Status.pending, "total_xaf": total, "lines": len(lines)}
         )
         # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
-        async with autocommit(self.db) as conn:
+        async with self.db.autocommit() as conn:
             placed = await conn.fetchrow(
                 _PLACED,
                 order_id,

@@ -121,3 +121,27 @@ async def test_a_pooled_connection_killed_while_idle_is_replaced(database: Datab
     finally:
         await admin.close()
         await db.dispose()
+
+
+async def test_hand_written_statements_fail_like_orm_ones_and_never_leak_a_transaction(
+    database: DatabaseFixture,
+) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from common.db import Database
+    from common.errors import sqlstate_of
+
+    db = Database(database.url("orders"), schema="orders", application_name="driver-test", pool_size=1, max_overflow=0)
+    try:
+        with pytest.raises(DBAPIError) as failed:
+            async with db.autocommit() as conn:
+                await conn.execute("SELECT * FROM no_such_table")
+        assert sqlstate_of(failed.value) == "42P01"  # what the error handler keys its answer on
+        async with db.autocommit() as conn:
+            first = await conn.fetchval("SELECT pg_backend_pid()")
+            await conn.execute("BEGIN")  # left open: the connection must not go back to the pool like this
+        async with db.autocommit() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT pg_backend_pid()") != first
+    finally:
+        await db.dispose()
