@@ -18,6 +18,9 @@ from comptoir.config import RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import ServiceRole, migrate, to_asyncpg_dsn
 
+# issuer, tokens and clock for the inventory and orders suites (a closer conftest's fixture wins).
+pytest_plugins = ["tests.inventory.fixtures"]
+
 
 @dataclass
 class DatabaseFixture:

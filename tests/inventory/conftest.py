@@ -9,23 +9,8 @@ import pytest
 from services.inventory.config import Settings
 from services.inventory.main import create_app
 from tests.conftest import DatabaseFixture, running
-from tests.inventory.support import FakeClock, Tokens, assert_ledger_invariant, truncate_inventory
+from tests.inventory.support import FakeClock, assert_ledger_invariant, truncate_inventory
 from tests.support.tokens import TestIssuer
-
-
-@pytest.fixture(scope="session")
-def issuer() -> TestIssuer:
-    return TestIssuer()
-
-
-@pytest.fixture(scope="session")
-def tokens(issuer: TestIssuer) -> Tokens:
-    return Tokens(issuer)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture(autouse=True)

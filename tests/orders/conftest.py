@@ -36,21 +36,6 @@ async def truncate_orders(database: DatabaseFixture) -> None:
         await admin.close()
 
 
-@pytest.fixture(scope="session")
-def issuer() -> TestIssuer:
-    return TestIssuer()
-
-
-@pytest.fixture(scope="session")
-def tokens(issuer: TestIssuer) -> Tokens:
-    return Tokens(issuer)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 @pytest.fixture(autouse=True)
 async def clean_tables(database: DatabaseFixture) -> AsyncIterator[None]:
     """Every scenario starts from empty tables and ends with the stock ledger consistent."""
