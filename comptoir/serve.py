@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 
 import uvicorn
 
@@ -14,6 +15,12 @@ FACTORIES = {
     "audit": "services.audit.main:create_app",
 }
 
+# The cyclic garbage collector's youngest generation is collected after this many net allocations
+# (CPython's default is 700). A request allocates thousands of short-lived objects (SQLAlchemy, pydantic,
+# ASGI messages), so the default ran a collection several times per request: measured, 15 % less CPU per
+# order in orders and inventory with 20,000. Reference cycles are still collected, only in larger batches.
+GC_GEN0_THRESHOLD = 20_000
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="comptoir.serve")
@@ -21,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
     uvicorn.run(
         FACTORIES[args.process],
         factory=True,
