@@ -170,17 +170,28 @@ def _validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
-async def _service_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServiceError)
-    return problem_response(
+def error_body(exc: ServiceError, scope: Scope | None = None) -> dict[str, Any]:
+    """The problem document of one of our errors."""
+    return problem_body(
         exc.status,
-        scope=request.scope,
         detail=exc.detail,
         title=exc.title,
         type_=exc.type,
+        request_id=request_id_of(scope) if scope is not None else None,
         extra=exc.extra,
-        headers=exc.headers,
     )
+
+
+def error_response(exc: ServiceError, scope: Scope | None = None) -> JSONResponse:
+    """One of our errors answered as ``application/problem+json`` (what raising it would answer)."""
+    return JSONResponse(
+        error_body(exc, scope), status_code=exc.status, media_type=PROBLEM_CONTENT_TYPE, headers=exc.headers
+    )
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc, request.scope)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -11,13 +11,17 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.responses import JSONResponse
 
 from common.db import SessionDep
-from common.errors import problem_response
+from common.errors import error_body, error_response
 from common.security import require_service
 from common.tokens import Claims
 from services.inventory.config import Settings
-from services.inventory.errors import InsufficientStock
-from services.inventory.reservations import ReservationService
-from services.inventory.schemas import ReservationRead, ReserveRequest
+from services.inventory.reservations import ReservationService, ReserveAsk
+from services.inventory.schemas import (
+    ReservationBatch,
+    ReservationBatchResults,
+    ReservationRead,
+    ReserveRequest,
+)
 
 OrdersOnly = Annotated[Claims, Depends(require_service("orders"))]
 
@@ -51,18 +55,34 @@ async def reserve(
 ) -> Response:
     """Hold every item or none, for the reservation lifetime. Idempotent by reservation id."""
     outcome = await _service(request, session).reserve(reservation_id, data.items, _now(request))
-    if outcome.short_items is not None:
-        # Not an exception: the rejection is stored (and committed) so that a repeat gets the same answer.
-        return problem_response(
-            InsufficientStock.status,
-            scope=request.scope,
-            title=InsufficientStock.title,
-            type_="urn:comptoir:problem:" + InsufficientStock.slug,
-            detail="Some items lack stock; nothing was reserved.",
-            extra={"short_items": [s.model_dump(mode="json") for s in outcome.short_items]},
-        )
+    # Errors are answered, not raised: the transaction has committed (a rejection is stored, so that a
+    # repeat gets the same answer).
+    if outcome.error is not None:
+        return error_response(outcome.error, request.scope)
     assert outcome.reservation is not None
     return JSONResponse(outcome.reservation.model_dump(mode="json"), status_code=201 if outcome.created else 200)
+
+
+@router.post(
+    "/batch",
+    response_model=ReservationBatchResults,
+    responses={200: {"description": "One result per reservation asked for, in the order asked"}},
+)
+async def reserve_batch(data: ReservationBatch, request: Request, session: SessionDep, _caller: OrdersOnly) -> Response:
+    """Several reserves in one call and one transaction (orders sends the reservations that arrive while
+    its previous call is in flight). Each result carries the status and body the single `PUT` would
+    have answered for that reservation; each reservation is all or nothing on its own."""
+    asks = [ReserveAsk(entry.reservation_id, entry.items) for entry in data.reservations]
+    outcomes = await _service(request, session).reserve_many(asks, _now(request))
+    results = []
+    for ask, outcome in zip(asks, outcomes, strict=True):
+        if outcome.error is not None:
+            status, body = outcome.error.status, error_body(outcome.error, request.scope)
+        else:
+            assert outcome.reservation is not None
+            status, body = (201 if outcome.created else 200), outcome.reservation.model_dump(mode="json")
+        results.append({"reservation_id": str(ask.reservation_id), "status": status, "body": body})
+    return JSONResponse({"results": results})
 
 
 @router.get("/{reservation_id}", response_model=ReservationRead)

@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -102,15 +103,21 @@ class ProductRepository:
         return int((await self.session.execute(stmt)).scalar_one())
 
 
-# The reserve path (one per order) in SQL written once, run on the session's asyncpg driver connection:
-# SQLAlchemy's per-call statement building, cache keys and ORM identity bookkeeping cost more CPU than the
-# database work itself. Tables resolve through the connection's search_path (the service's schema).
+# The reserve path in SQL written once, run on the session's asyncpg driver connection: SQLAlchemy's
+# per-call statement building, cache keys and ORM identity bookkeeping cost more CPU than the database work
+# itself. Every statement takes a whole batch of reservations (orders sends the reservations that arrive
+# while one batch is in flight as the next): a hot product's row is locked once per batch, not per order.
+# Tables resolve through the connection's search_path (the service's schema).
 
 # The lock timeout rides on the claim (SET LOCAL as a function call): one round trip fewer, and it is in
-# force before the claim may wait for a concurrent twin.
+# force before the claim may wait for a concurrent twin. Ids are claimed in id order, so two batches that
+# share ids (retries) wait for each other in one direction only.
 _CLAIM = """
 INSERT INTO reservations (id, status, request_hash, expires_at, created_at, updated_at)
-SELECT $1, 'held', $2, $3, $4, $4 FROM (SELECT set_config('lock_timeout', $5, true)) AS settings
+SELECT c.id, 'held', c.request_hash, $3, $4, $4
+FROM (SELECT set_config('lock_timeout', $5, true)) AS settings,
+     unnest($1::uuid[], $2::text[]) AS c(id, request_hash)
+ORDER BY c.id
 ON CONFLICT DO NOTHING
 RETURNING id
 """
@@ -121,27 +128,45 @@ FROM products WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
 _REJECT = """
-UPDATE reservations SET status = 'rejected', expires_at = NULL, rejection = $2::text::jsonb
-WHERE id = $1
+UPDATE reservations AS r SET status = 'rejected', expires_at = NULL, rejection = v.rejection::jsonb
+FROM unnest($1::uuid[], $2::text[]) AS v(id, rejection)
+WHERE r.id = v.id
 """
 
-# The rows are locked: one statement writes the holds, the lines and the ledger.
+# Claims whose request named unknown products are taken back, so that the id can be used again.
+_FORGET = "DELETE FROM reservations WHERE id = ANY($1::uuid[])"
+
+# The rows are locked: one statement writes the holds (one update per product, however many reservations
+# hold it), the lines and the ledger (a movement per reservation line).
 _HOLD = """
 WITH v AS (
     SELECT * FROM unnest(
-        $2::uuid[], $3::integer[], $4::bigint[], $5::varchar[], $6::varchar[], $7::bigint[]
-    ) AS v(product_id, line, quantity, sku, name, unit_price_xaf)
+        $1::uuid[], $2::uuid[], $3::integer[], $4::bigint[], $5::varchar[], $6::varchar[], $7::bigint[]
+    ) AS v(reservation_id, product_id, line, quantity, sku, name, unit_price_xaf)
 ),
 held AS (
-    UPDATE products AS p SET reserved = p.reserved + v.quantity FROM v WHERE p.id = v.product_id
+    UPDATE products AS p SET reserved = p.reserved + t.quantity
+    FROM (SELECT product_id, sum(quantity)::bigint AS quantity FROM v GROUP BY product_id) AS t
+    WHERE p.id = t.product_id
 ),
 lines AS (
     INSERT INTO reservation_items (reservation_id, product_id, line, quantity, sku, name, unit_price_xaf)
-    SELECT $1, product_id, line, quantity, sku, name, unit_price_xaf FROM v
+    SELECT reservation_id, product_id, line, quantity, sku, name, unit_price_xaf FROM v
 )
 INSERT INTO stock_movements (product_id, kind, delta_on_hand, delta_reserved, reservation_id)
-SELECT product_id, 'reserve', 0, quantity, $1 FROM v
+SELECT product_id, 'reserve', 0, quantity, reservation_id FROM v
 """
+
+
+@dataclass(frozen=True)
+class HeldLine:
+    reservation_id: uuid.UUID
+    product_id: uuid.UUID
+    line: int
+    quantity: int
+    sku: str
+    name: str
+    unit_price_xaf: int
 
 
 class ReserveStatements:
@@ -152,38 +177,48 @@ class ReserveStatements:
 
     async def claim(
         self,
-        reservation_id: uuid.UUID,
-        request_hash: str,
+        claims: Sequence[tuple[uuid.UUID, str]],
         expires_at: datetime,
         now: datetime,
         *,
         lock_timeout_ms: int,
-    ) -> bool:
-        """Insert the held reservation row unless the id exists; a concurrent twin waits for our commit."""
-        claimed = await self.driver.fetchval(
-            _CLAIM, reservation_id, request_hash, expires_at, now, f"{int(lock_timeout_ms)}ms"
+    ) -> set[uuid.UUID]:
+        """Insert a held row for each (id, request hash) whose id is new; returns those ids. A concurrent
+        twin of an id waits for the transaction that inserted it."""
+        rows = await self.driver.fetch(
+            _CLAIM,
+            [rid for rid, _ in claims],
+            [digest for _, digest in claims],
+            expires_at,
+            now,
+            f"{int(lock_timeout_ms)}ms",
         )
-        return claimed is not None
+        return {row["id"] for row in rows}
 
     async def lock_products(self, product_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, asyncpg.Record]:
         """Lock the rows in product-id order: two transactions over the same products never deadlock."""
         rows = await self.driver.fetch(_LOCK_PRODUCTS, sorted(set(product_ids)))
         return {row["id"]: row for row in rows}
 
-    async def reject(self, reservation_id: uuid.UUID, rejection: dict[str, Any]) -> None:
-        await self.driver.execute(_REJECT, reservation_id, json.dumps(rejection))
+    async def reject(self, rejections: Sequence[tuple[uuid.UUID, dict[str, Any]]]) -> None:
+        await self.driver.execute(
+            _REJECT, [rid for rid, _ in rejections], [json.dumps(rejection) for _, rejection in rejections]
+        )
 
-    async def hold(self, reservation_id: uuid.UUID, lines: list[dict[str, Any]]) -> None:
-        """Add the held units to the (already locked) products, the reservation's lines and the ledger rows."""
+    async def forget(self, reservation_ids: Sequence[uuid.UUID]) -> None:
+        await self.driver.execute(_FORGET, list(reservation_ids))
+
+    async def hold(self, lines: Sequence[HeldLine]) -> None:
+        """Add the held units to the (already locked) products, the reservations' lines and the ledger rows."""
         await self.driver.execute(
             _HOLD,
-            reservation_id,
-            [line["product_id"] for line in lines],
-            [line["line"] for line in lines],
-            [line["quantity"] for line in lines],
-            [line["sku"] for line in lines],
-            [line["name"] for line in lines],
-            [line["unit_price_xaf"] for line in lines],
+            [line.reservation_id for line in lines],
+            [line.product_id for line in lines],
+            [line.line for line in lines],
+            [line.quantity for line in lines],
+            [line.sku for line in lines],
+            [line.name for line in lines],
+            [line.unit_price_xaf for line in lines],
         )
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.errors import ServiceError
 from services.inventory.errors import (
+    InsufficientStock,
     ReservationClosed,
     ReservationMismatch,
     ReservationNotFound,
@@ -26,7 +30,7 @@ from services.inventory.models import (
     ReservationStatus,
     StockMovement,
 )
-from services.inventory.repository import ProductRepository, ReservationRepository, ReserveStatements
+from services.inventory.repository import HeldLine, ProductRepository, ReservationRepository, ReserveStatements
 from services.inventory.schemas import ReservationRead, ReservedItem, ReserveItem, ShortItem
 from services.inventory.service import set_lock_timeout
 
@@ -55,10 +59,27 @@ def read_of(reservation: Reservation) -> ReservationRead:
 
 
 @dataclass(frozen=True)
+class ReserveAsk:
+    """One reservation asked for: its id and its items (distinct products)."""
+
+    reservation_id: uuid.UUID
+    items: list[ReserveItem]
+
+
+@dataclass(frozen=True)
 class ReserveOutcome:
+    """What a reserve call answers: the reservation (``created`` when this call made it), or the error."""
+
     reservation: ReservationRead | None = None
     created: bool = False
-    short_items: list[ShortItem] | None = None
+    error: ServiceError | None = None
+
+
+def _short(short: list[ShortItem]) -> InsufficientStock:
+    return InsufficientStock(
+        "Some items lack stock; nothing was reserved.",
+        extra={"short_items": [s.model_dump(mode="json") for s in short]},
+    )
 
 
 class ReservationService:
@@ -70,82 +91,125 @@ class ReservationService:
         self.lock_timeout_ms = lock_timeout_ms
 
     async def reserve(self, reservation_id: uuid.UUID, items: list[ReserveItem], now: datetime) -> ReserveOutcome:
-        digest = request_hash(items)
+        return (await self.reserve_many([ReserveAsk(reservation_id, items)], now))[0]
+
+    async def reserve_many(self, asks: Sequence[ReserveAsk], now: datetime) -> list[ReserveOutcome]:
+        """Each reservation all or nothing, in one transaction for the lot: the products are locked once,
+        and the asks are served in order from what the locked rows have available (a later ask finds what
+        an earlier one left). An id asked for again, here or before, gets the first result."""
+        digests = [request_hash(ask.items) for ask in asks]
+        first: dict[uuid.UUID, int] = {}
+        for number, ask in enumerate(asks):
+            first.setdefault(ask.reservation_id, number)
         expires_at = now + self.ttl
+        outcomes: dict[int, ReserveOutcome] = {}
         async with self.reservations.reserving() as statements:
             claimed = await statements.claim(
-                reservation_id, digest, expires_at, now, lock_timeout_ms=self.lock_timeout_ms
+                [(rid, digests[number]) for rid, number in first.items()],
+                expires_at,
+                now,
+                lock_timeout_ms=self.lock_timeout_ms,
             )
-            if claimed:
-                return await self._hold(statements, reservation_id, items, expires_at)
-        return await self._replay(reservation_id, digest)
+            fresh = [number for rid, number in first.items() if rid in claimed]
+            if fresh:
+                outcomes = await self._hold(statements, [asks[number] for number in fresh], fresh, expires_at)
+        results = []
+        for number, ask in enumerate(asks):
+            outcome = outcomes.get(number)
+            if outcome is None:
+                outcome = await self._replay(ask, digests[number], now)
+            results.append(outcome)
+        return results
 
     @staticmethod
     async def _hold(
-        statements: ReserveStatements, reservation_id: uuid.UUID, items: list[ReserveItem], expires_at: datetime
-    ) -> ReserveOutcome:
-        products = await statements.lock_products(item.product_id for item in items)
-        missing = [str(item.product_id) for item in items if item.product_id not in products]
-        if missing:
-            # Raised inside the transaction, which rolls back: the id can be used again.
-            raise UnknownProducts("Some products do not exist.", extra={"product_ids": missing})
-
-        short = []
-        for item in items:
-            product = products[item.product_id]
-            available = product["on_hand"] - product["reserved"] if product["is_active"] else 0
-            if available < item.quantity:
-                short.append(ShortItem(product_id=item.product_id, requested=item.quantity, available=available))
-        if short:
-            await statements.reject(reservation_id, {"short_items": [s.model_dump(mode="json") for s in short]})
-            return ReserveOutcome(short_items=short)
-
-        # The rows are locked: one statement writes the holds, the lines and the ledger (the shorter the
-        # lock is held, the more orders per second one hot product can take).
-        lines = [
-            {
-                "product_id": item.product_id,
-                "line": line,
-                "quantity": item.quantity,
-                "sku": products[item.product_id]["sku"],
-                "name": products[item.product_id]["name"],
-                "unit_price_xaf": products[item.product_id]["price_xaf"],
-            }
-            for line, item in enumerate(items)
-        ]
-        await statements.hold(reservation_id, lines)
-        # Built from the locked rows just read: no validation needed.
-        read = ReservationRead.model_construct(
-            reservation_id=reservation_id,
-            status=ReservationStatus.held.value,
-            expires_at=expires_at,
-            items=[
-                ReservedItem.model_construct(
-                    product_id=line["product_id"],
-                    sku=line["sku"],
-                    name=line["name"],
-                    quantity=line["quantity"],
-                    unit_price_xaf=line["unit_price_xaf"],
+        statements: ReserveStatements, asks: list[ReserveAsk], numbers: list[int], expires_at: datetime
+    ) -> dict[int, ReserveOutcome]:
+        products = await statements.lock_products(item.product_id for ask in asks for item in ask.items)
+        available = {
+            pid: (row["on_hand"] - row["reserved"] if row["is_active"] else 0) for pid, row in products.items()
+        }
+        outcomes: dict[int, ReserveOutcome] = {}
+        lines: list[HeldLine] = []
+        rejected: list[tuple[uuid.UUID, dict[str, Any]]] = []
+        unknown: list[uuid.UUID] = []
+        for number, ask in zip(numbers, asks, strict=True):
+            missing = [str(item.product_id) for item in ask.items if item.product_id not in products]
+            if missing:
+                # The claim is taken back: the id can be used again.
+                unknown.append(ask.reservation_id)
+                error = UnknownProducts("Some products do not exist.", extra={"product_ids": missing})
+                outcomes[number] = ReserveOutcome(error=error)
+                continue
+            short = [
+                ShortItem(product_id=item.product_id, requested=item.quantity, available=available[item.product_id])
+                for item in ask.items
+                if available[item.product_id] < item.quantity
+            ]
+            if short:
+                # Stored, so that a repeat of this id gets the same answer.
+                rejected.append((ask.reservation_id, {"short_items": [s.model_dump(mode="json") for s in short]}))
+                outcomes[number] = ReserveOutcome(error=_short(short))
+                continue
+            held = []
+            for line, item in enumerate(ask.items):
+                product = products[item.product_id]
+                available[item.product_id] -= item.quantity
+                held.append(
+                    HeldLine(
+                        reservation_id=ask.reservation_id,
+                        product_id=item.product_id,
+                        line=line,
+                        quantity=item.quantity,
+                        sku=product["sku"],
+                        name=product["name"],
+                        unit_price_xaf=product["price_xaf"],
+                    )
                 )
-                for line in lines
-            ],
-        )
-        return ReserveOutcome(reservation=read, created=True)
+            lines.extend(held)
+            # Built from the locked rows just read: no validation needed.
+            read = ReservationRead.model_construct(
+                reservation_id=ask.reservation_id,
+                status=ReservationStatus.held.value,
+                expires_at=expires_at,
+                items=[
+                    ReservedItem.model_construct(
+                        product_id=h.product_id,
+                        sku=h.sku,
+                        name=h.name,
+                        quantity=h.quantity,
+                        unit_price_xaf=h.unit_price_xaf,
+                    )
+                    for h in held
+                ],
+            )
+            outcomes[number] = ReserveOutcome(reservation=read, created=True)
+        if unknown:
+            await statements.forget(unknown)
+        if rejected:
+            await statements.reject(rejected)
+        if lines:
+            # The rows are locked: the shorter the lock is held, the more orders per second a hot product takes.
+            await statements.hold(lines)
+        return outcomes
 
-    async def _replay(self, reservation_id: uuid.UUID, digest: str) -> ReserveOutcome:
-        existing = await self.reservations.get(reservation_id)
-        assert existing is not None  # the conflicting row is committed: we waited for it
+    async def _replay(self, ask: ReserveAsk, digest: str, now: datetime) -> ReserveOutcome:
+        existing = await self.reservations.get(ask.reservation_id)
+        if existing is None:
+            # A repeat, in the same batch, of an ask whose claim was taken back (unknown products): it is
+            # asked afresh, and answered the same way.
+            return (await self.reserve_many([ask], now))[0]
         if existing.request_hash is None:
-            raise ReservationClosed(
-                "This reservation id was already released.", extra={"reservation_status": existing.status}
+            return ReserveOutcome(
+                error=ReservationClosed(
+                    "This reservation id was already released.", extra={"reservation_status": existing.status}
+                )
             )
         if existing.request_hash != digest:
-            raise ReservationMismatch()
+            return ReserveOutcome(error=ReservationMismatch())
         if existing.status == ReservationStatus.rejected:
             rejected = existing.rejection or {}
-            return ReserveOutcome(
-                short_items=[ShortItem.model_validate(s) for s in rejected.get("short_items", [])],
-            )
+            return ReserveOutcome(error=_short([ShortItem.model_validate(s) for s in rejected.get("short_items", [])]))
         return ReserveOutcome(reservation=read_of(existing))
 
     async def get(self, reservation_id: uuid.UUID) -> ReservationRead:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -11,6 +11,7 @@ from services.inventory.models import MAX_PRICE_XAF
 
 MAX_QUANTITY = 10_000
 MAX_LINES = 100
+MAX_BATCH = 100  # reservations in one batch call
 MAX_ADJUSTMENT = 10**9
 MAX_INITIAL_STOCK = 10**9
 
@@ -154,6 +155,24 @@ class ReserveRequest(Schema):
         if len(set(ids)) != len(ids):
             raise ValueError("each product may appear once")
         return self
+
+
+class ReservationAsk(ReserveRequest):
+    reservation_id: uuid.UUID
+
+
+class ReservationBatch(Schema):
+    reservations: Annotated[list[ReservationAsk], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class ReservationResult(Schema):
+    reservation_id: uuid.UUID
+    status: int = Field(description="What the single PUT would have answered: 201, 200, 409 or 422")
+    body: dict[str, Any] = Field(description="The reservation, or the problem document")
+
+
+class ReservationBatchResults(Schema):
+    results: list[ReservationResult]
 
 
 class ReservedItem(Schema):

@@ -19,6 +19,10 @@ class Settings(ServiceSettings):
     inventory_connect_timeout_seconds: float = Field(2.0, gt=0, le=30)
     # Reservation calls are idempotent, so a failed one is retried this many times in all.
     inventory_attempts: int = Field(3, ge=1, le=10)
+    # Reserves that arrive while this many calls to inventory are out wait, and go out together in the
+    # next call (at most this many in one call): a hot product's row is locked once per batch.
+    reserve_batches_in_flight: int = Field(2, ge=1, le=64)
+    reserve_batch_size: int = Field(100, ge=1, le=100)
     # A retried POST /orders waits this long for the first attempt with the same key to finish.
     idempotency_wait_seconds: float = Field(20.0, gt=0, le=120)
     # An order still being placed after this long was orphaned (a crash): its hold is released.

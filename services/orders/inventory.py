@@ -3,13 +3,20 @@
 Every call is idempotent by reservation id, so transport failures, timeouts and 502/503/504 answers are
 retried a few times with a short backoff; what still fails is ``InventoryUnavailable`` (a 503 for our
 client). A 401 drops the cached service token once and retries (rotated keys).
+
+Reserves are batched: a reserve that arrives while ``batches_in_flight`` calls are already out waits for
+one of them to come back, and then goes out with every other reserve that arrived meanwhile, in one call
+to inventory's batch endpoint (one transaction there, which locks a hot product's row once for the lot).
+At low load a reserve goes out at once, alone; under load the batches grow with the load. No timer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -53,6 +60,14 @@ class Closed(Exception):
         self.status = status
 
 
+@dataclass
+class _Waiting:
+    reservation_id: uuid.UUID
+    items: list[dict[str, Any]]
+    request_id: str | None
+    answer: asyncio.Future[tuple[int, dict[str, Any]]]
+
+
 class InventoryClient:
     def __init__(
         self,
@@ -61,11 +76,17 @@ class InventoryClient:
         *,
         attempts: int = 3,
         backoff_seconds: float = 0.1,
+        batch_size: int = 100,
+        batches_in_flight: int = 2,
     ) -> None:
         self.client = client
         self.tokens = tokens  # read at call time: the token source may be replaced after start-up
         self.attempts = attempts
         self.backoff = backoff_seconds
+        self.batch_size = batch_size
+        self.batches_in_flight = batches_in_flight
+        self._waiting: deque[_Waiting] = deque()
+        self._flights: set[asyncio.Task[None]] = set()
 
     async def _call(self, method: str, path: str, *, json: Any = None, request_id: str | None) -> Answer:
         refreshed = False
@@ -106,20 +127,57 @@ class InventoryClient:
     async def reserve(
         self, reservation_id: uuid.UUID, items: Sequence[OrderLineIn], *, request_id: str | None = None
     ) -> Reservation:
-        body = {"items": [{"product_id": str(i.product_id), "quantity": i.quantity} for i in items]}
-        response = await self._call("PUT", f"/internal/reservations/{reservation_id}", json=body, request_id=request_id)
-        if response.status in (200, 201):
-            return self._reservation(response)
-        problem = _problem(response)
-        if response.status == 409 and "short_items" in problem:
-            return_short = [ShortLine.model_validate(s) for s in problem["short_items"]]
-            raise Rejected(return_short)
-        if response.status == 409:
-            raise Closed(problem.get("reservation_status"))
-        if response.status == 422 and "product_ids" in problem:
-            raise UnknownProducts([str(p) for p in problem["product_ids"]])
-        log.error("orders.inventory.unexpected", status=response.status, path="reserve")
-        raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(
+            reservation_id,
+            [{"product_id": str(i.product_id), "quantity": i.quantity} for i in items],
+            request_id,
+            loop.create_future(),
+        )
+        self._waiting.append(waiting)
+        if len(self._flights) < self.batches_in_flight:
+            flight = loop.create_task(self._fly())
+            self._flights.add(flight)
+            flight.add_done_callback(self._flights.discard)
+        status, body = await waiting.answer
+        return _reserved(status, body)
+
+    async def _fly(self) -> None:
+        """Send what is waiting, a batch at a time, until nothing is."""
+        while self._waiting:
+            batch = [self._waiting.popleft() for _ in range(min(self.batch_size, len(self._waiting)))]
+            body = {"reservations": [{"reservation_id": str(w.reservation_id), "items": w.items} for w in batch]}
+            try:
+                response = await self._call(
+                    "POST", "/internal/reservations/batch", json=body, request_id=batch[0].request_id
+                )
+                results = _batch_results(response, [w.reservation_id for w in batch])
+            except BaseException as exc:
+                if not isinstance(exc, InventoryUnavailable):
+                    log.error("orders.inventory.batch_failed", error=repr(exc))
+                for waiting in batch:
+                    if not waiting.answer.done():
+                        waiting.answer.set_exception(
+                            InventoryUnavailable(
+                                "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}
+                            )
+                        )
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: orders is shutting down
+                continue
+            for waiting, result in zip(batch, results, strict=True):
+                if not waiting.answer.done():
+                    waiting.answer.set_result(result)
+
+    async def close(self) -> None:
+        """Stop the calls in flight (at shutdown); what waits on them gets ``InventoryUnavailable``."""
+        for flight in list(self._flights):
+            flight.cancel()
+        await asyncio.gather(*self._flights, return_exceptions=True)
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.answer.done():
+                waiting.answer.set_exception(InventoryUnavailable("Orders is shutting down."))
 
     async def commit(self, reservation_id: uuid.UUID, *, request_id: str | None = None) -> Reservation:
         response = await self._call("POST", f"/internal/reservations/{reservation_id}/commit", request_id=request_id)
@@ -136,6 +194,47 @@ class InventoryClient:
             return self._reservation(response)
         log.error("orders.inventory.unexpected", status=response.status, path="release")
         raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
+
+
+def _batch_results(response: Answer, asked: list[uuid.UUID]) -> list[tuple[int, dict[str, Any]]]:
+    """Each reservation's (status, body), in the order asked; a batch answer that does not match what was
+    asked is unusable as a whole."""
+    if response.status != 200:
+        log.error("orders.inventory.unexpected", status=response.status, path="reserve")
+        raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
+    try:
+        results = response.json()["results"]
+        out = [(int(r["status"]), dict(r["body"])) for r in results]
+        ids = [uuid.UUID(r["reservation_id"]) for r in results]
+    except (ValueError, TypeError, KeyError) as exc:
+        log.error("orders.inventory.bad_answer", path="reserve")
+        raise InventoryUnavailable("Inventory gave an answer orders cannot use.") from exc
+    if ids != asked:
+        log.error("orders.inventory.bad_answer", path="reserve")
+        raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
+    return out
+
+
+def _reserved(status: int, body: dict[str, Any]) -> Reservation:
+    """One reservation's result, as the single reserve call would have answered it."""
+    if status in (200, 201):
+        try:
+            return Reservation.model_validate(body)
+        except ValidationError as exc:
+            log.error("orders.inventory.bad_answer", status=status)
+            raise InventoryUnavailable("Inventory gave an answer orders cannot use.") from exc
+    try:
+        if status == 409 and "short_items" in body:
+            raise Rejected([ShortLine.model_validate(s) for s in body["short_items"]])
+        if status == 409:
+            raise Closed(body.get("reservation_status"))
+        if status == 422 and "product_ids" in body:
+            raise UnknownProducts([str(p) for p in body["product_ids"]])
+    except (ValidationError, TypeError) as exc:
+        log.error("orders.inventory.bad_answer", status=status)
+        raise InventoryUnavailable("Inventory gave an answer orders cannot use.") from exc
+    log.error("orders.inventory.unexpected", status=status, path="reserve")
+    raise InventoryUnavailable("Inventory gave an answer orders cannot use.")
 
 
 def _problem(response: Answer) -> dict[str, Any]:

@@ -54,7 +54,13 @@ def create_app(
             source: TokenSource = app.state.service_tokens
             return source
 
-        inventory = InventoryClient(client, tokens, attempts=settings.inventory_attempts)
+        inventory = InventoryClient(
+            client,
+            tokens,
+            attempts=settings.inventory_attempts,
+            batch_size=settings.reserve_batch_size,
+            batches_in_flight=settings.reserve_batches_in_flight,
+        )
         service = OrderService(app.state.db, inventory, settings, now)
         sweeper = OrderSweeper(service, interval=settings.sweep_interval_seconds)
         app.state.inventory = inventory
@@ -67,6 +73,7 @@ def create_app(
             yield
         finally:
             await sweeper.stop()
+            await inventory.close()
             await client.aclose()
 
     app = create_service_app(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -311,3 +312,146 @@ async def test_concurrent_repeats_of_one_reservation_hold_once(
     assert kinds.count("reserve") == 1
     assert kinds.count("release") == 1
     assert kinds.count("commit") <= 1
+
+
+# Batches: what orders sends when reservations arrive faster than one call at a time.
+
+
+def ask(items: list[tuple[str, int]], reservation_id: str | None = None) -> dict[str, object]:
+    return {
+        "reservation_id": reservation_id or str(uuid.uuid4()),
+        "items": [{"product_id": pid, "quantity": qty} for pid, qty in items],
+    }
+
+
+async def reserve_batch(client: httpx.AsyncClient, tokens: Tokens, asks: list[dict[str, object]]) -> list[dict]:
+    response = await client.post(f"{RESERVATIONS}/batch", json={"reservations": asks}, headers=orders(tokens))
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["reservation_id"] for r in results] == [a["reservation_id"] for a in asks]
+    return list(results)
+
+
+async def test_a_batch_serves_its_reservations_in_order_each_all_or_nothing(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
+) -> None:
+    soap = await create_product(client, tokens, stock=3, price=750, name="Savon")
+    rice = await create_product(client, tokens, stock=10, price=18500, name="Riz")
+    asks = [
+        ask([(soap["id"], 2), (rice["id"], 1)]),
+        ask([(soap["id"], 2)]),  # one soap left: refused, and its rice-free hold takes nothing
+        ask([(rice["id"], 4), (soap["id"], 1)]),
+        ask([(soap["id"], 1), (rice["id"], 1)]),  # no soap left: the rice stays too
+    ]
+    results = await reserve_batch(client, tokens, asks)
+    assert [r["status"] for r in results] == [201, 409, 201, 409]
+    assert results[1]["body"]["short_items"] == [{"product_id": soap["id"], "requested": 2, "available": 1}]
+    assert results[1]["body"]["type"] == "urn:comptoir:problem:insufficient-stock"
+    assert results[3]["body"]["short_items"] == [{"product_id": soap["id"], "requested": 1, "available": 0}]
+    held = results[2]["body"]
+    assert held["status"] == "held"
+    assert [(i["name"], i["quantity"], i["unit_price_xaf"]) for i in held["items"]] == [
+        ("Riz", 4, 18500),
+        ("Savon", 1, 750),
+    ]
+    assert tuple(await stock_row(database, soap["id"])) == (3, 3, 0)
+    assert tuple(await stock_row(database, rice["id"])) == (10, 5, 5)
+    await assert_ledger_invariant(database)
+    # Each is the reservation the single call would have made (and would replay).
+    for result, asked in zip(results, asks, strict=True):
+        items = [(i["product_id"], i["quantity"]) for i in asked["items"]]  # type: ignore[attr-defined]
+        again = await reserve(client, tokens, items, str(asked["reservation_id"]))
+        assert again.status_code == (200 if result["status"] == 201 else 409)
+        if result["status"] == 201:
+            assert again.json() == result["body"]
+
+
+async def test_a_batch_replays_known_ids_and_refuses_reused_ones(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
+) -> None:
+    product = await create_product(client, tokens, stock=10)
+    known = str(uuid.uuid4())
+    first = await reserve(client, tokens, [(product["id"], 2)], known)
+    twin = str(uuid.uuid4())
+    results = await reserve_batch(
+        client,
+        tokens,
+        [
+            ask([(product["id"], 2)], known),  # asked before: the first result
+            ask([(product["id"], 3)], known),  # the same id with other items
+            ask([(product["id"], 1)], twin),
+            ask([(product["id"], 1)], twin),  # twice in one batch: held once
+        ],
+    )
+    assert [r["status"] for r in results] == [200, 422, 201, 200]
+    assert results[0]["body"] == first.json()
+    assert results[1]["body"]["type"] == "urn:comptoir:problem:reservation-mismatch"
+    assert results[3]["body"] == results[2]["body"]
+    assert tuple(await stock_row(database, product["id"])) == (10, 3, 7)
+    await assert_ledger_invariant(database)
+
+
+async def test_unknown_products_in_a_batch_refuse_only_their_reservation(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
+) -> None:
+    product = await create_product(client, tokens, stock=5)
+    missing = str(uuid.uuid4())
+    rid = str(uuid.uuid4())
+    results = await reserve_batch(
+        client,
+        tokens,
+        [ask([(product["id"], 1), (missing, 1)], rid), ask([(product["id"], 1)]), ask([(missing, 2)], rid)],
+    )
+    assert [r["status"] for r in results] == [422, 201, 422]
+    assert results[0]["body"]["product_ids"] == [missing]
+    assert results[2]["body"]["product_ids"] == [missing]
+    assert tuple(await stock_row(database, product["id"])) == (5, 1, 4)
+    # The id was never held: it can still be used.
+    assert (await reserve(client, tokens, [(product["id"], 1)], rid)).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"reservations": []},
+        {"reservations": [{"items": [{"product_id": "P", "quantity": 1}]}]},
+        {"reservations": [{"reservation_id": "R", "items": []}]},
+        {"reservations": [{"reservation_id": "R", "items": [{"product_id": "P", "quantity": 0}]}]},
+        {"reservations": [{"reservation_id": "R", "items": [{"product_id": "P", "quantity": 1}] * 2}]},
+        {"reservations": [{"reservation_id": "R", "items": [{"product_id": "P", "quantity": 1}]}] * 101},
+        {"reservations": "R"},
+    ],
+)
+async def test_malformed_batches_are_422_and_change_nothing(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture, body: dict
+) -> None:
+    product = await create_product(client, tokens, stock=5)
+    text = json.dumps(body).replace('"P"', json.dumps(product["id"])).replace('"R"', json.dumps(str(uuid.uuid4())))
+    response = await client.post(
+        f"{RESERVATIONS}/batch", content=text, headers=orders(tokens) | {"Content-Type": "application/json"}
+    )
+    assert_problem(response, 422)
+    assert tuple(await stock_row(database, product["id"])) == (5, 0, 5)
+
+
+async def test_batches_accept_only_the_orders_service(client: httpx.AsyncClient, tokens: Tokens) -> None:
+    product = await create_product(client, tokens, stock=5)
+    body = {"reservations": [ask([(product["id"], 1)])]}
+    url = f"{RESERVATIONS}/batch"
+    assert_problem(await client.post(url, json=body), 401)
+    assert_problem(await client.post(url, json=body, headers=tokens.staff()), 401)
+    assert_problem(await client.post(url, json=body, headers=tokens.service("gateway", "inventory")), 403)
+    assert (await client.post(url, json=body, headers=orders(tokens))).status_code == 200
+
+
+async def test_concurrent_batches_for_the_last_units_never_oversell(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
+) -> None:
+    product = await create_product(client, tokens, stock=10)
+    batches = await asyncio.gather(
+        *(reserve_batch(client, tokens, [ask([(product["id"], 1)]) for _ in range(5)]) for _ in range(10))
+    )
+    statuses = sorted(r["status"] for results in batches for r in results)
+    assert statuses == [201] * 10 + [409] * 40, statuses
+    assert tuple(await stock_row(database, product["id"])) == (10, 10, 0)
+    await assert_ledger_invariant(database)

@@ -113,7 +113,7 @@ class HangingProxy:
                 except httpx.HTTPError:
                     _reply(self, 502, b"{}")
                     return
-                if self.command == "PUT" and proxy.hang.is_set():
+                if self.path == "/internal/reservations/batch" and proxy.hang.is_set():
                     proxy.reserved.set()
                     proxy.gate.wait(30)
                     return  # the connection closes without an answer

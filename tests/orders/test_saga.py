@@ -31,15 +31,19 @@ class FlakyTransport(httpx.AsyncBaseTransport):
         self.hold_after: dict[str, asyncio.Event] = {}
         self.arrived: dict[str, asyncio.Event] = {}
         self.calls: list[str] = []
+        self.batches: list[int] = []  # how many reservations each reserve call carried
 
     @staticmethod
     def kind(request: httpx.Request) -> str:
+        """reserve (a batch of them), commit or release."""
         path = request.url.path
-        return path.rsplit("/", 1)[-1] if path.endswith(("/commit", "/release")) else request.method.lower()
+        return "reserve" if path.endswith("/batch") else path.rsplit("/", 1)[-1]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         kind = self.kind(request)
         self.calls.append(kind)
+        if kind == "reserve":
+            self.batches.append(len(json.loads(await request.aread())["reservations"]))
         if self.down:
             raise httpx.ConnectError("inventory is down", request=request)
         if self.fail.get(kind):
@@ -97,11 +101,64 @@ async def test_a_lost_reserve_answer_is_retried_without_holding_twice(start_syst
     async with context as system:
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=5)
-        net.lose["put"] = 1
+        net.lose["reserve"] = 1
         response = await system.place([(product["id"], 2)])
         assert response.status_code == 201, response.text
-        assert net.calls.count("put") == 2
+        assert net.calls.count("reserve") == 2
         assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 2, "available": 3}
+
+
+async def test_reserves_that_arrive_while_a_call_is_out_go_together(start_system: Callable[..., Any]) -> None:
+    context, net = await start_flaky(start_system, reserve_batches_in_flight=1)
+    async with context as system:
+        net.inner = httpx.ASGITransport(app=system.inventory_app)
+        product = await system.product(stock=4, price=700)
+        gate = net.hold_before["reserve"] = asyncio.Event()
+        arrived = net.arrived["reserve"] = asyncio.Event()
+        first = asyncio.create_task(system.place([(product["id"], 1)]))
+        await arrived.wait()
+        others = [asyncio.create_task(system.place([(product["id"], 1)])) for _ in range(5)]
+        waiting = system.orders_app.state.inventory._waiting
+        deadline = time.monotonic() + 10
+        while len(waiting) < 5:  # every later order is waiting for the call that is out
+            assert time.monotonic() < deadline, len(waiting)
+            await asyncio.sleep(0.01)
+        gate.set()
+        responses = await asyncio.gather(first, *others)
+        assert net.batches == [1, 5]
+        # Served in arrival order from what was left: three of the five got the last three units.
+        assert sorted(r.status_code for r in responses) == [201] * 4 + [409] * 2
+        for response in responses:
+            if response.status_code == 201:
+                assert response.json()["total_xaf"] == 700
+            else:
+                assert response.json()["short_items"] == [{"product_id": product["id"], "requested": 1, "available": 0}]
+        assert await system.stock(product["id"]) == {"on_hand": 4, "reserved": 4, "available": 0}
+        assert len(await rows(system)) == 4
+
+
+async def test_a_failed_batch_fails_every_order_in_it(start_system: Callable[..., Any]) -> None:
+    context, net = await start_flaky(start_system, reserve_batches_in_flight=1, inventory_attempts=1)
+    async with context as system:
+        net.inner = httpx.ASGITransport(app=system.inventory_app)
+        product = await system.product(stock=10)
+        gate = net.hold_before["reserve"] = asyncio.Event()
+        arrived = net.arrived["reserve"] = asyncio.Event()
+        first = asyncio.create_task(system.place([(product["id"], 1)]))
+        await arrived.wait()
+        others = [asyncio.create_task(system.place([(product["id"], 1)])) for _ in range(3)]
+        waiting = system.orders_app.state.inventory._waiting
+        deadline = time.monotonic() + 10
+        while len(waiting) < 3:
+            assert time.monotonic() < deadline, len(waiting)
+            await asyncio.sleep(0.01)
+        net.fail["reserve"] = 1  # the second call, carrying the three, never reaches inventory
+        gate.set()
+        responses = await asyncio.gather(first, *others)
+        assert [r.status_code for r in responses] == [201, 503, 503, 503]
+        assert net.batches == [1, 3]
+        assert await system.stock(product["id"]) == {"on_hand": 10, "reserved": 1, "available": 9}
+        assert len(await rows(system)) == 1
 
 
 async def test_every_reserve_answer_lost_releases_the_hold(start_system: Callable[..., Any]) -> None:
@@ -109,7 +166,7 @@ async def test_every_reserve_answer_lost_releases_the_hold(start_system: Callabl
     async with context as system:
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=5)
-        net.lose["put"] = 3
+        net.lose["reserve"] = 3
         assert_problem(await system.place([(product["id"], 2)]), 503)
         assert "release" in net.calls
         assert await rows(system) == []
@@ -121,7 +178,7 @@ async def test_a_hold_whose_release_also_failed_expires_at_inventory(start_syste
     async with context as system:
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=5)
-        net.lose["put"] = 3
+        net.lose["reserve"] = 3
         net.fail["release"] = 3
         assert_problem(await system.place([(product["id"], 2)]), 503)
         assert await rows(system) == []
@@ -229,10 +286,10 @@ async def test_a_slow_placement_taken_over_by_the_reconciliation_is_fenced(start
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=5)
         gate = asyncio.Event()
-        net.hold_before["put"] = gate
-        net.arrived["put"] = asyncio.Event()
+        net.hold_before["reserve"] = gate
+        net.arrived["reserve"] = asyncio.Event()
         placing = asyncio.create_task(system.place([(product["id"], 2)]))
-        await net.arrived["put"].wait()
+        await net.arrived["reserve"].wait()
         system.clock.advance(61)
         assert (await system.sweep())["orphans"] == 1
         gate.set()
@@ -248,7 +305,7 @@ async def test_a_slow_answer_after_the_takeover_is_not_recorded(start_system: Ca
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=5)
         gate = asyncio.Event()
-        net.hold_after["put"] = gate
+        net.hold_after["reserve"] = gate
         placing = asyncio.create_task(system.place([(product["id"], 2)]))
         while (await system.stock(product["id"]))["reserved"] == 0:
             await asyncio.sleep(0.01)
@@ -334,10 +391,10 @@ async def test_a_retry_while_the_first_attempt_is_in_flight_gets_the_same_order(
         product = await system.product(stock=5)
         customer = system.tokens.customer()
         gate = asyncio.Event()
-        net.hold_before["put"] = gate
-        net.arrived["put"] = asyncio.Event()
+        net.hold_before["reserve"] = gate
+        net.arrived["reserve"] = asyncio.Event()
         first = asyncio.create_task(system.place([(product["id"], 2)], customer=customer, key="in-flight"))
-        await net.arrived["put"].wait()
+        await net.arrived["reserve"].wait()
         retry = asyncio.create_task(system.place([(product["id"], 2)], customer=customer, key="in-flight"))
         await asyncio.sleep(0.3)
         assert not retry.done()  # it waits for the first attempt instead of placing a second order
@@ -346,7 +403,7 @@ async def test_a_retry_while_the_first_attempt_is_in_flight_gets_the_same_order(
         assert one.status_code == two.status_code == 201
         assert one.json()["id"] == two.json()["id"]
         assert two.headers["idempotent-replayed"] == "true"
-        assert net.calls.count("put") == 1
+        assert net.calls.count("reserve") == 1
         assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 2, "available": 3}
 
 
@@ -357,10 +414,10 @@ async def test_a_retry_gives_up_waiting_with_409_and_retry_after(start_system: C
         product = await system.product(stock=5)
         customer = system.tokens.customer()
         gate = asyncio.Event()
-        net.hold_before["put"] = gate
-        net.arrived["put"] = asyncio.Event()
+        net.hold_before["reserve"] = gate
+        net.arrived["reserve"] = asyncio.Event()
         first = asyncio.create_task(system.place([(product["id"], 2)], customer=customer, key="slow"))
-        await net.arrived["put"].wait()
+        await net.arrived["reserve"].wait()
         busy = await system.place([(product["id"], 2)], customer=customer, key="slow")
         assert_problem(busy, 409)
         assert busy.headers["retry-after"] == "1"
