@@ -283,6 +283,16 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+async def batch_totals(orders_url: str) -> dict[str, tuple[float, float]]:
+    """Orders' batch-size histograms (sum, count) by batch kind, from its /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(orders_url + "/metrics") as answer:
+        text = await answer.text()
+    totals: dict[str, list[float]] = {}
+    for part, kind, value in re.findall(r'^comptoir_orders_batch_size_(sum|count)\{batch="(\w+)"\} (\S+)$', text, re.M):
+        totals.setdefault(kind, [0.0, 0.0])[0 if part == "sum" else 1] = float(value)
+    return {kind: (pair[0], pair[1]) for kind, pair in totals.items()}
+
+
 def postgres_cpu_seconds() -> float:
     """Every PostgreSQL process's CPU, ended backends included (they are the postmaster's children)."""
     total = 0.0
@@ -343,11 +353,18 @@ async def run(
     hot = await new_product(10_000_000)
     before = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
     before["postgres"], before["bench"] = postgres_cpu_seconds(), cpu_seconds(os.getpid())
+    batches_before = await batch_totals(url["orders"])
     statuses, elapsed = await hammer(buy(hot), seconds=SECONDS, workers=BUYERS)
     orders_per_second = statuses[201] / elapsed
     after = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
     after["postgres"], after["bench"] = postgres_cpu_seconds(), cpu_seconds(os.getpid())
     cost = {name: (after[name] - before[name]) * 1000 / max(statuses[201], 1) for name in after}
+    batches_after = await batch_totals(url["orders"])
+    batch_mean = {}
+    for kind in ("claim", "reserve", "placed"):
+        total0, count0 = batches_before.get(kind, (0.0, 0.0))
+        total1, count1 = batches_after.get(kind, (0.0, 0.0))
+        batch_mean[kind] = (total1 - total0) / max(count1 - count0, 1)
 
     scarce = await new_product(SELL_OUT_STOCK)
     sold_out, _ = await hammer(buy(scarce), seconds=30, workers=BUYERS, stop_after_409s=5)
@@ -387,6 +404,10 @@ async def run(
         "| CPU per order: gateway / orders / inventory / PostgreSQL / bench client and stand-ins (ms) | "
         f"{cost['gateway']:.1f} / {cost['orders']:.1f} / {cost['inventory']:.1f} / {cost['postgres']:.1f} / "
         f"{cost['bench']:.1f} |"
+    )
+    print(
+        "| orders per batch (mean): key claims / reserve calls to inventory / placement records | "
+        f"{batch_mean['claim']:.1f} / {batch_mean['reserve']:.1f} / {batch_mean['placed']:.1f} |"
     )
     print(
         f"| sell-out of {SELL_OUT_STOCK} units: sold / refused (409) / oversold | "

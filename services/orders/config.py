@@ -23,6 +23,9 @@ class Settings(ServiceSettings):
     # next call (at most this many in one call): a hot product's row is locked once per batch.
     reserve_batches_in_flight: int = Field(2, ge=1, le=64)
     reserve_batch_size: int = Field(100, ge=1, le=100)
+    # Likewise for the statements that claim idempotency keys and record placed orders: the orders that
+    # arrive while this many of each are out go in the next one.
+    statement_batches_in_flight: int = Field(2, ge=1, le=16)
     # A retried POST /orders waits this long for the first attempt with the same key to finish.
     idempotency_wait_seconds: float = Field(20.0, gt=0, le=120)
     # An order still being placed after this long was orphaned (a crash): its hold is released.

@@ -54,3 +54,8 @@ class OrderTotalTooLarge(Unprocessable):
 class InventoryUnavailable(ServiceUnavailable):
     slug = "inventory-unavailable"
     title = "Inventory is unavailable"
+
+
+class DatabaseBusy(ServiceUnavailable):
+    slug = "database-busy"
+    title = "The order could not be recorded right now"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,9 +21,11 @@ from typing import Any, Protocol
 import structlog
 from pydantic import ValidationError
 
+from common.batching import Batcher
 from common.errors import ServiceUnavailable
 from common.http import Answer, Transport, TransportError, forward_headers
 from services.orders.errors import InventoryUnavailable
+from services.orders.metrics import BATCH_SIZE
 from services.orders.schemas import OrderLineIn, Reservation, ShortLine
 
 log = structlog.get_logger("comptoir.orders.inventory")
@@ -60,12 +61,15 @@ class Closed(Exception):
         self.status = status
 
 
-@dataclass
-class _Waiting:
+@dataclass(frozen=True)
+class _Reserve:
     reservation_id: uuid.UUID
     items: list[dict[str, Any]]
     request_id: str | None
-    answer: asyncio.Future[tuple[int, dict[str, Any]]]
+
+
+def _unavailable(_exc: BaseException) -> Exception:
+    return InventoryUnavailable("Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"})
 
 
 class InventoryClient:
@@ -83,10 +87,13 @@ class InventoryClient:
         self.tokens = tokens  # read at call time: the token source may be replaced after start-up
         self.attempts = attempts
         self.backoff = backoff_seconds
-        self.batch_size = batch_size
-        self.batches_in_flight = batches_in_flight
-        self._waiting: deque[_Waiting] = deque()
-        self._flights: set[asyncio.Task[None]] = set()
+        self.reserves: Batcher[_Reserve, tuple[int, dict[str, Any]]] = Batcher(
+            self._reserve_batch,
+            failure=_unavailable,
+            size=batch_size,
+            in_flight=batches_in_flight,
+            observe=BATCH_SIZE.labels("reserve").observe,
+        )
 
     async def _call(self, method: str, path: str, *, json: Any = None, request_id: str | None) -> Answer:
         refreshed = False
@@ -127,57 +134,18 @@ class InventoryClient:
     async def reserve(
         self, reservation_id: uuid.UUID, items: Sequence[OrderLineIn], *, request_id: str | None = None
     ) -> Reservation:
-        loop = asyncio.get_running_loop()
-        waiting = _Waiting(
-            reservation_id,
-            [{"product_id": str(i.product_id), "quantity": i.quantity} for i in items],
-            request_id,
-            loop.create_future(),
-        )
-        self._waiting.append(waiting)
-        if len(self._flights) < self.batches_in_flight:
-            flight = loop.create_task(self._fly())
-            self._flights.add(flight)
-            flight.add_done_callback(self._flights.discard)
-        status, body = await waiting.answer
+        asked = [{"product_id": str(i.product_id), "quantity": i.quantity} for i in items]
+        status, body = await self.reserves.submit(_Reserve(reservation_id, asked, request_id))
         return _reserved(status, body)
 
-    async def _fly(self) -> None:
-        """Send what is waiting, a batch at a time, until nothing is."""
-        while self._waiting:
-            batch = [self._waiting.popleft() for _ in range(min(self.batch_size, len(self._waiting)))]
-            body = {"reservations": [{"reservation_id": str(w.reservation_id), "items": w.items} for w in batch]}
-            try:
-                response = await self._call(
-                    "POST", "/internal/reservations/batch", json=body, request_id=batch[0].request_id
-                )
-                results = _batch_results(response, [w.reservation_id for w in batch])
-            except BaseException as exc:
-                if not isinstance(exc, InventoryUnavailable):
-                    log.error("orders.inventory.batch_failed", error=repr(exc))
-                for waiting in batch:
-                    if not waiting.answer.done():
-                        waiting.answer.set_exception(
-                            InventoryUnavailable(
-                                "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}
-                            )
-                        )
-                if not isinstance(exc, Exception):
-                    raise  # cancelled: orders is shutting down
-                continue
-            for waiting, result in zip(batch, results, strict=True):
-                if not waiting.answer.done():
-                    waiting.answer.set_result(result)
+    async def _reserve_batch(self, batch: list[_Reserve]) -> list[tuple[int, dict[str, Any]]]:
+        body = {"reservations": [{"reservation_id": str(r.reservation_id), "items": r.items} for r in batch]}
+        response = await self._call("POST", "/internal/reservations/batch", json=body, request_id=batch[0].request_id)
+        return _batch_results(response, [r.reservation_id for r in batch])
 
     async def close(self) -> None:
-        """Stop the calls in flight (at shutdown); what waits on them gets ``InventoryUnavailable``."""
-        for flight in list(self._flights):
-            flight.cancel()
-        await asyncio.gather(*self._flights, return_exceptions=True)
-        while self._waiting:
-            waiting = self._waiting.popleft()
-            if not waiting.answer.done():
-                waiting.answer.set_exception(InventoryUnavailable("Orders is shutting down."))
+        """Stop the reserve calls in flight (at shutdown); what waits on them gets ``InventoryUnavailable``."""
+        await self.reserves.close()
 
     async def commit(self, reservation_id: uuid.UUID, *, request_id: str | None = None) -> Reservation:
         response = await self._call("POST", f"/internal/reservations/{reservation_id}/commit", request_id=request_id)

@@ -73,6 +73,7 @@ def create_app(
             yield
         finally:
             await sweeper.stop()
+            await service.close()
             await inventory.close()
             await client.aclose()
 

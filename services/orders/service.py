@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import structlog
 from fastapi import Request
 from sqlalchemy import delete, select, tuple_, update
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from common.audit import AuditEvent, outbox_payload, record, request_fields
+from common.batching import Batcher
 from common.db import Database
 from common.errors import BadRequest
 from common.pagination import Page, decode_cursor, encode_cursor
@@ -33,6 +35,7 @@ from common.tokens import Claims
 from services.orders import inventory as inv
 from services.orders.config import Settings
 from services.orders.errors import (
+    DatabaseBusy,
     IdempotencyKeyReused,
     IdempotentRequestInProgress,
     InsufficientStock,
@@ -44,6 +47,7 @@ from services.orders.errors import (
     TransitionNotAllowed,
     UnknownProducts,
 )
+from services.orders.metrics import BATCH_SIZE
 from services.orders.models import MAX_TOTAL_XAF, Order, Status, Stock, StockAction, outbox
 from services.orders.schemas import OrderCreate, OrderItemRead, OrderRead, Reservation, UserErasure, UserOrdersExport
 
@@ -120,41 +124,83 @@ STAFF = Viewer(user_id=None, staff=True)
 # Placing an order runs two single-statement transactions, written once here and sent straight to the
 # pooled connection's asyncpg driver in autocommit (a lone statement is its own transaction): no
 # BEGIN/COMMIT round trips, and none of SQLAlchemy's per-call statement building, cache keys and ORM
-# bulk bookkeeping, which were most of the CPU an order cost. Tables resolve through the connection's
-# search_path (the service's schema), as everywhere else.
+# bulk bookkeeping, which were most of the CPU an order cost. Each statement takes a batch: the claims (and
+# the completions) of the orders that arrive while the previous statement is out go in the next one
+# (``common.batching``), so under load a statement's fixed cost is shared by many orders. Tables resolve
+# through the connection's search_path (the service's schema), as everywhere else.
+
+# Claiming idempotency keys: a key already taken (earlier, or by an earlier twin in the same batch) is
+# skipped, and its id is not returned.
 _CLAIM = """
 INSERT INTO orders (
     id, user_id, status, idempotency_key, request_hash, reservation_id, total_xaf, stock,
     stock_action, stock_action_id, stock_action_since, stock_action_context
 )
-VALUES ($1, $2, 'placing', $3, $4, $5, 0, 'reserving', 'reserve', $6, $7, $8::text::jsonb)
+SELECT v.id, v.user_id, 'placing', v.key, v.digest, v.reservation_id, 0, 'reserving',
+    'reserve', v.attempt, v.since, v.context::jsonb
+FROM unnest(
+    $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::timestamptz[], $8::text[]
+) AS v(id, user_id, key, digest, reservation_id, attempt, since, context)
 ON CONFLICT ON CONSTRAINT uq_orders_user_id_idempotency_key DO NOTHING
 RETURNING id
 """
 
-# Completing a placement: the order, its lines and its audit event in one statement (all or nothing).
-# Lines and event are written only when the UPDATE matched, i.e. this attempt still owns the placement.
+# Completing placements: the orders, their lines and their audit events in one statement (all or nothing).
+# An order's lines and event are written only when its UPDATE matched, i.e. its attempt still owns the
+# placement (the sweeper may have taken over).
 _PLACED = """
 WITH placed AS (
-    UPDATE orders
-    SET status = 'pending', stock = 'held', total_xaf = $3, expires_at = $4,
+    UPDATE orders AS o
+    SET status = 'pending', stock = 'held', total_xaf = v.total, expires_at = v.expires_at,
         stock_action = NULL, stock_action_id = NULL, stock_action_since = NULL, stock_action_context = NULL,
         updated_at = now()
-    WHERE id = $1 AND status = 'placing' AND stock_action_id = $2
-    RETURNING user_id, created_at, updated_at
+    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[]) AS v(id, attempt, total, expires_at)
+    WHERE o.id = v.id AND o.status = 'placing' AND o.stock_action_id = v.attempt
+    RETURNING o.id, o.user_id, o.created_at, o.updated_at
 ),
 lines AS (
     INSERT INTO order_items (order_id, line, product_id, sku, name, quantity, unit_price_xaf, line_total_xaf)
-    SELECT $1, v.line, v.product_id, v.sku, v.name, v.quantity, v.unit_price_xaf, v.line_total_xaf
-    FROM placed, unnest(
-        $5::integer[], $6::uuid[], $7::varchar[], $8::varchar[], $9::integer[], $10::bigint[], $11::bigint[]
-    ) AS v(line, product_id, sku, name, quantity, unit_price_xaf, line_total_xaf)
+    SELECT l.order_id, l.line, l.product_id, l.sku, l.name, l.quantity, l.unit_price_xaf, l.line_total_xaf
+    FROM unnest(
+        $5::uuid[], $6::integer[], $7::uuid[], $8::varchar[], $9::varchar[], $10::integer[], $11::bigint[],
+        $12::bigint[]
+    ) AS l(order_id, line, product_id, sku, name, quantity, unit_price_xaf, line_total_xaf)
+    JOIN placed ON placed.id = l.order_id
 ),
-event AS (
-    INSERT INTO outbox (id, occurred_at, payload) SELECT $12, $13, $14::text::jsonb FROM placed
+events AS (
+    INSERT INTO outbox (id, occurred_at, payload)
+    SELECT e.id, e.occurred_at, e.payload::jsonb
+    FROM unnest($13::uuid[], $14::uuid[], $15::timestamptz[], $16::text[]) AS e(id, order_id, occurred_at, payload)
+    JOIN placed ON placed.id = e.order_id
 )
-SELECT user_id, created_at, updated_at FROM placed
+SELECT id, user_id, created_at, updated_at FROM placed
 """
+
+
+@dataclass(frozen=True)
+class _Claim:
+    order_id: uuid.UUID
+    user_id: uuid.UUID
+    key: str
+    digest: str
+    reservation_id: uuid.UUID
+    attempt: uuid.UUID
+    since: datetime
+    context: str
+
+
+@dataclass(frozen=True)
+class _Placement:
+    order_id: uuid.UUID
+    attempt: uuid.UUID
+    total: int
+    expires_at: datetime | None
+    lines: list[dict[str, Any]]
+    event: AuditEvent
+
+
+def _database_busy(_exc: BaseException) -> Exception:
+    return DatabaseBusy("The order could not be recorded right now; retry shortly.", headers={"Retry-After": "1"})
 
 
 def user_id_of(claims: Claims) -> uuid.UUID | None:
@@ -217,6 +263,64 @@ class OrderService:
         self.inventory = inventory
         self.settings = settings
         self.clock = clock
+        in_flight = settings.statement_batches_in_flight
+        self.claims: Batcher[_Claim, bool] = Batcher(
+            self._claim_batch,
+            failure=_database_busy,
+            in_flight=in_flight,
+            observe=BATCH_SIZE.labels("claim").observe,
+        )
+        self.placements: Batcher[_Placement, asyncpg.Record | None] = Batcher(
+            self._placed_batch,
+            failure=_database_busy,
+            in_flight=in_flight,
+            observe=BATCH_SIZE.labels("placed").observe,
+        )
+
+    async def close(self) -> None:
+        await self.claims.close()
+        await self.placements.close()
+
+    async def _claim_batch(self, claims: list[_Claim]) -> list[bool]:
+        async with self.db.autocommit() as conn:
+            rows = await conn.fetch(
+                _CLAIM,
+                [c.order_id for c in claims],
+                [c.user_id for c in claims],
+                [c.key for c in claims],
+                [c.digest for c in claims],
+                [c.reservation_id for c in claims],
+                [c.attempt for c in claims],
+                [c.since for c in claims],
+                [c.context for c in claims],
+            )
+        claimed = {row["id"] for row in rows}
+        return [c.order_id in claimed for c in claims]
+
+    async def _placed_batch(self, placements: list[_Placement]) -> list[asyncpg.Record | None]:
+        lines = [(p.order_id, line) for p in placements for line in p.lines]
+        async with self.db.autocommit() as conn:
+            rows = await conn.fetch(
+                _PLACED,
+                [p.order_id for p in placements],
+                [p.attempt for p in placements],
+                [p.total for p in placements],
+                [p.expires_at for p in placements],
+                [order_id for order_id, _ in lines],
+                [line["line"] for _, line in lines],
+                [line["product_id"] for _, line in lines],
+                [line["sku"] for _, line in lines],
+                [line["name"] for _, line in lines],
+                [line["quantity"] for _, line in lines],
+                [line["unit_price_xaf"] for _, line in lines],
+                [line["line_total_xaf"] for _, line in lines],
+                [p.event.id for p in placements],
+                [p.order_id for p in placements],
+                [p.event.occurred_at for p in placements],
+                [json.dumps(outbox_payload(p.event)) for p in placements],
+            )
+        placed = {row["id"]: row for row in rows}
+        return [placed.get(p.order_id) for p in placements]
 
     # Reading
 
@@ -280,19 +384,10 @@ class OrderService:
         delay = 0.02
         while True:
             order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-            async with self.db.autocommit() as conn:
-                claimed = await conn.fetchval(
-                    _CLAIM,
-                    order_id,
-                    user_id,
-                    key,
-                    digest,
-                    reservation_id,
-                    attempt,
-                    self.clock(),
-                    json.dumps(actor.save()),
-                )
-            if claimed is not None:
+            claim = _Claim(
+                order_id, user_id, key, digest, reservation_id, attempt, self.clock(), json.dumps(actor.save())
+            )
+            if await self.claims.submit(claim):
                 break
             # The key is taken: that request is done (replay it) or still running (wait for it).
             async with self.db.sessionmaker() as session, session.begin():
@@ -364,24 +459,9 @@ class OrderService:
             "orders.order.created", order_id, None, {"status": Status.pending, "total_xaf": total, "lines": len(lines)}
         )
         # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
-        async with self.db.autocommit() as conn:
-            placed = await conn.fetchrow(
-                _PLACED,
-                order_id,
-                attempt,
-                total,
-                reservation.expires_at,
-                [line["line"] for line in lines],
-                [line["product_id"] for line in lines],
-                [line["sku"] for line in lines],
-                [line["name"] for line in lines],
-                [line["quantity"] for line in lines],
-                [line["unit_price_xaf"] for line in lines],
-                [line["line_total_xaf"] for line in lines],
-                event.id,
-                event.occurred_at,
-                json.dumps(outbox_payload(event)),
-            )
+        placed = await self.placements.submit(
+            _Placement(order_id, attempt, total, reservation.expires_at, lines, event)
+        )
         if placed is None:
             # The sweeper judged this attempt orphaned and released its reservation first.
             await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)

@@ -99,3 +99,15 @@ async def test_the_same_order_cannot_be_placed_twice_by_racing_a_different_body(
     assert len(created) == 1
     assert {r.status_code for r in responses} <= {201, 422}
     assert (await system.stock(product["id"]))["reserved"] in (1, 2)
+
+
+async def test_twins_in_one_claim_batch_make_one_order(system: System) -> None:
+    """Retries that arrive together share one claim statement: the first twin takes the key, the rest wait."""
+    from services.orders.service import _Claim
+
+    service = system.orders_app.state.orders
+    user, now = uuid.uuid4(), system.clock()
+    claims = [_Claim(uuid.uuid4(), user, "same", "h", uuid.uuid4(), uuid.uuid4(), now, "{}") for _ in range(3)]
+    other = _Claim(uuid.uuid4(), uuid.uuid4(), "same", "h", uuid.uuid4(), uuid.uuid4(), now, "{}")
+    assert await service._claim_batch([*claims, other]) == [True, False, False, True]
+    assert await service._claim_batch(claims[1:]) == [False, False]

@@ -118,10 +118,10 @@ async def test_reserves_that_arrive_while_a_call_is_out_go_together(start_system
         first = asyncio.create_task(system.place([(product["id"], 1)]))
         await arrived.wait()
         others = [asyncio.create_task(system.place([(product["id"], 1)])) for _ in range(5)]
-        waiting = system.orders_app.state.inventory._waiting
+        reserves = system.orders_app.state.inventory.reserves
         deadline = time.monotonic() + 10
-        while len(waiting) < 5:  # every later order is waiting for the call that is out
-            assert time.monotonic() < deadline, len(waiting)
+        while reserves.waiting < 5:  # every later order is waiting for the call that is out
+            assert time.monotonic() < deadline, reserves.waiting
             await asyncio.sleep(0.01)
         gate.set()
         responses = await asyncio.gather(first, *others)
@@ -147,10 +147,10 @@ async def test_a_failed_batch_fails_every_order_in_it(start_system: Callable[...
         first = asyncio.create_task(system.place([(product["id"], 1)]))
         await arrived.wait()
         others = [asyncio.create_task(system.place([(product["id"], 1)])) for _ in range(3)]
-        waiting = system.orders_app.state.inventory._waiting
+        reserves = system.orders_app.state.inventory.reserves
         deadline = time.monotonic() + 10
-        while len(waiting) < 3:
-            assert time.monotonic() < deadline, len(waiting)
+        while reserves.waiting < 3:
+            assert time.monotonic() < deadline, reserves.waiting
             await asyncio.sleep(0.01)
         net.fail["reserve"] = 1  # the second call, carrying the three, never reaches inventory
         gate.set()

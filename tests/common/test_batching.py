@@ -1,0 +1,159 @@
+"""Natural batching: what arrives while a batch is out goes out together, and each caller gets its own result."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.batching import Batcher
+
+
+class Refused(Exception):
+    pass
+
+
+class Sender:
+    """Records each batch; a batch is answered when the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+        self.out = asyncio.Event()
+        self.fail_batch: int | None = None
+
+    async def __call__(self, items: list[int]) -> list[int | Exception]:
+        self.batches.append(items)
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.out.set()
+        await gate.wait()
+        if self.fail_batch == len(self.batches) - 1:
+            raise ConnectionError("the other side is down")
+        return [Refused(str(i)) if i < 0 else i * 10 for i in items]
+
+    async def wait_out(self, count: int) -> None:
+        while len(self.batches) < count:
+            self.out.clear()
+            await self.out.wait()
+
+
+def batcher(sender: Sender, **kwargs: int) -> Batcher[int, int]:
+    return Batcher(sender, failure=lambda exc: Refused(f"batch failed: {exc!r}"), **kwargs)
+
+
+async def test_at_low_load_an_item_goes_out_at_once_alone() -> None:
+    sender = Sender()
+    batches = batcher(sender)
+    task = asyncio.create_task(batches.submit(4))
+    await sender.wait_out(1)
+    sender.gates[0].set()
+    assert await task == 40
+    assert sender.batches == [[4]]
+
+
+async def test_what_arrives_while_a_batch_is_out_goes_together_in_order_up_to_the_size() -> None:
+    sender = Sender()
+    batches = batcher(sender, size=3)
+    first = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    later = [asyncio.create_task(batches.submit(n)) for n in range(2, 9)]
+    await asyncio.sleep(0)
+    assert batches.waiting == 7
+    sender.gates[0].set()
+    for expected in (2, 3, 4):
+        await sender.wait_out(expected)
+        sender.gates[expected - 1].set()
+    assert await asyncio.gather(first, *later) == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert sender.batches == [[1], [2, 3, 4], [5, 6, 7], [8]]
+
+
+async def test_an_items_own_error_reaches_only_its_caller() -> None:
+    sender = Sender()
+    batches = batcher(sender)
+    first = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    bad, good = asyncio.create_task(batches.submit(-2)), asyncio.create_task(batches.submit(3))
+    sender.gates[0].set()
+    await sender.wait_out(2)
+    sender.gates[1].set()
+    assert await first == 10
+    assert await good == 30
+    with pytest.raises(Refused, match="-2"):
+        await bad
+
+
+async def test_a_failed_send_fails_every_caller_of_that_batch_and_only_those() -> None:
+    sender = Sender()
+    sender.fail_batch = 1
+    batches = batcher(sender)
+    first = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    doomed = [asyncio.create_task(batches.submit(n)) for n in (2, 3)]
+    await asyncio.sleep(0)
+    sender.gates[0].set()
+    await sender.wait_out(2)
+    after = asyncio.create_task(batches.submit(4))
+    sender.gates[1].set()
+    await sender.wait_out(3)
+    sender.gates[2].set()
+    assert await first == 10
+    for task in doomed:
+        with pytest.raises(Refused, match="the other side is down"):
+            await task
+    assert await after == 40
+    assert sender.batches == [[1], [2, 3], [4]]
+
+
+async def test_a_caller_that_goes_away_does_not_disturb_the_others() -> None:
+    sender = Sender()
+    batches = batcher(sender)
+    first = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    gone, stays = asyncio.create_task(batches.submit(2)), asyncio.create_task(batches.submit(3))
+    await asyncio.sleep(0)
+    gone.cancel()
+    sender.gates[0].set()
+    await sender.wait_out(2)
+    sender.gates[1].set()
+    assert await first == 10
+    assert await stays == 30
+    assert gone.cancelled()
+
+
+async def test_several_batches_may_be_in_flight() -> None:
+    sender = Sender()
+    batches = batcher(sender, in_flight=2)
+    one = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    two = asyncio.create_task(batches.submit(2))
+    await sender.wait_out(2)  # out while the first is still out
+    three = asyncio.create_task(batches.submit(3))
+    await asyncio.sleep(0)
+    assert batches.waiting == 1
+    sender.gates[1].set()
+    assert await two == 20
+    await sender.wait_out(3)
+    sender.gates[0].set()
+    sender.gates[2].set()
+    assert await asyncio.gather(one, three) == [10, 30]
+
+
+async def test_closing_fails_what_is_out_and_what_waits() -> None:
+    sender = Sender()
+    batches = batcher(sender)
+    out = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    waits = asyncio.create_task(batches.submit(2))
+    await asyncio.sleep(0)
+    await batches.close()
+    for task in (out, waits):
+        with pytest.raises(Refused, match="batch failed"):
+            await task
+
+
+def test_sizes_below_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        Batcher(Sender(), failure=Refused, size=0)
+    with pytest.raises(ValueError, match="at least one"):
+        Batcher(Sender(), failure=Refused, in_flight=0)
