@@ -6,7 +6,10 @@ it waits, and the next send to start takes everything waiting, up to ``size`` it
 the batches grow with the load, and a batch never waits for company that is not there.
 
 ``send`` answers one result per item, in order; a result that is an exception is raised to that item's
-caller alone. When ``send`` itself raises, every caller of that batch gets ``failure(exc)``.
+caller alone. When ``send`` itself raises, every caller of that batch gets ``failure(exc)`` — unless
+``isolate`` is set (for sends that are all or nothing and safe to repeat, such as one SQL statement): then
+a failed batch is sent again one item at a time, so that an item that makes the batch fail (a poison
+pill) fails alone, not everybody who happened to arrive with it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Batcher(Generic[In, Out]):
         size: int = 100,
         in_flight: int = 1,
         observe: Callable[[int], None] | None = None,
+        isolate: bool = False,
     ) -> None:
         if size < 1 or in_flight < 1:
             raise ValueError("a batch holds at least one item, and at least one batch is in flight")
@@ -48,6 +52,7 @@ class Batcher(Generic[In, Out]):
         self.size = size
         self.in_flight = in_flight
         self._observe = observe
+        self._isolate = isolate
         self._waiting: deque[_Waiting[In, Out]] = deque()
         self._flights: set[asyncio.Task[None]] = set()
 
@@ -72,10 +77,13 @@ class Batcher(Generic[In, Out]):
             if self._observe is not None:
                 self._observe(len(batch))
             try:
-                results = await self._send([w.item for w in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{len(batch)} items sent, {len(results)} results")
+                results = await self._send_checked([w.item for w in batch])
             except BaseException as exc:
+                if isinstance(exc, Exception) and self._isolate and len(batch) > 1:
+                    log.warning("batch.failed.isolating", items=len(batch), error=repr(exc))
+                    for waiting in batch:
+                        await self._send_alone(waiting)
+                    continue
                 if not isinstance(exc, asyncio.CancelledError):
                     log.warning("batch.failed", items=len(batch), error=repr(exc))
                 for waiting in batch:
@@ -85,12 +93,32 @@ class Batcher(Generic[In, Out]):
                     raise  # cancelled (shutting down)
                 continue
             for waiting, result in zip(batch, results, strict=True):
-                if waiting.result.done():  # its caller went away
-                    continue
-                if isinstance(result, Exception):
-                    waiting.result.set_exception(result)
-                else:
-                    waiting.result.set_result(result)
+                self._settle(waiting, result)
+
+    async def _send_checked(self, items: list[In]) -> Sequence[Out | Exception]:
+        results = await self._send(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"{len(items)} items sent, {len(results)} results")
+        return results
+
+    async def _send_alone(self, waiting: _Waiting[In, Out]) -> None:
+        if waiting.result.done():  # its caller went away
+            return
+        try:
+            (result,) = await self._send_checked([waiting.item])
+        except Exception as exc:
+            log.warning("batch.item_failed", error=repr(exc))
+            result = self._failure(exc)
+        self._settle(waiting, result)
+
+    @staticmethod
+    def _settle(waiting: _Waiting[In, Out], result: Out | Exception) -> None:
+        if waiting.result.done():  # its caller went away
+            return
+        if isinstance(result, Exception):
+            waiting.result.set_exception(result)
+        else:
+            waiting.result.set_result(result)
 
     async def close(self) -> None:
         """Stop the batches in flight; every caller still waiting gets ``failure``."""

@@ -269,12 +269,14 @@ class OrderService:
             failure=_database_busy,
             in_flight=in_flight,
             observe=BATCH_SIZE.labels("claim").observe,
+            isolate=True,
         )
         self.placements: Batcher[_Placement, asyncpg.Record | None] = Batcher(
             self._placed_batch,
             failure=_database_busy,
             in_flight=in_flight,
             observe=BATCH_SIZE.labels("placed").observe,
+            isolate=True,
         )
 
     async def close(self) -> None:

@@ -157,3 +157,35 @@ def test_sizes_below_one_are_refused() -> None:
         Batcher(Sender(), failure=Refused, size=0)
     with pytest.raises(ValueError, match="at least one"):
         Batcher(Sender(), failure=Refused, in_flight=0)
+
+
+async def test_with_isolation_a_poison_item_fails_alone() -> None:
+    sent: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int | Exception]:
+        sent.append(items)
+        await asyncio.sleep(0)
+        if 13 in items:
+            raise ValueError("a statement that one bad row makes fail as a whole")
+        return [i * 10 for i in items]
+
+    batches: Batcher[int, int] = Batcher(send, failure=lambda exc: Refused(repr(exc)), isolate=True)
+    results = await asyncio.gather(*(batches.submit(n) for n in (1, 12, 13, 14)), return_exceptions=True)
+    assert results[:2] == [10, 120]
+    assert isinstance(results[2], Refused)
+    assert results[3] == 140
+    assert sent == [[1, 12, 13, 14], [1], [12], [13], [14]]
+
+
+async def test_without_isolation_a_failed_batch_is_not_sent_again() -> None:
+    sent: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int | Exception]:
+        sent.append(items)
+        await asyncio.sleep(0)
+        raise ConnectionError("down")
+
+    batches: Batcher[int, int] = Batcher(send, failure=lambda exc: Refused(repr(exc)))
+    results = await asyncio.gather(*(batches.submit(n) for n in (1, 2, 3)), return_exceptions=True)
+    assert all(isinstance(r, Refused) for r in results)
+    assert sent == [[1, 2, 3]]
