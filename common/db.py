@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -127,6 +127,13 @@ async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
     finally:
         if not outer and driver.is_in_transaction():
             await conn.invalidate()
+
+
+def columns(rows: Iterable[Any], *fields: str) -> list[list[Any]]:
+    """Rows turned into one list per field, for statements that take arrays (``unnest($1::uuid[], ...)``):
+    a whole batch of rows in one statement. A row is a mapping (by key) or an object (by attribute)."""
+    rows = list(rows)
+    return [[row[f] if isinstance(row, Mapping) else getattr(row, f) for row in rows] for f in fields]
 
 
 def _note_checkin(_dbapi_connection: Any, record: Any) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload, undefer
 
-from common.db import driver_of
+from common.db import columns, driver_of
 from services.inventory.models import (
     Product,
     ProductImage,
@@ -212,13 +212,7 @@ class ReserveStatements:
         """Add the held units to the (already locked) products, the reservations' lines and the ledger rows."""
         await self.driver.execute(
             _HOLD,
-            [line.reservation_id for line in lines],
-            [line.product_id for line in lines],
-            [line.line for line in lines],
-            [line.quantity for line in lines],
-            [line.sku for line in lines],
-            [line.name for line in lines],
-            [line.unit_price_xaf for line in lines],
+            *columns(lines, "reservation_id", "product_id", "line", "quantity", "sku", "name", "unit_price_xaf"),
         )
 
 

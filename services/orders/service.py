@@ -28,7 +28,7 @@ from sqlalchemy.orm import selectinload
 
 from common.audit import AuditEvent, outbox_payload, record, request_fields
 from common.batching import Batcher
-from common.db import Database
+from common.db import Database, columns
 from common.errors import BadRequest
 from common.pagination import Page, decode_cursor, encode_cursor
 from common.tokens import Claims
@@ -287,39 +287,36 @@ class OrderService:
         async with self.db.autocommit() as conn:
             rows = await conn.fetch(
                 _CLAIM,
-                [c.order_id for c in claims],
-                [c.user_id for c in claims],
-                [c.key for c in claims],
-                [c.digest for c in claims],
-                [c.reservation_id for c in claims],
-                [c.attempt for c in claims],
-                [c.since for c in claims],
-                [c.context for c in claims],
+                *columns(
+                    claims, "order_id", "user_id", "key", "digest", "reservation_id", "attempt", "since", "context"
+                ),
             )
         claimed = {row["id"] for row in rows}
         return [c.order_id in claimed for c in claims]
 
     async def _placed_batch(self, placements: list[_Placement]) -> list[asyncpg.Record | None]:
-        lines = [(p.order_id, line) for p in placements for line in p.lines]
+        lines = [{"order_id": p.order_id, **line} for p in placements for line in p.lines]
+        events = [
+            {"id": p.event.id, "order_id": p.order_id, "at": p.event.occurred_at, "payload": outbox_payload(p.event)}
+            for p in placements
+        ]
         async with self.db.autocommit() as conn:
             rows = await conn.fetch(
                 _PLACED,
-                [p.order_id for p in placements],
-                [p.attempt for p in placements],
-                [p.total for p in placements],
-                [p.expires_at for p in placements],
-                [order_id for order_id, _ in lines],
-                [line["line"] for _, line in lines],
-                [line["product_id"] for _, line in lines],
-                [line["sku"] for _, line in lines],
-                [line["name"] for _, line in lines],
-                [line["quantity"] for _, line in lines],
-                [line["unit_price_xaf"] for _, line in lines],
-                [line["line_total_xaf"] for _, line in lines],
-                [p.event.id for p in placements],
-                [p.order_id for p in placements],
-                [p.event.occurred_at for p in placements],
-                [json.dumps(outbox_payload(p.event)) for p in placements],
+                *columns(placements, "order_id", "attempt", "total", "expires_at"),
+                *columns(
+                    lines,
+                    "order_id",
+                    "line",
+                    "product_id",
+                    "sku",
+                    "name",
+                    "quantity",
+                    "unit_price_xaf",
+                    "line_total_xaf",
+                ),
+                *columns(events, "id", "order_id", "at"),
+                [json.dumps(e["payload"]) for e in events],
             )
         placed = {row["id"]: row for row in rows}
         return [placed.get(p.order_id) for p in placements]
