@@ -108,21 +108,30 @@ async def test_a_lost_reserve_answer_is_retried_without_holding_twice(start_syst
         assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 2, "available": 3}
 
 
+async def one_out_and_more_waiting(
+    system: System, net: FlakyTransport, product_id: str, later: int
+) -> tuple[asyncio.Task[httpx.Response], list[asyncio.Task[httpx.Response]], asyncio.Event]:
+    """One order's reserve call held on its way to inventory, and ``later`` orders waiting for it to come
+    back; the held call goes on when the returned gate is set."""
+    gate = net.hold_before["reserve"] = asyncio.Event()
+    arrived = net.arrived["reserve"] = asyncio.Event()
+    first = asyncio.create_task(system.place([(product_id, 1)]))
+    await arrived.wait()
+    others = [asyncio.create_task(system.place([(product_id, 1)])) for _ in range(later)]
+    reserves = system.orders_app.state.inventory.reserves
+    deadline = time.monotonic() + 10
+    while reserves.waiting < later:  # a state to reach, not a race: each order queues on its first steps
+        assert time.monotonic() < deadline, reserves.waiting
+        await asyncio.sleep(0.01)
+    return first, others, gate
+
+
 async def test_reserves_that_arrive_while_a_call_is_out_go_together(start_system: Callable[..., Any]) -> None:
     context, net = await start_flaky(start_system, reserve_batches_in_flight=1)
     async with context as system:
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=4, price=700)
-        gate = net.hold_before["reserve"] = asyncio.Event()
-        arrived = net.arrived["reserve"] = asyncio.Event()
-        first = asyncio.create_task(system.place([(product["id"], 1)]))
-        await arrived.wait()
-        others = [asyncio.create_task(system.place([(product["id"], 1)])) for _ in range(5)]
-        reserves = system.orders_app.state.inventory.reserves
-        deadline = time.monotonic() + 10
-        while reserves.waiting < 5:  # every later order is waiting for the call that is out
-            assert time.monotonic() < deadline, reserves.waiting
-            await asyncio.sleep(0.01)
+        first, others, gate = await one_out_and_more_waiting(system, net, product["id"], 5)
         gate.set()
         responses = await asyncio.gather(first, *others)
         assert net.batches == [1, 5]
@@ -142,16 +151,7 @@ async def test_a_failed_batch_fails_every_order_in_it(start_system: Callable[...
     async with context as system:
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=10)
-        gate = net.hold_before["reserve"] = asyncio.Event()
-        arrived = net.arrived["reserve"] = asyncio.Event()
-        first = asyncio.create_task(system.place([(product["id"], 1)]))
-        await arrived.wait()
-        others = [asyncio.create_task(system.place([(product["id"], 1)])) for _ in range(3)]
-        reserves = system.orders_app.state.inventory.reserves
-        deadline = time.monotonic() + 10
-        while reserves.waiting < 3:
-            assert time.monotonic() < deadline, reserves.waiting
-            await asyncio.sleep(0.01)
+        first, others, gate = await one_out_and_more_waiting(system, net, product["id"], 3)
         net.fail["reserve"] = 1  # the second call, carrying the three, never reaches inventory
         gate.set()
         responses = await asyncio.gather(first, *others)
