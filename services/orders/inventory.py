@@ -31,6 +31,8 @@ from services.orders.schemas import OrderLineIn, Reservation, ShortLine
 log = structlog.get_logger("comptoir.orders.inventory")
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+# Order lines in one batch call at most (~70 bytes each): far below inventory's request body limit.
+MAX_LINES_PER_CALL = 2000
 
 
 class TokenSource(Protocol):
@@ -92,6 +94,8 @@ class InventoryClient:
             failure=_unavailable,
             size=batch_size,
             in_flight=batches_in_flight,
+            weigh=lambda reserve: len(reserve.items),
+            max_weight=MAX_LINES_PER_CALL,
             observe=BATCH_SIZE.labels("reserve").observe,
         )
 
@@ -140,7 +144,9 @@ class InventoryClient:
 
     async def _reserve_batch(self, batch: list[_Reserve]) -> list[tuple[int, dict[str, Any]]]:
         body = {"reservations": [{"reservation_id": str(r.reservation_id), "items": r.items} for r in batch]}
-        response = await self._call("POST", "/internal/reservations/batch", json=body, request_id=batch[0].request_id)
+        # A lone reserve carries its request's id to inventory's logs; a batch is a request of its own.
+        request_id = batch[0].request_id if len(batch) == 1 else None
+        response = await self._call("POST", "/internal/reservations/batch", json=body, request_id=request_id)
         return _batch_results(response, [r.reservation_id for r in batch])
 
     async def close(self) -> None:

@@ -23,13 +23,14 @@ import asyncpg
 import structlog
 from fastapi import Request
 from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from common.audit import AuditEvent, outbox_payload, record, request_fields
 from common.batching import Batcher
 from common.db import Database, columns
-from common.errors import BadRequest
+from common.errors import RETRYABLE_SQLSTATES, BadRequest, sqlstate_of
 from common.pagination import Page, decode_cursor, encode_cursor
 from common.tokens import Claims
 from services.orders import inventory as inv
@@ -130,7 +131,8 @@ STAFF = Viewer(user_id=None, staff=True)
 # through the connection's search_path (the service's schema), as everywhere else.
 
 # Claiming idempotency keys: a key already taken (earlier, or by an earlier twin in the same batch) is
-# skipped, and its id is not returned.
+# skipped, and its id is not returned. Keys are inserted in key order, so two batches that share keys
+# (retries) wait for each other in one direction only: no deadlock.
 _CLAIM = """
 INSERT INTO orders (
     id, user_id, status, idempotency_key, request_hash, reservation_id, total_xaf, stock,
@@ -140,7 +142,8 @@ SELECT v.id, v.user_id, 'placing', v.key, v.digest, v.reservation_id, 0, 'reserv
     'reserve', v.attempt, v.since, v.context::jsonb
 FROM unnest(
     $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::timestamptz[], $8::text[]
-) AS v(id, user_id, key, digest, reservation_id, attempt, since, context)
+) WITH ORDINALITY AS v(id, user_id, key, digest, reservation_id, attempt, since, context, n)
+ORDER BY v.user_id, v.key, v.n
 ON CONFLICT ON CONSTRAINT uq_orders_user_id_idempotency_key DO NOTHING
 RETURNING id
 """
@@ -199,8 +202,21 @@ class _Placement:
     event: AuditEvent
 
 
-def _database_busy(_exc: BaseException) -> Exception:
+def _database_failure(exc: BaseException) -> Exception:
+    """What the orders of a failed statement batch get: the database refusing an order's data is a fault
+    (answered 500 by the handlers, as before batching); anything else (busy, unreachable, shutting down)
+    is a 503 to retry."""
+    state = sqlstate_of(exc)
+    if isinstance(exc, DBAPIError) and state is not None and state not in RETRYABLE_SQLSTATES:
+        return DBAPIError(None, None, exc.orig)  # type: ignore[arg-type]
     return DatabaseBusy("The order could not be recorded right now; retry shortly.", headers={"Retry-After": "1"})
+
+
+def _refused_for_its_data(exc: Exception) -> bool:
+    """The statement was refused for what it carried (a data or constraint error): it changed nothing, and
+    sending its orders one by one finds the order that caused it. A lost answer is not one of these."""
+    state = sqlstate_of(exc)
+    return isinstance(exc, DBAPIError) and state is not None and state[:2] in ("22", "23")
 
 
 def user_id_of(claims: Claims) -> uuid.UUID | None:
@@ -266,17 +282,17 @@ class OrderService:
         in_flight = settings.statement_batches_in_flight
         self.claims: Batcher[_Claim, bool] = Batcher(
             self._claim_batch,
-            failure=_database_busy,
+            failure=_database_failure,
             in_flight=in_flight,
             observe=BATCH_SIZE.labels("claim").observe,
-            isolate=True,
+            isolate=_refused_for_its_data,
         )
         self.placements: Batcher[_Placement, asyncpg.Record | None] = Batcher(
             self._placed_batch,
-            failure=_database_busy,
+            failure=_database_failure,
             in_flight=in_flight,
             observe=BATCH_SIZE.labels("placed").observe,
-            isolate=True,
+            isolate=_refused_for_its_data,
         )
 
     async def close(self) -> None:

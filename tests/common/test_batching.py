@@ -169,7 +169,9 @@ async def test_with_isolation_a_poison_item_fails_alone() -> None:
             raise ValueError("a statement that one bad row makes fail as a whole")
         return [i * 10 for i in items]
 
-    batches: Batcher[int, int] = Batcher(send, failure=lambda exc: Refused(repr(exc)), isolate=True)
+    batches: Batcher[int, int] = Batcher(
+        send, failure=lambda exc: Refused(repr(exc)), isolate=lambda exc: isinstance(exc, ValueError)
+    )
     results = await asyncio.gather(*(batches.submit(n) for n in (1, 12, 13, 14)), return_exceptions=True)
     assert results[:2] == [10, 120]
     assert isinstance(results[2], Refused)
@@ -177,15 +179,92 @@ async def test_with_isolation_a_poison_item_fails_alone() -> None:
     assert sent == [[1, 12, 13, 14], [1], [12], [13], [14]]
 
 
-async def test_without_isolation_a_failed_batch_is_not_sent_again() -> None:
+async def test_a_failure_isolate_does_not_accept_is_not_sent_again() -> None:
     sent: list[list[int]] = []
 
     async def send(items: list[int]) -> list[int | Exception]:
         sent.append(items)
         await asyncio.sleep(0)
-        raise ConnectionError("down")
+        raise ConnectionError("the answer was lost: the batch may have taken effect")
 
-    batches: Batcher[int, int] = Batcher(send, failure=lambda exc: Refused(repr(exc)))
+    batches: Batcher[int, int] = Batcher(
+        send, failure=lambda exc: Refused(repr(exc)), isolate=lambda exc: isinstance(exc, ValueError)
+    )
     results = await asyncio.gather(*(batches.submit(n) for n in (1, 2, 3)), return_exceptions=True)
     assert all(isinstance(r, Refused) for r in results)
     assert sent == [[1, 2, 3]]
+
+
+async def test_one_after_the_other_each_item_goes_out() -> None:
+    """A caller woken by its result submits again at once, while its flight is finishing: still carried."""
+    sent: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int | Exception]:
+        sent.append(items)
+        await asyncio.sleep(0)
+        return list(items)
+
+    for in_flight in (1, 2):
+        batches: Batcher[int, int] = Batcher(send, failure=Refused, in_flight=in_flight)
+        for n in range(5):
+            assert await asyncio.wait_for(batches.submit(n), 5) == n
+    assert sent == [[n] for n in range(5)] * 2
+
+
+async def test_closing_while_isolating_leaves_nobody_waiting() -> None:
+    gate, isolating = asyncio.Event(), asyncio.Event()
+
+    async def send(items: list[int]) -> list[int | Exception]:
+        if items == [0]:
+            await gate.wait()
+            return [0]
+        if len(items) > 1:
+            raise ValueError("refused")
+        isolating.set()
+        await asyncio.Event().wait()  # a lone re-send that never answers
+        return list(items)
+
+    batches: Batcher[int, int] = Batcher(send, failure=lambda exc: Refused(repr(exc)), isolate=lambda _exc: True)
+    first = asyncio.create_task(batches.submit(0))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(batches.submit(n)) for n in (1, 2, 3)]
+    await asyncio.sleep(0)
+    gate.set()  # the three go out together, are refused, and are re-sent one by one: the first never answers
+    await isolating.wait()
+    assert await first == 0
+    await batches.close()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert all(isinstance(r, Refused) for r in results), results
+    with pytest.raises(Refused):
+        await batches.submit(4)  # closed
+
+
+async def test_an_item_whose_caller_left_before_its_batch_went_out_is_not_sent() -> None:
+    sender = Sender()
+    batches = batcher(sender)
+    first = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    gone, stays = asyncio.create_task(batches.submit(2)), asyncio.create_task(batches.submit(3))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    sender.gates[0].set()
+    await sender.wait_out(2)
+    sender.gates[1].set()
+    assert await asyncio.gather(first, stays) == [10, 30]
+    assert sender.batches == [[1], [3]]
+
+
+async def test_a_batch_stops_at_its_weight_but_always_carries_one() -> None:
+    sender = Sender()
+    batches = Batcher(sender, failure=Refused, size=10, weigh=lambda n: n, max_weight=10)
+    first = asyncio.create_task(batches.submit(1))
+    await sender.wait_out(1)
+    later = [asyncio.create_task(batches.submit(n)) for n in (4, 5, 2, 30, 1)]
+    await asyncio.sleep(0)
+    for n in range(4):
+        sender.gates[n].set()
+        await sender.wait_out(n + 2)
+    sender.gates[4].set()
+    assert await asyncio.gather(first, *later) == [10, 40, 50, 20, 300, 10]
+    assert sender.batches == [[1], [4, 5], [2], [30], [1]]

@@ -455,3 +455,22 @@ async def test_concurrent_batches_for_the_last_units_never_oversell(
     assert statuses == [201] * 10 + [409] * 40, statuses
     assert tuple(await stock_row(database, product["id"])) == (10, 10, 0)
     await assert_ledger_invariant(database)
+
+
+async def test_a_retried_batch_racing_the_first_holds_each_reservation_once(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
+) -> None:
+    product = await create_product(client, tokens, stock=100)
+    asks = [ask([(product["id"], 1)]) for _ in range(20)]
+    first, retry, backwards = await asyncio.gather(
+        reserve_batch(client, tokens, asks),
+        reserve_batch(client, tokens, asks),
+        reserve_batch(client, tokens, asks[::-1]),
+    )
+    for n, asked in enumerate(asks):
+        answers = [first[n], retry[n], backwards[len(asks) - 1 - n]]
+        assert sorted(a["status"] for a in answers) == [200, 200, 201], answers
+        assert answers[0]["body"] == answers[1]["body"] == answers[2]["body"]
+        assert answers[0]["reservation_id"] == asked["reservation_id"]
+    assert tuple(await stock_row(database, product["id"])) == (100, 20, 80)
+    await assert_ledger_invariant(database)
