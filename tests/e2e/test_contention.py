@@ -1,0 +1,161 @@
+"""Correctness under contention with everything real: `comptoir run`'s five processes, real HTTP through the
+gateway (and from orders to inventory), concurrent clients, the embedded PostgreSQL's row locks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from comptoir.embedded import SUPERUSER, libpq_url
+from comptoir.provision import to_asyncpg_dsn
+from tests.e2e.harness import RunningSystem, new_system
+from tests.inventory.support import LEDGER_SQL
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "correct horse battery staple 42"
+ADMIN = ("owner@boutique.cm", "purple gorilla mango tractor 77")
+BUYERS = 5
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
+    running = new_system(tmp_path_factory.mktemp("contention"))
+    running.env |= {
+        "AUTH_PBKDF2_ROUNDS": "1000",
+        "LOG_LEVEL": "WARNING",
+        "BOOTSTRAP_ADMIN_EMAIL": ADMIN[0],
+        "BOOTSTRAP_ADMIN_PASSWORD": ADMIN[1],
+    }
+    running.start()
+    try:
+        yield running
+    finally:
+        assert running.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def people(system: RunningSystem) -> dict[str, Any]:
+    gateway = system.url()
+
+    def login(email: str, password: str) -> dict[str, str]:
+        response = httpx.post(gateway + "/api/v1/auth/login", json={"email": email, "password": password})
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+    buyers = []
+    for _ in range(BUYERS):
+        email = f"buyer-{uuid.uuid4().hex[:8]}@boutique.cm"
+        created = httpx.post(gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD})
+        assert created.status_code == 201, created.text
+        buyers.append(login(email, PASSWORD))
+    return {"staff": login(*ADMIN), "buyers": buyers}
+
+
+def product(system: RunningSystem, staff: dict[str, str], stock: int) -> str:
+    body = {"sku": f"HOT-{uuid.uuid4().hex[:8]}", "name": "Savon", "price_xaf": 750, "initial_stock": stock}
+    response = httpx.post(system.url() + "/api/v1/products", json=body, headers=staff)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def place(
+    client: httpx.AsyncClient, buyer: dict[str, str], items: list[tuple[str, int]], key: str | None = None
+) -> httpx.Response:
+    body = {"items": [{"product_id": pid, "quantity": qty} for pid, qty in items]}
+    headers = buyer | {"Idempotency-Key": key or str(uuid.uuid4())}
+    return await client.post("/api/v1/orders", json=body, headers=headers)
+
+
+async def ledger_breaks(system: RunningSystem) -> list[dict[str, Any]]:
+    creds = json.loads((system.data_dir / "secrets" / "postgres.json").read_text())
+    conn = await asyncpg.connect(
+        to_asyncpg_dsn(libpq_url(SUPERUSER, creds["superuser_password"], system.data_dir / "pg"))
+    )
+    try:
+        return [dict(row) for row in await conn.fetch(LEDGER_SQL)]
+    finally:
+        await conn.close()
+
+
+def client(system: RunningSystem) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    return httpx.AsyncClient(base_url=system.url(), limits=limits, timeout=60)
+
+
+def test_fifty_buyers_for_the_last_ten_units(system: RunningSystem, people: dict[str, Any]) -> None:
+    staff, buyers = people["staff"], people["buyers"]
+    hot = product(system, staff, stock=10)
+
+    async def scenario() -> tuple[list[httpx.Response], list[int]]:
+        async with client(system) as http:
+            seen: list[int] = []
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                while not done.is_set():
+                    answer = await http.get(f"/api/v1/products/{hot}/stock", headers=staff)
+                    seen.append(answer.json()["available"])
+                    await asyncio.sleep(0.01)  # a sample every ~10 ms (staff's rate limit is 1000/h)
+
+            watcher = asyncio.create_task(watch())
+            answers = await asyncio.gather(*(place(http, buyers[n % BUYERS], [(hot, 1)]) for n in range(50)))
+            done.set()
+            await watcher
+            return list(answers), seen
+
+    answers, seen = asyncio.run(scenario())
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201] * 10 + [409] * 40, [a.text for a in answers if a.status_code not in (201, 409)][:3]
+    assert all(a.json()["total_xaf"] == 750 for a in answers if a.status_code == 201)
+    assert seen
+    assert min(seen) >= 0
+    stock = httpx.get(system.url() + f"/api/v1/products/{hot}/stock", headers=staff).json()
+    assert stock | {"product_id": hot} == {"product_id": hot, "on_hand": 10, "reserved": 10, "available": 0}
+    assert asyncio.run(ledger_breaks(system)) == []
+
+
+def test_opposite_orders_over_two_products_never_reach_the_client_as_errors(
+    system: RunningSystem, people: dict[str, Any]
+) -> None:
+    staff, buyers = people["staff"], people["buyers"]
+    a, b = product(system, staff, stock=1000), product(system, staff, stock=1000)
+
+    async def scenario() -> list[httpx.Response]:
+        async with client(system) as http:
+            pairs = [
+                place(http, buyers[n % BUYERS], [(a, 1), (b, 1)] if n % 2 else [(b, 1), (a, 1)]) for n in range(40)
+            ]
+            return list(await asyncio.gather(*pairs))
+
+    answers = asyncio.run(scenario())
+    assert [r.status_code for r in answers] == [201] * 40, [r.text for r in answers if r.status_code != 201][:3]
+    for pid in (a, b):
+        assert httpx.get(system.url() + f"/api/v1/products/{pid}/stock", headers=staff).json()["reserved"] == 40
+    assert asyncio.run(ledger_breaks(system)) == []
+
+
+def test_concurrent_retries_with_one_key_make_one_order(system: RunningSystem, people: dict[str, Any]) -> None:
+    staff, buyer = people["staff"], people["buyers"][0]
+    pid = product(system, staff, stock=100)
+
+    async def scenario() -> list[httpx.Response]:
+        async with client(system) as http:
+            return list(await asyncio.gather(*(place(http, buyer, [(pid, 3)], key="retry-me") for _ in range(12))))
+
+    answers = asyncio.run(scenario())
+    assert {r.status_code for r in answers} == {201}, [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert sum(1 for r in answers if "idempotent-replayed" not in r.headers) == 1
+    stock = httpx.get(system.url() + f"/api/v1/products/{pid}/stock", headers=staff).json()
+    assert stock | {"product_id": pid} == {"product_id": pid, "on_hand": 100, "reserved": 3, "available": 97}
+    listed = httpx.get(system.url() + "/api/v1/orders", headers=buyer).json()["items"]
+    assert sum(1 for order in listed if order["items"][0]["product_id"] == pid) == 1
+    assert asyncio.run(ledger_breaks(system)) == []
