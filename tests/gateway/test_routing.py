@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+
 import httpx
 import pytest
 
@@ -163,3 +167,59 @@ def test_allowed_hosts_refuse_other_host_headers(echo, issuer) -> None:  # noqa:
             assert_problem(httpx.get(url + "/api/v1/products", headers={"Host": host}), 400)
         assert httpx.get(url + "/healthz", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # probes
         assert httpx.get(url + "/metrics", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # scrapes
+
+
+def test_image_uploads_are_413_when_chunked_past_the_limit(gateway, echo, issuer) -> None:  # noqa: ANN001
+    upstream, _ = echo
+    before = len(upstream.hits)
+
+    def chunks():  # noqa: ANN202 - chunked, no Content-Length
+        yield b"--b\r\nContent-Disposition: form-data; name=file; filename=p.png\r\nContent-Type: image/png\r\n\r\n"
+        for _ in range(100):
+            yield b"x" * 65536  # 6.25 MiB in all
+
+    staff = bearer(issuer.access(role="staff")) | {"content-type": "multipart/form-data; boundary=b"}
+    assert_problem(httpx.post(gateway[0] + "/api/v1/products/abc/images", content=chunks(), headers=staff), 413)
+    assert len(upstream.hits) == before
+
+
+def _raw_upload(url: str, token: str, length: int) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(
+        (
+            "POST /api/v1/products/abc/images HTTP/1.1\r\n"
+            f"Host: {host}\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {length}\r\n\r\n"
+        ).encode()
+    )
+    return sock
+
+
+def test_an_upload_cannot_outgrow_its_declared_length(gateway, echo, issuer) -> None:  # noqa: ANN001
+    """Over real HTTP/1.1: a declared length above the limit is refused before any body byte is read; bytes sent
+    beyond a declared length are never part of that body (they are a new, malformed request)."""
+    upstream, _ = echo
+    token = issuer.access(role="staff")
+    with _raw_upload(gateway[0], token, 6 * 1024 * 1024) as sock:
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 413
+        assert answer.getheader("content-type") == "application/problem+json"
+
+    before = len(upstream.hits)
+    with _raw_upload(gateway[0], token, 1000) as sock:
+        sock.sendall(b"x" * 1000)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 201
+        assert json.loads(answer.read())["body_length"] == 1000  # the upstream got the declared bytes only
+        try:
+            sock.sendall(b"y" * (2 * 1024 * 1024))  # the "rest of the upload"
+            garbage = http.client.HTTPResponse(sock)
+            garbage.begin()
+            assert garbage.status == 400
+        except (ConnectionError, http.client.RemoteDisconnected):
+            pass  # or the connection is simply closed
+    assert len(upstream.hits) == before + 1
