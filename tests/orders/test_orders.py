@@ -200,8 +200,10 @@ async def test_the_state_machine_moves_stock(system: System) -> None:
     assert confirmed.json()["status"] == "confirmed"
     assert confirmed.json()["expires_at"] is None
     assert await system.stock(product["id"]) == {"on_hand": 6, "reserved": 0, "available": 6}
-    assert (await system.orders.post(url + "/ship", headers=staff)).json()["status"] == "shipped"
-    assert (await system.orders.post(url + "/deliver", headers=staff)).json()["status"] == "delivered"
+    shipped = await system.orders.post(url + "/ship", headers=staff)
+    assert shipped.json()["status"] == "shipped"
+    delivered = await system.orders.post(url + "/deliver", headers=staff)
+    assert delivered.json()["status"] == "delivered"
     for action in ("confirm", "ship", "deliver", "cancel"):
         body = assert_problem(await system.orders.post(f"{url}/{action}", headers=staff), 409)
         assert body["order_status"] == "delivered"
@@ -216,6 +218,9 @@ async def test_the_state_machine_moves_stock(system: System) -> None:
     ]
     assert {e["actor_role"] for e in events[1:]} == {"staff"}
     assert {e["actor_id"] for e in events[1:]} == {system.tokens.staff_id}
+    # Every change carries where it came from: the request's id, the client's IP and user agent.
+    assert [e["request_id"] for e in events[1:]] == [r.headers["x-request-id"] for r in (confirmed, shipped, delivered)]
+    assert {(e["ip"], e["user_agent"]) for e in events} == {("203.0.113.7", system.orders.headers["user-agent"])}
 
 
 @pytest.mark.parametrize(
@@ -246,8 +251,8 @@ async def test_cancel_releases_held_and_committed_stock(system: System) -> None:
     await system.orders.post(f"{ORDERS}/{confirmed['id']}/confirm", headers=system.tokens.staff())
     assert await system.stock(product["id"]) == {"on_hand": 6, "reserved": 3, "available": 3}
 
-    cancelled = await system.orders.post(f"{ORDERS}/{pending['id']}/cancel", headers=customer)
-    assert cancelled.json()["status"] == "cancelled"
+    first = await system.orders.post(f"{ORDERS}/{pending['id']}/cancel", headers=customer)
+    assert first.json()["status"] == "cancelled"
     assert await system.stock(product["id"]) == {"on_hand": 6, "reserved": 0, "available": 6}
     cancelled = await system.orders.post(f"{ORDERS}/{confirmed['id']}/cancel", headers=customer)
     assert cancelled.json()["status"] == "cancelled"
@@ -255,6 +260,8 @@ async def test_cancel_releases_held_and_committed_stock(system: System) -> None:
     events = [e for e in await order_events(system) if e["action"] == "orders.order.cancelled"]
     assert [e["old_values"]["status"] for e in events] == ["pending", "confirmed"]
     assert {e["actor_role"] for e in events} == {"customer"}
+    assert [e["request_id"] for e in events] == [first.headers["x-request-id"], cancelled.headers["x-request-id"]]
+    assert {(e["ip"], e["user_agent"]) for e in events} == {("203.0.113.7", system.orders.headers["user-agent"])}
 
 
 async def test_customers_see_and_cancel_only_their_own_orders(system: System) -> None:
