@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -9,11 +11,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import psutil
 
+from comptoir.embedded import SUPERUSER, libpq_url
+from comptoir.provision import to_asyncpg_dsn
 from tests.conftest import free_port
+from tests.inventory.support import LEDGER_SQL
 
 PROCESSES = ["gateway", "auth", "inventory", "orders", "audit"]
 
@@ -73,6 +80,23 @@ class RunningSystem:
 
     def logs(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def admin_url(self) -> str:
+        """The embedded server's superuser, as an asyncpg DSN."""
+        creds = json.loads((self.data_dir / "secrets" / "postgres.json").read_text())
+        return to_asyncpg_dsn(libpq_url(SUPERUSER, creds["superuser_password"], self.data_dir / "pg"))
+
+    def ledger_breaks(self) -> list[dict[str, Any]]:
+        """Products whose stock disagrees with the movement ledger or the held reservations (none, always)."""
+
+        async def query() -> list[dict[str, Any]]:
+            conn = await asyncpg.connect(self.admin_url())
+            try:
+                return [dict(row) for row in await conn.fetch(LEDGER_SQL)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(query())
 
 
 def new_system(tmp_path: Path) -> RunningSystem:

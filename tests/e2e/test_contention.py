@@ -4,19 +4,14 @@ gateway (and from orders to inventory), concurrent clients, the embedded Postgre
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from comptoir.embedded import SUPERUSER, libpq_url
-from comptoir.provision import to_asyncpg_dsn
 from tests.e2e.harness import RunningSystem, new_system
-from tests.inventory.support import LEDGER_SQL
 
 pytestmark = pytest.mark.e2e
 
@@ -74,17 +69,6 @@ async def place(
     return await client.post("/api/v1/orders", json=body, headers=headers)
 
 
-async def ledger_breaks(system: RunningSystem) -> list[dict[str, Any]]:
-    creds = json.loads((system.data_dir / "secrets" / "postgres.json").read_text())
-    conn = await asyncpg.connect(
-        to_asyncpg_dsn(libpq_url(SUPERUSER, creds["superuser_password"], system.data_dir / "pg"))
-    )
-    try:
-        return [dict(row) for row in await conn.fetch(LEDGER_SQL)]
-    finally:
-        await conn.close()
-
-
 def client(system: RunningSystem) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     return httpx.AsyncClient(base_url=system.url(), limits=limits, timeout=60)
@@ -119,7 +103,7 @@ def test_fifty_buyers_for_the_last_ten_units(system: RunningSystem, people: dict
     assert min(seen) >= 0
     stock = httpx.get(system.url() + f"/api/v1/products/{hot}/stock", headers=staff).json()
     assert stock | {"product_id": hot} == {"product_id": hot, "on_hand": 10, "reserved": 10, "available": 0}
-    assert asyncio.run(ledger_breaks(system)) == []
+    assert system.ledger_breaks() == []
 
 
 def test_opposite_orders_over_two_products_never_reach_the_client_as_errors(
@@ -139,7 +123,7 @@ def test_opposite_orders_over_two_products_never_reach_the_client_as_errors(
     assert [r.status_code for r in answers] == [201] * 40, [r.text for r in answers if r.status_code != 201][:3]
     for pid in (a, b):
         assert httpx.get(system.url() + f"/api/v1/products/{pid}/stock", headers=staff).json()["reserved"] == 40
-    assert asyncio.run(ledger_breaks(system)) == []
+    assert system.ledger_breaks() == []
 
 
 def test_concurrent_retries_with_one_key_make_one_order(system: RunningSystem, people: dict[str, Any]) -> None:
@@ -158,4 +142,4 @@ def test_concurrent_retries_with_one_key_make_one_order(system: RunningSystem, p
     assert stock | {"product_id": pid} == {"product_id": pid, "on_hand": 100, "reserved": 3, "available": 97}
     listed = httpx.get(system.url() + "/api/v1/orders", headers=buyer).json()["items"]
     assert sum(1 for order in listed if order["items"][0]["product_id"] == pid) == 1
-    assert asyncio.run(ledger_breaks(system)) == []
+    assert system.ledger_breaks() == []

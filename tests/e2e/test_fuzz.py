@@ -104,3 +104,4 @@ def test_no_schema_violation_and_no_server_error(system, who: str, tmp_path: Pat
     assert httpx.get(gateway + "/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200, (
         "the fuzzer's session ended during the run: the results above are not meaningful"
     )
+    assert system.ledger_breaks() == []  # whatever the fuzzer bought, adjusted or cancelled
