@@ -90,11 +90,14 @@ def stub_auth(issuer: TestIssuer, events: list[dict[str, Any]]) -> _Server:
 
 @dataclass
 class HangingProxy:
-    """Forwards to inventory; while ``hang`` is set, a reserve reaches inventory but its answer never returns."""
+    """Forwards to inventory. While ``hang`` is set, a call whose path ends with ``hang_on`` is held: it
+    reaches inventory (unless ``forward`` is off) but its answer never returns; ``held`` is set then."""
 
     target: str
+    hang_on: str = "/internal/reservations/batch"
+    forward: bool = True
     hang: threading.Event = field(default_factory=threading.Event)
-    reserved: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)
     gate: threading.Event = field(default_factory=threading.Event)
 
     def server(self) -> _Server:
@@ -108,15 +111,19 @@ class HangingProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-                try:
-                    answer = httpx.request(self.command, proxy.target + self.path, content=body, headers=headers)
-                except httpx.HTTPError:
-                    _reply(self, 502, b"{}")
-                    return
-                if self.path == "/internal/reservations/batch" and proxy.hang.is_set():
-                    proxy.reserved.set()
+                hold = self.path.endswith(proxy.hang_on) and proxy.hang.is_set()
+                answer = None
+                if proxy.forward or not hold:
+                    try:
+                        answer = httpx.request(self.command, proxy.target + self.path, content=body, headers=headers)
+                    except httpx.HTTPError:
+                        _reply(self, 502, b"{}")
+                        return
+                if hold:
+                    proxy.held.set()
                     proxy.gate.wait(30)
                     return  # the connection closes without an answer
+                assert answer is not None
                 _reply(self, answer.status_code, answer.content, answer.headers.get("content-type", "application/json"))
 
             do_GET = do_POST = do_PUT = _forward  # noqa: N815
@@ -312,7 +319,7 @@ async def test_orders_killed_between_reserve_and_record_is_reconciled_on_restart
 
         client = threading.Thread(target=attempt)
         client.start()
-        assert proxy.reserved.wait(20), orders.log.read_text()[-2000:]
+        assert proxy.held.wait(20), orders.log.read_text()[-2000:]
         assert await db_state(database, product) == (2, 0, 1)  # held at inventory, not yet an order
 
         orders.stop(signal.SIGKILL)  # the crash
@@ -330,3 +337,72 @@ async def test_orders_killed_between_reserve_and_record_is_reconciled_on_restart
         retry = place(orders.url, tokens, product, 2, "doomed")
         assert retry.status_code == 201, retry.text
         assert await db_state(database, product) == (2, 1, 0)
+
+
+@pytest.mark.parametrize("inventory_committed", [True, False], ids=["answer-lost", "never-arrived"])
+async def test_orders_killed_during_a_confirmation_finishes_it_on_restart(
+    database: DatabaseFixture,
+    tmp_path: Path,
+    tokens: Tokens,
+    auth: _Server,
+    processes: list[Process],
+    inventory_committed: bool,
+) -> None:
+    env = base_env(database, tmp_path, auth.url) | {"ORDERS_STALE_ACTION_SECONDS": "1"}
+    inventory = Process("inventory", free_port(), env, tmp_path / "inventory.log")
+    processes.append(inventory)
+    inventory.start()
+    proxy = HangingProxy(inventory.url, hang_on="/commit", forward=inventory_committed)
+    with proxy.server() as link:
+        orders = Process("orders", free_port(), env | {"ORDERS_INVENTORY_URL": link.url}, tmp_path / "orders.log")
+        processes.append(orders)
+        orders.start()
+        product = new_product(inventory.url, tokens, stock=5)
+        order = place(orders.url, tokens, product, 2, "to-confirm")
+        assert order.status_code == 201, order.text
+        order_id = order.json()["id"]
+
+        proxy.hang.set()
+        outcome: dict[str, Any] = {}
+
+        def confirm() -> None:
+            try:
+                outcome["response"] = httpx.post(
+                    orders.url + f"/api/v1/orders/{order_id}/confirm", headers=tokens.staff(), timeout=30
+                )
+            except httpx.HTTPError as exc:
+                outcome["error"] = exc
+
+        client = threading.Thread(target=confirm)
+        client.start()
+        assert proxy.held.wait(20), orders.log.read_text()[-2000:]
+        orders.stop(signal.SIGKILL)  # the crash, with the commit owed
+        client.join(30)
+        assert "error" in outcome
+        proxy.hang.clear()
+        proxy.gate.set()
+
+        orders.start()  # the sweeper takes over the stale confirmation and finishes it
+        admin = await database.admin()
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                row = await admin.fetchrow(
+                    "SELECT o.status, o.stock, o.stock_action, p.on_hand, p.reserved FROM orders.orders o,"
+                    " inventory.products p WHERE o.id = $1 AND p.id = $2",
+                    uuid.UUID(order_id),
+                    uuid.UUID(product),
+                )
+                if tuple(row) == ("confirmed", "committed", None, 3, 0):
+                    break
+                assert time.monotonic() < deadline, (dict(row), orders.log.read_text()[-2000:])
+                time.sleep(0.2)
+            commits = await admin.fetchval(
+                "SELECT count(*) FROM inventory.stock_movements WHERE product_id = $1 AND kind = 'commit'",
+                uuid.UUID(product),
+            )
+            assert commits == 1  # taken from on-hand once
+        finally:
+            await admin.close()
+        shown = httpx.get(orders.url + f"/api/v1/orders/{order_id}", headers=tokens.staff(), timeout=10)
+        assert shown.json()["status"] == "confirmed"
