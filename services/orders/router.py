@@ -74,10 +74,9 @@ async def idempotency_key(
 async def place_order(
     data: OrderCreate,
     request: Request,
-    response: Response,
     claims: CurrentUser,
     key: Annotated[str, Depends(idempotency_key)],
-) -> OrderRead:
+) -> Response:
     """Place an order: stock is reserved at inventory, prices and names come from inventory.
 
     Each product may appear on one line only (duplicate lines are rejected, not merged). The order is
@@ -87,10 +86,12 @@ async def place_order(
     order, replayed = await _service(request).place(
         _customer_id(claims), key, data, Actor.of(request, claims), request_id=_request_id(request)
     )
+    headers = {"Location": f"/api/v1/orders/{order.id}"}
     if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/api/v1/orders/{order.id}"
-    return order
+        headers["Idempotent-Replayed"] = "true"
+    # Serialised here, once: the order is built from checked values, so FastAPI's second validation of
+    # the response model (a measurable part of an order's CPU) is skipped. The schema is still OrderRead.
+    return Response(order.model_dump_json(), status_code=201, media_type="application/json", headers=headers)
 
 
 @router.get("", response_model=Page[OrderRead])
