@@ -352,6 +352,9 @@ class ImageService:
                     },
                 ),
             )
+            # Committed here, not when the request ends: a transaction that fails at COMMIT must take the
+            # file with it.
+            await session.commit()
         except BaseException:
             self.store.delete(key)
             raise

@@ -344,3 +344,30 @@ async def test_each_image_is_an_audited_change(
     finally:
         await admin.close()
     assert [(r["actor"], r["image"]) for r in rows] == [(tokens.staff_id, image["id"])]
+
+
+async def test_an_image_whose_row_does_not_commit_leaves_no_file(
+    client: httpx.AsyncClient, tokens: Tokens, product: dict, database: DatabaseFixture
+) -> None:
+    """The file is written before the row; if the transaction then fails at COMMIT (here a deferred check
+    that refuses it), the file is removed too."""
+    admin = await database.admin()
+    try:
+        await admin.execute(
+            "CREATE FUNCTION inventory.refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$"
+        )
+        await admin.execute(
+            "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON inventory.product_images"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION inventory.refuse_at_commit()"
+        )
+        response = await client.post(upload_url(product), files=files(picture()), headers=tokens.staff())
+        assert_problem(response, 500)
+        assert stored_files(client) == []
+    finally:
+        await admin.execute("DROP TRIGGER IF EXISTS refuse_at_commit ON inventory.product_images")
+        await admin.execute("DROP FUNCTION IF EXISTS inventory.refuse_at_commit()")
+        await admin.close()
+    ok = await client.post(upload_url(product), files=files(picture()), headers=tokens.staff())
+    assert ok.status_code == 201, ok.text
+    assert len(stored_files(client)) == 1
