@@ -118,3 +118,14 @@ async def test_inactive_or_missing_product_is_404(client, catalogue) -> None:  #
     assert_problem(await client.get(f"/api/v1/products/{inactive}"), 404)
     assert_problem(await client.get(f"/api/v1/products/{uuid.uuid4()}"), 404)
     assert_problem(await client.get("/api/v1/products/not-a-uuid"), 422)
+
+
+async def test_search_matches_names_and_skus_ignoring_case(client, catalogue) -> None:  # noqa: ANN001
+    async def found(q: str) -> list[str]:
+        body = (await client.get("/api/v1/products", params={"q": q})).json()
+        return sorted(item["sku"] for item in body["items"])
+
+    assert await found("PARFUMÉ") == ["RIZ-50KG"]  # in the name only, other case
+    assert await found("savon 7") == ["SKU-007"]  # in the name only
+    assert await found("riz-50kg") == ["RIZ-50KG"]  # the sku, other case
+    assert await found("Sku-00") == ["SKU-001", "SKU-002", "SKU-004", "SKU-005", "SKU-006", "SKU-007"]
