@@ -1,7 +1,7 @@
 """The forwarding hot path: raw ASGI in, a pool of keep-alive connections per upstream out.
 
 Measured on this machine (DESIGN.md, README): a pooled aiohttp session is ~5x faster than httpx here,
-and the gateway's own httptools client (``gateway.upstream``) cheaper again, so the hot path uses the
+and the gateway's own httptools client (``common.upstream``) cheaper again, so the hot path uses the
 latter; answers are streamed back chunk by chunk, never buffered whole. The aiohttp sessions serve the
 gateway's low-volume calls (aggregated health, OpenAPI).
 """
@@ -20,9 +20,9 @@ from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
 from common.errors import problem_response
+from common.upstream import BadResponse, ConnectFailed, UpstreamPool, UpstreamTimeout
 from gateway.config import GatewaySettings
 from gateway.routes import Route, upstream_urls
-from gateway.upstream import BadResponse, ConnectFailed, UpstreamPool, UpstreamTimeout
 
 log = structlog.get_logger("gateway.proxy")
 

@@ -10,7 +10,7 @@ import httpx
 from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
-from common.http import AiohttpTransport, HttpxTransport, Transport
+from common.http import HttpxTransport, PooledTransport, Transport
 from common.tokens import KeySource
 from services.orders.config import Settings
 from services.orders.internal_router import router as internal_router
@@ -42,7 +42,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if inventory_transport is None:
-            client: Transport = AiohttpTransport(
+            client: Transport = PooledTransport(
                 settings.inventory_url,
                 timeout=settings.inventory_timeout_seconds,
                 connect_timeout=settings.inventory_connect_timeout_seconds,

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from gateway.upstream import BadResponse, ConnectFailed, Response, UpstreamPool, UpstreamTimeout
+from common.upstream import BadResponse, ConnectFailed, Response, UpstreamPool, UpstreamTimeout
 from tests.conftest import assert_problem, assert_security_headers
 from tests.gateway.conftest import running_gateway
 from tests.support.servers import Echo, raw_request, serve

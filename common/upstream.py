@@ -1,5 +1,6 @@
-"""The gateway's client to its upstreams: keep-alive HTTP/1.1 connections parsed by httptools.
+"""The client to the other processes: keep-alive HTTP/1.1 connections parsed by httptools.
 
+The gateway forwards through it, and orders calls inventory through it (``common.http.PooledTransport``).
 The forwarding path runs on every request, and the client on it decides the gateway's throughput
 (DESIGN.md, "Performance facts"). A general-purpose client does a lot per request that a proxy speaking
 to a few known services does not need (URL objects, cookie jars, tracing hooks, header multidicts):
