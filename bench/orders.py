@@ -402,8 +402,8 @@ async def run(
     print(f"| non-201 answers while buying | {sum(others.values())} {dict(others) or ''} |")
     print(
         "| CPU per order: gateway / orders / inventory / PostgreSQL / bench client and stand-ins (ms) | "
-        f"{cost['gateway']:.1f} / {cost['orders']:.1f} / {cost['inventory']:.1f} / {cost['postgres']:.1f} / "
-        f"{cost['bench']:.1f} |"
+        f"{cost['gateway']:.2f} / {cost['orders']:.2f} / {cost['inventory']:.2f} / {cost['postgres']:.2f} / "
+        f"{cost['bench']:.2f} |"
     )
     print(
         "| orders per batch (mean): key claims / reserve calls to inventory / placement records | "
