@@ -105,22 +105,6 @@ async def test_a_failed_send_fails_every_caller_of_that_batch_and_only_those() -
     assert sender.batches == [[1], [2, 3], [4]]
 
 
-async def test_a_caller_that_goes_away_does_not_disturb_the_others() -> None:
-    sender = Sender()
-    batches = batcher(sender)
-    first = asyncio.create_task(batches.submit(1))
-    await sender.wait_out(1)
-    gone, stays = asyncio.create_task(batches.submit(2)), asyncio.create_task(batches.submit(3))
-    await asyncio.sleep(0)
-    gone.cancel()
-    sender.gates[0].set()
-    await sender.wait_out(2)
-    sender.gates[1].set()
-    assert await first == 10
-    assert await stays == 30
-    assert gone.cancelled()
-
-
 async def test_several_batches_may_be_in_flight() -> None:
     sender = Sender()
     batches = batcher(sender, in_flight=2)
@@ -239,7 +223,7 @@ async def test_closing_while_isolating_leaves_nobody_waiting() -> None:
         await batches.submit(4)  # closed
 
 
-async def test_an_item_whose_caller_left_before_its_batch_went_out_is_not_sent() -> None:
+async def test_a_caller_that_goes_away_is_not_sent_and_does_not_disturb_the_others() -> None:
     sender = Sender()
     batches = batcher(sender)
     first = asyncio.create_task(batches.submit(1))

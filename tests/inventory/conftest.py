@@ -22,15 +22,20 @@ async def clean_inventory(database: DatabaseFixture, request: pytest.FixtureRequ
         await assert_ledger_invariant(database)
 
 
+def settings_for(database: DatabaseFixture, tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database.url("inventory"),
+        "environment": "test",
+        "data_dir": tmp_path / "data",
+        "db_pool_size": 10,
+        "db_max_overflow": 10,
+    }
+    return Settings(**(values | overrides))
+
+
 @pytest.fixture
 def inventory_settings(database: DatabaseFixture, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=database.url("inventory"),
-        environment="test",
-        data_dir=tmp_path / "data",
-        db_pool_size=10,
-        db_max_overflow=10,
-    )
+    return settings_for(database, tmp_path)
 
 
 @pytest.fixture

@@ -11,19 +11,14 @@ import pytest
 
 from services.inventory.config import Settings
 from tests.conftest import DatabaseFixture, assert_problem
+from tests.inventory.conftest import settings_for
 from tests.inventory.support import FakeClock, Tokens, create_product, stock_row
 from tests.inventory.test_images import files, png_bomb, png_header_only, stored_files, upload_url
 
 
 @pytest.fixture
 def inventory_settings(database: DatabaseFixture, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=database.url("inventory"),
-        environment="test",
-        data_dir=tmp_path / "data",
-        image_max_pixels=1_000_000,
-        reservation_ttl_seconds=60,
-    )
+    return settings_for(database, tmp_path, image_max_pixels=1_000_000, reservation_ttl_seconds=60)
 
 
 async def test_the_pixel_limit_is_a_setting_checked_before_decoding(client: httpx.AsyncClient, tokens: Tokens) -> None:
