@@ -10,7 +10,6 @@ route calls to an in-process app.
 from __future__ import annotations
 
 import json as jsonlib
-import ssl
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -74,18 +73,9 @@ class PooledTransport:
     def __init__(
         self, base_url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0, max_connections: int = 50
     ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"URL must be http(s)://host[:port][/prefix]: {base_url!r}")
-        tls = ssl.create_default_context() if parts.scheme == "https" else None
-        self.prefix = parts.path.rstrip("/")
-        self.pool = UpstreamPool(
-            parts.hostname,
-            parts.port or (443 if tls else 80),
-            size=max_connections,
-            connect_timeout=connect_timeout,
-            read_timeout=timeout,
-            tls=tls,
+        self.prefix = urlsplit(base_url).path.rstrip("/")
+        self.pool = UpstreamPool.for_url(
+            base_url, size=max_connections, connect_timeout=connect_timeout, read_timeout=timeout
         )
 
     async def request(

@@ -20,6 +20,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httptools
 
@@ -243,6 +244,22 @@ class UpstreamPool:
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closing = False
+
+    @classmethod
+    def for_url(cls, url: str, *, size: int, connect_timeout: float, read_timeout: float) -> UpstreamPool:
+        """A pool to ``http(s)://host[:port]`` (any path in the URL is the caller's business)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"URL must be http(s)://host[:port]: {url!r}")
+        tls = ssl.create_default_context() if parts.scheme == "https" else None
+        return cls(
+            parts.hostname,
+            parts.port or (443 if tls else 80),
+            size=size,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            tls=tls,
+        )
 
     async def request(
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes

@@ -9,10 +9,8 @@ gateway's low-volume calls (aggregated health, OpenAPI).
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -218,17 +216,11 @@ class Proxy:
 
 
 def _pool_for(url: str, settings: GatewaySettings) -> UpstreamPool:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"upstream URL must be http(s)://host[:port]: {url!r}")
-    tls = ssl.create_default_context() if parts.scheme == "https" else None
-    return UpstreamPool(
-        parts.hostname,
-        parts.port or (443 if tls else 80),
+    return UpstreamPool.for_url(
+        url,
         size=settings.upstream_pool_size,
         connect_timeout=settings.upstream_connect_timeout_seconds,
         read_timeout=settings.upstream_timeout_seconds,
-        tls=tls,
     )
 
 
