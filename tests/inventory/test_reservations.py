@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -43,7 +44,9 @@ async def test_reserve_holds_every_item_with_prices_from_the_catalogue(
         (soap["sku"], "Savon", 2, 750),
         (rice["sku"], "Riz", 3, 18500),
     ]
-    assert body["expires_at"].startswith(str(clock.now.date()))
+    # The injected clock plus the default 15-minute lifetime (not the calendar date: that test failed
+    # whenever it ran in the quarter hour before midnight).
+    assert datetime.fromisoformat(body["expires_at"]) == clock.now + timedelta(seconds=900)
     assert tuple(await stock_row(database, soap["id"])) == (5, 2, 3)
     assert tuple(await stock_row(database, rice["id"])) == (3, 3, 0)
     public = (await client.get(f"/api/v1/products/{rice['id']}")).json()
