@@ -24,6 +24,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from bench.results import record
 from comptoir.embedded import SUPERUSER, libpq_url
 
 EVENTS_PER_SERVICE = int(os.environ.get("BENCH_AUDIT_EVENTS", "3000"))
@@ -147,6 +148,7 @@ def main() -> None:
             f"| {total} | {elapsed:.2f} | {total / elapsed:,.0f} | {pct(0.5):.2f} | {pct(0.99):.2f} | "
             f"{'yes' if ok else 'NO'} | {verify_seconds:.1f} |"
         )
+        record("audit events/s into the chain", total / elapsed, 2000, "/s")
     finally:
         run.send_signal(signal.SIGTERM)
         run.wait(60)

@@ -24,6 +24,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
+from bench.results import record
+
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 # "raw": a bare ASGI endpoint (the fastest possible upstream); "fastapi": a FastAPI endpoint, like the
 # services behind the gateway and like the reference measurement.
@@ -196,6 +198,8 @@ http {{
                 f"| {name} | {loaded['rps']:,.0f} | {loaded['rps'] / nginx_rps:.0%} | {loaded['p50']:.2f} | "
                 f"{loaded['p99']:.2f} | {single['p50']:.3f} | {int(loaded['errors'])} |"
             )
+        goal = {"fastapi": 90, "raw": 60}.get(upstream_kind, 60)
+        record(f"gateway vs nginx, {upstream_kind} upstream", rows[2][1]["rps"] / nginx_rps * 100, goal, "%")
         added = rows[2][2]["p50"] - rows[0][2]["p50"]
         print(
             f"\nadded median latency of the gateway at c1: {added:.3f} ms; "

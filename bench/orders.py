@@ -35,6 +35,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
+from bench.results import record
 from comptoir.config import RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import migrate, to_asyncpg_dsn
@@ -398,7 +399,7 @@ async def run(
     print("|---|---|")
     print(f"| pgbench: one hot row, `qty = qty - 1` per transaction (tps) | {tps:,.0f} |")
     print(f"| orders/s through the gateway, one hot SKU | {orders_per_second:,.0f} |")
-    print(f"| ratio (target >= 25 %) | {orders_per_second / tps:.0%} |")
+    print(f"| ratio (goal >= 50 %) | {orders_per_second / tps:.0%} |")
     print(f"| non-201 answers while buying | {sum(others.values())} {dict(others) or ''} |")
     print(
         "| CPU per order: gateway / orders / inventory / PostgreSQL / bench client and stand-ins (ms) | "
@@ -417,6 +418,9 @@ async def run(
     print(f"| catalogue reads/s through the gateway | {reads['gateway']:,.0f} |")
     print(f"| catalogue reads/s directly from inventory | {reads['direct']:,.0f} |")
     print(f"| gateway / direct | {reads['gateway'] / reads['direct']:.0%} |")
+    record("orders/s vs pgbench's hot-row tps", orders_per_second / tps * 100, 50, "%")
+    record("oversold units + stock ledger breaks", oversold + ledger_breaks, 0, "", higher_is_better=False)
+    record("anonymous catalogue reads/s through the gateway", reads["gateway"], 5000, "/s")
     if oversold or ledger_breaks:
         raise SystemExit("OVERSOLD: the stock invariant was broken")
 
