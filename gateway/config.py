@@ -63,6 +63,11 @@ class GatewaySettings(CommonSettings):
     # lets other routes through; "closed" refuses everything; "open" lets everything through.
     rate_limit_storage_failure: Literal["closed-for-auth", "closed", "open"] = "closed-for-auth"
 
+    # Anonymous GET answers their service marked `public` (the catalogue) are kept this long and served
+    # to everyone asking the same path and query (0 turns it off; at most 1 s, so changes show within it).
+    public_cache_seconds: float = Field(0.5, ge=0, le=1)
+    public_cache_entries: int = Field(2048, ge=1)
+
     # Verified access tokens are cached until they expire (revocation is still checked every time).
     token_cache_size: int = Field(10_000, ge=0)
     jwks_refresh_seconds: float = Field(300.0, gt=0)

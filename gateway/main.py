@@ -18,6 +18,7 @@ from common.revocation import RevocationPoller, RevocationSet
 from common.service_tokens import ServiceTokenClient
 from common.tokens import ACCESS, KeySource, RemoteJWKS, TokenVerifier
 from gateway.auth import GatewayAuth
+from gateway.cache import PublicCache
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
 from gateway.cors import Cors
 from gateway.events import SecurityEvents
@@ -112,6 +113,11 @@ def create_app(
         trusted_proxies=parse_networks(settings.trusted_proxies),
         storage_failure=settings.rate_limit_storage_failure,
         events=events,
+        cache=(
+            PublicCache(settings.public_cache_seconds, max_entries=settings.public_cache_entries)
+            if settings.public_cache_seconds > 0
+            else None
+        ),
     )
 
     @asynccontextmanager

@@ -13,6 +13,7 @@ from common.clientip import Network, resolve_client_ip
 from common.errors import problem_response
 from common.tokens import InvalidToken
 from gateway.auth import GatewayAuth
+from gateway.cache import PublicCache
 from gateway.cors import Cors
 from gateway.events import SecurityEvents
 from gateway.limits import LimitStorageUnavailable, RateLimits
@@ -20,6 +21,7 @@ from gateway.proxy import Proxy
 from gateway.routes import Route, is_forbidden_path, is_public, match, route_table
 
 AUTH_PREFIX = "/api/v1/auth"
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Pipeline:
@@ -33,6 +35,7 @@ class Pipeline:
         trusted_proxies: list[Network],
         storage_failure: str,
         events: SecurityEvents | None = None,
+        cache: PublicCache | None = None,
     ) -> None:
         self.proxy = proxy
         self.auth = auth
@@ -41,6 +44,7 @@ class Pipeline:
         self.trusted = trusted_proxies
         self.storage_failure = storage_failure
         self.events = events
+        self.cache = cache
         self.routes = route_table()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,6 +124,21 @@ class Pipeline:
                 )(scope, receive, send_with_extra)
                 return
 
+        if self.cache is not None:
+            key = self.cache.key_of(scope)
+            if key is not None:
+                if await self.cache.serve(key, scope, send_with_extra):
+                    return
+                await self.proxy.forward(
+                    scope, receive, self.cache.recording(key, route.prefix, send_with_extra), route, client_ip
+                )
+                return
+            if method not in _SAFE:
+                try:
+                    await self.proxy.forward(scope, receive, send_with_extra, route, client_ip)
+                finally:
+                    self.cache.invalidate(route.prefix)
+                return
         await self.proxy.forward(scope, receive, send_with_extra, route, client_ip)
 
     def _event(self, scope: Scope, action: str, **details: Any) -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from common.app import ComptoirAPI, create_service_app
 from common.tokens import KeySource
 from services.inventory.config import IMAGE_UPLOAD_PATH, MULTIPART_OVERHEAD_BYTES, Settings
+from services.inventory.etag import CatalogueETags
 from services.inventory.internal_router import router as internal_router
 from services.inventory.models import outbox
 from services.inventory.router import router
@@ -67,4 +68,5 @@ def create_app(
         body_limits=[(IMAGE_UPLOAD_PATH, settings.image_max_bytes + MULTIPART_OVERHEAD_BYTES)],
         multipart_paths=IMAGE_UPLOAD_PATH,
     )
+    app.add_middleware(CatalogueETags)
     return app

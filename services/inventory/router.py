@@ -29,8 +29,11 @@ from services.inventory.service import Actor, CatalogueService, ImageService, St
 
 router = APIRouter(prefix="/api/v1/products", tags=["products"])
 
-CATALOGUE_CACHE = "public, max-age=30"
+# A price or stock change shows within a second at any cache that honours this (the gateway's included);
+# the ETag lets a client revalidate for the price of a 304.
+CATALOGUE_CACHE = "public, max-age=1"
 IMAGE_CACHE = "public, max-age=86400"
+SIGNED_IN = "private, no-cache"
 PRIVATE = "no-store"
 
 
@@ -39,8 +42,12 @@ def _is_staff(claims: Claims | None) -> bool:
 
 
 def _cache(response: Response, claims: Claims | None, public: str) -> None:
-    """Staff see inactive products: their answers must never sit in a shared cache."""
-    response.headers["Cache-Control"] = PRIVATE if _is_staff(claims) else public
+    """Staff see inactive products: their answers are never stored. An answer to a signed-in request is never
+    kept by a shared cache; only anonymous answers are public."""
+    if claims is None:
+        response.headers["Cache-Control"] = public
+    else:
+        response.headers["Cache-Control"] = PRIVATE if _is_staff(claims) else SIGNED_IN
     response.headers["Vary"] = "Authorization"
 
 

@@ -110,7 +110,22 @@ async def test_get_one_product(client, catalogue) -> None:  # noqa: ANN001
     response = await client.get(f"/api/v1/products/{product_id}")
     assert response.status_code == 200
     assert response.json()["sku"] == "SKU-001"
-    assert response.headers["cache-control"] == "public, max-age=30"
+    assert response.headers["cache-control"] == "public, max-age=1"
+
+
+async def test_catalogue_answers_carry_a_strong_etag_and_revalidate_with_304(client, catalogue) -> None:  # noqa: ANN001
+    product_id = catalogue[0][0]
+    for path in (f"/api/v1/products/{product_id}", "/api/v1/products?limit=2"):
+        first = await client.get(path)
+        etag = first.headers["etag"]
+        assert etag.startswith('"'), f"a strong validator, not a weak one: {etag}"
+        assert (await client.get(path)).headers["etag"] == etag, "the same content has the same validator"
+        again = await client.get(path, headers={"If-None-Match": f'"other", {etag}'})
+        assert again.status_code == 304
+        assert again.content == b""
+        assert again.headers["etag"] == etag
+        assert again.headers["cache-control"] == "public, max-age=1"
+        assert (await client.get(path, headers={"If-None-Match": '"stale"'})).status_code == 200
 
 
 async def test_inactive_or_missing_product_is_404(client, catalogue) -> None:  # noqa: ANN001

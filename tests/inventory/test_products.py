@@ -169,10 +169,10 @@ async def test_inactive_products_are_for_staff_only(client: httpx.AsyncClient, t
     response = await client.patch(f"{PRODUCTS}/{hidden['id']}", json={"is_active": False}, headers=tokens.staff())
     assert response.json()["is_active"] is False
 
-    for headers in ({}, tokens.customer()):
+    for headers, cache in (({}, "public, max-age=1"), (tokens.customer(), "private, no-cache")):
         listing = await client.get(PRODUCTS, headers=headers)
         assert [p["id"] for p in listing.json()["items"]] == [visible["id"]]
-        assert listing.headers["cache-control"] == "public, max-age=30"
+        assert listing.headers["cache-control"] == cache
         assert_problem(await client.get(f"{PRODUCTS}/{hidden['id']}", headers=headers), 404)
 
     staff_listing = await client.get(PRODUCTS, headers=tokens.staff())
@@ -284,3 +284,16 @@ async def stock_row_after(client: httpx.AsyncClient, tokens: Tokens, product_id:
 async def test_admin_can_do_what_staff_can(client: httpx.AsyncClient, tokens: Tokens) -> None:
     response = await client.post(PRODUCTS, json={"sku": "ADM-1", "name": "x", "price_xaf": 1}, headers=tokens.admin())
     assert response.status_code == 201
+
+
+async def test_a_price_change_changes_the_etag(client: httpx.AsyncClient, tokens: Tokens) -> None:
+    product = await create_product(client, tokens, price=900)
+    path = f"{PRODUCTS}/{product['id']}"
+    before = (await client.get(path)).headers["etag"]
+    assert (await client.get(path, headers={"If-None-Match": before})).status_code == 304
+    changed = await client.patch(path, json={"price_xaf": 901}, headers=tokens.staff())
+    assert changed.status_code == 200
+    after = await client.get(path, headers={"If-None-Match": before})
+    assert after.status_code == 200, "a stale validator must not get 304"
+    assert after.json()["price_xaf"] == 901
+    assert after.headers["etag"] != before
