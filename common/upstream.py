@@ -251,7 +251,7 @@ class UpstreamPool:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tls = tls
-        self.loop = asyncio.get_running_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.host = host
         self.port = port
         self.host_header = (f"{host}:{port}" if ":" not in host else f"[{host}]:{port}").encode("ascii")
@@ -265,6 +265,15 @@ class UpstreamPool:
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closing = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pool's connections live on: the running one at first use (a pool may be made
+        before the loop runs, as the gateway's are at import of its app)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     @classmethod
     def for_url(
