@@ -4,6 +4,7 @@ stale pooled connections, back-pressure, broken answers and time limits."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -191,12 +192,26 @@ async def test_requests_beyond_the_pool_size_wait_for_a_free_connection() -> Non
 
 
 async def test_large_bodies_are_read_with_back_pressure() -> None:
-    size = 4 * 1024 * 1024
+    """A body far larger than every socket buffer on the way: while nobody consumes it, the client stops
+    reading (a state it must reach, waited for, not slept on) and the upstream cannot hand more than those
+    buffers can hold to the network; consuming it then resumes reading and brings every byte."""
+    size = 64 * 1024 * 1024
     big = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"z" * size
-    async with scripted(lambda _head, _n: big) as (_server, pool):
+    async with scripted(lambda _head, _n: big) as (server, pool):
         response, conn = await pool.request(b"GET", b"/x", [], b"")
-        await asyncio.sleep(0.2)  # let the upstream fill the socket: reading must stop at the high-water mark
-        assert response._buffered < 1024 * 1024
+        transport = conn.transport
+        assert transport is not None
+        deadline = asyncio.get_running_loop().time() + 10
+        while transport.is_reading():
+            assert asyncio.get_running_loop().time() < deadline, "the client never stopped reading"
+            await asyncio.sleep(0.01)
+        # Paused: what left the upstream is bounded by the two sockets' kernel buffers plus the client's
+        # high-water mark (1 MiB is ample), whatever the body's size.
+        upstream = server.writers[0].transport
+        received = transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        sent = upstream.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert received + sent + 1024 * 1024 < size
+        assert size - upstream.get_write_buffer_size() <= received + sent + 1024 * 1024
         total = 0
         async for chunk in response.iter_chunks():
             total += len(chunk)
@@ -231,7 +246,6 @@ def test_proxied_answers_carry_at_most_one_content_length(issuer) -> None:  # no
 
 
 def test_an_upstream_speaking_garbage_is_a_502_problem(issuer) -> None:  # noqa: ANN001
-    import socket
     import threading
 
     listener = socket.create_server(("127.0.0.1", 0))
