@@ -89,20 +89,24 @@ class RevocationPoller(BackgroundLoop):
         while True:
             # A failed poll keeps what is known and is tried again with a short backoff (at most 1 s, or
             # the interval if longer: a revoked session must still be refused within about a second of
-            # auth answering again).
-            async for attempt in stamina.retry_context(
-                on=Exception,
-                attempts=None,
-                timeout=None,
-                wait_initial=self.interval,
-                wait_max=max(1.0, self.interval),
-                wait_jitter=self.interval / 2,
-            ):
-                with attempt:
-                    if attempt.num == 2:
-                        log.warning("revocation.poll_failing")
-                    await self.poll_once()
-                    if attempt.num > 1:
-                        log.info("revocation.poll_recovered", attempts=attempt.num)
+            # auth answering again). Should stamina ever give up (its test mode caps attempts), the loop
+            # goes on with a new round.
+            try:
+                async for attempt in stamina.retry_context(
+                    on=Exception,
+                    attempts=None,
+                    timeout=None,
+                    wait_initial=self.interval,
+                    wait_max=max(1.0, self.interval),
+                    wait_jitter=self.interval / 2,
+                ):
+                    with attempt:
+                        if attempt.num == 2:
+                            log.warning("revocation.poll_failing")
+                        await self.poll_once()
+                        if attempt.num > 1:
+                            log.info("revocation.poll_recovered", attempts=attempt.num)
+            except Exception as exc:
+                log.warning("revocation.poll_failing", error=type(exc).__name__)
             self.revocations.prune()
             await asyncio.sleep(self.interval)

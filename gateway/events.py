@@ -99,19 +99,22 @@ class SecurityEvents(BackgroundLoop):
 
     async def _run(self) -> None:
         while True:
-            # Audit away: back off (exponential, jittered, up to max_backoff) instead of knocking every second.
-            async for attempt in stamina.retry_context(
-                on=Exception,
-                attempts=None,
-                timeout=None,
-                wait_initial=self.interval,
-                wait_max=self.max_backoff,
-                wait_jitter=self.interval,
-            ):
-                with attempt:
-                    if attempt.num > 1:
-                        log.warning("gateway.security_events.retrying", attempt=attempt.num, queued=len(self.queue))
-                    delivered = await self.flush()
+            delivered = 0
+            # Audit away: back off (exponential, jittered, up to max_backoff) instead of knocking every
+            # second. Should stamina ever give up (its test mode caps attempts), a new round begins.
+            try:
+                async for attempt in stamina.retry_context(
+                    on=Exception,
+                    attempts=None,
+                    timeout=None,
+                    wait_initial=self.interval,
+                    wait_max=self.max_backoff,
+                    wait_jitter=self.interval,
+                ):
+                    with attempt:
+                        delivered = await self.flush()
+            except Exception as exc:
+                log.warning("gateway.security_events.delivery_failed", error=type(exc).__name__, queued=len(self.queue))
             if delivered < self.batch_size:
                 await asyncio.sleep(self.interval)
 
