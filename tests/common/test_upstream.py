@@ -4,14 +4,30 @@ stale pooled connections, back-pressure, broken answers and time limits."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from common.upstream import BadResponse, ConnectFailed, Response, UpstreamPool, UpstreamTimeout
+from common.upstream import (
+    BadResponse,
+    ConnectFailed,
+    PoolExhausted,
+    Response,
+    TLSFailed,
+    UpstreamPool,
+    UpstreamTimeout,
+)
 from tests.conftest import assert_problem, assert_security_headers
 from tests.gateway.conftest import running_gateway
 from tests.support.servers import Echo, raw_request, serve
@@ -270,3 +286,64 @@ def test_an_upstream_speaking_garbage_is_a_502_problem(issuer) -> None:  # noqa:
     assert_problem(response, 502)
     assert_security_headers(response)
     assert response.headers["x-request-id"]
+
+
+async def test_a_full_pool_is_the_callers_own_limit_not_a_connect_failure() -> None:
+    async with scripted(lambda _head, _n: b"", size=1, connect_timeout=0.2) as (_server, pool):
+        holder = asyncio.create_task(pool.request(b"GET", b"/x", [], b""))  # the only connection, never answered
+        while pool.open == 0:
+            await asyncio.sleep(0)
+        with pytest.raises(PoolExhausted):
+            await pool.request(b"GET", b"/x", [], b"")
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+
+
+async def test_one_deadline_bounds_everything_before_the_first_byte_whatever_the_read_timeout() -> None:
+    async with scripted(lambda _head, _n: b"", read_timeout=30.0, deadline=0.3) as (_server, pool):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await fetch(pool)
+        assert loop.time() - started < 2.0
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+async def test_an_untrusted_certificate_is_a_tls_failure_not_a_passing_outage(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = ScriptedServer(lambda _head, _n: OK)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+    port = listener.sockets[0].getsockname()[1]
+    pool = UpstreamPool.for_url(f"https://127.0.0.1:{port}", size=2, connect_timeout=2.0, read_timeout=2.0)
+    try:
+        with pytest.raises(TLSFailed):
+            await pool.request(b"GET", b"/", [], b"")
+        assert pool.open == 0
+    finally:
+        await pool.close()
+        listener.close()
