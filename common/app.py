@@ -15,14 +15,14 @@ from common import health
 from common.db import Database
 from common.deploychecks import Check, enforce, service_checks
 from common.errors import install_error_handlers
-from common.http import create_client
+from common.http import PooledTransport
 from common.logging import configure_logging
 from common.middleware import standard_stack
 from common.relay import OutboxRelay
 from common.revocation import RevocationPoller, RevocationSet
 from common.service_tokens import ServiceTokenClient
 from common.settings import CommonSettings, ServiceSettings
-from common.tokens import ACCESS, SERVICE, Claims, KeySource, RemoteJWKS, TokenVerifier
+from common.tokens import ACCESS, JWKS_PATH, SERVICE, Claims, KeySource, RemoteJWKS, TokenVerifier
 
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -132,8 +132,8 @@ def create_service_app(
         )
         app.state.db = db
         app.state.settings = settings
-        auth_client = create_client(settings.auth_internal_url)
-        keys = key_source or RemoteJWKS(settings.jwks_url, auth_client)
+        auth_client = PooledTransport(settings.auth_internal_url)
+        keys = key_source or RemoteJWKS(JWKS_PATH, auth_client)
         issuer = settings.token_issuer
         app.state.access_verifier = TokenVerifier(
             keys, issuer=issuer, audience=settings.token_audience, token_use=ACCESS
@@ -158,7 +158,7 @@ def create_service_app(
             return await db.ping(settings.readiness_timeout_seconds)
 
         app.state.readiness_checks["database"] = database_ready
-        audit_client = create_client(settings.audit_internal_url)
+        audit_client = PooledTransport(settings.audit_internal_url)
         relay: OutboxRelay | None = None
         try:
             async with lifespan_hook(app) if lifespan_hook is not None else contextlib.nullcontext():
@@ -174,6 +174,7 @@ def create_service_app(
                         poll_seconds=settings.outbox_poll_seconds,
                         max_backoff_seconds=settings.outbox_max_backoff_seconds,
                         alert_after_attempts=settings.outbox_alert_after_attempts,
+                        lease_seconds=settings.outbox_lease_seconds,
                     )
                     if relay_enabled if relay_enabled is not None else bool(settings.client_secret):
                         relay.start()

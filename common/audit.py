@@ -85,7 +85,8 @@ def request_fields(request: Request) -> dict[str, Any]:
 
 
 def outbox_columns() -> list[sa.Column[Any]]:
-    """The outbox table's columns, shared by every emitting service's models and migrations."""
+    """The outbox table's columns as first created (every emitting service's first outbox migration);
+    later revisions add ``outbox_lease_column``. ``outbox_table`` is the current shape."""
     return [
         sa.Column("id", sa.Uuid(), primary_key=True),
         sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
@@ -97,11 +98,17 @@ def outbox_columns() -> list[sa.Column[Any]]:
     ]
 
 
+def outbox_lease_column() -> sa.Column[Any]:
+    """Until when a relay holds the row for a send in progress (``common.relay``); NULL when nobody does."""
+    return sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True)
+
+
 def outbox_table(metadata: sa.MetaData) -> sa.Table:
     return sa.Table(
         "outbox",
         metadata,
         *outbox_columns(),
+        outbox_lease_column(),
         sa.Index("ix_outbox_pending", "next_attempt_at", postgresql_where=sa.text("delivered_at IS NULL")),
     )
 

@@ -68,14 +68,15 @@ class Transport(Protocol):
 class PooledTransport:
     """The same interface over ``common.upstream``'s keep-alive httptools pool (the gateway's client):
     a third of aiohttp's CPU per call. Idle connections are dropped after 4 s, before uvicorn's 5 s
-    keep-alive can close them under a request. Create it inside a running loop."""
+    keep-alive can close them under a request. ``timeout`` bounds connecting, sending and the first byte
+    of the answer together, and then each silence while the body arrives."""
 
     def __init__(
         self, base_url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0, max_connections: int = 50
     ) -> None:
         self.prefix = urlsplit(base_url).path.rstrip("/")
         self.pool = UpstreamPool.for_url(
-            base_url, size=max_connections, connect_timeout=connect_timeout, read_timeout=timeout
+            base_url, size=max_connections, connect_timeout=connect_timeout, read_timeout=timeout, deadline=timeout
         )
 
     async def request(

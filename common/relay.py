@@ -1,10 +1,15 @@
 """The outbox relay: delivers each service's audit events to the audit service, never losing one.
 
-Rows are claimed with ``FOR UPDATE SKIP LOCKED`` (two replicas never send the same batch at once; the
-audit service is idempotent by event id anyway), sent in batches to ``POST /internal/events`` with a
-service token, and marked delivered only after the audit service has stored them. A failed batch is
-retried with exponential backoff and jitter; after ``alert_after_attempts`` it stays pending, is
-counted in a metric and logged as an alert: a dead letter waiting for ``comptoir outbox replay``.
+No transaction and no row lock is ever held across the network. A batch is claimed in one short
+transaction: the due rows are picked with ``FOR UPDATE SKIP LOCKED`` (two replicas never pick the same
+row at once), their ``lease_expires_at`` is set and the transaction commits. The batch is then sent to
+``POST /internal/events`` with a service token, holding nothing (the send is abandoned after half the
+lease, so that the lease always outlives it), and a second short transaction marks the rows delivered,
+or, on failure, schedules the next attempt with exponential backoff and jitter and gives the lease up.
+A process killed mid-send leaves its rows leased: they are due again when the lease runs out, and sent
+again; the audit service stores each event once (idempotent by event id), so the chain neither loses
+nor repeats one. After ``alert_after_attempts`` a batch stays pending, is counted in a metric and
+logged as an alert: a dead letter waiting for ``comptoir outbox replay``.
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-import httpx
 import sqlalchemy as sa
 import structlog
 from prometheus_client import Counter, Gauge
 
 from common.db import Database
+from common.http import Transport
 from common.service_tokens import ServiceTokenClient
 from common.tasks import BackgroundLoop
 
@@ -37,9 +44,14 @@ OUTBOX_FAILURES = Counter("comptoir_outbox_delivery_failures_total", "Failed del
 
 
 def backoff_seconds(attempts: int, maximum: float) -> float:
-    """Exponential (1 s doubling) with full jitter, capped."""
+    """Exponential (1 s doubling) with full jitter, capped. Kept in the row (``next_attempt_at``), not in
+    memory: the schedule of a batch must survive a restart, which an in-process retry loop cannot give."""
     ceiling = min(maximum, float(2 ** min(attempts, 20)))
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+
+
+class DeliveryFailed(Exception):
+    pass
 
 
 class OutboxRelay(BackgroundLoop):
@@ -49,12 +61,13 @@ class OutboxRelay(BackgroundLoop):
         service: str,
         db: Database,
         outbox: sa.Table,
-        client: httpx.AsyncClient,
+        client: Transport,
         tokens: ServiceTokenClient,
         batch_size: int = 200,
         poll_seconds: float = 0.5,
         max_backoff_seconds: float = 300.0,
         alert_after_attempts: int = 10,
+        lease_seconds: float = 30.0,
     ) -> None:
         self.service = service
         self.db = db
@@ -65,6 +78,7 @@ class OutboxRelay(BackgroundLoop):
         self.poll_seconds = poll_seconds
         self.max_backoff = max_backoff_seconds
         self.alert_after = alert_after_attempts
+        self.lease_seconds = lease_seconds
         self._task: asyncio.Task[None] | None = None
         self.task_name = f"outbox-relay-{service}"
         self._wake = asyncio.Event()
@@ -73,47 +87,77 @@ class OutboxRelay(BackgroundLoop):
         """Deliver now rather than at the next poll (after a commit that added events)."""
         self._wake.set()
 
-    async def deliver_once(self) -> int:
-        """One batch; returns how many events were delivered."""
+    async def claim(self) -> list[sa.Row[Any]]:
+        """Lease a batch of due rows and commit: from here on no lock is held, and no other relay takes
+        these rows until the lease runs out."""
         table = self.outbox
+        now = sa.func.now()
+        due = (
+            sa.select(table.c.id)
+            .where(
+                table.c.delivered_at.is_(None),
+                table.c.next_attempt_at <= now,
+                sa.or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= now),
+            )
+            .order_by(table.c.occurred_at, table.c.id)
+            .limit(self.batch_size)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
         async with self.db.sessionmaker() as session, session.begin():
             rows = (
                 await session.execute(
-                    sa.select(table.c.id, table.c.payload, table.c.attempts)
-                    .where(table.c.delivered_at.is_(None), table.c.next_attempt_at <= sa.func.now())
-                    .order_by(table.c.occurred_at, table.c.id)
-                    .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
+                    sa.update(table)
+                    .where(table.c.id.in_(due))
+                    .values(lease_expires_at=now + timedelta(seconds=self.lease_seconds))
+                    .returning(table.c.id, table.c.payload, table.c.attempts, table.c.occurred_at)
                 )
             ).all()
-            if not rows:
-                return 0
-            ids = [row.id for row in rows]
-            try:
-                headers = await self.tokens.headers_for("audit")
-                response = await self.client.post(
-                    EVENTS_PATH, json={"events": [row.payload for row in rows]}, headers=headers
-                )
-                if response.status_code == 401:
-                    self.tokens.forget("audit")
-                response.raise_for_status()
-            except Exception as exc:  # any failure: keep the events, retry later
-                attempts = max(row.attempts for row in rows) + 1
-                delay = backoff_seconds(attempts, self.max_backoff)
+        return sorted(rows, key=lambda row: (row.occurred_at, row.id))
+
+    async def send(self, rows: list[sa.Row[Any]]) -> None:
+        """One POST of the batch, within half the lease; ``DeliveryFailed`` or a transport error if not stored."""
+        async with asyncio.timeout(self.lease_seconds / 2):
+            headers = await self.tokens.headers_for("audit")
+            answer = await self.client.request(
+                "POST", EVENTS_PATH, json={"events": [row.payload for row in rows]}, headers=headers
+            )
+        if answer.status == 401:
+            self.tokens.forget("audit")
+        if not 200 <= answer.status < 300:
+            raise DeliveryFailed(f"audit answered {answer.status}")
+
+    async def deliver_once(self) -> int:
+        """One batch; returns how many events were delivered."""
+        rows = await self.claim()
+        if not rows:
+            return 0
+        ids: list[uuid.UUID] = [row.id for row in rows]
+        table = self.outbox
+        try:
+            await self.send(rows)
+        except Exception as exc:  # any failure: keep the events, retry later
+            attempts = max(row.attempts for row in rows) + 1
+            delay = backoff_seconds(attempts, self.max_backoff)
+            async with self.db.sessionmaker() as session, session.begin():
                 await session.execute(
                     sa.update(table)
                     .where(table.c.id.in_(ids))
                     .values(
                         attempts=table.c.attempts + 1,
                         next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay),
+                        lease_expires_at=None,
                         last_error=f"{type(exc).__name__}: {str(exc)[:200]}",
                     )
                 )
-                OUTBOX_FAILURES.labels(self.service).inc()
-                level = log.error if attempts >= self.alert_after else log.warning
-                level("audit.outbox.delivery_failed", attempts=attempts, events=len(ids), retry_in=round(delay, 1))
-                return 0
-            await session.execute(sa.update(table).where(table.c.id.in_(ids)).values(delivered_at=sa.func.now()))
+            OUTBOX_FAILURES.labels(self.service).inc()
+            level = log.error if attempts >= self.alert_after else log.warning
+            level("audit.outbox.delivery_failed", attempts=attempts, events=len(ids), retry_in=round(delay, 1))
+            return 0
+        async with self.db.sessionmaker() as session, session.begin():
+            await session.execute(
+                sa.update(table).where(table.c.id.in_(ids)).values(delivered_at=sa.func.now(), lease_expires_at=None)
+            )
         OUTBOX_DELIVERED.labels(self.service).inc(len(ids))
         return len(ids)
 

@@ -12,15 +12,20 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import httpx
+import stamina
 import structlog
 
+from common.http import Transport
 from common.service_tokens import ServiceTokenClient
 from common.tasks import BackgroundLoop
 
 log = structlog.get_logger("comptoir.revocation")
 
 FEED_PATH = "/internal/revocations"
+
+
+class FeedUnavailable(Exception):
+    pass
 
 
 class RevocationSet:
@@ -49,7 +54,7 @@ class RevocationPoller(BackgroundLoop):
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: Transport,
         tokens: ServiceTokenClient,
         revocations: RevocationSet,
         *,
@@ -66,11 +71,12 @@ class RevocationPoller(BackgroundLoop):
         arrived = 0
         while True:
             headers = await self.tokens.headers_for("auth")
-            response = await self.client.get(FEED_PATH, params={"after": self.revocations.cursor}, headers=headers)
-            if response.status_code == 401:
+            answer = await self.client.request("GET", f"{FEED_PATH}?after={self.revocations.cursor}", headers=headers)
+            if answer.status == 401:
                 self.tokens.forget("auth")
-            response.raise_for_status()
-            body = response.json()
+            if answer.status != 200:
+                raise FeedUnavailable(f"the auth service answered {answer.status}")
+            body = answer.json()
             for item in body["items"]:
                 self.revocations.add(str(item["sid"]), float(item["expires_at"]))
                 self.revocations.cursor = max(self.revocations.cursor, int(item["seq"]))
@@ -80,18 +86,27 @@ class RevocationPoller(BackgroundLoop):
                 return arrived
 
     async def _run(self) -> None:
-        failing = False
         while True:
+            # A failed poll keeps what is known and is tried again with a short backoff (at most 1 s, or
+            # the interval if longer: a revoked session must still be refused within about a second of
+            # auth answering again). Should stamina ever give up (its test mode caps attempts), the loop
+            # goes on with a new round.
             try:
-                await self.poll_once()
-                self.revocations.prune()
-                if failing:
-                    log.info("revocation.poll_recovered")
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep polling whatever happened; the cache stays as it was
-                if not failing:
-                    log.warning("revocation.poll_failing", error=type(exc).__name__)
-                failing = True
+                async for attempt in stamina.retry_context(
+                    on=Exception,
+                    attempts=None,
+                    timeout=None,
+                    wait_initial=self.interval,
+                    wait_max=max(1.0, self.interval),
+                    wait_jitter=self.interval / 2,
+                ):
+                    with attempt:
+                        if attempt.num == 2:
+                            log.warning("revocation.poll_failing")
+                        await self.poll_once()
+                        if attempt.num > 1:
+                            log.info("revocation.poll_recovered", attempts=attempt.num)
+            except Exception as exc:
+                log.warning("revocation.poll_failing", error=type(exc).__name__)
+            self.revocations.prune()
             await asyncio.sleep(self.interval)

@@ -6,9 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import httpx
-
 from common.errors import ServiceUnavailable
+from common.http import Transport, TransportError
 
 TOKEN_PATH = "/internal/token"  # noqa: S105 - a URL path
 
@@ -16,7 +15,7 @@ TOKEN_PATH = "/internal/token"  # noqa: S105 - a URL path
 class ServiceTokenClient:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: Transport,
         *,
         client_id: str,
         client_secret: str,
@@ -41,14 +40,16 @@ class ServiceTokenClient:
             if cached and cached[1] - self.margin > self.clock():
                 return cached[0]
             try:
-                response = await self.client.post(
+                answer = await self.client.request(
+                    "POST",
                     TOKEN_PATH,
                     json={"client_id": self.client_id, "client_secret": self.client_secret, "audience": audience},
                 )
-                response.raise_for_status()
-                body = response.json()
+                if answer.status != 200:
+                    raise ValueError(f"the auth service answered {answer.status}")
+                body = answer.json()
                 token, lifetime = str(body["access_token"]), float(body["expires_in"])
-            except (httpx.HTTPError, KeyError, ValueError, TypeError) as exc:
+            except (TransportError, KeyError, ValueError, TypeError) as exc:
                 raise ServiceUnavailable("Could not obtain a service token from the auth service.") from exc
             self._cache[audience] = (token, self.clock() + lifetime)
             return token

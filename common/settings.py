@@ -82,5 +82,8 @@ class ServiceSettings(CommonSettings):
     outbox_poll_seconds: float = Field(0.5, gt=0)
     outbox_max_backoff_seconds: float = Field(300.0, gt=0)
     outbox_alert_after_attempts: int = Field(10, ge=1)
+    # How long a relay holds a claimed batch while it sends it (the send is abandoned after half of it);
+    # a batch of a relay that died mid-send is sent again after this.
+    outbox_lease_seconds: float = Field(30.0, ge=2)
     # Peers whose X-Forwarded-For is believed: the gateway's addresses (loopback for `comptoir run`).
     gateway_networks: str = Field("127.0.0.1/32,::1/128")

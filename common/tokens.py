@@ -18,12 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import httpx
 import jwt
 import structlog
 
+from common.http import Transport, TransportError
+
 log = structlog.get_logger("comptoir.tokens")
 
+JWKS_PATH = "/.well-known/jwks.json"
 ALLOWED_ALGORITHMS = frozenset({"EdDSA"})
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "x5t", "x5t#S256", "crit"})
 
@@ -110,14 +112,14 @@ class RemoteJWKS:
 
     def __init__(
         self,
-        url: str,
-        client: httpx.AsyncClient,
+        path: str,
+        client: Transport,
         *,
         refresh_seconds: float = 300.0,
         min_refetch_seconds: float = 5.0,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.url = url
+        self.path = path
         self.client = client
         self.refresh_seconds = refresh_seconds
         self.min_refetch_seconds = min_refetch_seconds
@@ -138,11 +140,12 @@ class RemoteJWKS:
                 return False
             self.attempted_at = now
             try:
-                response = await self.client.get(self.url)
-                response.raise_for_status()
-                keys = parse_jwks(response.json())
-            except (httpx.HTTPError, ValueError) as exc:
-                log.warning("tokens.jwks.fetch_failed", url=self.url, error=type(exc).__name__)
+                answer = await self.client.request("GET", self.path)
+                if answer.status != 200:
+                    raise ValueError(f"the auth service answered {answer.status}")
+                keys = parse_jwks(answer.json())
+            except (TransportError, ValueError) as exc:
+                log.warning("tokens.jwks.fetch_failed", path=self.path, error=type(exc).__name__)
                 return False
             if keys:
                 self.keys = keys

@@ -8,9 +8,18 @@ measured, aiohttp's client was a third of the gateway's CPU per request. This on
 one buffer, lets llhttp (the parser uvicorn itself uses) parse the answer, and hands the body over as it
 arrives, with back-pressure, so large downloads stream without being held whole in memory.
 
-Errors are typed for the proxy: ``ConnectFailed`` (nothing was sent), ``UpstreamTimeout`` and
-``BadResponse``. A request that finds its pooled connection closed by the upstream before any byte of
-the answer is retried once on a new connection when its method is idempotent.
+Errors are typed for the proxy, which maps them to answers and to its circuit breaker:
+``ConnectFailed`` (nothing was sent; transient), ``PoolExhausted`` (every connection of this process's
+own pool stayed busy: local load, not the upstream's health), ``UpstreamTimeout`` (the request's
+deadline passed, or the body fell silent) and ``BadResponse`` (the answer was not HTTP/1.1, or the
+connection broke mid-answer; ``TLSFailed`` when the TLS handshake was refused: a configuration error
+that retrying will not heal). A request that finds its pooled connection closed by the upstream before
+any byte of the answer is retried once on a new connection when its method is idempotent; nothing else
+is ever retried here.
+
+Each request has one overall deadline (``deadline`` seconds): waiting for a pooled connection,
+connecting, sending and waiting for the status line all come out of it. Once the head is in, the body
+may take as long as it needs, as long as it never falls silent for ``read_timeout``.
 """
 
 from __future__ import annotations
@@ -37,12 +46,20 @@ class ConnectFailed(UpstreamError):
     """No connection could be opened: the upstream never saw the request."""
 
 
+class PoolExhausted(UpstreamError):
+    """No connection of this process's own pool came free in time: the upstream never saw the request."""
+
+
 class UpstreamTimeout(UpstreamError):
-    pass
+    """The request's deadline passed before the status line arrived, or the body fell silent."""
 
 
 class BadResponse(UpstreamError):
     """The connection broke or the answer was not valid HTTP/1.1."""
+
+
+class TLSFailed(BadResponse):
+    """The TLS handshake failed (certificate, protocol): a configuration error, not a passing one."""
 
 
 class _Stale(BadResponse):
@@ -184,6 +201,8 @@ class _Connection(asyncio.Protocol):
         return self.response
 
     async def wait(self, response: Response, timeout: float) -> None:
+        if timeout <= 0:
+            raise UpstreamTimeout("the upstream did not answer in time")
         waiter = self.loop.create_future()
         response._waiter = waiter
         handle = self.loop.call_later(timeout, _expire, waiter)
@@ -227,17 +246,19 @@ class UpstreamPool:
         size: int,
         connect_timeout: float,
         read_timeout: float,
+        deadline: float | None = None,
         idle_seconds: float = 4.0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tls = tls
-        self.loop = asyncio.get_running_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.host = host
         self.port = port
         self.host_header = (f"{host}:{port}" if ":" not in host else f"[{host}]:{port}").encode("ascii")
         self.size = size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.deadline = deadline if deadline is not None else read_timeout
         # Below uvicorn's default keep-alive (5 s), so an idle connection is dropped here first.
         self.idle_seconds = idle_seconds
         self.idle: list[_Connection] = []
@@ -245,8 +266,19 @@ class UpstreamPool:
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closing = False
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pool's connections live on: the running one at first use (a pool may be made
+        before the loop runs, as the gateway's are at import of its app)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     @classmethod
-    def for_url(cls, url: str, *, size: int, connect_timeout: float, read_timeout: float) -> UpstreamPool:
+    def for_url(
+        cls, url: str, *, size: int, connect_timeout: float, read_timeout: float, deadline: float | None = None
+    ) -> UpstreamPool:
         """A pool to ``http(s)://host[:port]`` (any path in the URL is the caller's business)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -258,13 +290,14 @@ class UpstreamPool:
             size=size,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            deadline=deadline,
             tls=tls,
         )
 
     async def request(
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> tuple[Response, _Connection]:
-        """Send the request; returns once the answer's status and headers are in."""
+        """Send the request; returns once the answer's status and headers are in, within the deadline."""
         parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", self.host_header, b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -272,14 +305,16 @@ class UpstreamPool:
             parts += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
+        loop = self.loop
+        expires = loop.time() + self.deadline
         for attempt in (1, 2):
-            conn = await self._acquire()
+            conn = await self._acquire(expires)
             response = conn.send(method, head, body, self.read_timeout)
             try:
                 while response.status == 0:
                     if response._error is not None:
                         raise response._error
-                    await conn.wait(response, self.read_timeout)
+                    await conn.wait(response, expires - loop.time())
             except _Stale:
                 self.release(conn)
                 if attempt == 1 and method in IDEMPOTENT:
@@ -320,7 +355,7 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, expires: float) -> _Connection:
         while True:
             now = time.monotonic()
             while self.idle:
@@ -336,21 +371,22 @@ class UpstreamPool:
             if self.open < self.size:
                 self.open += 1
                 try:
-                    return await self._connect()
+                    return await self._connect(expires)
                 except BaseException:
                     self.open -= 1
                     raise
             waiter = self.loop.create_future()
             self.waiters.append(waiter)
             try:
-                async with asyncio.timeout(self.connect_timeout):
+                async with asyncio.timeout_at(min(expires, self.loop.time() + self.connect_timeout)):
                     await waiter
             except TimeoutError:
-                raise ConnectFailed("no free connection to the upstream in time") from None
+                raise PoolExhausted("no free connection to the upstream in time") from None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, expires: float) -> _Connection:
+        connect_by = self.loop.time() + self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(min(expires, connect_by)):
                 _, conn = await self.loop.create_connection(
                     lambda: _Connection(self),
                     self.host,
@@ -359,7 +395,13 @@ class UpstreamPool:
                     server_hostname=self.host if self.tls else None,
                 )
         except TimeoutError:
+            if expires < connect_by:
+                raise UpstreamTimeout("the request's deadline passed while connecting") from None
             raise ConnectFailed("connecting to the upstream timed out") from None
+        except ssl.SSLError as exc:  # before OSError: SSLError is one
+            if isinstance(exc, ssl.SSLEOFError | ssl.SSLSyscallError | ssl.SSLZeroReturnError):
+                raise ConnectFailed("the upstream closed the connection during the TLS handshake") from None
+            raise TLSFailed(f"TLS with the upstream failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to the upstream: {exc.strerror or exc}") from None
         return conn

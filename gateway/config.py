@@ -31,11 +31,15 @@ class GatewaySettings(CommonSettings):
     orders_url: str = "http://127.0.0.1:8003"
     audit_url: str = "http://127.0.0.1:8004"
     upstream_connect_timeout_seconds: float = Field(2.0, gt=0)
+    # One deadline per forwarded request for everything before the answer's status line: a free pooled
+    # connection, connecting, sending, and the upstream's first byte (then 504). Once the answer has
+    # begun, its body may take longer, but never falls silent for `upstream_timeout_seconds`.
+    upstream_deadline_seconds: float = Field(15.0, gt=0)
     upstream_timeout_seconds: float = Field(15.0, gt=0)
     upstream_pool_size: int = Field(100, ge=1)
     image_upload_max_bytes: int = Field(IMAGE_UPLOAD_BYTES, ge=1024)
     # A dead upstream: after this many consecutive connection failures or timeouts, answer 503 at once
-    # for `circuit_open_seconds`, then let one request through to probe it.
+    # for `circuit_open_seconds`, then let one request through to probe it (within the deadline above).
     circuit_failure_threshold: int = Field(5, ge=1)
     circuit_open_seconds: float = Field(10.0, gt=0)
 

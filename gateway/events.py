@@ -13,13 +13,14 @@ import contextlib
 from collections import deque
 from typing import Any
 
-import httpx
+import stamina
 import structlog
 from prometheus_client import Counter
 from starlette.types import Scope
 
 from common.audit import AuditEvent, scrub
-from common.relay import EVENTS_PATH
+from common.http import Transport
+from common.relay import EVENTS_PATH, DeliveryFailed
 from common.service_tokens import ServiceTokenClient
 from common.tasks import BackgroundLoop
 
@@ -43,12 +44,13 @@ class SecurityEvents(BackgroundLoop):
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: Transport,
         tokens: ServiceTokenClient,
         *,
         capacity: int = 10_000,
         batch_size: int = 200,
         interval: float = 1.0,
+        max_backoff: float = 30.0,
     ) -> None:
         self.client = client
         self.tokens = tokens
@@ -56,6 +58,7 @@ class SecurityEvents(BackgroundLoop):
         self.capacity = capacity
         self.batch_size = batch_size
         self.interval = interval
+        self.max_backoff = max_backoff
         self._task: asyncio.Task[None] | None = None
 
     def record(self, scope: Scope, action: str, *, outcome: str = "denied", **details: Any) -> None:
@@ -80,25 +83,38 @@ class SecurityEvents(BackgroundLoop):
         self.queue.append(scrub(event.model_dump(mode="json")))
 
     async def flush(self) -> int:
+        """Send the oldest batch; returns how many events audit stored. A failure raises and keeps them queued."""
         if not self.queue:
             return 0
         batch = [self.queue[i] for i in range(min(self.batch_size, len(self.queue)))]
-        try:
-            headers = await self.tokens.headers_for("audit")
-            response = await self.client.post(EVENTS_PATH, json={"events": batch}, headers=headers)
-            if response.status_code == 401:
-                self.tokens.forget("audit")
-            response.raise_for_status()
-        except Exception as exc:  # keep them queued; the next round tries again
-            log.warning("gateway.security_events.delivery_failed", error=type(exc).__name__, queued=len(self.queue))
-            return 0
+        headers = await self.tokens.headers_for("audit")
+        answer = await self.client.request("POST", EVENTS_PATH, json={"events": batch}, headers=headers)
+        if answer.status == 401:
+            self.tokens.forget("audit")
+        if not 200 <= answer.status < 300:
+            raise DeliveryFailed(f"audit answered {answer.status}")
         for _ in batch:
             self.queue.popleft()
         return len(batch)
 
     async def _run(self) -> None:
         while True:
-            delivered = await self.flush()
+            delivered = 0
+            # Audit away: back off (exponential, jittered, up to max_backoff) instead of knocking every
+            # second. Should stamina ever give up (its test mode caps attempts), a new round begins.
+            try:
+                async for attempt in stamina.retry_context(
+                    on=Exception,
+                    attempts=None,
+                    timeout=None,
+                    wait_initial=self.interval,
+                    wait_max=self.max_backoff,
+                    wait_jitter=self.interval,
+                ):
+                    with attempt:
+                        delivered = await self.flush()
+            except Exception as exc:
+                log.warning("gateway.security_events.delivery_failed", error=type(exc).__name__, queued=len(self.queue))
             if delivered < self.batch_size:
                 await asyncio.sleep(self.interval)
 

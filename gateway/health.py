@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
+
+from common.upstream import UpstreamError
 
 router = APIRouter(tags=["health"])
 
@@ -19,12 +20,11 @@ async def system_health(request: Request) -> JSONResponse:
     proxy = request.app.proxy
 
     async def probe(name: str) -> tuple[str, str]:
-        session: aiohttp.ClientSession = proxy.sessions[name]
         try:
-            async with session.get(proxy.upstreams[name] + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                return name, "ok" if r.status == 200 else "failing"
-        except (aiohttp.ClientError, TimeoutError):
+            status, _ = await proxy.fetch(name, "/healthz", timeout=2.0)
+        except (UpstreamError, TimeoutError):
             return name, "unreachable"
+        return name, "ok" if status == 200 else "failing"
 
     results = dict(await asyncio.gather(*(probe(name) for name in proxy.upstreams)))
     processes = {"gateway": "ok", **results}

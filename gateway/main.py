@@ -12,11 +12,11 @@ from common.app import ComptoirAPI
 from common.clientip import parse_networks
 from common.deploychecks import enforce, gateway_checks
 from common.errors import problem_response
-from common.http import create_client
+from common.http import PooledTransport
 from common.logging import configure_logging
 from common.revocation import RevocationPoller, RevocationSet
 from common.service_tokens import ServiceTokenClient
-from common.tokens import ACCESS, KeySource, RemoteJWKS, TokenVerifier
+from common.tokens import ACCESS, JWKS_PATH, KeySource, RemoteJWKS, TokenVerifier
 from gateway.auth import GatewayAuth
 from gateway.cache import PublicCache
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
@@ -89,9 +89,12 @@ def create_app(
     if enforce_checks:
         enforce(gateway_checks(settings), production=settings.is_production)
     proxy = Proxy(settings)
-    auth_client = create_client(settings.auth_internal_url)
+    # Every HTTP call the gateway makes goes through common.upstream's client: the forwarding (proxy.py)
+    # and, here, JWKS, revocations, service tokens and security events (pools made at start-up).
+    auth_client = PooledTransport(settings.auth_internal_url)
+    audit_client = PooledTransport(settings.audit_internal_url)
     keys = key_source or RemoteJWKS(
-        settings.jwks_url,
+        JWKS_PATH,
         auth_client,
         refresh_seconds=settings.jwks_refresh_seconds,
         min_refetch_seconds=settings.jwks_min_refetch_seconds,
@@ -101,7 +104,6 @@ def create_app(
     service_tokens = ServiceTokenClient(auth_client, client_id="gateway", client_secret=settings.client_secret)
     poller = RevocationPoller(auth_client, service_tokens, revocations, interval=settings.revocation_poll_seconds)
     limits = RateLimits(settings)
-    audit_client = create_client(settings.audit_internal_url)
     events = SecurityEvents(audit_client, service_tokens)
     pipeline = Pipeline(
         proxy=proxy,

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 from typing import Any
 
-import aiohttp
 import structlog
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
+from common.upstream import UpstreamError
 from gateway.routes import is_public, route_table
 
 log = structlog.get_logger("gateway.openapi")
@@ -121,15 +122,15 @@ class OpenAPICache:
             return self.document
 
     async def _fetch(self, proxy: Any, name: str) -> tuple[str, dict[str, Any] | None]:
-        session: aiohttp.ClientSession = proxy.sessions[name]
         try:
-            async with session.get(
-                proxy.upstreams[name] + "/openapi.json", timeout=aiohttp.ClientTimeout(total=3)
-            ) as r:
-                if r.status == 200:
-                    return name, await r.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            log.warning("gateway.openapi.fetch_failed", upstream=name)
+            status, body = await proxy.fetch(name, "/openapi.json", timeout=3.0)
+            if status == 200:
+                document = json.loads(body)
+                if isinstance(document, dict):
+                    return name, document
+        except (UpstreamError, TimeoutError, ValueError):
+            pass
+        log.warning("gateway.openapi.fetch_failed", upstream=name)
         return name, None
 
 

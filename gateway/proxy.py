@@ -1,24 +1,31 @@
 """The forwarding hot path: raw ASGI in, a pool of keep-alive connections per upstream out.
 
 Measured on this machine (DESIGN.md, README): a pooled aiohttp session is ~5x faster than httpx here,
-and the gateway's own httptools client (``common.upstream``) cheaper again, so the hot path uses the
-latter; answers are streamed back chunk by chunk, never buffered whole. The aiohttp sessions serve the
-gateway's low-volume calls (aggregated health, OpenAPI).
+and the gateway's own httptools client (``common.upstream``) cheaper again, so the gateway speaks HTTP
+through that one client only: the forwarding here, its own small calls (``Proxy.fetch``: aggregated
+health, OpenAPI) over the same pools, and JWKS, revocations, service tokens and security events over
+``common.http.PooledTransport``. Answers are streamed back chunk by chunk, never buffered whole.
+
+Failures and what the client is told (README, "Upstream failures"):
+- circuit open, connection refused or timed out, own pool full: 503 with ``Retry-After`` (transient);
+- no status line within the request's deadline (``upstream_deadline_seconds``): 504;
+- an answer that is not HTTP/1.1, a connection cut mid-answer, a TLS handshake refused: 502 without
+  ``Retry-After``, and never sent again (it would not heal, or the request may have been applied).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 
-import aiohttp
 import structlog
 from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
 from common.errors import problem_response
-from common.upstream import BadResponse, ConnectFailed, UpstreamPool, UpstreamTimeout
+from common.upstream import BadResponse, ConnectFailed, PoolExhausted, UpstreamPool, UpstreamTimeout
 from gateway.config import GatewaySettings
 from gateway.routes import Route, upstream_urls
 
@@ -64,43 +71,113 @@ def _connection_listed(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return listed
 
 
+class CircuitOpen(Exception):
+    """The circuit refuses the request; ``retry_after`` is how long until it admits a probe."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("the circuit is open")
+        self.retry_after = retry_after
+
+
+# How each way out of an upstream call counts for the circuit. Only signs that the upstream itself is
+# unreachable or too slow count against it; what the gateway or its client did (a pool of its own that
+# is full, a caller that went away, a cancellation) and answers that are broken rather than absent
+# (a retry would not mend them, and an open circuit would announce them as "retry later") are neutral.
+_FAILURES = (ConnectFailed, UpstreamTimeout)
+
+
+class Attempt:
+    """One admitted call, settled exactly once when its ``with`` block ends (``Circuit.settle``): success
+    when the block ends normally (the upstream answered), failure on ``ConnectFailed`` or
+    ``UpstreamTimeout``, neutral on anything else (``BadResponse``, ``PoolExhausted``, cancellation).
+
+    Calls admitted while the circuit is closed share one stateless instance, so the hot path allocates
+    nothing; each half-open probe gets its own, so that a probe abandoned after its deadline and
+    settled late cannot release a newer probe's slot."""
+
+    __slots__ = ("circuit",)
+
+    def __init__(self, circuit: Circuit) -> None:
+        self.circuit = circuit
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.circuit.settle(self, exc_type)
+
+
 class Circuit:
-    """Consecutive connect failures or timeouts open the circuit; after a pause one probe may pass."""
+    """Per upstream: ``threshold`` consecutive failures open the circuit; after ``open_seconds`` one
+    probe may pass (half-open). The probe's success closes the circuit, its failure opens it again, and
+    a neutral end (or no end within ``probe_seconds``) frees the half-open slot for the next request.
+
+    Every admitted call is settled through the ``Attempt`` that ``admit`` returns, used as a context
+    manager, so there is no path on which a call is admitted and never settled."""
 
     def __init__(
-        self, threshold: int, open_seconds: float, clock: Callable[[], float] = time.monotonic, name: str = ""
+        self,
+        threshold: int,
+        open_seconds: float,
+        probe_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
     ) -> None:
         self.name = name
         self.threshold = threshold
         self.open_seconds = open_seconds
+        self.probe_seconds = probe_seconds
         self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
-        self.probing = False
+        self.probe: Attempt | None = None
+        self.probe_expires = 0.0
+        self._closed = Attempt(self)
 
     @property
     def is_open(self) -> bool:
         return self.opened_at is not None
 
-    def allow(self) -> bool:
-        if self.opened_at is None:
-            return True
-        if not self.probing and self.clock() - self.opened_at >= self.open_seconds:
-            self.probing = True
-            return True
-        return False
+    @property
+    def probing(self) -> bool:
+        """A probe is out and still within its deadline."""
+        return self.probe is not None and self.clock() < self.probe_expires
 
-    def success(self) -> None:
-        if self.opened_at is not None:
-            CIRCUIT_OPEN.labels(self.name).set(0)
-        self.failures, self.opened_at, self.probing = 0, None, False
+    def admit(self) -> Attempt:
+        """The attempt to settle, or ``CircuitOpen``."""
+        opened_at = self.opened_at
+        if opened_at is None:
+            return self._closed
+        now = self.clock()
+        reopens = opened_at + self.open_seconds
+        if now < reopens:
+            raise CircuitOpen(reopens - now)
+        if self.probe is not None and now < self.probe_expires:
+            raise CircuitOpen(self.probe_expires - now)
+        if self.probe is not None:
+            log.warning("gateway.circuit.probe_abandoned", upstream=self.name)
+        self.probe = Attempt(self)
+        self.probe_expires = now + self.probe_seconds
+        return self.probe
 
-    def failure(self) -> None:
-        self.failures += 1
-        self.probing = False
-        if self.failures >= self.threshold:
-            self.opened_at = self.clock()
-            CIRCUIT_OPEN.labels(self.name).set(1)
+    def settle(self, attempt: Attempt, error: type[BaseException] | None) -> None:
+        """Called once per admitted call, by its attempt's ``__exit__``."""
+        if error is None:  # success: the upstream answered
+            if self.opened_at is not None:
+                CIRCUIT_OPEN.labels(self.name).set(0)
+                log.info("gateway.circuit.closed", upstream=self.name)
+            self.failures, self.opened_at, self.probe = 0, None, None
+        elif issubclass(error, _FAILURES):
+            self.failures += 1
+            if attempt is self.probe:
+                self.probe = None
+                self.opened_at = self.clock()  # half-open → open for another pause
+            elif self.opened_at is None and self.failures >= self.threshold:
+                self.opened_at = self.clock()
+                CIRCUIT_OPEN.labels(self.name).set(1)
+                log.warning("gateway.circuit.opened", upstream=self.name, failures=self.failures)
+        elif attempt is self.probe:  # neutral: the next request may probe at once
+            self.probe = None
 
 
 class Proxy:
@@ -108,35 +185,37 @@ class Proxy:
         self.settings = settings
         self.upstreams = upstream_urls(settings)
         self.circuits = {
-            name: Circuit(settings.circuit_failure_threshold, settings.circuit_open_seconds, name=name)
+            name: Circuit(
+                settings.circuit_failure_threshold,
+                settings.circuit_open_seconds,
+                settings.upstream_deadline_seconds,
+                name=name,
+            )
             for name in self.upstreams
         }
-        self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.pools: dict[str, UpstreamPool] = {}
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.upstream_connect_timeout_seconds,
-            sock_read=settings.upstream_timeout_seconds,
-        )
 
     async def start(self) -> None:
         for name, url in self.upstreams.items():
             self.pools[name] = _pool_for(url, self.settings)
-            connector = aiohttp.TCPConnector(
-                limit=self.settings.upstream_pool_size, keepalive_timeout=30, enable_cleanup_closed=True
-            )
-            self.sessions[name] = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self.timeout,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
 
     async def close(self) -> None:
-        await asyncio.gather(*(session.close() for session in self.sessions.values()))
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
-        self.sessions.clear()
         self.pools.clear()
+
+    async def fetch(self, upstream: str, path: str, *, timeout: float) -> tuple[int, bytes]:
+        """The gateway's own ``GET`` to an upstream (health, OpenAPI), answer read whole within ``timeout``;
+        ``UpstreamError`` or ``TimeoutError`` when it fails. It does not go through the circuit."""
+        pool = self.pools[upstream]
+        async with asyncio.timeout(timeout):
+            response, conn = await pool.request(b"GET", path.encode("ascii"), [(b"accept", b"application/json")], b"")
+            try:
+                whole = response.body_if_complete()
+                if whole is None:
+                    whole = b"".join([chunk async for chunk in response.iter_chunks()])
+            finally:
+                pool.release(conn)
+        return response.status, whole
 
     def _request_headers(self, scope: Scope, client_ip: str | None) -> list[tuple[bytes, bytes]]:
         raw: list[tuple[bytes, bytes]] = scope.get("headers", ())
@@ -155,10 +234,8 @@ class Proxy:
         return out
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, route: Route, client_ip: str | None) -> None:
-        circuit = self.circuits[route.upstream]
-        if not circuit.allow():
-            await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.")
-            return
+        # The body is read whole before the circuit is asked: a client that goes away mid-body was never
+        # admitted, so it can neither hold the half-open slot nor count against the upstream.
         body = await _read_body(receive)
         if body is None:
             return
@@ -169,21 +246,24 @@ class Proxy:
             target = target + b"?" + query
         pool = self.pools[route.upstream]
         try:
-            upstream, conn = await pool.request(
-                scope["method"].encode("latin-1"), target, self._request_headers(scope, client_ip), body
-            )
+            with self.circuits[route.upstream].admit():
+                upstream, conn = await pool.request(
+                    scope["method"].encode("latin-1"), target, self._request_headers(scope, client_ip), body
+                )
+        except CircuitOpen as exc:
+            retry = str(max(1, math.ceil(exc.retry_after)))
+            await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.", retry)
+            return
         except UpstreamTimeout:
-            circuit.failure()
             await self._fail(scope, receive, send, 504, route, "The upstream service did not answer in time.")
             return
-        except ConnectFailed:
-            circuit.failure()
-            await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.")
+        except (ConnectFailed, PoolExhausted):
+            await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.", "1")
             return
         except BadResponse:
+            # Not transient as far as anyone can tell: no Retry-After, and the request is not sent again.
             await self._fail(scope, receive, send, 502, route, "The upstream service gave an invalid answer.")
             return
-        circuit.success()
         try:
             drop = _DROP_RESPONSE | _connection_listed(upstream.headers)
             headers = [(k, v) for k, v in upstream.headers if k not in drop]
@@ -207,12 +287,22 @@ class Proxy:
         finally:
             pool.release(conn)
 
-    async def _fail(self, scope: Scope, receive: Receive, send: Send, status: int, route: Route, detail: str) -> None:
+    async def _fail(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        status: int,
+        route: Route,
+        detail: str,
+        retry_after: str | None = None,
+    ) -> None:
         log.warning("gateway.upstream_failed", upstream=route.upstream, status=status)
         UPSTREAM_FAILURES.labels(route.upstream, str(status)).inc()
         if scope.get("comptoir.response_started"):
             raise RuntimeError("upstream failed after the response started")
-        await problem_response(status, scope=scope, detail=detail)(scope, receive, send)
+        headers = {"Retry-After": retry_after} if retry_after else None
+        await problem_response(status, scope=scope, detail=detail, headers=headers)(scope, receive, send)
 
 
 def _pool_for(url: str, settings: GatewaySettings) -> UpstreamPool:
@@ -221,6 +311,7 @@ def _pool_for(url: str, settings: GatewaySettings) -> UpstreamPool:
         size=settings.upstream_pool_size,
         connect_timeout=settings.upstream_connect_timeout_seconds,
         read_timeout=settings.upstream_timeout_seconds,
+        deadline=settings.upstream_deadline_seconds,
     )
 
 

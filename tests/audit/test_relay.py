@@ -1,4 +1,6 @@
-"""The real outbox relay delivering to the real audit app: audit down means events wait, never lost."""
+"""The real outbox relay delivering to the real audit app: audit down means events wait, never lost;
+audit hung means nothing is locked or pinned while the relay waits; a relay gone mid-send loses and
+repeats nothing."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
-from common.audit import AuditEvent, outbox_columns, record
+from common.audit import AuditEvent, outbox_columns, outbox_lease_column, record
 from common.db import Database
+from common.http import HttpxTransport
 from common.relay import OutboxRelay
 from comptoir.cli import outbox_replay, outbox_status
 from tests.audit.support import AuditClient, chain_rows
@@ -48,7 +51,7 @@ class Down(httpx.AsyncBaseTransport):
 @pytest.fixture
 async def outbox(database: DatabaseFixture) -> AsyncIterator[sa.Table]:
     """An outbox table in the orders schema, created by its owner role as a migration would."""
-    table = sa.Table(TABLE, sa.MetaData(schema="orders"), *outbox_columns())
+    table = sa.Table(TABLE, sa.MetaData(schema="orders"), *outbox_columns(), outbox_lease_column())
     ddl = str(CreateTable(table).compile(dialect=postgresql.dialect()))
     admin = await database.admin()
     try:
@@ -68,6 +71,11 @@ async def orders_db(database: DatabaseFixture) -> AsyncIterator[Database]:
     await db.dispose()
 
 
+def to_audit(audit: AuditClient, transport: httpx.AsyncBaseTransport | None = None) -> HttpxTransport:
+    inner = transport or httpx.ASGITransport(app=audit.app)
+    return HttpxTransport(httpx.AsyncClient(transport=inner, base_url="http://audit"))
+
+
 async def outbox_rows(db: Database, table: sa.Table) -> list[sa.Row[tuple[object, ...]]]:
     async with db.sessionmaker() as session:
         return list((await session.execute(sa.select(table).order_by(table.c.occurred_at))).all())
@@ -84,7 +92,7 @@ async def test_events_wait_while_audit_is_down_then_arrive_exactly_once(
                 outbox,
                 AuditEvent(service="orders", action="orders.order.created", resource_type="order", resource_id=str(i)),
             )
-    down = httpx.AsyncClient(transport=Down(), base_url="http://audit")
+    down = HttpxTransport(httpx.AsyncClient(transport=Down(), base_url="http://audit"))
     relay = OutboxRelay(
         service="orders",
         db=orders_db,
@@ -119,7 +127,7 @@ async def test_events_wait_while_audit_is_down_then_arrive_exactly_once(
     assert (status[0]["pending"], status[0]["stuck"], len(status[0]["rows"])) == (30, 30, 5)
 
     # Audit is back; the operator replays the dead letters; the relay delivers everything.
-    relay.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=audit.app), base_url="http://audit")
+    relay.client = to_audit(audit)
     assert await outbox_replay(database.admin_url, "orders", stuck_after=3, table=TABLE) == 30
     delivered = 0
     for _ in range(10):
@@ -148,7 +156,7 @@ async def test_events_wait_while_audit_is_down_then_arrive_exactly_once(
 async def test_the_relay_loop_delivers_in_the_background(
     audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
 ) -> None:
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=audit.app), base_url="http://audit")
+    client = to_audit(audit)
     relay = OutboxRelay(
         service="orders",
         db=orders_db,
@@ -173,4 +181,114 @@ async def test_the_relay_loop_delivers_in_the_background(
         await relay.stop()
         await client.aclose()
     assert len(await chain_rows(database)) == 120
+    assert (await audit.verify())["ok"] is True
+
+
+class Hung(httpx.AsyncBaseTransport):
+    """The audit service takes the request and then does not answer until ``release`` is set."""
+
+    def __init__(self, app: object) -> None:
+        self.inner = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.arrived.set()
+        await self.release.wait()
+        return await self.inner.handle_async_request(request)
+
+
+async def record_events(db: Database, table: sa.Table, count: int) -> None:
+    for i in range(count):
+        async with db.sessionmaker() as session, session.begin():
+            await record(
+                session, table, AuditEvent(service="orders", action="orders.order.created", resource_id=str(i))
+            )
+
+
+async def test_while_audit_hangs_no_row_is_locked_and_no_connection_waits_in_a_transaction(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    await record_events(orders_db, outbox, 5)
+    hung = Hung(audit.app)
+    tokens = IssuerTokens(audit.issuer, "orders")
+    relay = OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=to_audit(audit, hung),
+        tokens=tokens,  # type: ignore[arg-type]
+    )
+    other = OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=to_audit(audit),
+        tokens=tokens,  # type: ignore[arg-type]
+    )
+    sending = asyncio.create_task(relay.deliver_once())
+    await hung.arrived.wait()  # the batch is on its way and audit sits on it
+    admin = await database.admin()
+    try:
+        ids = [r.id for r in await outbox_rows(orders_db, outbox)]
+        leased = await admin.fetch(f"SELECT lease_expires_at > now() AS held FROM orders.{TABLE}")
+        assert [r["held"] for r in leased] == [True] * 5
+        # Another connection can lock every row at once, without waiting: nobody holds them.
+        async with admin.transaction():
+            locked = await admin.fetch(f"SELECT id FROM orders.{TABLE} WHERE id = ANY($1) FOR UPDATE NOWAIT", ids)
+            assert len(locked) == 5
+        relation_locks = await admin.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE c.relname = $1 AND l.pid <> pg_backend_pid()",
+            TABLE,
+        )
+        assert relation_locks == 0
+        pinned = await admin.fetch(
+            "SELECT state FROM pg_stat_activity WHERE application_name = 'test-orders' AND state <> 'idle'"
+        )
+        assert pinned == []  # in particular, none 'idle in transaction'
+        # A second relay (another replica) does not take the leased batch.
+        assert await other.deliver_once() == 0
+    finally:
+        await admin.close()
+    hung.release.set()
+    assert await sending == 5
+    rows = await outbox_rows(orders_db, outbox)
+    assert all(r.delivered_at is not None and r.lease_expires_at is None for r in rows)
+    assert len(await chain_rows(database)) == 5
+
+
+async def test_a_batch_whose_relay_died_mid_send_is_sent_again_after_its_lease_and_chained_once(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    await record_events(orders_db, outbox, 8)
+    tokens = IssuerTokens(audit.issuer, "orders")
+    dead = OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=to_audit(audit),
+        tokens=tokens,  # type: ignore[arg-type]
+    )
+    # The relay claims and sends, audit stores the batch, and the relay dies before marking it delivered.
+    batch = await dead.claim()
+    await dead.send(batch)
+    assert len(await chain_rows(database)) == 8
+    survivor = OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=to_audit(audit),
+        tokens=tokens,  # type: ignore[arg-type]
+    )
+    assert await survivor.deliver_once() == 0  # still leased to the dead relay
+    admin = await database.admin()
+    try:
+        await admin.execute(f"UPDATE orders.{TABLE} SET lease_expires_at = now()")  # the lease runs out
+    finally:
+        await admin.close()
+    assert await survivor.deliver_once() == 8
+    rows = await chain_rows(database)
+    assert sorted(str(r["id"]) for r in rows) == sorted(str(r.id) for r in batch)  # each event once
+    assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
     assert (await audit.verify())["ok"] is True

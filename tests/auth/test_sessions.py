@@ -8,6 +8,7 @@ from typing import Any
 
 import jwt
 
+from common.http import HttpxTransport
 from common.revocation import RevocationPoller, RevocationSet
 from common.service_tokens import ServiceTokenClient
 from tests.auth.conftest import CLIENT_SECRETS, PASSWORD, AuthClient, MakeAuth
@@ -272,9 +273,10 @@ async def test_feed_pages_hold_at_most_500_entries(auth: AuthClient) -> None:
 async def test_the_shared_poller_reads_the_feed(auth: AuthClient) -> None:
     """common.revocation as the gateway runs it, against this service: logout is seen on the next poll."""
     _, pair = await auth.user()
-    tokens = ServiceTokenClient(auth.client, client_id="gateway", client_secret=CLIENT_SECRETS["gateway"])
+    client = HttpxTransport(auth.client)
+    tokens = ServiceTokenClient(client, client_id="gateway", client_secret=CLIENT_SECRETS["gateway"])
     revocations = RevocationSet()
-    poller = RevocationPoller(auth.client, tokens, revocations, interval=0.25)
+    poller = RevocationPoller(client, tokens, revocations, interval=0.25)
     await poller.poll_once()
     assert not revocations.is_revoked(sid_of(pair["access_token"]))
     await auth.client.post("/api/v1/auth/logout", headers=bearer(pair["access_token"]))

@@ -11,6 +11,7 @@ import httpx
 import jwt
 import pytest
 
+from common.http import HttpxTransport
 from common.tokens import ACCESS, SERVICE, RemoteJWKS, TokenVerifier
 from services.auth.bootstrap import rotate_keys
 from services.auth.keys import KeyStore, add_key, rotate
@@ -31,7 +32,7 @@ def kid_of(token: str) -> str:
 
 async def remote_verifier(auth: AuthClient, *, audience: str = AUDIENCE, token_use: str = ACCESS) -> TokenVerifier:
     """How the gateway and the other services verify: over HTTP from the JWKS, with their own code."""
-    keys = RemoteJWKS("/.well-known/jwks.json", auth.client, min_refetch_seconds=0)
+    keys = RemoteJWKS("/.well-known/jwks.json", HttpxTransport(auth.client), min_refetch_seconds=0)
     return TokenVerifier(keys, issuer=ISSUER, audience=audience, token_use=token_use, clock=auth.clock)
 
 

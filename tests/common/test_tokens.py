@@ -11,6 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from common.http import HttpxTransport
 from common.tokens import InvalidToken, RemoteJWKS, TokenVerifier
 from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer
 
@@ -165,7 +166,7 @@ async def test_remote_jwks_refetches_unknown_kids_at_most_every_few_seconds(issu
 
     now = [1000.0]
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://auth") as client:
-        jwks = RemoteJWKS("http://auth/.well-known/jwks.json", client, min_refetch_seconds=5, clock=lambda: now[0])
+        jwks = RemoteJWKS("/.well-known/jwks.json", HttpxTransport(client), min_refetch_seconds=5, clock=lambda: now[0])
         verifier = TokenVerifier(jwks, issuer=ISSUER, audience=AUDIENCE)
         await verifier.verify(issuer.access())
         assert len(calls) == 1
@@ -188,7 +189,7 @@ async def test_remote_jwks_keeps_working_while_auth_is_down(issuer: TestIssuer) 
 
     now = [0.0]
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        jwks = RemoteJWKS("http://auth/jwks", client, refresh_seconds=10, clock=lambda: now[0])
+        jwks = RemoteJWKS("http://auth/jwks", HttpxTransport(client), refresh_seconds=10, clock=lambda: now[0])
         verifier = TokenVerifier(jwks, issuer=ISSUER, audience=AUDIENCE)
         await verifier.verify(issuer.access())
         up[0] = False

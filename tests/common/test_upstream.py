@@ -4,13 +4,30 @@ stale pooled connections, back-pressure, broken answers and time limits."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from common.upstream import BadResponse, ConnectFailed, Response, UpstreamPool, UpstreamTimeout
+from common.upstream import (
+    BadResponse,
+    ConnectFailed,
+    PoolExhausted,
+    Response,
+    TLSFailed,
+    UpstreamPool,
+    UpstreamTimeout,
+)
 from tests.conftest import assert_problem, assert_security_headers
 from tests.gateway.conftest import running_gateway
 from tests.support.servers import Echo, raw_request, serve
@@ -191,12 +208,26 @@ async def test_requests_beyond_the_pool_size_wait_for_a_free_connection() -> Non
 
 
 async def test_large_bodies_are_read_with_back_pressure() -> None:
-    size = 4 * 1024 * 1024
+    """A body far larger than every socket buffer on the way: while nobody consumes it, the client stops
+    reading (a state it must reach, waited for, not slept on) and the upstream cannot hand more than those
+    buffers can hold to the network; consuming it then resumes reading and brings every byte."""
+    size = 64 * 1024 * 1024
     big = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"z" * size
-    async with scripted(lambda _head, _n: big) as (_server, pool):
+    async with scripted(lambda _head, _n: big) as (server, pool):
         response, conn = await pool.request(b"GET", b"/x", [], b"")
-        await asyncio.sleep(0.2)  # let the upstream fill the socket: reading must stop at the high-water mark
-        assert response._buffered < 1024 * 1024
+        transport = conn.transport
+        assert transport is not None
+        deadline = asyncio.get_running_loop().time() + 10
+        while transport.is_reading():
+            assert asyncio.get_running_loop().time() < deadline, "the client never stopped reading"
+            await asyncio.sleep(0.01)
+        # Paused: what left the upstream is bounded by the two sockets' kernel buffers plus the client's
+        # high-water mark (1 MiB is ample), whatever the body's size.
+        upstream = server.writers[0].transport
+        received = transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        sent = upstream.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert received + sent + 1024 * 1024 < size
+        assert size - upstream.get_write_buffer_size() <= received + sent + 1024 * 1024
         total = 0
         async for chunk in response.iter_chunks():
             total += len(chunk)
@@ -231,7 +262,6 @@ def test_proxied_answers_carry_at_most_one_content_length(issuer) -> None:  # no
 
 
 def test_an_upstream_speaking_garbage_is_a_502_problem(issuer) -> None:  # noqa: ANN001
-    import socket
     import threading
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -256,3 +286,64 @@ def test_an_upstream_speaking_garbage_is_a_502_problem(issuer) -> None:  # noqa:
     assert_problem(response, 502)
     assert_security_headers(response)
     assert response.headers["x-request-id"]
+
+
+async def test_a_full_pool_is_the_callers_own_limit_not_a_connect_failure() -> None:
+    async with scripted(lambda _head, _n: b"", size=1, connect_timeout=0.2) as (_server, pool):
+        holder = asyncio.create_task(pool.request(b"GET", b"/x", [], b""))  # the only connection, never answered
+        while pool.open == 0:
+            await asyncio.sleep(0)
+        with pytest.raises(PoolExhausted):
+            await pool.request(b"GET", b"/x", [], b"")
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+
+
+async def test_one_deadline_bounds_everything_before_the_first_byte_whatever_the_read_timeout() -> None:
+    async with scripted(lambda _head, _n: b"", read_timeout=30.0, deadline=0.3) as (_server, pool):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await fetch(pool)
+        assert loop.time() - started < 2.0
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+async def test_an_untrusted_certificate_is_a_tls_failure_not_a_passing_outage(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = ScriptedServer(lambda _head, _n: OK)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+    port = listener.sockets[0].getsockname()[1]
+    pool = UpstreamPool.for_url(f"https://127.0.0.1:{port}", size=2, connect_timeout=2.0, read_timeout=2.0)
+    try:
+        with pytest.raises(TLSFailed):
+            await pool.request(b"GET", b"/", [], b"")
+        assert pool.open == 0
+    finally:
+        await pool.close()
+        listener.close()

@@ -1,4 +1,6 @@
-"""Audit down means events wait, never events lost (real processes, real HTTP, real PostgreSQL)."""
+"""Audit down means events wait, never events lost (real processes, real HTTP, real PostgreSQL); while audit
+hangs, the relay holds a lease on its batch but no lock and no transaction; a relay killed mid-send loses
+and repeats nothing."""
 
 from __future__ import annotations
 
@@ -39,10 +41,52 @@ async def outbox_state(data_dir: Path) -> tuple[int, list[str], list[str]]:
         await conn.close()
 
 
+LEASE_SECONDS = 10
+
+
+async def while_the_relay_waits_on_audit(data_dir: Path) -> int:
+    """Once a batch has been claimed and its send has gone on for over a second: no lock on any outbox row,
+    no connection of auth idle in a transaction; returns how many rows are leased."""
+    conn = await asyncpg.connect(admin_url(data_dir))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            claimed_at = await conn.fetchval(
+                "SELECT max(lease_expires_at) - make_interval(secs => $1) FROM auth.outbox"
+                " WHERE delivered_at IS NULL AND lease_expires_at > now()",
+                float(LEASE_SECONDS),
+            )
+            if claimed_at is not None and await conn.fetchval("SELECT now() - $1 > interval '1.5 s'", claimed_at):
+                break
+            assert time.monotonic() < deadline, "no batch was claimed"
+            await asyncio.sleep(0.1)
+        leased = [r["id"] for r in await conn.fetch("SELECT id FROM auth.outbox WHERE lease_expires_at > now()")]
+        async with conn.transaction():  # every leased row can be locked at once, without waiting
+            locked = await conn.fetch("SELECT id FROM auth.outbox WHERE id = ANY($1) FOR UPDATE NOWAIT", leased)
+            assert len(locked) == len(leased)
+        pinned = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'comptoir-auth'"
+            " AND state LIKE 'idle in transaction%' AND now() - state_change > interval '1 s'"
+        )
+        assert pinned == 0
+        return len(leased)
+    finally:
+        await conn.close()
+
+
+async def leased_rows(data_dir: Path) -> int:
+    conn = await asyncpg.connect(admin_url(data_dir))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM auth.outbox WHERE lease_expires_at IS NOT NULL"))
+    finally:
+        await conn.close()
+
+
 def test_events_wait_while_audit_is_down_and_arrive_exactly_once(tmp_path: Path) -> None:
     system = new_system(tmp_path)
     system.env["AUTH_PBKDF2_ROUNDS"] = "1000"
     system.env["AUTH_OUTBOX_MAX_BACKOFF_SECONDS"] = "2"  # a cost setting: retry sooner than in production
+    system.env["AUTH_OUTBOX_LEASE_SECONDS"] = str(LEASE_SECONDS)
     system.start()
     gateway = system.url()
     try:
@@ -61,10 +105,12 @@ def test_events_wait_while_audit_is_down_and_arrive_exactly_once(tmp_path: Path)
                 assert login.status_code == 200  # no request fails because audit is down
             pending, sent, stored = asyncio.run(outbox_state(system.data_dir))
             assert pending >= 8
-            # The emitting service dies with undelivered events; the supervisor restarts it.
+            assert asyncio.run(while_the_relay_waits_on_audit(system.data_dir)) > 0
+            # The emitting service dies with kill -9 in the middle of a send; the supervisor restarts it.
             victim = system.child("auth")
             victim.kill()
             victim.wait(10)
+            assert asyncio.run(leased_rows(system.data_dir)) > 0  # it did die mid-send: its lease is still there
             system.wait_healthy(processes=["auth"])
         finally:
             audit.send_signal(signal.SIGCONT)

@@ -19,6 +19,7 @@ import jwt
 import pytest
 
 from comptoir.embedded import SUPERUSER, libpq_url
+from services.auth.keys import KEY_FILE
 from tests.conftest import free_port
 from tests.e2e.harness import new_system
 
@@ -164,7 +165,10 @@ def test_two_replicas_of_each_service_share_one_database_safely(tmp_path: Path) 
         for auth_url in (system.url("auth"), replicas["auth"][1]):
             wait_until(lambda auth_url=auth_url: len(_kids(auth_url) - before) == 1, 10, "rotation not picked up")
         new_kid = (_kids(system.url("auth")) - before).pop()
-        time.sleep(1.5)  # the activation delay (1 s here): the new key starts signing
+        # Both replicas hold the new key; it signs from the start time in its file name on (the rotation's
+        # activation delay, 1 s here): wait for that instant itself rather than for a guessed duration.
+        starts_at = max(float(m.group(1)) for m in map(KEY_FILE.match, _key_files(system.data_dir)) if m)
+        wait_until(lambda: time.time() >= starts_at, 10, "the new key's start time never came")
         token = _login(gateway, email, PASSWORD)["Authorization"].split()[1]
 
         assert jwt.get_unverified_header(token)["kid"] == new_kid
@@ -175,6 +179,10 @@ def test_two_replicas_of_each_service_share_one_database_safely(tmp_path: Path) 
             proc.terminate()
             proc.wait(15)
         assert system.stop() == 0
+
+
+def _key_files(data_dir: Path) -> list[str]:
+    return [path.name for path in (data_dir / "keys").iterdir()]
 
 
 def _healthy(url: str) -> bool:

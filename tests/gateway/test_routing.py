@@ -152,8 +152,8 @@ def test_upstream_down_is_503_and_the_circuit_opens(issuer) -> None:  # noqa: AN
         assert_problem(response, 503)
 
 
-def test_slow_upstream_is_504_within_the_timeout(echo, issuer) -> None:  # noqa: ANN001
-    with running_gateway(echo[1].url, issuer, upstream_timeout_seconds=0.5) as (url, _):
+def test_slow_upstream_is_504_within_the_deadline(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(echo[1].url, issuer, upstream_deadline_seconds=0.5) as (url, _):
         response = httpx.get(url + "/api/v1/products/slow", timeout=5)
         assert_problem(response, 504)
         assert response.elapsed.total_seconds() < 2.5

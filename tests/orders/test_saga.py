@@ -395,8 +395,21 @@ async def test_a_retry_while_the_first_attempt_is_in_flight_gets_the_same_order(
         net.arrived["reserve"] = asyncio.Event()
         first = asyncio.create_task(system.place([(product["id"], 2)], customer=customer, key="in-flight"))
         await net.arrived["reserve"].wait()
+        # Watch the retry's claims of the key (the real ones, passed through): each refusal means it found
+        # the first attempt still running and went back to waiting for it.
+        claims = system.orders_app.state.orders.claims
+        claim, refusals, refused_twice = claims.submit, [], asyncio.Event()
+
+        async def watched(item: Any) -> bool:
+            taken: bool = await claim(item)
+            refusals.append(taken)
+            if refusals.count(False) == 2:
+                refused_twice.set()
+            return taken
+
+        claims.submit = watched
         retry = asyncio.create_task(system.place([(product["id"], 2)], customer=customer, key="in-flight"))
-        await asyncio.sleep(0.3)
+        await refused_twice.wait()
         assert not retry.done()  # it waits for the first attempt instead of placing a second order
         gate.set()
         one, two = await first, await retry
