@@ -87,7 +87,7 @@ def system(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     admin_url = embedded.start()
     migrate(RunSettings(data_dir=data_dir, database_url=admin_url), admin_url)
     embedded.stop()
-    yield data_dir
+    return data_dir
 
 
 def test_create_admin_reads_the_password_from_stdin_without_a_terminal(system: Path, tmp_path: Path) -> None:
