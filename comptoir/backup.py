@@ -8,31 +8,58 @@
   urlsafe base64 of 32 bytes) is never written next to the backup.
 - Restore goes into an empty database: roles and schemas are provisioned first (``comptoir migrate``'s
   code), the dump is restored, then the migrations run again (a no-op that re-asserts the grants).
+- What verification needs travels with the data (format v2, a tar inside the sealed stream):
+  ``database.dump``; the public half of every checkpoint key the installation trusts
+  (``keys/trusted/<key id>.pub``); the checkpoint log kept outside the database
+  (``audit/checkpoints.jsonl``); and, only when asked (``--include-private-key``), the private signing
+  key (``keys/audit-checkpoint.key``). Restore puts the keys back under the new ``DATA_DIR``, so that
+  ``comptoir audit verify`` checks the restored chain against the same signatures. v1 files (a bare
+  dump) are still restored.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
+import json
 import os
 import struct
 import subprocess
+import tarfile
 import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from comptoir.config import RunSettings
+    from comptoir.progress import Progress
+    from services.audit.config import Settings as AuditSettings
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from comptoir.config import SERVICES
 
-MAGIC = b"COMPTOIR-BACKUP\x00v1"
+MAGIC_V1 = b"COMPTOIR-BACKUP\x00v1"
+MAGIC = b"COMPTOIR-BACKUP\x00v2"
+DUMP = "database.dump"
+MANIFEST = "manifest.json"
+TRUSTED = "keys/trusted/"
+PRIVATE_KEY = "keys/audit-checkpoint.key"
+CHECKPOINT_LOG = "audit/checkpoints.jsonl"
 CHUNK = 1024 * 1024
 _LENGTH = struct.Struct(">I")
 
 
 class BackupError(Exception):
     pass
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 def load_key(encoded: str) -> bytes:
@@ -48,31 +75,33 @@ def load_key(encoded: str) -> bytes:
     return key
 
 
-def _aad(prefix: bytes, index: int, final: bool) -> bytes:
-    return MAGIC + prefix + struct.pack(">Q?", index, final)
+def _aad(magic: bytes, prefix: bytes, index: int, final: bool) -> bytes:
+    return magic + prefix + struct.pack(">Q?", index, final)
 
 
-def seal(src: BinaryIO, dst: BinaryIO, key: bytes) -> None:
+def seal(src: Readable, dst: BinaryIO, key: bytes, magic: bytes = MAGIC) -> None:
     aead = AESGCM(key)
     prefix = os.urandom(8)
-    dst.write(MAGIC + prefix)
+    dst.write(magic + prefix)
     index = 0
     chunk = src.read(CHUNK)
     while True:
         following = src.read(CHUNK)
         final = not following
         nonce = prefix + struct.pack(">I", index)
-        sealed = aead.encrypt(nonce, chunk, _aad(prefix, index, final))
+        sealed = aead.encrypt(nonce, chunk, _aad(magic, prefix, index, final))
         dst.write(_LENGTH.pack(len(sealed)) + sealed)
         if final:
             return
         chunk, index = following, index + 1
 
 
-def unseal(src: BinaryIO, dst: BinaryIO, key: bytes) -> None:
+def unseal(src: BinaryIO, dst: BinaryIO, key: bytes) -> bytes:
+    """Decrypt ``src`` into ``dst``; returns the format's magic (v1: a bare dump, v2: a tar)."""
     aead = AESGCM(key)
     header = src.read(len(MAGIC) + 8)
-    if len(header) != len(MAGIC) + 8 or not header.startswith(MAGIC):
+    magic = header[: len(MAGIC)]
+    if len(header) != len(MAGIC) + 8 or magic not in (MAGIC, MAGIC_V1):
         raise BackupError("not a Comptoir backup file")
     prefix = header[len(MAGIC) :]
     index = 0
@@ -87,7 +116,7 @@ def unseal(src: BinaryIO, dst: BinaryIO, key: bytes) -> None:
         nonce = prefix + struct.pack(">I", index)
         for final in (False, True):
             try:
-                plain = aead.decrypt(nonce, sealed, _aad(prefix, index, final))
+                plain = aead.decrypt(nonce, sealed, _aad(magic, prefix, index, final))
                 break
             except InvalidTag:
                 continue
@@ -97,7 +126,7 @@ def unseal(src: BinaryIO, dst: BinaryIO, key: bytes) -> None:
         if final:
             if src.read(1):
                 raise BackupError("data after the final chunk")
-            return
+            return magic
         index += 1
 
 
@@ -111,22 +140,105 @@ def _pg_tool(name: str) -> str:
     return str(POSTGRES_BIN_PATH / name)
 
 
-def backup(admin_url: str, out: Path, key: bytes) -> int:
+@dataclass
+class BackupContents:
+    """What a backup holds besides the database (and what a restore put back)."""
+
+    public_keys: list[str] = field(default_factory=list)  # key ids
+    private_key: bool = False
+    checkpoint_log: bool = False
+
+
+def _trusted_public_keys(audit: AuditSettings) -> dict[str, str]:
+    """key id -> base64url public key, for every checkpoint key this installation trusts."""
+    from services.audit.signing import b64, key_id_of, load_key, parse_public_keys, public_bytes, read_trusted_dir
+
+    keys = parse_public_keys(audit.checkpoint_trusted_keys) + read_trusted_dir(audit.checkpoint_trusted_dir)
+    local = load_key(audit.checkpoint_key_path)
+    if local is not None:
+        keys.append(local.private.public_key())
+    return {key_id_of(public_bytes(k)): b64(public_bytes(k)) for k in keys}
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o600) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    info.mtime = int(datetime.now(UTC).timestamp())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def backup(
+    admin_url: str,
+    out: Path,
+    key: bytes,
+    audit: AuditSettings,
+    *,
+    include_private_key: bool = False,
+    report: Progress | None = None,
+) -> tuple[int, BackupContents]:
+    """Dump, bundle the checkpoint keys (public; private only if asked) and the checkpoint log, seal."""
     from comptoir.provision import to_asyncpg_dsn
 
+    contents = BackupContents()
     with tempfile.TemporaryDirectory(prefix="comptoir-backup-") as work:
         dump = Path(work) / "dump"
+        if report:
+            report.step("pg_dump of schemas auth, inventory, orders, audit")
         args = [_pg_tool("pg_dump"), "--format=custom", "--no-password", f"--file={dump}"]
         args += [f"--schema={schema}" for schema in SERVICES]
         result = subprocess.run([*args, to_asyncpg_dsn(admin_url)], capture_output=True, check=False)
         if result.returncode != 0:
             raise BackupError("pg_dump failed: " + result.stderr.decode(errors="replace")[-500:])
+        bundle = Path(work) / "bundle.tar"
+        with tarfile.open(bundle, "w") as tar:
+            public = _trusted_public_keys(audit)
+            for key_id, public_key in sorted(public.items()):
+                _add_bytes(tar, f"{TRUSTED}{key_id}.pub", (public_key + "\n").encode(), 0o644)
+            contents.public_keys = sorted(public)
+            if include_private_key:
+                if not audit.checkpoint_key_path.exists():
+                    raise BackupError(
+                        f"--include-private-key: there is no checkpoint key at {audit.checkpoint_key_path}"
+                    )
+                _add_bytes(tar, PRIVATE_KEY, audit.checkpoint_key_path.read_bytes())
+                contents.private_key = True
+            if audit.checkpoint_log_path.exists():
+                _add_bytes(tar, CHECKPOINT_LOG, audit.checkpoint_log_path.read_bytes())
+                contents.checkpoint_log = True
+            manifest = {
+                "format": 2,
+                "created_at": datetime.now(UTC).isoformat(),
+                "schemas": list(SERVICES),
+                "public_keys": contents.public_keys,
+                "private_key": contents.private_key,
+                "checkpoint_log": contents.checkpoint_log,
+            }
+            _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=2).encode())
+            tar.add(dump, arcname=DUMP)
+        if report:
+            report.step("encrypting")
+            report.update(0, bundle.stat().st_size)
         tmp = out.with_name(out.name + ".partial")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(dump, "rb") as src, os.fdopen(fd, "wb") as dst:
-            seal(src, dst, key)
+        with open(bundle, "rb") as src, os.fdopen(fd, "wb") as dst:
+            seal(_Counting(src, report), dst, key)
         os.replace(tmp, out)
-    return out.stat().st_size
+    return out.stat().st_size, contents
+
+
+class _Counting:
+    """A reader that reports how many bytes went through (the progress bar of the encryption)."""
+
+    def __init__(self, src: BinaryIO, report: Progress | None) -> None:
+        self.src = src
+        self.report = report
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.src.read(size)
+        if self.report:
+            self.report.advance(len(data))
+        return data
 
 
 async def _schemas_in_use(admin_url: str) -> list[str]:
@@ -157,36 +269,136 @@ async def _schemas_in_use(admin_url: str) -> list[str]:
         await conn.close()
 
 
-def restore(admin_url: str, source: Path, key: bytes, settings: object) -> None:
+def _safe_members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The bundle's regular files by name; anything else (links, absolute or ``..`` paths) is refused."""
+    members = {}
+    for member in tar.getmembers():
+        name = member.name
+        if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
+            raise BackupError(f"the backup holds an unexpected entry: {name!r}")
+        members[name] = member
+    if DUMP not in members:
+        raise BackupError("the backup holds no database dump")
+    return members
+
+
+def _put_back_keys(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], audit: AuditSettings) -> BackupContents:
+    from services.audit.signing import append_log, load_key, read_log, write_trusted_key
+
+    contents = BackupContents()
+
+    def read(name: str) -> bytes:
+        handle = tar.extractfile(members[name])
+        assert handle is not None
+        return handle.read()
+
+    for name in sorted(n for n in members if n.startswith(TRUSTED) and n.endswith(".pub")):
+        try:
+            contents.public_keys.append(write_trusted_key(audit.checkpoint_trusted_dir, read(name).decode().strip()))
+        except ValueError as exc:
+            raise BackupError(f"the backup's {name} is not an Ed25519 public key") from exc
+    if PRIVATE_KEY in members:
+        path = audit.checkpoint_key_path
+        if path.exists():
+            existing = load_key(path)
+            contents.private_key = existing is not None and existing.private.private_bytes_raw() == _raw_private(
+                read(PRIVATE_KEY)
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(read(PRIVATE_KEY))
+            contents.private_key = True
+    if CHECKPOINT_LOG in members:
+        known = {entry.get("signature") for entry in read_log(audit.checkpoint_log_path)}
+        for line in read(CHECKPOINT_LOG).decode().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("signature") not in known:
+                append_log(audit.checkpoint_log_path, entry)
+        contents.checkpoint_log = True
+    return contents
+
+
+def _raw_private(pem: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(private, Ed25519PrivateKey):
+        raise BackupError("the backup's checkpoint key is not an Ed25519 private key")
+    return private.private_bytes_raw()
+
+
+def restore(
+    admin_url: str,
+    source: Path,
+    key: bytes,
+    settings: RunSettings,
+    audit: AuditSettings,
+    report: Progress | None = None,
+) -> BackupContents:
+    """Restore into an empty database and put the keys and the checkpoint log back under DATA_DIR."""
     import asyncio
 
-    from comptoir.config import RunSettings
     from comptoir.provision import _provision, migrate, resolve_roles, to_asyncpg_dsn
 
-    assert isinstance(settings, RunSettings)
     with tempfile.TemporaryDirectory(prefix="comptoir-restore-") as work:
-        dump = Path(work) / "dump"
-        with open(source, "rb") as src, open(dump, "wb") as dst:
-            unseal(src, dst, key)  # refuse a tampered file before touching the database
-        in_use = asyncio.run(_schemas_in_use(admin_url))
-        if in_use:
-            raise BackupError(f"the database is not empty ({', '.join(in_use[:5])}): restore into an empty one")
-        roles = resolve_roles(settings, admin_url)
-        asyncio.run(_provision(admin_url, roles))
-        result = subprocess.run(
-            [
-                _pg_tool("pg_restore"),
-                "--clean",
-                "--if-exists",
-                "--exit-on-error",
-                "--single-transaction",
-                "--no-password",
-                f"--dbname={to_asyncpg_dsn(admin_url)}",
-                str(dump),
-            ],
-            capture_output=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise BackupError("pg_restore failed: " + result.stderr.decode(errors="replace")[-800:])
-        migrate(settings, admin_url)
+        plain = Path(work) / "plain"
+        if report:
+            report.step("decrypting and checking the file")
+        with open(source, "rb") as src, open(plain, "wb") as dst:
+            magic = unseal(src, dst, key)  # refuse a tampered file before touching the database
+        tar: tarfile.TarFile | None = None
+        if magic == MAGIC:
+            try:
+                tar = tarfile.open(plain, "r")
+                members = _safe_members(tar)
+            except tarfile.TarError as exc:
+                raise BackupError("the backup's contents are unreadable") from exc
+            dump = Path(work) / "dump"
+            handle = tar.extractfile(members[DUMP])
+            assert handle is not None
+            with open(dump, "wb") as out:
+                while chunk := handle.read(CHUNK):
+                    out.write(chunk)
+        else:
+            dump = plain
+        try:
+            in_use = asyncio.run(_schemas_in_use(admin_url))
+            if in_use:
+                raise BackupError(f"the database is not empty ({', '.join(in_use[:5])}): restore into an empty one")
+            if report:
+                report.step("pg_restore")
+            roles = resolve_roles(settings, admin_url)
+            asyncio.run(_provision(admin_url, roles))
+            result = subprocess.run(
+                [
+                    _pg_tool("pg_restore"),
+                    "--clean",
+                    "--if-exists",
+                    "--exit-on-error",
+                    "--single-transaction",
+                    "--no-password",
+                    f"--dbname={to_asyncpg_dsn(admin_url)}",
+                    str(dump),
+                ],
+                capture_output=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise BackupError("pg_restore failed: " + result.stderr.decode(errors="replace")[-800:])
+            if report:
+                report.step("migrations")
+            migrate(settings, admin_url)
+            if tar is None:
+                return BackupContents()
+            if report:
+                report.step("checkpoint keys and log")
+            return _put_back_keys(tar, members, audit)
+        finally:
+            if tar is not None:
+                tar.close()

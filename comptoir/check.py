@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.deploychecks import Check, auth_checks, gateway_checks, service_checks
+from common.deploychecks import Check, service_checks
 from comptoir.config import SERVICES, RunSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def settings_checks(roles_urls: dict[str, str]) -> list[Check]:
+    from gateway.checks import gateway_checks
     from gateway.config import GatewaySettings
+    from services.auth.checks import auth_checks
 
     checks = gateway_checks(GatewaySettings())
     for service in SERVICES:

@@ -21,6 +21,24 @@ def _database_url(settings: RunSettings) -> tuple[str, object | None]:
     return embedded.start(), embedded
 
 
+def has_system(settings: RunSettings) -> bool:
+    """An installation exists: a database server is configured, or DATA_DIR holds the embedded one."""
+    return bool(settings.database_url) or (settings.data_dir / "pg" / "PG_VERSION").exists()
+
+
+def refuse_without_system(command: str, settings: RunSettings) -> int | None:
+    """Exit status 2 (and a message naming the path) when there is no system to work on; nothing is created."""
+    if has_system(settings):
+        return None
+    print(
+        f"comptoir {command}: no Comptoir system in {settings.data_dir.resolve()} (DATA_DIR): it holds no "
+        "database. Point DATA_DIR at the installation's data directory (the one `comptoir run` uses), or set "
+        "DATABASE_URL; `comptoir run` or `comptoir migrate` creates a new system.",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def cmd_run(_args: argparse.Namespace) -> int:
     from comptoir.supervisor import Supervisor
 
@@ -29,12 +47,14 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
     from comptoir.embedded import EmbeddedPostgres
+    from comptoir.progress import progress
     from comptoir.provision import migrate, redact_url
 
     settings = RunSettings()
     admin_url, embedded = _database_url(settings)
     try:
-        roles = migrate(settings, admin_url)
+        with progress("schemas, roles and migrations"):
+            roles = migrate(settings, admin_url)
     finally:
         if isinstance(embedded, EmbeddedPostgres):
             embedded.stop()
@@ -44,12 +64,18 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 
 def _admin_password() -> str:
-    """BOOTSTRAP_ADMIN_PASSWORD, or asked twice on the terminal (never an argument: argv is public)."""
+    """BOOTSTRAP_ADMIN_PASSWORD, else asked twice on a terminal, else the first line of standard input
+    (never an argument: argv is public)."""
     import getpass
     import os
 
     password = os.environ.get("BOOTSTRAP_ADMIN_PASSWORD", "")
     if password:
+        return password
+    if not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise ValueError("no password: write it on standard input or set BOOTSTRAP_ADMIN_PASSWORD")
         return password
     password = getpass.getpass("Password for the new admin: ")
     if getpass.getpass("Once more: ") != password:
@@ -158,10 +184,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0 if result["ok"] else 1
 
     def verify(admin_url: str) -> int:
+        from comptoir.progress import progress
+
         # Log lines (an alert on failure) go to stderr: stdout is the verdict, as JSON.
-        with contextlib.redirect_stdout(sys.stderr):
-            verdict = asyncio.run(admin.verify(admin_url, settings))
+        with contextlib.redirect_stdout(sys.stderr), progress("verifying the audit chain") as report:
+            verdict = asyncio.run(admin.verify(admin_url, settings, progress=report.update))
         print(verdict.model_dump_json(indent=2))
+        for warning in verdict.warnings:
+            print(f"comptoir audit verify: warning: {warning.reason}", file=sys.stderr)
+        for problem in verdict.problems:
+            print(f"comptoir audit verify: CRITICAL: at {problem.sequence}: {problem.reason}", file=sys.stderr)
         return 0 if verdict.ok else 1
 
     def export(admin_url: str) -> int:
@@ -295,23 +327,66 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return _with_admin_url(show)
 
 
+def _backup_key(command: str, settings: RunSettings) -> bytes:
+    """BACKUP_ENCRYPTION_KEY; in development, the key generated and kept under DATA_DIR/secrets."""
+    from comptoir.backup import BackupError, load_key
+    from comptoir.secrets import backup_key_path, development_backup_key
+
+    if settings.backup_encryption_key:
+        return load_key(settings.backup_encryption_key)
+    if settings.is_production:
+        raise BackupError("BACKUP_ENCRYPTION_KEY is required in production (comptoir secrets generates one)")
+    path = backup_key_path(settings.data_dir)
+    if command == "restore" and not path.exists():
+        raise BackupError(
+            f"no backup key: set BACKUP_ENCRYPTION_KEY to the key the backup was made with (development keeps "
+            f"it in <the original DATA_DIR>/secrets/{path.name}; there is none in {path.parent})"
+        )
+    encoded, created = development_backup_key(settings.data_dir)
+    if created:
+        print(f"comptoir {command}: generated the development backup key {path}; keep a copy", file=sys.stderr)
+    return load_key(encoded)
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    from comptoir.backup import BackupError, backup, load_key, restore
+    from comptoir.backup import BackupError, backup, restore
+    from comptoir.progress import progress
+    from services.audit.config import Settings as AuditSettings
 
     settings = RunSettings()
+    if args.command == "backup" and (refused := refuse_without_system("backup", settings)) is not None:
+        return refused
     try:
-        key = load_key(settings.backup_encryption_key)
+        key = _backup_key(args.command, settings)
     except BackupError as exc:
         print(f"comptoir {args.command}: {exc}", file=sys.stderr)
         return 2
+    audit = AuditSettings()
     admin_url, embedded = _database_url(settings)
     try:
         if args.command == "backup":
-            size = backup(admin_url, args.out, key)
+            with progress("backup") as report:
+                size, contents = backup(
+                    admin_url, args.out, key, audit, include_private_key=args.include_private_key, report=report
+                )
             print(f"encrypted backup of schemas auth, inventory, orders, audit: {args.out} ({size} bytes)")
+            print(
+                f"  with {len(contents.public_keys)} public checkpoint key(s) {', '.join(contents.public_keys) or '-'}"
+                + (", the private checkpoint key" if contents.private_key else " (not the private key)")
+                + (", the checkpoint log" if contents.checkpoint_log else "")
+            )
         else:
-            restore(admin_url, args.file, key, settings)
-            print(f"restored {args.file}; run `comptoir audit verify` to check the audit chain")
+            with progress("restore") as report:
+                contents = restore(admin_url, args.file, key, settings, audit, report=report)
+            print(f"restored {args.file}")
+            if contents.public_keys:
+                kept = ", ".join(contents.public_keys)
+                print(f"  trusted checkpoint keys put back in {audit.checkpoint_trusted_dir}: {kept}")
+            else:
+                print("  the backup holds no checkpoint key: `comptoir audit verify` cannot check old checkpoints")
+            if contents.private_key:
+                print(f"  the private checkpoint key is at {audit.checkpoint_key_path}")
+            print("run `comptoir audit verify` to check the audit chain")
     except BackupError as exc:
         print(f"comptoir {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -351,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("secrets", help="print freshly generated passwords and client secrets as .env lines")
     backup = sub.add_parser("backup", help="encrypted dump of the four schemas (key: BACKUP_ENCRYPTION_KEY)")
     backup.add_argument("--out", type=Path, required=True)
+    backup.add_argument(
+        "--include-private-key",
+        action="store_true",
+        help="also the audit checkpoint signing key (the public keys are always included)",
+    )
     restore = sub.add_parser("restore", help="restore an encrypted backup into an empty database")
     restore.add_argument("file", type=Path)
     check = sub.add_parser("check", help="deployment checks and the security scorecard")
@@ -361,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-database", action="store_true", help="skip the checks that need the database")
     check.add_argument("--evidence", type=Path, default=None, help="folder of operator evidence documents")
     create_admin = sub.add_parser(
-        "create-admin", help="create an admin (password from BOOTSTRAP_ADMIN_PASSWORD or a prompt)"
+        "create-admin",
+        help="create an admin (password from BOOTSTRAP_ADMIN_PASSWORD, a prompt, or standard input without a terminal)",
     )
     create_admin.add_argument("--email", required=True)
     keys = sub.add_parser("keys", help="the auth service's signing keys")
@@ -406,9 +487,49 @@ COMMANDS = {
 }
 
 
+def needs_system(args: argparse.Namespace) -> bool:
+    """Commands that work on an existing installation (and must not create one by accident)."""
+    if args.command in ("create-admin", "backup", "keys", "outbox"):
+        return True
+    return bool(args.command == "audit" and args.audit_command != "verify-archive")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run one command; an operator's mistake (settings, an unreachable or missing database, a file)
+    ends with one line and a status, not a traceback."""
+    import asyncpg
+    import sqlalchemy.exc
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        if needs_system(args):
+            refused = refuse_without_system(args.command, RunSettings())
+            if refused is not None:
+                return refused
+        return COMMANDS[args.command](args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+        print(f"comptoir {args.command}: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(f"comptoir {args.command}: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except (asyncpg.PostgresError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"comptoir {args.command}: database error: {detail}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"comptoir {args.command}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"comptoir {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(COMMANDS[args.command](args))
+    sys.exit(run_command(args))
 
 
 if __name__ == "__main__":

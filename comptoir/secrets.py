@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -34,3 +35,21 @@ def write_private_json(path: Path, data: dict[str, Any]) -> None:
 
 def new_password() -> str:
     return secrets.token_urlsafe(32)
+
+
+def backup_key_path(data_dir: Path) -> Path:
+    """Where development keeps its generated backup key (never created by merely asking)."""
+    return data_dir / "secrets" / "backup.key"
+
+
+def development_backup_key(data_dir: Path) -> tuple[str, bool]:
+    """The development backup key (urlsafe base64 of 32 bytes), generated on first use like the other
+    secrets of a checkout; returns it and whether it was created now. Production sets BACKUP_ENCRYPTION_KEY."""
+    path = secrets_dir(data_dir) / "backup.key"
+    if path.exists():
+        return path.read_text(encoding="ascii").strip(), False
+    encoded = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(encoded + "\n")
+    return encoded, True

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from common.deploychecks import UnsafeConfiguration
 
 FACTORIES = {
     "gateway": "gateway.main:create_app",
@@ -23,6 +30,34 @@ FACTORIES = {
 GC_GEN0_THRESHOLD = 20_000
 
 
+def refuse(process: str, reason: str) -> NoReturn:
+    """One line that says why the process does not start (the supervisor repeats the last line it saw)."""
+    print(f"comptoir {process}: refusing to start: {reason}", file=sys.stderr, flush=True)  # noqa: T201
+    raise SystemExit(2)
+
+
+def factory(process: str) -> Callable[[], Any]:
+    """The process's app factory, turning a refused or invalid configuration into one line that names it."""
+    module, _, name = FACTORIES[process].partition(":")
+    create = getattr(importlib.import_module(module), name)
+
+    def build() -> Any:
+        try:
+            return create()
+        except UnsafeConfiguration as exc:
+            refuse(process, str(exc).removeprefix("refusing to start "))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            refuse(process, f"invalid settings: {problems}")
+        except SettingsError as exc:
+            refuse(process, f"invalid settings: {exc}")
+
+    return build
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="comptoir.serve")
     parser.add_argument("process", choices=sorted(FACTORIES))
@@ -34,11 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     # The process's code (modules, classes, schemas: most of the objects it will ever hold) is imported
     # now and moved out of the collector's sight: the oldest generation's collections no longer walk it.
     # Measured: 5-8 % less CPU per order in each process (orders 0.72 -> 0.67 ms).
-    importlib.import_module(FACTORIES[args.process].partition(":")[0])
+    build = factory(args.process)
     gc.collect()
     gc.freeze()
     uvicorn.run(
-        FACTORIES[args.process],
+        build,
         factory=True,
         host=args.host,
         port=args.port,

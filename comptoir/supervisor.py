@@ -1,16 +1,24 @@
 """``comptoir run``: the database, the migrations, then five uvicorn processes under supervision.
 
 A crashed child is restarted with exponential backoff; SIGTERM/SIGINT stop every child and then the
-embedded PostgreSQL, so nothing is left running.
+embedded PostgreSQL, so nothing is left running. A child that fails to start several times in a row
+with the same error (a refused configuration, a port in use) is not restarted for ever: the supervisor
+stops everything and prints that error, which names what to fix. The banner with the addresses and
+"ready" is printed once every process answers its ``/healthz``.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -21,6 +29,10 @@ from comptoir.provision import ServiceRole, migrate, redact_url
 
 STABLE_AFTER_SECONDS = 30.0
 STOP_GRACE_SECONDS = 15.0
+# A child that exits this many times in a row, each time before it was stable and with the same exit
+# status and last line of error output, will not get better by itself.
+MAX_IDENTICAL_START_FAILURES = 3
+HEALTH_TIMEOUT_SECONDS = 1.0
 
 
 def say(message: str) -> None:
@@ -37,10 +49,37 @@ class Child:
     started_at: float = 0.0
     next_start: float = 0.0
     restarts: int = field(default=0)
+    healthy: bool = False
+    # The last lines the child wrote to stderr (still passed through to ours as they come).
+    stderr_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
+    # (exit status, last error line) of the latest start failures, and how many in a row were identical.
+    last_failure: tuple[int, str] | None = None
+    identical_failures: int = 0
+    _reader: threading.Thread | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.stderr_tail.clear()
+        self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.PIPE)
         self.started_at = time.monotonic()
+        self.healthy = False
+        self._reader = threading.Thread(target=self._pass_stderr, args=(self.proc,), daemon=True)
+        self._reader.start()
+
+    def _pass_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            text = raw.decode(errors="replace")
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            line = text.strip()
+            if line:
+                self.stderr_tail.append(line)
+
+    def reason(self) -> str:
+        """The child's last error line (waits for the rest of its output once it has exited)."""
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        return self.stderr_tail[-1] if self.stderr_tail else "no error output"
 
 
 def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]:
@@ -88,15 +127,17 @@ def build_children(settings: RunSettings, roles: list[ServiceRole]) -> list[Chil
 
 
 class Supervisor:
-    def __init__(self, settings: RunSettings) -> None:
+    def __init__(self, settings: RunSettings, out: Callable[[str], None] = say) -> None:
         self.settings = settings
+        self.say = out
         self.stopping = False
         self.children: list[Child] = []
         self.embedded: EmbeddedPostgres | None = None
+        self.ready = False
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if not self.stopping:
-            say(f"received {signal.Signals(signum).name}, stopping")
+            self.say(f"received {signal.Signals(signum).name}, stopping")
         self.stopping = True
 
     def run(self) -> int:
@@ -115,24 +156,65 @@ class Supervisor:
             roles = migrate(settings, admin_url)
             say("schemas, roles and migrations are up to date: " + ", ".join(r.service for r in roles))
             self.children = build_children(settings, roles)
-            self._print_summary()
+            self.say("starting " + ", ".join(c.name for c in self.children) + "; waiting until each answers /healthz")
             return self._supervise()
         finally:
             self._stop_children()
             if self.embedded is not None:
                 self.embedded.stop()
-                say("embedded PostgreSQL stopped")
+                self.say("embedded PostgreSQL stopped")
 
     def _print_summary(self) -> None:
         s = self.settings
-        say(f"data directory: {s.data_dir.resolve()}  (environment: {s.environment.value})")
+        self.say(f"data directory: {s.data_dir.resolve()}  (environment: {s.environment.value})")
         for child in self.children:
-            say(f"  {child.name:<10} http://{s.connect_host}:{s.port_of(child.name)}")
-        say(f"client apps use the gateway: http://{s.connect_host}:{s.gateway_port}/api/v1/")
-        say(f"development messages (SMS, e-mail): {s.data_dir.resolve() / 'messages.jsonl'}")
+            self.say(f"  {child.name:<10} http://{s.connect_host}:{s.port_of(child.name)}")
+        self.say(f"development messages (SMS, e-mail): {s.data_dir.resolve() / 'messages.jsonl'}")
+        self.say(f"ready: client apps use the gateway at http://{s.connect_host}:{s.gateway_port}/api/v1/")
+
+    def _answers_health(self, child: Child) -> bool:
+        url = f"http://{self.settings.connect_host}:{self.settings.port_of(child.name)}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_SECONDS) as response:  # noqa: S310 - http to our own child
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _check_ready(self) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None and not child.healthy:
+                child.healthy = self._answers_health(child)
+        if all(child.healthy for child in self.children):
+            self.ready = True
+            self._print_summary()
+
+    def _on_exit(self, child: Child, code: int, now: float) -> int | None:
+        """Schedule the restart of a child that exited; an exit status for the supervisor when it must give up."""
+        backoff_max = self.settings.restart_backoff_max_seconds
+        stable = now - child.started_at > STABLE_AFTER_SECONDS
+        reason = child.reason()
+        if stable:
+            child.last_failure, child.identical_failures = None, 0
+        elif child.last_failure == (code, reason):
+            child.identical_failures += 1
+        else:
+            child.last_failure, child.identical_failures = (code, reason), 1
+        if child.identical_failures >= MAX_IDENTICAL_START_FAILURES:
+            self.say(
+                f"{child.name} failed to start {child.identical_failures} times in a row with status {code} and "
+                f"the same error; stopping instead of restarting it again. Its error: {reason}"
+            )
+            return 1
+        delay = min(backoff_max, 0.5 * 2**child.failures)
+        child.failures += 1
+        child.restarts += 1
+        child.proc = None
+        child.healthy = False
+        child.next_start = now + delay
+        self.say(f"{child.name} exited with status {code}; restarting in {delay:.1f}s")
+        return None
 
     def _supervise(self) -> int:
-        backoff_max = self.settings.restart_backoff_max_seconds
         while not self.stopping:
             now = time.monotonic()
             for child in self.children:
@@ -140,7 +222,7 @@ class Supervisor:
                     if now >= child.next_start:
                         child.start()
                         if child.restarts:
-                            say(f"{child.name} restarted (attempt {child.restarts})")
+                            self.say(f"{child.name} restarted (attempt {child.restarts})")
                     continue
                 code = child.proc.poll()
                 if code is None:
@@ -149,12 +231,11 @@ class Supervisor:
                     continue
                 if self.stopping:
                     break
-                delay = min(backoff_max, 0.5 * 2**child.failures)
-                child.failures += 1
-                child.restarts += 1
-                child.proc = None
-                child.next_start = now + delay
-                say(f"{child.name} exited with status {code}; restarting in {delay:.1f}s")
+                give_up = self._on_exit(child, code, now)
+                if give_up is not None:
+                    return give_up
+            if not self.ready and not self.stopping:
+                self._check_ready()
             time.sleep(0.2)
         return 0
 
@@ -170,4 +251,4 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         if running:
-            say("all processes stopped")
+            self.say("all processes stopped")

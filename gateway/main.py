@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.app import ComptoirAPI
 from common.clientip import parse_networks
-from common.deploychecks import enforce, gateway_checks
+from common.deploychecks import enforce
 from common.errors import problem_response
 from common.http import PooledTransport
 from common.logging import configure_logging
@@ -19,6 +19,7 @@ from common.service_tokens import ServiceTokenClient
 from common.tokens import ACCESS, JWKS_PATH, KeySource, RemoteJWKS, TokenVerifier
 from gateway.auth import GatewayAuth
 from gateway.cache import PublicCache
+from gateway.checks import gateway_checks
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
 from gateway.cors import Cors
 from gateway.events import SecurityEvents

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,14 +57,16 @@ def admin_database(admin_url: str) -> Database:
 
 
 def trusted_for(settings: Settings) -> TrustedKeys:
-    """The public keys verification trusts: the local key file's and AUDIT_CHECKPOINT_TRUSTED_KEYS."""
-    return trusted_keys(settings.checkpoint_key_path, settings.checkpoint_trusted_keys)
+    """The public keys verification trusts: the local key file's, AUDIT_CHECKPOINT_TRUSTED_KEYS and the kept ones."""
+    return trusted_keys(settings.checkpoint_key_path, settings.checkpoint_trusted_keys, settings.checkpoint_trusted_dir)
 
 
-async def verify(admin_url: str, settings: Settings) -> VerifyResult:
+async def verify(
+    admin_url: str, settings: Settings, progress: Callable[[int, int], None] | None = None
+) -> VerifyResult:
     db = admin_database(admin_url)
     try:
-        result = await ChainVerifier(db, trusted_for(settings), settings.checkpoint_log_path).run()
+        result = await ChainVerifier(db, trusted_for(settings), settings.checkpoint_log_path).run(progress=progress)
         if not result.ok:
             problems = [p.model_dump() for p in result.problems]
             await raise_alerts(db, [integrity_alert(result.first_bad_sequence, problems, "cli")])

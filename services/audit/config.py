@@ -42,5 +42,10 @@ class Settings(ServiceSettings):
         return self.checkpoint_key_file or self.data_dir / "keys" / "audit-checkpoint.key"
 
     @property
+    def checkpoint_trusted_dir(self) -> Path:
+        """Public keys trusted besides the local key's, one ``<key id>.pub`` file each (restored backups)."""
+        return self.data_dir / "keys" / "trusted-checkpoint-keys"
+
+    @property
     def checkpoint_log_path(self) -> Path:
         return self.checkpoint_log_file or self.data_dir / "audit" / "checkpoints.jsonl"

@@ -16,7 +16,7 @@ from services.audit.internal_router import router as internal_router
 from services.audit.router import router
 from services.audit.runtime import AuditRuntime
 from services.audit.service import AuditChain, Gdpr
-from services.audit.signing import TrustedKeys, load_or_create_key, parse_public_keys
+from services.audit.signing import TrustedKeys, load_or_create_key, parse_public_keys, read_trusted_dir
 from services.audit.verify import ChainVerifier
 
 
@@ -30,7 +30,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = app.state.db
         key = load_or_create_key(settings.checkpoint_key_path)
-        trusted = TrustedKeys([key.private.public_key(), *parse_public_keys(settings.checkpoint_trusted_keys)])
+        trusted = TrustedKeys(
+            [
+                key.private.public_key(),
+                *parse_public_keys(settings.checkpoint_trusted_keys),
+                *read_trusted_dir(settings.checkpoint_trusted_dir),
+            ]
+        )
         rules = AlertRules(
             failed_login_threshold=settings.failed_login_threshold,
             failed_login_window_seconds=settings.failed_login_window_seconds,

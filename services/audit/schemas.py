@@ -89,6 +89,15 @@ class Problem(BaseModel):
     reason: str
 
 
+class VerifyWarning(BaseModel):
+    """Something verification could not check (not evidence of tampering): a checkpoint signed by a key
+    this installation does not trust."""
+
+    sequence: int
+    key_id: str
+    reason: str
+
+
 class VerifyResult(BaseModel):
     ok: bool
     checked: int = Field(description="Events whose hash was recomputed.")
@@ -101,6 +110,10 @@ class VerifyResult(BaseModel):
     first_sequence: int | None = None
     checkpoints_checked: int = 0
     problems: list[Problem] = Field(default_factory=list, description="At most 20, lowest sequence first.")
+    warnings: list[VerifyWarning] = Field(
+        default_factory=list,
+        description="Checkpoints that could not be checked (signed by a key not trusted here); not tampering.",
+    )
 
 
 class CheckpointRead(Schema):

@@ -78,6 +78,9 @@ class TrustedKeys:
     def __bool__(self) -> bool:
         return bool(self.keys)
 
+    def knows(self, key_id: str) -> bool:
+        return key_id in self.keys
+
     def verify(self, key_id: str, signature: str, message: bytes) -> bool:
         key = self.keys.get(key_id)
         if key is None:
@@ -147,9 +150,34 @@ def load_or_create_key(path: Path) -> SigningKey:
     return key
 
 
-def trusted_keys(key_path: Path, extra: str) -> TrustedKeys:
-    """The public half of the local key (if there is one) and the configured extra keys."""
-    keys = parse_public_keys(extra)
+def read_trusted_dir(directory: Path | None) -> list[Ed25519PublicKey]:
+    """The public keys kept as ``<key id>.pub`` files (what ``comptoir restore`` puts back from a backup)."""
+    if directory is None or not directory.is_dir():
+        return []
+    keys = []
+    for path in sorted(directory.glob("*.pub")):
+        try:
+            keys.append(Ed25519PublicKey.from_public_bytes(unb64(path.read_text(encoding="ascii").strip())))
+        except (ValueError, UnicodeDecodeError):
+            log.warning("audit.checkpoint.trusted_key_unreadable", path=str(path))
+    return keys
+
+
+def write_trusted_key(directory: Path, public_key: str) -> str:
+    """Keep a public key (base64url raw Ed25519) as trusted; returns its key id."""
+    raw = unb64(public_key)
+    Ed25519PublicKey.from_public_bytes(raw)  # refuse anything that is not a key
+    key_id = key_id_of(raw)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / f"{key_id}.pub"
+    if not path.exists():
+        _write_new(path, (b64(raw) + "\n").encode(), 0o644)
+    return key_id
+
+
+def trusted_keys(key_path: Path, extra: str, trusted_dir: Path | None = None) -> TrustedKeys:
+    """The public half of the local key (if there is one), the configured extra keys and the kept ones."""
+    keys = parse_public_keys(extra) + read_trusted_dir(trusted_dir)
     local = load_key(key_path)
     if local is not None:
         keys.append(local.private.public_key())

@@ -2,8 +2,10 @@
 
 A full verification:
 1. reads every checkpoint, from the database and from the checkpoint log file outside it, and keeps
-   those whose Ed25519 signature checks out under a trusted key (a checkpoint with a bad signature or
-   an unknown key is itself a problem: someone wrote it without the key);
+   those whose Ed25519 signature checks out under a trusted key. A bad signature under a trusted key is
+   a problem (someone wrote it without the key: tampering). A checkpoint signed by a key this
+   installation does not know cannot be checked at all: it is a warning that names the key id and how
+   to trust it (typically a restore whose keys were not put back), and it is not used as evidence;
 2. starts at the newest archive checkpoint (after retention) or at sequence 1 with ``GENESIS``;
 3. walks the events in sequence order: no gaps, ``prev_hash`` equal to the previous ``hash``,
    ``hash`` equal to SHA-256(prev_hash ‖ document), query columns equal to the document's fields;
@@ -19,6 +21,7 @@ checkpoint instead of the start of the chain.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from common.db import Database
 from services.audit.chain import COLUMN_FIELDS, GENESIS, chain_hash, column_values, format_timestamp
 from services.audit.models import Checkpoint
 from services.audit.repository import CheckpointRepository, EventRepository
-from services.audit.schemas import Problem, VerifyResult
+from services.audit.schemas import Problem, VerifyResult, VerifyWarning
 from services.audit.signing import TrustedKeys, checkpoint_message, read_log
 
 CHUNK = 2000
@@ -74,8 +77,8 @@ class ChainVerifier:
         self.trusted = trusted
         self.log_path = log_path
 
-    async def signed_heads(self) -> tuple[list[SignedHead], list[SignedHead]]:
-        """(valid, invalid) checkpoints from the database and the log file, each once."""
+    async def signed_heads(self) -> tuple[list[SignedHead], list[SignedHead], list[SignedHead]]:
+        """(valid, invalid, unknown key) checkpoints from the database and the log file, each once."""
         async with self.db.sessionmaker() as session, session.begin():
             rows = await CheckpointRepository(session).all()
         heads = {SignedHead.of_row(row) for row in rows}
@@ -83,12 +86,21 @@ class ChainVerifier:
             heads |= {h for h in map(SignedHead.of_entry, read_log(self.log_path)) if h is not None}
         valid: list[SignedHead] = []
         invalid: list[SignedHead] = []
+        unknown: list[SignedHead] = []
         for head in sorted(heads, key=lambda h: (h.sequence, h.signed_at)):
-            (valid if self.trusted.verify(head.key_id, head.signature, head.message) else invalid).append(head)
-        return valid, invalid
+            if not self.trusted.knows(head.key_id):
+                unknown.append(head)
+            elif self.trusted.verify(head.key_id, head.signature, head.message):
+                valid.append(head)
+            else:
+                invalid.append(head)
+        return valid, invalid, unknown
 
-    async def run(self, *, incremental: bool = False) -> VerifyResult:
-        valid, invalid = await self.signed_heads()
+    async def run(
+        self, *, incremental: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> VerifyResult:
+        """``progress(done, total)`` is called after each chunk of events (the command line's progress bar)."""
+        valid, invalid, unknown = await self.signed_heads()
         async with self.db.sessionmaker() as session, session.begin():
             head = await EventRepository(session).head()
         head_sequence = head[0] if head else 0
@@ -140,6 +152,8 @@ class ChainVerifier:
                 expected_prev = row.hash
                 last_hash = row.hash
                 expected_seq = sequence + 1
+            if progress is not None:
+                progress(checked, head_sequence - start + 1)
 
         matched.sort()
         for sequence in sorted(set(mismatched)):
@@ -168,6 +182,17 @@ class ChainVerifier:
                     reason=f"the checkpoint at {signed.sequence} has no valid signature from a trusted key",
                 )
             )
+        warnings = [
+            VerifyWarning(
+                sequence=signed.sequence,
+                key_id=signed.key_id,
+                reason=f"the checkpoint at {signed.sequence} is signed by key {signed.key_id}, which this "
+                "installation does not trust, so it cannot be checked. If that key is yours (an earlier "
+                "installation, a restored backup), trust its public key: restore the backup's keys, or add it "
+                "to AUDIT_CHECKPOINT_TRUSTED_KEYS (`comptoir audit checkpoints export` prints it)",
+            )
+            for signed in unknown
+        ]
         problems.sort(key=lambda p: p.sequence if p.sequence is not None else 0)
         bad = [p.sequence for p in problems if p.sequence is not None]
         return VerifyResult(
@@ -179,6 +204,7 @@ class ChainVerifier:
             first_sequence=start if head_sequence else None,
             checkpoints_checked=len(valid) + len(invalid),
             problems=problems[:MAX_PROBLEMS],
+            warnings=warnings[:MAX_PROBLEMS],
         )
 
 

@@ -16,10 +16,10 @@ from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
 from common.db import Database
-from common.deploychecks import auth_checks
 from common.http import create_client
 from common.tokens import ACCESS, SERVICE, Claims, TokenVerifier
 from services.auth.bootstrap import AdminRefused, create_admin
+from services.auth.checks import auth_checks
 from services.auth.config import Settings
 from services.auth.context import Runtime, system_context
 from services.auth.internal_router import router as internal_router

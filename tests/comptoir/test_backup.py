@@ -143,3 +143,131 @@ def test_the_stream_format_catches_reordering() -> None:
     swapped = raw[:header] + second + first + raw[header + 8 + 2 * first_len :]
     with pytest.raises(BackupError):
         unseal(io.BytesIO(swapped), io.BytesIO(), key)
+
+
+async def seed_and_sign(audit_url: str, data_dir: Path) -> str:
+    """Five events and a checkpoint signed by this installation's key; returns the key id."""
+    issuer = TestIssuer()
+    settings = AuditSettings(database_url=audit_url, environment="test", data_dir=data_dir)
+    app = audit_app(settings, key_source=issuer.keys(), run_checkpointer=False)
+    async with running(app) as client:
+        headers = bearer(issuer.service(caller="orders", audience="audit"))
+        response = await client.post("/internal/events", json={"events": [event() for _ in range(5)]}, headers=headers)
+        assert response.status_code == 200, response.text
+        checkpoint = await app.state.audit.checkpoints.sign("manual")
+        assert checkpoint is not None
+        return str(checkpoint.key_id)
+
+
+async def tamper(admin_url: str) -> None:
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE audit.events DISABLE TRIGGER events_append_only")
+            await conn.execute("UPDATE audit.events SET actor_id = 'someone-else' WHERE sequence = 3")
+            await conn.execute("ALTER TABLE audit.events ENABLE TRIGGER events_append_only")
+    finally:
+        await conn.close()
+
+
+def verdict_of(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    import json
+
+    parsed = json.loads(result.stdout)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+@pytest.fixture
+def elsewhere(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A second, empty installation: another DATA_DIR with its own embedded database."""
+    data_dir = tmp_path_factory.mktemp("elsewhere")
+    embedded = EmbeddedPostgres(data_dir)
+    admin_url = embedded.start()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env |= {"DATA_DIR": str(data_dir), "DATABASE_URL": admin_url, "BACKUP_ENCRYPTION_KEY": KEY}
+    try:
+        yield admin_url, env, data_dir
+    finally:
+        embedded.stop()
+
+
+def test_a_restore_elsewhere_verifies_against_the_restored_keys_and_catches_tampering(installation, elsewhere) -> None:  # noqa: ANN001
+    _, urls, env, data_dir = installation
+    key_id = asyncio.run(seed_and_sign(urls["audit"], data_dir))
+    file = data_dir / "shop.backup"
+    made = comptoir("backup", "--out", str(file), env=env)
+    assert made.returncode == 0, made.stderr
+    assert key_id in made.stdout
+    assert "not the private key" in made.stdout
+
+    other_url, other_env, other_dir = elsewhere
+    restored = comptoir("restore", str(file), env=other_env)
+    assert restored.returncode == 0, restored.stderr
+    assert (other_dir / "keys" / "trusted-checkpoint-keys" / f"{key_id}.pub").exists()
+    assert not (other_dir / "keys" / "audit-checkpoint.key").exists()  # the private key stayed home
+    verdict = comptoir("audit", "verify", env=other_env)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    result = verdict_of(verdict)
+    assert result["ok"] is True
+    assert result["warnings"] == []
+    assert result["checkpoints_checked"] >= 1
+
+    asyncio.run(tamper(other_url))
+    broken = comptoir("audit", "verify", env=other_env)
+    assert broken.returncode == 1
+    assert verdict_of(broken)["ok"] is False
+    assert "CRITICAL" in broken.stderr
+    assert "Traceback" not in broken.stderr
+
+
+def test_a_checkpoint_signed_by_an_unknown_key_is_a_warning_not_tampering(installation, elsewhere) -> None:  # noqa: ANN001
+    _, urls, env, data_dir = installation
+    key_id = asyncio.run(seed_and_sign(urls["audit"], data_dir))
+    file = data_dir / "shop.backup"
+    assert comptoir("backup", "--out", str(file), env=env).returncode == 0
+    _, other_env, other_dir = elsewhere
+    assert comptoir("restore", str(file), env=other_env).returncode == 0
+    for kept in (other_dir / "keys" / "trusted-checkpoint-keys").iterdir():
+        kept.unlink()  # as if the keys had not come back with the data
+    verdict = comptoir("audit", "verify", env=other_env)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    result = verdict_of(verdict)
+    assert result["ok"] is True
+    (warning,) = result["warnings"]  # type: ignore[misc]
+    assert warning["key_id"] == key_id
+    assert "AUDIT_CHECKPOINT_TRUSTED_KEYS" in warning["reason"]
+    assert key_id in verdict.stderr
+    assert "warning" in verdict.stderr
+
+
+def test_the_private_key_leaves_only_when_asked_and_comes_back(installation, elsewhere) -> None:  # noqa: ANN001
+    _, urls, env, data_dir = installation
+    asyncio.run(seed_and_sign(urls["audit"], data_dir))
+    file = data_dir / "full.backup"
+    made = comptoir("backup", "--out", str(file), "--include-private-key", env=env)
+    assert made.returncode == 0, made.stderr
+    _, other_env, other_dir = elsewhere
+    assert comptoir("restore", str(file), env=other_env).returncode == 0
+    restored_key = other_dir / "keys" / "audit-checkpoint.key"
+    assert restored_key.read_bytes() == (data_dir / "keys" / "audit-checkpoint.key").read_bytes()
+    assert oct(restored_key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_development_generates_and_keeps_a_backup_key_production_requires_one(installation) -> None:  # noqa: ANN001
+    _, _, env, data_dir = installation
+    dev = {k: v for k, v in env.items() if k != "BACKUP_ENCRYPTION_KEY"} | {"ENVIRONMENT": "development"}
+    first = comptoir("backup", "--out", str(data_dir / "a.backup"), env=dev)
+    assert first.returncode == 0, first.stderr
+    key_file = data_dir / "secrets" / "backup.key"
+    assert "generated the development backup key" in first.stderr
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    kept = key_file.read_bytes()
+    second = comptoir("backup", "--out", str(data_dir / "b.backup"), env=dev)
+    assert second.returncode == 0
+    assert "generated" not in second.stderr
+    assert key_file.read_bytes() == kept
+    refused = comptoir("backup", "--out", str(data_dir / "c.backup"), env=dev | {"ENVIRONMENT": "production"})
+    assert refused.returncode == 2
+    assert "BACKUP_ENCRYPTION_KEY is required in production" in refused.stderr
+    assert not (data_dir / "c.backup").exists()

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
+import secrets
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+
+from tests.deploy.compose_render import InterpolationError, parse_dotenv, render, service_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
+PRODUCTION_EXAMPLE = ROOT / "deploy" / "production.env.example"
 
 PORTS = {"gateway": 8000, "auth": 8001, "inventory": 8002, "orders": 8003, "audit": 8004}
 APP_SERVICES = list(PORTS)
@@ -47,14 +57,24 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return dict(compose["services"])
 
 
-def env_example() -> dict[str, str]:
+def env_example(path: Path = ENV_EXAMPLE) -> dict[str, str]:
     """The variables .env.example sets (commented-out lines only document defaults)."""
     assignments = {}
-    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         match = ENV_ASSIGNMENT.match(line.strip())
         if match:
             assignments[match.group(1)] = match.group(2)
     return assignments
+
+
+def env_example_documents(path: Path = ENV_EXAMPLE) -> set[str]:
+    """Every variable the file sets or documents on a commented-out ``# NAME=`` line."""
+    names = set(env_example(path))
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = ENV_ASSIGNMENT.match(line.strip().lstrip("#").strip())
+        if match:
+            names.add(match.group(1))
+    return names
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -204,7 +224,7 @@ def test_each_service_connects_as_its_own_database_role(services: dict[str, dict
     variable = f"{name.upper()}_DATABASE_URL"
     runtime_url = environment_of(services[name])[variable]
     assert runtime_url.startswith(f"postgresql://comptoir_{name}:${{{DB_PASSWORDS[name]}")
-    assert runtime_url.endswith("@postgres:5432/comptoir")
+    assert runtime_url.endswith("@postgres:5432/comptoir?sslmode=verify-full")
     # migrate creates the role with exactly the password the service will log in with.
     assert environment_of(services["migrate"])[variable] == runtime_url
 
@@ -258,13 +278,15 @@ def test_env_example_declares_every_variable_the_compose_file_reads() -> None:
     text = COMPOSE_FILE.read_text(encoding="utf-8")
     referenced = {braced or bare for braced, bare in COMPOSE_VARIABLE.findall(text)}
     assert referenced, "the compose file reads no variable; the pattern is broken"
-    assert sorted(referenced - set(env_example())) == []
+    for example in (ENV_EXAMPLE, PRODUCTION_EXAMPLE):
+        assert sorted(referenced - env_example_documents(example)) == [], example
 
 
-def test_env_example_holds_only_placeholders_for_secrets() -> None:
-    for name, value in env_example().items():
-        if any(word in name for word in SECRET_WORDS):
-            assert value == "" or value.startswith("change-me"), name
+@pytest.mark.parametrize("example", [ENV_EXAMPLE, PRODUCTION_EXAMPLE], ids=["env", "production"])
+def test_env_examples_hold_no_secret(example: Path) -> None:
+    for name, value in env_example(example).items():
+        if any(word in name for word in SECRET_WORDS) and not name.endswith("_LINK"):
+            assert value == "", name
 
 
 def test_env_file_is_never_committed_nor_sent_to_the_builder() -> None:
@@ -272,3 +294,190 @@ def test_env_file_is_never_committed_nor_sent_to_the_builder() -> None:
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     for entry in (".env", ".venv", ".git", "var", "tests", "bench"):
         assert entry in ignored or f"**/{entry}" in ignored, entry
+
+
+# ---------------------------------------------------------------- rendered: what each container really gets
+
+# The process each container runs, and the settings classes that process reads.
+PROCESS_OF = {"migrate": "migrate", **{name: name for name in APP_SERVICES}}
+# Read by asyncpg itself (the CA of the database server's certificate), not by a settings class.
+LIBPQ_VARIABLES = {"PGSSLROOTCERT"}
+
+
+def _settings_classes(process: str) -> list[type[Any]]:
+    from comptoir.config import RunSettings
+    from gateway.config import GatewaySettings
+    from services.audit.config import Settings as AuditSettings
+    from services.auth.config import Settings as AuthSettings
+    from services.inventory.config import Settings as InventorySettings
+    from services.orders.config import Settings as OrdersSettings
+
+    return {
+        "migrate": [RunSettings],
+        "gateway": [GatewaySettings],
+        "auth": [AuthSettings],
+        "inventory": [InventorySettings],
+        "orders": [OrdersSettings],
+        "audit": [AuditSettings],
+    }[process]
+
+
+def names_read_by(process: str) -> set[str]:
+    from pydantic import AliasChoices
+
+    names = set()
+    for cls in _settings_classes(process):
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for field_name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            if isinstance(alias, AliasChoices):
+                names.add(str(alias.choices[0]))
+            else:
+                names.add((prefix + field_name).upper())
+    return names
+
+
+def generated_secrets() -> dict[str, str]:
+    """What `comptoir secrets` prints, parsed as compose parses .env."""
+    result = subprocess.run(
+        [sys.executable, "-m", "comptoir.cli", "secrets"], capture_output=True, text=True, check=True, timeout=60
+    )
+    return parse_dotenv(result.stdout)
+
+
+def production_dotenv() -> dict[str, str]:
+    """deploy/production.env.example as an operator fills it: generated secrets appended, the webhook's own."""
+    values = parse_dotenv(PRODUCTION_EXAMPLE.read_text(encoding="utf-8"))
+    values |= generated_secrets()
+    values["AUTH_WEBHOOK_SECRET"] = secrets.token_urlsafe(32)
+    return values
+
+
+def to_loopback(value: str) -> str:
+    """Compose's service host names, as a test on one machine reaches them."""
+    return re.sub(r"(?<=[@/])(postgres|redis|auth|inventory|orders|audit)(?=:\d)", "127.0.0.1", value)
+
+
+def build_app(process: str, env: dict[str, str]) -> Any:
+    """The process's own factory (what `python -m comptoir.serve <process>` runs), with exactly ``env``.
+
+    The factory runs the process's start-up checks and, in production, refuses to build on a failing one."""
+    from comptoir.serve import FACTORIES
+
+    module, _, factory = FACTORIES[process].partition(":")
+    with mock.patch.dict(os.environ, env, clear=True):
+        return getattr(importlib.import_module(module), factory)()
+
+
+@pytest.fixture
+def production(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, str]]:
+    """Each container's environment, rendered from the production example, ready to run on loopback."""
+    monkeypatch.chdir(tmp_path)  # no .env file of the checkout may leak into the settings
+    rendered = render(COMPOSE_FILE, production_dotenv())
+    envs = {}
+    for name in IMAGE_SERVICES:
+        env = {key: to_loopback(value) for key, value in service_environment(rendered["services"][name]).items()}
+        env["DATA_DIR"] = str(tmp_path / name)  # the container's /data volume
+        envs[name] = env
+    return envs
+
+
+def test_the_production_example_renders_with_every_variable_set() -> None:
+    rendered = render(COMPOSE_FILE, production_dotenv())
+    for name in IMAGE_SERVICES:
+        env = service_environment(rendered["services"][name])
+        assert env["ENVIRONMENT"] == "production", name
+        assert not [key for key, value in env.items() if "$" in value], name
+
+
+def test_a_missing_secret_stops_compose_with_the_way_to_fix_it() -> None:
+    values = production_dotenv()
+    del values["AUTH_CLIENT_SECRET"]
+    with pytest.raises(InterpolationError, match="AUTH_CLIENT_SECRET.*comptoir secrets"):
+        render(COMPOSE_FILE, values)
+    with pytest.raises(InterpolationError, match="AUTH_CLIENT_SECRET"):
+        render(COMPOSE_FILE, values | {"AUTH_CLIENT_SECRET": ""})
+
+
+@pytest.mark.parametrize("name", IMAGE_SERVICES)
+def test_each_container_gets_only_settings_its_process_reads(production: dict[str, dict[str, str]], name: str) -> None:
+    unknown = set(production[name]) - names_read_by(PROCESS_OF[name]) - LIBPQ_VARIABLES
+    assert sorted(unknown) == [], f"{name} receives variables its process never reads"
+
+
+def test_secrets_reach_only_the_process_that_uses_them(production: dict[str, dict[str, str]]) -> None:
+    for name, env in production.items():
+        secret_names = {key for key in env if key.endswith(("_CLIENT_SECRET", "SERVICE_CLIENTS", "WEBHOOK_SECRET"))}
+        expected = set() if name == "migrate" else {f"{name.upper()}_CLIENT_SECRET"}
+        if name == "auth":
+            expected |= {"AUTH_SERVICE_CLIENTS", "AUTH_WEBHOOK_SECRET"}
+        assert secret_names == expected, name
+        assert "BACKUP_ENCRYPTION_KEY" not in env, name
+        superuser = [key for key, value in env.items() if "postgres:" in value.split("@")[0]]
+        assert superuser == (["DATABASE_URL"] if name == "migrate" else []), name
+
+
+@pytest.mark.parametrize("name", IMAGE_SERVICES)
+def test_every_database_url_verifies_the_server_certificate(production: dict[str, dict[str, str]], name: str) -> None:
+    env = production[name]
+    urls = {key: value for key, value in env.items() if key.endswith("DATABASE_URL")}
+    assert bool(urls) == (name != "gateway")
+    for key, url in urls.items():
+        assert parse_qs(urlsplit(url).query)["sslmode"] == ["verify-full"], key
+    if urls:
+        assert env["PGSSLROOTCERT"] == "/etc/comptoir/postgres-ca/ca.crt"
+
+
+@pytest.mark.parametrize("process", APP_SERVICES)
+def test_each_process_starts_in_production_from_exactly_its_rendered_environment(
+    production: dict[str, dict[str, str]], process: str
+) -> None:
+    """Its own factory runs its own start-up checks; any critical failure would raise UnsafeConfiguration."""
+    env = production[process]
+    assert env["ENVIRONMENT"] == "production"
+    app = build_app(process, env)
+    assert app is not None
+
+
+@pytest.mark.parametrize("process", APP_SERVICES)
+def test_the_start_up_check_would_catch_a_missing_secret(production: dict[str, dict[str, str]], process: str) -> None:
+    """The test above can fail: without its client secret each process refuses, naming the check."""
+    from common.deploychecks import UnsafeConfiguration
+
+    env = {key: value for key, value in production[process].items() if key != f"{process.upper()}_CLIENT_SECRET"}
+    with pytest.raises(UnsafeConfiguration, match="CMP-W002"):
+        build_app(process, env)
+
+
+def test_migrate_gets_every_runtime_role_url_and_the_superuser(production: dict[str, dict[str, str]]) -> None:
+    from comptoir.config import RunSettings
+
+    with mock.patch.dict(os.environ, production["migrate"], clear=True):
+        settings = RunSettings()
+    assert urlsplit(settings.database_url).username == "postgres"
+    for service in UPSTREAMS:
+        assert settings.service_url_override(service) == production[service][f"{service.upper()}_DATABASE_URL"]
+
+
+def test_the_development_env_example_works_for_make_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """.env.example copied to .env: every process's settings load in development, and the processes build
+    from the environment `comptoir run` gives them (the embedded database's socket URLs, generated secrets)."""
+    from comptoir.config import RunSettings
+    from comptoir.provision import ServiceRole
+    from comptoir.supervisor import child_env
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(ENV_EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    base = {"PATH": os.environ.get("PATH", "")}
+    with mock.patch.dict(os.environ, base, clear=True):
+        settings = RunSettings()
+        assert settings.environment.value == "development"
+        assert settings.database_url == ""  # the embedded server
+        roles = [
+            ServiceRole(s, f"comptoir_{s}", "pw", f"postgresql://comptoir_{s}:pw@/comptoir?host={tmp_path}")
+            for s in UPSTREAMS
+        ]
+        env = child_env(settings, roles)
+    for process in APP_SERVICES:
+        app = build_app(process, env)
+        assert app is not None, process

@@ -569,9 +569,11 @@ def test_the_rendered_settings_pass_comptoir_s_own_checks(
 ) -> None:
     """Each process builds its settings from exactly the environment Kubernetes would give it; in prod,
     no critical deployment check fails (the process would refuse to start)."""
-    from common.deploychecks import auth_checks, gateway_checks, service_checks
+    from common.deploychecks import service_checks
+    from gateway.checks import gateway_checks
     from gateway.config import GatewaySettings
     from services.audit.config import Settings as AuditSettings
+    from services.auth.checks import auth_checks
     from services.auth.config import Settings as AuthSettings
     from services.inventory.config import Settings as InventorySettings
     from services.orders.config import Settings as OrdersSettings

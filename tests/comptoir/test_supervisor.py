@@ -1,0 +1,168 @@
+"""The supervisor of `comptoir run`: it says "ready" only once every process is healthy, and it gives up,
+saying why, on a process that keeps failing to start the same way.
+
+The children are real processes: small HTTP servers (tests/comptoir/fake_process.py) whose /healthz
+answers 200 only once a file exists, or processes that refuse to start like a real one does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from comptoir.config import PROCESSES, RunSettings
+from comptoir.supervisor import MAX_IDENTICAL_START_FAILURES, Child, Supervisor
+from tests.conftest import free_port
+
+FAKE = Path(__file__).with_name("fake_process.py")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, line: str) -> None:
+        with self.changed:
+            self.lines.append(line)
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: any(text in line for line in self.lines), timeout), self.lines
+
+
+def settings(tmp_path: Path) -> RunSettings:
+    ports = {f"{process}_port": free_port() for process in PROCESSES}
+    return RunSettings(data_dir=tmp_path, restart_backoff_max_seconds=0.5, **ports)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def running() -> Iterator[list[Supervisor]]:
+    supervisors: list[Supervisor] = []
+    yield supervisors
+    for supervisor in supervisors:
+        supervisor.stopping = True
+        supervisor._stop_children()
+
+
+def start(supervisor: Supervisor) -> threading.Thread:
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(supervisor._supervise()), daemon=True)
+    thread.result = result  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def test_ready_is_announced_only_once_every_process_is_healthy(tmp_path: Path, running: list[Supervisor]) -> None:
+    s = settings(tmp_path)
+    out = Recorder()
+    supervisor = Supervisor(s, out=out)
+    running.append(supervisor)
+    late = tmp_path / "audit-may-answer"
+    supervisor.children = [
+        Child(
+            name=process,
+            argv=[
+                sys.executable,
+                str(FAKE),
+                "serve",
+                str(s.port_of(process)),
+                *([str(late)] if process == "audit" else []),
+            ],
+            env=dict(os.environ),
+        )
+        for process in PROCESSES
+    ]
+    thread = start(supervisor)
+    # Four processes answer; audit listens but is not healthy yet.
+    for process in PROCESSES:
+        url = f"http://127.0.0.1:{s.port_of(process)}/healthz"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status = httpx.get(url, timeout=1).status_code
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, process
+                time.sleep(0.05)
+        assert status == (503 if process == "audit" else 200), process
+    # The supervisor has polled at least once after that (the audit child was asked and said no).
+    out_before = list(out.lines)
+    assert not any(line.startswith("ready") for line in out_before), out_before
+    assert not supervisor.ready
+    late.write_text("ok")
+    out.wait_for("ready: ")
+    ready_line = next(line for line in out.lines if line.startswith("ready: "))
+    assert f"http://127.0.0.1:{s.gateway_port}/api/v1/" in ready_line
+    # The addresses come with the banner, not before.
+    assert all(f"http://127.0.0.1:{s.port_of(p)}" in "\n".join(out.lines) for p in PROCESSES)
+    assert out.lines.index(ready_line) == len(out.lines) - 1
+    supervisor.stopping = True
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_identical_start_failures_stop_the_supervisor_with_the_reason(
+    tmp_path: Path, running: list[Supervisor]
+) -> None:
+    s = settings(tmp_path)
+    out = Recorder()
+    supervisor = Supervisor(s, out=out)
+    running.append(supervisor)
+    supervisor.children = [
+        Child(name="gateway", argv=[sys.executable, str(FAKE), "serve", str(s.gateway_port)], env=dict(os.environ)),
+        Child(name="auth", argv=[sys.executable, str(FAKE), "refuse", "CMP-W010"], env=dict(os.environ)),
+    ]
+    thread = start(supervisor)
+    thread.join(60)
+    assert not thread.is_alive(), out.lines
+    assert thread.result == [1]  # type: ignore[attr-defined]
+    restarts = [line for line in out.lines if line.startswith("auth exited with status 2")]
+    assert len(restarts) == MAX_IDENTICAL_START_FAILURES - 1
+    verdict = out.lines[-1]
+    assert verdict.startswith(f"auth failed to start {MAX_IDENTICAL_START_FAILURES} times in a row")
+    assert "CMP-W010" in verdict
+    assert "TLS_TERMINATING_PROXY" in verdict
+    assert not any(line.startswith("ready") for line in out.lines)
+
+
+def test_different_failures_keep_restarting(tmp_path: Path, running: list[Supervisor]) -> None:
+    """A crash that changes (here: a counter in the message) is not a configuration the operator must fix."""
+    s = settings(tmp_path)
+    out = Recorder()
+    supervisor = Supervisor(s, out=out)
+    running.append(supervisor)
+    counter = tmp_path / "counter"
+    supervisor.children = [
+        Child(name="orders", argv=[sys.executable, str(FAKE), "crash", str(counter)], env=dict(os.environ)),
+    ]
+    thread = start(supervisor)
+    out.wait_for(f"restarted (attempt {MAX_IDENTICAL_START_FAILURES + 1})")
+    assert not any("failed to start" in line for line in out.lines)
+    supervisor.stopping = True
+    thread.join(30)
+
+
+def test_comptoir_run_in_production_from_the_env_example_stops_and_names_the_checks(tmp_path: Path) -> None:
+    """The issue's case: .env says production on a checkout; `comptoir run` must stop, saying why."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env |= {"ENVIRONMENT": "production", "DATA_DIR": str(tmp_path / "data"), "RESTART_BACKOFF_MAX_SECONDS": "0.5"}
+    env |= {f"{process.upper()}_PORT": str(free_port()) for process in PROCESSES}
+    result = subprocess.run(
+        [sys.executable, "-m", "comptoir.cli", "run"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    verdict = result.stdout.strip().splitlines()
+    line = next((item for item in verdict if "times in a row" in item), result.stdout + result.stderr[-3000:])
+    assert "refusing to start" in line
+    assert "CMP-W010" in line
+    assert "Traceback" not in result.stderr
