@@ -24,7 +24,7 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from comptoir.config import SERVICES
+from comptoir.config import SERVICES, RunSettings
 
 MAGIC = b"COMPTOIR-BACKUP\x00v1"
 CHUNK = 1024 * 1024
@@ -157,13 +157,11 @@ async def _schemas_in_use(admin_url: str) -> list[str]:
         await conn.close()
 
 
-def restore(admin_url: str, source: Path, key: bytes, settings: object) -> None:
+def restore(admin_url: str, source: Path, key: bytes, settings: RunSettings) -> None:
     import asyncio
 
-    from comptoir.config import RunSettings
     from comptoir.provision import _provision, migrate, resolve_roles, to_asyncpg_dsn
 
-    assert isinstance(settings, RunSettings)
     with tempfile.TemporaryDirectory(prefix="comptoir-restore-") as work:
         dump = Path(work) / "dump"
         with open(source, "rb") as src, open(dump, "wb") as dst:

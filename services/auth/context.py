@@ -121,7 +121,8 @@ def request_context(request: Request) -> RequestContext:
 
 async def runtime(request: Request) -> Runtime:
     value = request.app.state.auth
-    assert isinstance(value, Runtime)
+    if not isinstance(value, Runtime):
+        raise RuntimeError("the auth service's lifespan has not set up its runtime")
     return value
 
 

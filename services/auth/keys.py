@@ -183,7 +183,8 @@ class KeyStore:
             self._keys = [SigningKey.of(_load_pem(block.encode()), 0.0) for block in blocks]
             self._scanned_at = self.clock()
             return
-        assert self.directory is not None
+        if self.directory is None:
+            raise ValueError("signing keys need a key directory or AUTH_SIGNING_KEYS")
         private_dir(self.directory)
         if not key_files(self.directory):
             with directory_lock(self.directory):

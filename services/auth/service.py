@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from datetime import datetime, timedelta
+from typing import NoReturn
 
 import structlog
 from sqlalchemy.exc import IntegrityError
@@ -78,7 +79,7 @@ class AccountService:
         if reasons:
             raise WeakPassword(field, reasons)
 
-    async def fail(self, error: ServiceError) -> None:
+    async def fail(self, error: ServiceError) -> NoReturn:
         """Commit what was recorded (counters, audit events), then answer with ``error``."""
         await self.db.commit()
         raise error
@@ -92,7 +93,8 @@ class AccountService:
 
     async def verify_with_throttle(self, user: User, password: str, purpose: str) -> None:
         """Re-authentication of a signed-in user (password change, erasure), under the login throttle."""
-        assert user.email is not None
+        if user.email is None:  # an erased account has no e-mail and cannot sign in
+            raise Unauthorized("The account is not available.")
         key = account_key(user.email)
         ctx = self.ctx
         gate = await LoginThrottle(self.rt).enter(key, ctx.ip_key)
@@ -176,7 +178,6 @@ class AccountService:
         ok, new_hash = await self.rt.hasher.verify(password, user.password_hash if user else None)
         if not (ok and user is not None and user.is_active):
             await self._login_failed(user, gate, reason="inactive" if ok else "bad_credentials")
-        assert user is not None
         # Lock the account row: concurrent logins of one user apply the session cap one at a time.
         user = await self.users.get(user.id, lock=True)
         if user is None:
@@ -204,7 +205,7 @@ class AccountService:
         LOGINS.labels("succeeded").inc()
         return pair
 
-    async def _login_failed(self, user: User | None, gate: Gate, *, reason: str) -> None:
+    async def _login_failed(self, user: User | None, gate: Gate, *, reason: str) -> NoReturn:
         ctx = self.ctx
         resource_id = str(user.id) if user else None
         await ctx.audit(

@@ -15,8 +15,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import Scope
 
-from common.errors import ServiceError
+from common.errors import ServiceError, error_body
 from services.inventory.errors import (
     InsufficientStock,
     ReservationClosed,
@@ -73,6 +74,14 @@ class ReserveOutcome:
     reservation: ReservationRead | None = None
     created: bool = False
     error: ServiceError | None = None
+
+    def answer(self, scope: Scope | None = None) -> tuple[int, dict[str, Any]]:
+        """The status and body the single ``PUT`` answers for this outcome."""
+        if self.error is not None:
+            return self.error.status, error_body(self.error, scope)
+        if self.reservation is None:
+            raise RuntimeError("a reserve outcome holds either a reservation or an error")
+        return (201 if self.created else 200), self.reservation.model_dump(mode="json")
 
 
 def _short(short: list[ShortItem]) -> InsufficientStock:
@@ -257,7 +266,8 @@ class ReservationService:
                 {"id": reservation_id, "status": ReservationStatus.released, "created_at": now, "updated_at": now}
             )
             reservation = await self.reservations.lock(reservation_id)
-            assert reservation is not None
+            if reservation is None:
+                raise RuntimeError(f"the tombstone of reservation {reservation_id} was not written")
         if reservation.status in (ReservationStatus.held, ReservationStatus.committed):
             await self._give_back(reservation, ReservationStatus.released, now, reason=None)
         return read_of(reservation)

@@ -153,8 +153,7 @@ class CatalogueService:
                     )
                 ]
             )
-        product = await self.products.get(product_id)
-        assert product is not None
+        product = await self.products.reread(product_id)
         await record(
             self.session,
             outbox,
@@ -184,8 +183,7 @@ class CatalogueService:
                     "inventory.product.updated", resource_type="product", resource_id=str(product_id), old=old, new=new
                 ),
             )
-        refreshed = await self.products.get(product_id)
-        assert refreshed is not None
+        refreshed = await self.products.reread(product_id)
         return ProductRead.model_validate(refreshed)
 
 

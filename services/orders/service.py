@@ -9,17 +9,16 @@ fences a slow attempt that the sweeper has already taken over.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
+import stamina
 import structlog
 from fastapi import Request
 from sqlalchemy import delete, select, tuple_, update
@@ -200,6 +199,32 @@ class _Placement:
     expires_at: datetime | None
     lines: list[dict[str, Any]]
     event: AuditEvent
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """A confirmation was started: inventory's commit is owed, under this attempt id."""
+
+    attempt: uuid.UUID
+
+
+class _KeyHeld(Exception):
+    """The idempotency key belongs to a placement still running."""
+
+
+class _KeyFreed(Exception):
+    """The idempotency key was taken, and its placement abandoned since."""
+
+
+class _OrderHeld(Exception):
+    """A confirmation of the order is talking to inventory."""
+
+
+def _wait_again(exc: Exception) -> bool | float:
+    """How ``_waiting`` treats a failed try: a freed key is claimed again at once, a held one after a wait."""
+    if isinstance(exc, _KeyFreed):
+        return 0.0
+    return isinstance(exc, _KeyHeld | _OrderHeld)
 
 
 def _database_failure(exc: BaseException) -> Exception:
@@ -395,37 +420,17 @@ class OrderService:
     ) -> tuple[OrderRead, bool]:
         """Returns the order and whether it is a replay of an earlier request with the same key."""
         digest = request_hash(data)
-        deadline = time.monotonic() + self.settings.idempotency_wait_seconds
-        delay = 0.02
-        while True:
-            order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-            claim = _Claim(
-                order_id, user_id, key, digest, reservation_id, attempt, self.clock(), json.dumps(actor.save())
-            )
-            if await self.claims.submit(claim):
-                break
-            # The key is taken: that request is done (replay it) or still running (wait for it).
-            async with self.db.sessionmaker() as session, session.begin():
-                existing = (
-                    await session.scalars(
-                        select(Order)
-                        .where(Order.user_id == user_id, Order.idempotency_key == key)
-                        .options(selectinload(Order.items))
-                    )
-                ).one_or_none()
-                if existing is not None:
-                    if existing.request_hash != digest:
-                        raise IdempotencyKeyReused()
-                    if existing.status != Status.placing:
-                        return read_of(existing), True
-            if existing is not None:
-                if time.monotonic() > deadline:
-                    raise IdempotentRequestInProgress(
-                        "The first request with this key is still running; retry shortly.",
-                        headers={"Retry-After": "1"},
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
+        try:
+            async for waiting in self._waiting(self.settings.idempotency_wait_seconds):
+                with waiting:
+                    claimed = await self._claim_key(user_id, key, digest, actor)
+        except (_KeyHeld, _KeyFreed):
+            raise IdempotentRequestInProgress(
+                "The first request with this key is still running; retry shortly.", headers={"Retry-After": "1"}
+            ) from None
+        if isinstance(claimed, OrderRead):
+            return claimed, True
+        order_id, attempt, reservation_id = claimed.order_id, claimed.attempt, claimed.reservation_id
 
         try:
             reservation = await self.inventory.reserve(reservation_id, data.items, request_id=request_id)
@@ -454,6 +459,36 @@ class OrderService:
                 "Inventory is unavailable; the order was not placed. Retry shortly.", headers={"Retry-After": "2"}
             ) from None
         return await self._record_placed(order_id, attempt, data, reservation, actor, request_id=request_id), False
+
+    @staticmethod
+    def _waiting(seconds: float) -> AsyncIterator[stamina.Attempt]:
+        """Polls a busy idempotency key or order with a short backoff, for ``seconds`` at most."""
+        return stamina.retry_context(
+            on=_wait_again, attempts=None, timeout=seconds, wait_initial=0.02, wait_max=0.25, wait_jitter=0
+        )
+
+    async def _claim_key(self, user_id: uuid.UUID, key: str, digest: str, actor: Actor) -> _Claim | OrderRead:
+        """The key claimed for a new order, or the order an earlier request with it placed (a replay)."""
+        order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        claim = _Claim(order_id, user_id, key, digest, reservation_id, attempt, self.clock(), json.dumps(actor.save()))
+        if await self.claims.submit(claim):
+            return claim
+        # The key is taken: that request is done (replay it) or still running (wait for it).
+        async with self.db.sessionmaker() as session, session.begin():
+            existing = (
+                await session.scalars(
+                    select(Order)
+                    .where(Order.user_id == user_id, Order.idempotency_key == key)
+                    .options(selectinload(Order.items))
+                )
+            ).one_or_none()
+            if existing is None:
+                raise _KeyFreed()  # its placement was abandoned since: claim it again at once
+            if existing.request_hash != digest:
+                raise IdempotencyKeyReused()
+            if existing.status == Status.placing:
+                raise _KeyHeld()
+            return read_of(existing)
 
     async def _record_placed(
         self,
@@ -547,57 +582,57 @@ class OrderService:
     async def change(
         self, order_id: uuid.UUID, target: Status, actor: Actor, viewer: Viewer, *, request_id: str | None = None
     ) -> OrderRead:
-        deadline = time.monotonic() + self.settings.idempotency_wait_seconds
-        delay = 0.02
-        while True:
-            outcome = None
-            async with self.db.sessionmaker() as session, session.begin():
-                order = await self._load(session, order_id, lock=True)
-                if order is None or not viewer.sees(order):
-                    raise OrderNotFound()
-                if order.stock_action == StockAction.commit:
-                    outcome = "busy"  # a confirmation is talking to inventory: wait for its outcome
-                elif (
-                    order.status == Status.pending and order.expires_at is not None and order.expires_at <= self.clock()
-                ):
-                    await self._close(session, order, Status.expired, SYSTEM)
-                    outcome = "expired"
-                elif target not in ALLOWED.get(order.status, frozenset()):
-                    raise TransitionNotAllowed(
-                        f"A {order.status} order cannot become {target}.",
-                        extra={"order_status": order.status, "requested_status": str(target)},
-                    )
-                elif target == Status.confirmed:
-                    attempt = self._start_action(order, StockAction.commit, actor)
-                    outcome = "commit"
-                elif target in (Status.cancelled, Status.expired):
-                    await self._close(session, order, target, actor)
-                    outcome = "release"
-                else:
-                    old = order.status
-                    order.status = target
-                    await session.flush()
-                    event = actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
-                    await record(session, outbox, event)
-                    return read_of(order)
-            if outcome != "busy":
-                break
-            if time.monotonic() > deadline:
-                raise OrderBusy("The order is being changed by another request; retry shortly.")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
-
-        if outcome == "commit":
-            return await self._drive_commit(order_id, attempt, request_id=request_id)
+        try:
+            async for waiting in self._waiting(self.settings.idempotency_wait_seconds):
+                with waiting:
+                    step = await self._step(order_id, target, actor, viewer)
+        except _OrderHeld:
+            raise OrderBusy("The order is being changed by another request; retry shortly.") from None
+        if isinstance(step, OrderRead):
+            return step
+        if isinstance(step, _Commit):
+            return await self._drive_commit(order_id, step.attempt, request_id=request_id)
         await self._drive_release(order_id, request_id=request_id)
-        if outcome == "expired":
+        if step == "expired":
             raise OrderExpired("The order expired before this change; its stock was released.")
         return await self.get(order_id, STAFF)
+
+    async def _step(
+        self, order_id: uuid.UUID, target: Status, actor: Actor, viewer: Viewer
+    ) -> OrderRead | _Commit | Literal["release", "expired"]:
+        """One transaction: the change made (the order), or what inventory is owed next."""
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await self._load(session, order_id, lock=True)
+            if order is None or not viewer.sees(order):
+                raise OrderNotFound()
+            if order.stock_action == StockAction.commit:
+                raise _OrderHeld()  # a confirmation is talking to inventory: wait for its outcome
+            if order.status == Status.pending and order.expires_at is not None and order.expires_at <= self.clock():
+                await self._close(session, order, Status.expired, SYSTEM)
+                return "expired"
+            if target not in ALLOWED.get(order.status, frozenset()):
+                raise TransitionNotAllowed(
+                    f"A {order.status} order cannot become {target}.",
+                    extra={"order_status": order.status, "requested_status": str(target)},
+                )
+            if target == Status.confirmed:
+                return _Commit(self._start_action(order, StockAction.commit, actor))
+            if target in (Status.cancelled, Status.expired):
+                await self._close(session, order, target, actor)
+                return "release"
+            old = order.status
+            order.status = target
+            await session.flush()
+            await record(
+                session, outbox, actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
+            )
+            return read_of(order)
 
     async def _drive_commit(self, order_id: uuid.UUID, attempt: uuid.UUID, *, request_id: str | None) -> OrderRead:
         async with self.db.sessionmaker() as session, session.begin():
             order = await self._load(session, order_id)
-            assert order is not None
+            if order is None:  # erased meanwhile
+                raise OrderNotFound()
             reservation_id = order.reservation_id
         try:
             await self.inventory.commit(reservation_id, request_id=request_id)
@@ -620,7 +655,8 @@ class OrderService:
             raise OrderExpired("The order's reservation expired; its stock was released.") from None
         async with self.db.sessionmaker() as session, session.begin():
             order = await self._load(session, order_id, lock=True)
-            assert order is not None
+            if order is None:
+                raise OrderNotFound()
             if order.stock_action_id == attempt:
                 actor = Actor.restore(order.stock_action_context)
                 old = order.status
