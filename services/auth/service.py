@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import NoReturn
 
 import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.errors import BadRequest, ServiceError, Unauthorized
-from common.pagination import Page, decode_cursor, encode_cursor
+from common.errors import ServiceError, Unauthorized
+from common.pagination import Page, page_of, time_key, time_key_after
 from common.tokens import Claims
 from services.auth.context import RequestContext, Runtime, sha256_hex
 from services.auth.errors import (
@@ -409,17 +409,8 @@ class AccountService:
     async def list_users(
         self, *, limit: int, cursor: str | None, query: str | None, role: str | None
     ) -> Page[UserRead]:
-        after = None
-        if cursor:
-            created, ident = decode_cursor(cursor, 2)
-            try:
-                after = (datetime.fromisoformat(created), uuid.UUID(ident))
-            except ValueError as exc:
-                raise BadRequest("The cursor is not valid.") from exc
-        rows = await self.users.list(limit=limit + 1, after=after, query=query, role=role)
-        page, more = rows[:limit], len(rows) > limit
-        next_cursor = encode_cursor([page[-1].created_at.isoformat(), str(page[-1].id)]) if more else None
-        return Page[UserRead](items=[user_read(u) for u in page], next_cursor=next_cursor)
+        rows = await self.users.list(limit=limit + 1, after=time_key_after(cursor), query=query, role=role)
+        return page_of(rows, limit, user_read, time_key)
 
     async def admin_update(self, claims: Claims, user_id: uuid.UUID, body: AdminUserUpdate) -> UserRead:
         user = await self.users.get(user_id, lock=True)

@@ -6,8 +6,6 @@ order. Two transactions therefore never wait on each other in a cycle, and nothi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Scope
 
 from common.errors import ServiceError, error_body
+from common.idempotency import request_hash
 from services.inventory.errors import (
     InsufficientStock,
     ReservationClosed,
@@ -34,11 +33,6 @@ from services.inventory.models import (
 from services.inventory.repository import HeldLine, ProductRepository, ReservationRepository, ReserveStatements
 from services.inventory.schemas import ReservationRead, ReservedItem, ReserveItem, ShortItem
 from services.inventory.service import set_lock_timeout
-
-
-def request_hash(items: list[ReserveItem]) -> str:
-    canonical = json.dumps([[str(item.product_id), item.quantity] for item in items], separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def read_of(reservation: Reservation) -> ReservationRead:

@@ -21,9 +21,9 @@ import stamina
 import structlog
 from pydantic import ValidationError
 
-from common.batching import Batcher
 from common.errors import ServiceUnavailable
 from common.http import Answer, Transport, TransportError, forward_headers
+from services.orders.batching import Batcher
 from services.orders.errors import InventoryUnavailable
 from services.orders.metrics import BATCH_SIZE
 from services.orders.schemas import OrderLineIn, Reservation, ShortLine

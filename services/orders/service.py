@@ -9,30 +9,29 @@ fences a slow attempt that the sweeper has already taken over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
 import stamina
 import structlog
-from fastapi import Request
 from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from common.audit import AuditEvent, outbox_payload, record, request_fields
-from common.batching import Batcher
+from common.audit import Actor, AuditEvent, outbox_payload, record
 from common.db import Database, columns
-from common.errors import RETRYABLE_SQLSTATES, BadRequest, sqlstate_of
-from common.pagination import Page, decode_cursor, encode_cursor
+from common.errors import RETRYABLE_SQLSTATES, sqlstate_of
+from common.idempotency import request_hash
+from common.pagination import Page, page_of, time_key, time_key_after
 from common.tokens import Claims
 from services.orders import inventory as inv
+from services.orders.batching import Batcher
 from services.orders.config import Settings
 from services.orders.errors import (
     DatabaseBusy,
@@ -65,41 +64,10 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-@dataclass(frozen=True)
-class Actor:
-    """Who asked, and from where: the facts every audit event carries."""
-
-    id: str | None
-    role: str | None
-    context: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, request: Request, claims: Claims) -> Actor:
-        role = "service" if claims.is_service else claims.role
-        return cls(id=claims.sub, role=role, context=request_fields(request))
-
-    @classmethod
-    def restore(cls, saved: dict[str, Any] | None) -> Actor:
-        saved = saved or {}
-        return cls(id=saved.get("actor_id"), role=saved.get("actor_role"), context=dict(saved.get("context") or {}))
-
-    def save(self) -> dict[str, Any]:
-        return {"actor_id": self.id, "actor_role": self.role, "context": self.context}
-
-    def event(
-        self, action: str, order_id: uuid.UUID, old: dict[str, Any] | None, new: dict[str, Any] | None
-    ) -> AuditEvent:
-        return AuditEvent(
-            service=SERVICE,
-            action=action,
-            actor_id=self.id,
-            actor_role=self.role,
-            resource_type="order",
-            resource_id=str(order_id),
-            old_values=old,
-            new_values=new,
-            **self.context,
-        )
+def order_event(
+    actor: Actor, action: str, order_id: uuid.UUID, old: dict[str, Any] | None, new: dict[str, Any] | None
+) -> AuditEvent:
+    return actor.event(SERVICE, action, resource_type="order", resource_id=str(order_id), old=old, new=new)
 
 
 SYSTEM = Actor(id=None, role="system")
@@ -126,7 +94,7 @@ STAFF = Viewer(user_id=None, staff=True)
 # BEGIN/COMMIT round trips, and none of SQLAlchemy's per-call statement building, cache keys and ORM
 # bulk bookkeeping, which were most of the CPU an order cost. Each statement takes a batch: the claims (and
 # the completions) of the orders that arrive while the previous statement is out go in the next one
-# (``common.batching``), so under load a statement's fixed cost is shared by many orders. Tables resolve
+# (``services.orders.batching``), so under load a statement's fixed cost is shared by many orders. Tables resolve
 # through the connection's search_path (the service's schema), as everywhere else.
 
 # Claiming idempotency keys: a key already taken (earlier, or by an earlier twin in the same batch) is
@@ -249,11 +217,6 @@ def user_id_of(claims: Claims) -> uuid.UUID | None:
         return uuid.UUID(claims.sub)
     except ValueError:
         return None
-
-
-def request_hash(data: OrderCreate) -> str:
-    canonical = json.dumps([[str(i.product_id), i.quantity] for i in data.items], separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def read_of(order: Order) -> OrderRead:
@@ -399,19 +362,13 @@ class OrderService:
             stmt = stmt.where(Order.user_id == user_id)
         if status is not None:
             stmt = stmt.where(Order.status == status)
-        if cursor:
-            created, ident = decode_cursor(cursor, 2)
-            try:
-                after = (datetime.fromisoformat(created), uuid.UUID(ident))
-            except ValueError as exc:
-                raise BadRequest("The cursor is not valid.") from exc
+        after = time_key_after(cursor)
+        if after is not None:
             stmt = stmt.where(tuple_(Order.created_at, Order.id) < tuple_(*after))
         stmt = stmt.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)
         async with self.db.sessionmaker() as session, session.begin():
             rows = list((await session.scalars(stmt)).all())
-        page, more = rows[:limit], len(rows) > limit
-        next_cursor = encode_cursor([page[-1].created_at.isoformat(), str(page[-1].id)]) if more else None
-        return Page[OrderRead](items=[read_of(o) for o in page], next_cursor=next_cursor)
+        return page_of(rows, limit, read_of, time_key)
 
     # Placing an order
 
@@ -419,7 +376,7 @@ class OrderService:
         self, user_id: uuid.UUID, key: str, data: OrderCreate, actor: Actor, *, request_id: str | None = None
     ) -> tuple[OrderRead, bool]:
         """Returns the order and whether it is a replay of an earlier request with the same key."""
-        digest = request_hash(data)
+        digest = request_hash(data.items)
         try:
             async for waiting in self._waiting(self.settings.idempotency_wait_seconds):
                 with waiting:
@@ -505,8 +462,12 @@ class OrderService:
         except Exception:
             await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)
             raise
-        event = actor.event(
-            "orders.order.created", order_id, None, {"status": Status.pending, "total_xaf": total, "lines": len(lines)}
+        event = order_event(
+            actor,
+            "orders.order.created",
+            order_id,
+            None,
+            {"status": Status.pending, "total_xaf": total, "lines": len(lines)},
         )
         # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
         placed = await self.placements.submit(
@@ -576,7 +537,7 @@ class OrderService:
             self._start_action(order, StockAction.release, actor)
         await session.flush()
         await record(
-            session, outbox, actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
+            session, outbox, order_event(actor, f"orders.order.{target}", order.id, {"status": old}, {"status": target})
         )
 
     async def change(
@@ -624,7 +585,9 @@ class OrderService:
             order.status = target
             await session.flush()
             await record(
-                session, outbox, actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
+                session,
+                outbox,
+                order_event(actor, f"orders.order.{target}", order.id, {"status": old}, {"status": target}),
             )
             return read_of(order)
 
@@ -664,7 +627,9 @@ class OrderService:
                 order.stock = Stock.committed
                 self._clear_action(order)
                 await session.flush()
-                event = actor.event("orders.order.confirmed", order.id, {"status": old}, {"status": Status.confirmed})
+                event = order_event(
+                    actor, "orders.order.confirmed", order.id, {"status": old}, {"status": Status.confirmed}
+                )
                 await record(session, outbox, event)
             return read_of(order)
 
