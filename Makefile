@@ -30,6 +30,7 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/bandit -q -r common comptoir gateway services -x '*/migrations/versions/*' --severity-level high
+	$(BIN)/vulture
 
 # Known vulnerabilities in the locked dependencies. Needs PyPI's JSON API (or OSV), which the
 # development machine this was built on cannot reach; run it in CI that can.

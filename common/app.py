@@ -178,7 +178,6 @@ def create_service_app(
                     )
                     if relay_enabled if relay_enabled is not None else bool(settings.client_secret):
                         relay.start()
-                app.state.outbox_relay = relay
                 yield
         finally:
             if relay is not None:

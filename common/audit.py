@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.clientip import Network, parse_networks, resolve_client_ip
 from common.logging import is_secret_key, redact_text
+from common.tokens import Claims
 
 Outcome = Literal["success", "failure", "denied"]
 
@@ -82,6 +84,55 @@ def request_fields(request: Request) -> dict[str, Any]:
         "path": request.url.path,
         "request_id": getattr(request.state, "request_id", None) or request.scope.get("state", {}).get("request_id"),
     }
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asked, and from where: the facts every audit event carries."""
+
+    id: str | None
+    role: str | None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, request: Request, claims: Claims | None) -> Actor:
+        """The bearer of ``claims`` (a service is role "service"; None: anonymous), at this request."""
+        if claims is None:
+            return cls(id=None, role=None, context=request_fields(request))
+        return cls(id=claims.sub, role="service" if claims.is_service else claims.role, context=request_fields(request))
+
+    @classmethod
+    def restore(cls, saved: Mapping[str, Any] | None) -> Actor:
+        """The actor ``save`` wrote down (with a durable intent, for whoever finishes it)."""
+        saved = saved or {}
+        return cls(id=saved.get("actor_id"), role=saved.get("actor_role"), context=dict(saved.get("context") or {}))
+
+    def save(self) -> dict[str, Any]:
+        return {"actor_id": self.id, "actor_role": self.role, "context": self.context}
+
+    def event(
+        self,
+        service: str,
+        action: str,
+        *,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
+        old: dict[str, Any] | None = None,
+        new: dict[str, Any] | None = None,
+        outcome: Outcome = "success",
+    ) -> AuditEvent:
+        return AuditEvent(
+            service=service,
+            action=action,
+            actor_id=self.id,
+            actor_role=self.role,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            old_values=old,
+            new_values=new,
+            outcome=outcome,
+            **self.context,
+        )
 
 
 def outbox_columns() -> list[sa.Column[Any]]:

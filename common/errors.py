@@ -189,20 +189,17 @@ def error_response(exc: ServiceError, scope: Scope | None = None) -> JSONRespons
     )
 
 
-async def _service_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServiceError)
+async def _service_error(request: Request, exc: ServiceError) -> Response:
     return error_response(exc, request.scope)
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else None
     # Framework messages such as "Not Found" are safe; anything else is replaced by the title.
     return problem_response(exc.status_code, scope=request.scope, detail=detail, headers=exc.headers)
 
 
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     errors = list(exc.errors())
     if any(err.get("type") == "json_invalid" for err in errors):
         return problem_response(400, scope=request.scope, detail="The request body is not valid JSON.")
@@ -243,8 +240,10 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # The decorator form takes handlers typed with their own exception class (add_exception_handler wants
+    # every handler to accept any Exception).
+    app.exception_handler(ServiceError)(_service_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unhandled)

@@ -25,7 +25,8 @@ def _quote_ident(name: str) -> str:
 def run_migrations(target_metadata: MetaData) -> None:
     config = context.config
     schema = target_metadata.schema
-    assert schema, "a service's metadata names its schema"
+    if not schema:
+        raise ValueError("a service's metadata must name its schema")
     url: str = config.attributes.get("url") or config.get_main_option("sqlalchemy.url") or ""
     owner_role: str | None = config.attributes.get("owner_role")
     runtime_role: str | None = config.attributes.get("runtime_role")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Annotated, Any, Generic, TypeVar
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel
@@ -12,6 +15,7 @@ from pydantic import BaseModel
 from common.errors import BadRequest
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -40,3 +44,47 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
     if not isinstance(values, list) or len(values) != arity or not all(isinstance(v, str) for v in values):
         raise BadRequest("The cursor is not valid.")
     return values
+
+
+# Keyset pagination: a page is asked for with one row more than its size; that row only says whether
+# another page follows, and the cursor carries the key of the page's last row.
+
+
+class TimeKeyed(Protocol):
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+
+def time_key_after(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """Where a newest-first page on (created_at, id) goes on: None for the first page, a 400 for a bad cursor."""
+    if not cursor:
+        return None
+    created, ident = decode_cursor(cursor, 2)
+    try:
+        return datetime.fromisoformat(created), uuid.UUID(ident)
+    except ValueError as exc:
+        raise BadRequest("The cursor is not valid.") from exc
+
+
+def time_key(row: TimeKeyed) -> list[str]:
+    return [row.created_at.isoformat(), str(row.id)]
+
+
+def number_before(cursor: str | None) -> int | None:
+    """Where a page on a descending BIGINT key goes on: None for the first page, a 400 for a bad cursor."""
+    if not cursor:
+        return None
+    (value,) = decode_cursor(cursor, 1)
+    if not value.isdigit() or len(value) > 19:
+        raise BadRequest("The cursor is not valid.")
+    return int(value)
+
+
+def page_of(rows: Sequence[R], limit: int, read: Callable[[R], T], key: Callable[[R], list[str]]) -> Page[T]:
+    """The page from ``limit + 1`` rows: ``limit`` items, and a cursor when the extra row says more follow."""
+    page = rows[:limit]
+    next_cursor = encode_cursor(key(page[-1])) if len(rows) > limit and page else None
+    return Page[T](items=[read(row) for row in page], next_cursor=next_cursor)

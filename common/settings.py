@@ -53,10 +53,6 @@ class CommonSettings(BaseSettings):
     revocation_poll_seconds: float = Field(0.25, gt=0, le=5)
 
     @property
-    def jwks_url(self) -> str:
-        return self.auth_internal_url.rstrip("/") + "/.well-known/jwks.json"
-
-    @property
     def is_production(self) -> bool:
         return self.environment is Environment.production
 

@@ -129,10 +129,6 @@ class RemoteJWKS:
         self.attempted_at: float | None = None
         self._lock = asyncio.Lock()
 
-    @property
-    def loaded(self) -> bool:
-        return bool(self.keys)
-
     async def refresh(self, *, force: bool = False) -> bool:
         async with self._lock:
             now = self.clock()
@@ -250,11 +246,10 @@ class TokenVerifier:
             raise InvalidToken("wrong token use")
         now = self.clock()
         exp, nbf, iat = payload.get("exp"), payload.get("nbf"), payload.get("iat")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (exp, nbf, iat)):
+        if not (isinstance(exp, int) and isinstance(nbf, int) and isinstance(iat, int)) or any(
+            isinstance(v, bool) for v in (exp, nbf, iat)
+        ):
             raise InvalidToken("bad time claims")
-        assert isinstance(exp, int)
-        assert isinstance(nbf, int)
-        assert isinstance(iat, int)
         if now >= exp + self.leeway:
             raise InvalidToken("expired")
         if now < nbf - self.leeway or now < iat - self.leeway - 60:

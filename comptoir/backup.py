@@ -289,7 +289,8 @@ def _put_back_keys(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], au
 
     def read(name: str) -> bytes:
         handle = tar.extractfile(members[name])
-        assert handle is not None
+        if handle is None:  # _safe_members let only regular files through
+            raise BackupError(f"the backup's {name} is not a file")
         return handle.read()
 
     for name in sorted(n for n in members if n.startswith(TRUSTED) and n.endswith(".pub")):
@@ -361,7 +362,8 @@ def restore(
                 raise BackupError("the backup's contents are unreadable") from exc
             dump = Path(work) / "dump"
             handle = tar.extractfile(members[DUMP])
-            assert handle is not None
+            if handle is None:
+                raise BackupError("the backup's database dump is not a file")
             with open(dump, "wb") as out:
                 while chunk := handle.read(CHUNK):
                     out.write(chunk)

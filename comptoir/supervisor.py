@@ -66,7 +66,8 @@ class Child:
         self._reader.start()
 
     def _pass_stderr(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
+        if proc.stderr is None:  # started with stderr=PIPE, so never; typed narrowing
+            return
         for raw in proc.stderr:
             text = raw.decode(errors="replace")
             sys.stderr.write(text)

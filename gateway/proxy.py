@@ -103,7 +103,7 @@ class Attempt:
     def __enter__(self) -> Attempt:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
         self.circuit.settle(self, exc_type)
 
 

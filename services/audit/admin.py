@@ -49,7 +49,6 @@ from services.audit.signing import (
 from services.audit.verify import CHUNK, ChainVerifier, SignedHead
 
 ARCHIVE_PURPOSE = "comptoir.audit.archive.v1"
-SIGNED_ARCHIVE_FIELDS = ("purpose", "first_sequence", "last_sequence", "events", "sha256", "head_hash", "signed_at")
 
 
 def admin_database(admin_url: str) -> Database:
@@ -135,7 +134,8 @@ async def archive(
             events = EventRepository(session)
             await events.lock_chain()
             head = await events.head()
-            assert head is not None
+            if head is None:
+                return ArchiveResult(0, reason="the chain is empty")
             boundary = await events.first_after(cutoff, after=first - 1)
             last = min((boundary - 1) if boundary is not None else head[0], head[0] - 1)
             if last < first:

@@ -77,10 +77,20 @@ class CheckpointService:
             await self.chain.raise_alerts([integrity_alert(result.first_bad_sequence, problems, source)])
         return result
 
-    async def sign(
-        self, kind: str, *, skip_if_current: bool = False, archive: dict[str, Any] | None = None
-    ) -> CheckpointRead | None:
-        """Verify the events since the last checkpoint, then sign the head. None if nothing new (periodic)."""
+    async def sign(self, kind: str) -> CheckpointRead:
+        """Verify the events since the last checkpoint, then sign the head."""
+        checked, sequence, head_hash = await self._verified_head(kind)
+        return await self.sign_head(kind, sequence, head_hash)
+
+    async def sign_if_new(self, kind: str) -> CheckpointRead | None:
+        """``sign``, or None when the newest checkpoint already covers the head (the periodic signer)."""
+        checked, sequence, head_hash = await self._verified_head(kind)
+        if checked == 0:
+            return None
+        return await self.sign_head(kind, sequence, head_hash)
+
+    async def _verified_head(self, kind: str) -> tuple[int, int, str]:
+        """How many events were verified, and the head they lead to (refused if broken or empty)."""
         result = await self.verify(source=f"checkpoint.{kind}", incremental=True)
         if not result.ok:
             raise ChainBroken(
@@ -89,9 +99,7 @@ class CheckpointService:
             )
         if result.head_sequence is None or result.head_hash is None:
             raise EmptyChain()
-        if skip_if_current and result.checked == 0:
-            return None  # the newest checkpoint already covers the head
-        return await self.sign_head(kind, result.head_sequence, result.head_hash, archive=archive)
+        return result.checked, result.head_sequence, result.head_hash
 
     async def sign_head(
         self, kind: str, sequence: int, head_hash: str, *, archive: dict[str, Any] | None = None
@@ -132,7 +140,7 @@ class Checkpointer:
 
     async def run_once(self) -> CheckpointRead | None:
         try:
-            return await self.service.sign("periodic", skip_if_current=True)
+            return await self.service.sign_if_new("periodic")
         except EmptyChain:
             return None
 

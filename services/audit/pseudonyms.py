@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 ERASED = "erased-subject"
-PSEUDONYM_PATTERN = re.compile(r"^psn_[0-9a-f]{32}$")
 _ID_KEYS = frozenset({"user_id", "actor_id"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

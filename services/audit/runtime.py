@@ -8,14 +8,14 @@ from typing import Annotated, Any
 import structlog
 from fastapi import Depends, Request
 
-from common.audit import Outcome
+from common.audit import Actor, Outcome
 from common.db import Database
 from common.errors import Forbidden
 from common.security import bearer_token, current_user, require_service
 from common.tokens import Claims, InvalidToken
 from services.audit.checkpoints import Checkpointer, CheckpointService
 from services.audit.config import Settings
-from services.audit.service import AuditChain, Gdpr, own_event
+from services.audit.service import SERVICE, AuditChain, Gdpr
 
 log = structlog.get_logger("comptoir.audit")
 
@@ -46,14 +46,8 @@ class AuditRuntime:
         new_values: dict[str, Any] | None = None,
     ) -> None:
         """Record one of the audit service's own events in its chain; never fails the request."""
-        event = own_event(
-            request,
-            action,
-            claims=claims,
-            outcome=outcome,
-            resource_type=resource_type,
-            resource_id=resource_id,
-            new_values=new_values,
+        event = Actor.of(request, claims).event(
+            SERVICE, action, outcome=outcome, resource_type=resource_type, resource_id=resource_id, new=new_values
         )
         try:
             await self.chain.record_own(event)

@@ -9,15 +9,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from fastapi import Request
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.audit import AuditEvent, Outcome, request_fields, scrub
+from common.audit import AuditEvent, scrub
 from common.db import Database
-from common.errors import RETRYABLE_SQLSTATES, BadRequest, sqlstate_of
-from common.pagination import decode_cursor, encode_cursor
-from common.tokens import Claims
+from common.errors import RETRYABLE_SQLSTATES, sqlstate_of
+from common.pagination import number_before, page_of
 from services.audit.alerts import AlertRules, Opened, Raised, announce, raise_alerts, store_alerts
 from services.audit.chain import GENESIS, canonical_document, chain_hash, column_values, format_timestamp
 from services.audit.errors import AlertNotFound, ChainBusy, InvalidEvent, NothingHeld
@@ -49,8 +47,7 @@ SERVICE = "audit"
 # lock_not_available (lock_timeout), deadlock_detected, serialization_failure, query_canceled
 def prepare(payload: dict[str, Any]) -> dict[str, Any]:
     """Redact again (a sender may have forgotten) and make every string storable."""
-    cleaned = clean_text(scrub(payload))
-    assert isinstance(cleaned, dict)
+    cleaned: dict[str, Any] = clean_text(scrub(payload))  # a mapping comes back a mapping
     return cleaned
 
 
@@ -190,33 +187,6 @@ async def pseudonyms_for(session: AsyncSession, events: Iterable[dict[str, Any]]
     return mapping
 
 
-def own_event(
-    request: Request,
-    action: str,
-    *,
-    claims: Claims | None,
-    outcome: Outcome = "success",
-    resource_type: str | None = None,
-    resource_id: str | None = None,
-    new_values: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """An event the audit service records about its own endpoints."""
-    fields = request_fields(request)
-    actor_id = claims.sub if claims is not None else None
-    actor_role = (claims.role if not claims.is_service else "service") if claims is not None else None
-    return AuditEvent(
-        service=SERVICE,
-        action=action,
-        actor_id=actor_id,
-        actor_role=actor_role,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        new_values=new_values,
-        outcome=outcome,
-        **fields,
-    )
-
-
 class EventQueries:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -243,7 +213,7 @@ class EventQueries:
         limit: int,
         cursor: str | None,
     ) -> tuple[list[EventRead], str | None]:
-        before = _before(cursor)
+        before = number_before(cursor)
         where = EventFilter(
             actor_ids=await self._ids(actor_id),
             action=action,
@@ -253,27 +223,16 @@ class EventQueries:
             until=until,
         )
         rows = await self.events.page(where, limit=limit + 1, before=before)
-        items = [read_event(row) for row in rows[:limit]]
-        next_cursor = encode_cursor([str(items[-1].sequence)]) if len(rows) > limit and items else None
-        return items, next_cursor
-
-
-def _before(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    (value,) = decode_cursor(cursor, 1)
-    if not value.isdigit() or len(value) > 19:
-        raise BadRequest("The cursor is not valid.")
-    return int(value)
+        page = page_of(rows, limit, read_event, lambda row: [str(row.sequence)])
+        return page.items, page.next_cursor
 
 
 async def checkpoint_page(
     session: AsyncSession, *, limit: int, cursor: str | None
 ) -> tuple[list[CheckpointRead], str | None]:
-    rows = await CheckpointRepository(session).page(limit=limit + 1, before=_before(cursor))
-    items = [CheckpointRead.model_validate(row) for row in rows[:limit]]
-    next_cursor = encode_cursor([str(items[-1].id)]) if len(rows) > limit and items else None
-    return items, next_cursor
+    rows = await CheckpointRepository(session).page(limit=limit + 1, before=number_before(cursor))
+    page = page_of(rows, limit, CheckpointRead.model_validate, lambda row: [str(row.id)])
+    return page.items, page.next_cursor
 
 
 class Alerts:
@@ -281,11 +240,9 @@ class Alerts:
         self.repo = AlertRepository(session)
 
     async def page(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[AlertRead], str | None]:
-        before = _before(cursor)
-        rows = await self.repo.page(status=status, limit=limit + 1, before=before)
-        items = [AlertRead.model_validate(row) for row in rows[:limit]]
-        next_cursor = encode_cursor([str(items[-1].id)]) if len(rows) > limit and items else None
-        return items, next_cursor
+        rows = await self.repo.page(status=status, limit=limit + 1, before=number_before(cursor))
+        page = page_of(rows, limit, AlertRead.model_validate, lambda row: [str(row.id)])
+        return page.items, page.next_cursor
 
     async def resolve(self, alert_id: int, *, by: str) -> AlertRead:
         alert = await self.repo.resolve(alert_id, by=by, at=datetime.now(UTC))

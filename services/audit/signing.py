@@ -135,7 +135,8 @@ def load_or_create_key(path: Path) -> SigningKey:
         _write_new(path, pem, 0o600)
     except FileExistsError:  # another process won the race: use its key
         key = load_key(path)
-        assert key is not None
+        if key is None:
+            raise RuntimeError(f"the audit checkpoint key at {path} vanished while it was being created") from None
         return key
     except OSError as exc:
         raise RuntimeError(

@@ -13,7 +13,7 @@ import httpx
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from common.audit import AuditEvent, Outcome, record, request_fields
+from common.audit import Actor, Outcome, record, request_fields
 from common.tokens import Claims
 from services.auth.config import Settings
 from services.auth.keys import KeyStore, LocalServiceTokens, TokenIssuer
@@ -85,21 +85,16 @@ class RequestContext:
         new_values: dict[str, Any] | None = None,
     ) -> None:
         """Write an audit event to the outbox in ``session``'s transaction. Never pass a secret."""
-        event = AuditEvent(
-            service=SERVICE,
-            action=action,
-            actor_id=self.actor_id,
-            actor_role=self.actor_role,
-            ip=self.ip,
-            user_agent=self.user_agent,
-            method=self.method,
-            path=self.path,
-            request_id=self.request_id,
+        where = {"ip": self.ip, "user_agent": self.user_agent, "method": self.method, "path": self.path}
+        actor = Actor(self.actor_id, self.actor_role, where | {"request_id": self.request_id})
+        event = actor.event(
+            SERVICE,
+            action,
+            outcome=outcome,
             resource_type=resource_type,
             resource_id=resource_id,
-            old_values=old_values,
-            new_values=new_values,
-            outcome=outcome,
+            old=old_values,
+            new=new_values,
         )
         await record(session, outbox, event)
 
@@ -121,7 +116,8 @@ def request_context(request: Request) -> RequestContext:
 
 async def runtime(request: Request) -> Runtime:
     value = request.app.state.auth
-    assert isinstance(value, Runtime)
+    if not isinstance(value, Runtime):
+        raise RuntimeError("the auth service's lifespan has not set up its runtime")
     return value
 
 

@@ -62,13 +62,6 @@ class WeakPassword(Unprocessable):
         super().__init__("The password does not meet the password policy.", extra={"errors": errors})
 
 
-class InvalidField(Unprocessable):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(
-            "One or more fields are invalid.", extra={"errors": [{"loc": ["body", field], "msg": message}]}
-        )
-
-
 class WrongPassword(BadRequest):
     slug = "wrong-password"
     title = "Wrong password"

@@ -21,6 +21,7 @@ import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.errors import Unauthorized
 from common.http import forward_headers
 from common.tokens import Claims
 from services.auth.context import RequestContext, Runtime
@@ -147,7 +148,8 @@ class GdprService:
             )
             await self.accounts.fail(exc)
         locked = await self.accounts.current_user(claims, lock=True)
-        assert locked.email is not None
+        if locked.email is None:  # erased by a concurrent request
+            raise Unauthorized("The account is not available.")
         now = self.rt.now()
         revoked = await SessionRepository(self.db).revoke_all(locked.id, now=now, reason="erased")
         await self.accounts.users.delete_personal_rows(locked.id)

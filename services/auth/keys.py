@@ -30,6 +30,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.service_tokens import CachedServiceTokens
 from common.tokens import ACCESS, SERVICE, TOKEN_TYPES
 
 log = structlog.get_logger("comptoir.auth.keys")
@@ -183,7 +184,8 @@ class KeyStore:
             self._keys = [SigningKey.of(_load_pem(block.encode()), 0.0) for block in blocks]
             self._scanned_at = self.clock()
             return
-        assert self.directory is not None
+        if self.directory is None:
+            raise ValueError("signing keys need a key directory or AUTH_SIGNING_KEYS")
         private_dir(self.directory)
         if not key_files(self.directory):
             with directory_lock(self.directory):
@@ -316,25 +318,13 @@ def load_otp_key(directory: Path, configured: str) -> bytes:
     return data
 
 
-class LocalServiceTokens:
-    """``common.service_tokens.ServiceTokenClient``'s interface, minting in-process: auth asks nobody."""
+class LocalServiceTokens(CachedServiceTokens):
+    """Service tokens minted in-process: auth asks nobody."""
 
     def __init__(self, issuer: TokenIssuer, *, client: str = "auth", refresh_margin_seconds: float = 30.0) -> None:
+        super().__init__(clock=lambda: issuer.clock(), refresh_margin_seconds=refresh_margin_seconds)
         self.issuer = issuer
         self.client = client
-        self.margin = refresh_margin_seconds
-        self._cache: dict[str, tuple[str, float]] = {}
 
-    async def token_for(self, audience: str) -> str:
-        cached = self._cache.get(audience)
-        if cached and cached[1] - self.margin > self.issuer.clock():
-            return cached[0]
-        token = self.issuer.service_token(client=self.client, audience=audience)
-        self._cache[audience] = (token, self.issuer.clock() + self.issuer.service_ttl)
-        return token
-
-    async def headers_for(self, audience: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {await self.token_for(audience)}"}
-
-    def forget(self, audience: str) -> None:
-        self._cache.pop(audience, None)
+    async def _obtain(self, audience: str) -> tuple[str, float]:
+        return self.issuer.service_token(client=self.client, audience=audience), self.issuer.service_ttl

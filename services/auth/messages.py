@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import httpx
+import stamina
 import structlog
 
 log = structlog.get_logger("comptoir.auth.messages")
@@ -85,6 +86,10 @@ class DeliveryFailed(Exception):
     pass
 
 
+class _NotYet(Exception):
+    """One delivery attempt failed in a way worth retrying (a 5xx, a 429 or a network error)."""
+
+
 class WebhookSender:
     """POSTs each message as signed JSON to an HTTPS endpoint; retries 5xx and network errors."""
 
@@ -115,23 +120,36 @@ class WebhookSender:
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self.secret, timestamp, body),
         }
-        for attempt in range(self.retries + 1):
-            try:
-                response = await self.client.post(self.url, content=body, headers=headers)
-            except httpx.HTTPError as exc:
-                outcome = type(exc).__name__
-            else:
-                if response.status_code < 300:
-                    log.info("auth.message.delivered", channel=message.channel, attempt=attempt + 1)
-                    return
-                if response.status_code < 500 and response.status_code != 429:
-                    log.error("auth.message.rejected", channel=message.channel, status=response.status_code)
-                    raise DeliveryFailed(f"the webhook refused the message ({response.status_code})")
-                outcome = str(response.status_code)
-            log.warning("auth.message.retry", channel=message.channel, attempt=attempt + 1, outcome=outcome)
-            if attempt < self.retries:
-                await asyncio.sleep(self.backoff * 2**attempt)
-        raise DeliveryFailed("the webhook did not accept the message")
+        retrying = stamina.retry_context(
+            on=_NotYet,
+            attempts=self.retries + 1,
+            timeout=None,
+            wait_initial=self.backoff,
+            wait_max=self.backoff * 2**self.retries,
+            wait_jitter=0,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._post(message.channel, body, headers, attempt.num)
+        except _NotYet:
+            raise DeliveryFailed("the webhook did not accept the message") from None
+
+    async def _post(self, channel: str, body: bytes, headers: dict[str, str], attempt: int) -> None:
+        try:
+            response = await self.client.post(self.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            outcome = type(exc).__name__
+        else:
+            if response.status_code < 300:
+                log.info("auth.message.delivered", channel=channel, attempt=attempt)
+                return
+            if response.status_code < 500 and response.status_code != 429:
+                log.error("auth.message.rejected", channel=channel, status=response.status_code)
+                raise DeliveryFailed(f"the webhook refused the message ({response.status_code})")
+            outcome = str(response.status_code)
+        log.warning("auth.message.retry", channel=channel, attempt=attempt, outcome=outcome)
+        raise _NotYet(outcome)
 
     async def aclose(self) -> None:
         await self.client.aclose()

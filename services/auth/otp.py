@@ -7,6 +7,7 @@ import hmac
 import secrets
 import uuid
 from datetime import datetime, timedelta
+from typing import NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -127,7 +128,6 @@ class OtpService:
             if row is not None:
                 row.consumed_at = now  # the number changed since: this code verifies nothing
             await self._failed(user, reason="no_live_code")
-        assert row is not None
         if not hmac.compare_digest(self.mac(user.id, row.phone, code.strip()), row.code_mac):
             row.attempts += 1
             dead = row.attempts >= self.settings.otp_max_attempts
@@ -144,7 +144,7 @@ class OtpService:
         )
         return user_read(user)
 
-    async def _failed(self, user: User, *, reason: str, **details: object) -> None:
+    async def _failed(self, user: User, *, reason: str, **details: object) -> NoReturn:
         await self.ctx.audit(
             self.db,
             "auth.otp.failed",

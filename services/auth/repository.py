@@ -138,9 +138,6 @@ class SessionRepository:
         row = (await self.session.execute(stmt)).first()
         return row is None or row[0] is not None
 
-    async def delete_of(self, user_id: uuid.UUID) -> None:
-        await self.session.execute(delete(Session).where(Session.user_id == user_id))
-
 
 class RefreshTokenRepository:
     def __init__(self, session: AsyncSession) -> None:

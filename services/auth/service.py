@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
+from typing import NoReturn
 
 import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.errors import BadRequest, ServiceError, Unauthorized
-from common.pagination import Page, decode_cursor, encode_cursor
+from common.errors import ServiceError, Unauthorized
+from common.pagination import Page, page_of, time_key, time_key_after
 from common.tokens import Claims
 from services.auth.context import RequestContext, Runtime, sha256_hex
 from services.auth.errors import (
@@ -78,7 +79,7 @@ class AccountService:
         if reasons:
             raise WeakPassword(field, reasons)
 
-    async def fail(self, error: ServiceError) -> None:
+    async def fail(self, error: ServiceError) -> NoReturn:
         """Commit what was recorded (counters, audit events), then answer with ``error``."""
         await self.db.commit()
         raise error
@@ -92,7 +93,8 @@ class AccountService:
 
     async def verify_with_throttle(self, user: User, password: str, purpose: str) -> None:
         """Re-authentication of a signed-in user (password change, erasure), under the login throttle."""
-        assert user.email is not None
+        if user.email is None:  # an erased account has no e-mail and cannot sign in
+            raise Unauthorized("The account is not available.")
         key = account_key(user.email)
         ctx = self.ctx
         gate = await LoginThrottle(self.rt).enter(key, ctx.ip_key)
@@ -176,7 +178,6 @@ class AccountService:
         ok, new_hash = await self.rt.hasher.verify(password, user.password_hash if user else None)
         if not (ok and user is not None and user.is_active):
             await self._login_failed(user, gate, reason="inactive" if ok else "bad_credentials")
-        assert user is not None
         # Lock the account row: concurrent logins of one user apply the session cap one at a time.
         user = await self.users.get(user.id, lock=True)
         if user is None:
@@ -204,7 +205,7 @@ class AccountService:
         LOGINS.labels("succeeded").inc()
         return pair
 
-    async def _login_failed(self, user: User | None, gate: Gate, *, reason: str) -> None:
+    async def _login_failed(self, user: User | None, gate: Gate, *, reason: str) -> NoReturn:
         ctx = self.ctx
         resource_id = str(user.id) if user else None
         await ctx.audit(
@@ -408,17 +409,8 @@ class AccountService:
     async def list_users(
         self, *, limit: int, cursor: str | None, query: str | None, role: str | None
     ) -> Page[UserRead]:
-        after = None
-        if cursor:
-            created, ident = decode_cursor(cursor, 2)
-            try:
-                after = (datetime.fromisoformat(created), uuid.UUID(ident))
-            except ValueError as exc:
-                raise BadRequest("The cursor is not valid.") from exc
-        rows = await self.users.list(limit=limit + 1, after=after, query=query, role=role)
-        page, more = rows[:limit], len(rows) > limit
-        next_cursor = encode_cursor([page[-1].created_at.isoformat(), str(page[-1].id)]) if more else None
-        return Page[UserRead](items=[user_read(u) for u in page], next_cursor=next_cursor)
+        rows = await self.users.list(limit=limit + 1, after=time_key_after(cursor), query=query, role=role)
+        return page_of(rows, limit, user_read, time_key)
 
     async def admin_update(self, claims: Claims, user_id: uuid.UUID, body: AdminUserUpdate) -> UserRead:
         user = await self.users.get(user_id, lock=True)

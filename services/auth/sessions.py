@@ -89,7 +89,8 @@ class SessionManager:
         if row is None:
             raise InvalidRefreshToken()
         session = await self.sessions.get(row.session_id, lock=True)
-        assert session is not None  # the foreign key guarantees it
+        if session is None:  # the foreign key rules it out
+            raise RuntimeError(f"refresh token {row.id} has no session")
         actor = ctx.as_actor(str(session.user_id), None)
         if row.rotated_at is not None:
             revoked = await self.sessions.revoke([session.id], now=now, reason="refresh_reuse")

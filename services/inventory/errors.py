@@ -2,7 +2,6 @@ from common.errors import (
     Conflict,
     NotFound,
     PayloadTooLarge,
-    ServiceUnavailable,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -71,8 +70,3 @@ class UnsupportedImageType(UnsupportedMediaType):
 class InvalidImage(Unprocessable):
     slug = "invalid-image"
     title = "The file is not a valid image"
-
-
-class StockBusy(ServiceUnavailable):
-    slug = "stock-busy"
-    title = "Stock is busy"

@@ -39,7 +39,6 @@ class Format:
 JPEG = Format("JPEG", "image/jpeg", "jpg")
 PNG = Format("PNG", "image/png", "png")
 WEBP = Format("WEBP", "image/webp", "webp")
-FORMATS = {f.content_type: f for f in (JPEG, PNG, WEBP)}
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Markup that makes a file render as a page or script in some browser or viewer.

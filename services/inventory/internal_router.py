@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.responses import JSONResponse
 
 from common.db import SessionDep
-from common.errors import error_body, error_response
+from common.errors import error_response
 from common.security import require_service
 from common.tokens import Claims
 from services.inventory.config import Settings
@@ -59,8 +59,8 @@ async def reserve(
     # repeat gets the same answer).
     if outcome.error is not None:
         return error_response(outcome.error, request.scope)
-    assert outcome.reservation is not None
-    return JSONResponse(outcome.reservation.model_dump(mode="json"), status_code=201 if outcome.created else 200)
+    status, body = outcome.answer(request.scope)
+    return JSONResponse(body, status_code=status)
 
 
 @router.post(
@@ -76,11 +76,7 @@ async def reserve_batch(data: ReservationBatch, request: Request, session: Sessi
     outcomes = await _service(request, session).reserve_many(asks, _now(request))
     results = []
     for ask, outcome in zip(asks, outcomes, strict=True):
-        if outcome.error is not None:
-            status, body = outcome.error.status, error_body(outcome.error, request.scope)
-        else:
-            assert outcome.reservation is not None
-            status, body = (201 if outcome.created else 200), outcome.reservation.model_dump(mode="json")
+        status, body = outcome.answer(request.scope)
         results.append({"reservation_id": str(ask.reservation_id), "status": status, "body": body})
     return JSONResponse({"results": results})
 

@@ -28,8 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_colu
 
 from common.audit import outbox_table
 from common.models import schema_metadata
+from common.money import price_range
 
-MAX_PRICE_XAF = 10**12
 # No product ever holds more units than this; keeps every sum of quantities far from BIGINT overflow.
 MAX_STOCK = 10**12
 
@@ -85,7 +85,7 @@ class ProductImage(Base):
 class Product(Base):
     __tablename__ = "products"
     __table_args__ = (
-        CheckConstraint("price_xaf >= 0 AND price_xaf <= 1000000000000", name="price_xaf_range"),
+        price_range("price_xaf"),
         CheckConstraint("on_hand >= 0", name="on_hand_non_negative"),
         CheckConstraint("reserved >= 0 AND reserved <= on_hand", name="reserved_within_on_hand"),
         # "abc-1" and "ABC-1" are the same sku to a person reading a label.
@@ -192,7 +192,7 @@ class ReservationItem(Base):
     __tablename__ = "reservation_items"
     __table_args__ = (
         CheckConstraint("quantity > 0", name="quantity_positive"),
-        CheckConstraint("unit_price_xaf >= 0 AND unit_price_xaf <= 1000000000000", name="unit_price_xaf_range"),
+        price_range("unit_price_xaf"),
         Index("ix_reservation_items_product_id", "product_id"),
     )
 

@@ -40,6 +40,16 @@ class ProductRepository:
             stmt = stmt.options(undefer(Product.image_ids)).execution_options(populate_existing=True)
         return (await self.session.scalars(stmt)).one_or_none()
 
+    async def reread(self, product_id: uuid.UUID) -> Product:
+        """A product this transaction wrote, read back with its images (NoResultFound if it is not there)."""
+        stmt = (
+            select(Product)
+            .where(Product.id == product_id)
+            .options(undefer(Product.image_ids))
+            .execution_options(populate_existing=True)
+        )
+        return (await self.session.scalars(stmt)).one()
+
     async def lock(self, product_id: uuid.UUID) -> Product | None:
         """The product row, locked until the end of the transaction."""
         stmt = select(Product).where(Product.id == product_id).with_for_update()

@@ -6,8 +6,6 @@ order. Two transactions therefore never wait on each other in a cycle, and nothi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +13,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import Scope
 
-from common.errors import ServiceError
+from common.errors import ServiceError, error_body
+from common.idempotency import request_hash
 from services.inventory.errors import (
     InsufficientStock,
     ReservationClosed,
@@ -33,11 +33,6 @@ from services.inventory.models import (
 from services.inventory.repository import HeldLine, ProductRepository, ReservationRepository, ReserveStatements
 from services.inventory.schemas import ReservationRead, ReservedItem, ReserveItem, ShortItem
 from services.inventory.service import set_lock_timeout
-
-
-def request_hash(items: list[ReserveItem]) -> str:
-    canonical = json.dumps([[str(item.product_id), item.quantity] for item in items], separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def read_of(reservation: Reservation) -> ReservationRead:
@@ -73,6 +68,14 @@ class ReserveOutcome:
     reservation: ReservationRead | None = None
     created: bool = False
     error: ServiceError | None = None
+
+    def answer(self, scope: Scope | None = None) -> tuple[int, dict[str, Any]]:
+        """The status and body the single ``PUT`` answers for this outcome."""
+        if self.error is not None:
+            return self.error.status, error_body(self.error, scope)
+        if self.reservation is None:
+            raise RuntimeError("a reserve outcome holds either a reservation or an error")
+        return (201 if self.created else 200), self.reservation.model_dump(mode="json")
 
 
 def _short(short: list[ShortItem]) -> InsufficientStock:
@@ -257,7 +260,8 @@ class ReservationService:
                 {"id": reservation_id, "status": ReservationStatus.released, "created_at": now, "updated_at": now}
             )
             reservation = await self.reservations.lock(reservation_id)
-            assert reservation is not None
+            if reservation is None:
+                raise RuntimeError(f"the tombstone of reservation {reservation_id} was not written")
         if reservation.status in (ReservationStatus.held, ReservationStatus.committed):
             await self._give_back(reservation, ReservationStatus.released, now, reason=None)
         return read_of(reservation)

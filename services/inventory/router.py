@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.responses import FileResponse
 
+from common.audit import Actor
 from common.db import SessionDep
 from common.errors import Unprocessable, UnsupportedMediaType
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
@@ -25,7 +26,7 @@ from services.inventory.schemas import (
     StockRead,
     check_printable,
 )
-from services.inventory.service import Actor, CatalogueService, ImageService, StockService
+from services.inventory.service import CatalogueService, ImageService, StockService
 
 router = APIRouter(prefix="/api/v1/products", tags=["products"])
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from services.inventory.models import MAX_PRICE_XAF
+from common.money import PriceXAF
 
 MAX_QUANTITY = 10_000
 MAX_LINES = 100
@@ -49,10 +49,6 @@ Sku = Annotated[
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_one_line)]
 Description = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_multi_line)]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_one_line)]
-PriceXAF = Annotated[
-    int,
-    Field(strict=True, ge=0, le=MAX_PRICE_XAF, description="Integer XAF francs, 0 to 10^12."),
-]
 Quantity = Annotated[int, Field(strict=True, ge=1, le=MAX_QUANTITY)]
 
 

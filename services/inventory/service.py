@@ -8,19 +8,16 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.audit import AuditEvent, changes, record, request_fields
-from common.errors import BadRequest, Unprocessable
-from common.pagination import Page, decode_cursor, encode_cursor
-from common.tokens import Claims
+from common.audit import Actor, changes, record
+from common.errors import Unprocessable
+from common.pagination import Page, number_before, page_of, time_key, time_key_after
 from services.inventory import images
 from services.inventory.errors import (
     DuplicateSku,
@@ -45,41 +42,6 @@ Clock = Callable[[], datetime]
 
 SERVICE = "inventory"
 _STORAGE_KEY = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp)$")
-
-
-@dataclass(frozen=True)
-class Actor:
-    """Who asked, and from where: the facts every audit event carries."""
-
-    id: str | None
-    role: str | None
-    context: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, request: Request, claims: Claims | None) -> Actor:
-        role = None if claims is None else ("service" if claims.is_service else claims.role)
-        return cls(id=None if claims is None else claims.sub, role=role, context=request_fields(request))
-
-    def event(
-        self,
-        action: str,
-        *,
-        resource_type: str,
-        resource_id: str,
-        old: dict[str, Any] | None = None,
-        new: dict[str, Any] | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            service=SERVICE,
-            action=action,
-            actor_id=self.id,
-            actor_role=self.role,
-            resource_type=resource_type,
-            resource_id=resource_id,
-            old_values=old,
-            new_values=new,
-            **self.context,
-        )
 
 
 async def set_lock_timeout(session: AsyncSession, milliseconds: int) -> None:
@@ -107,17 +69,9 @@ class CatalogueService:
     async def list_products(
         self, *, limit: int, cursor: str | None, query: str | None, include_inactive: bool
     ) -> Page[ProductRead]:
-        after = None
-        if cursor:
-            created, ident = decode_cursor(cursor, 2)
-            try:
-                after = (datetime.fromisoformat(created), uuid.UUID(ident))
-            except ValueError as exc:
-                raise BadRequest("The cursor is not valid.") from exc
+        after = time_key_after(cursor)
         rows = await self.products.page(limit=limit + 1, include_inactive=include_inactive, query=query, after=after)
-        page, more = rows[:limit], len(rows) > limit
-        next_cursor = encode_cursor([page[-1].created_at.isoformat(), str(page[-1].id)]) if more else None
-        return Page[ProductRead](items=[ProductRead.model_validate(p) for p in page], next_cursor=next_cursor)
+        return page_of(rows, limit, ProductRead.model_validate, time_key)
 
     async def get_product(self, product_id: uuid.UUID, *, include_inactive: bool) -> ProductRead:
         product = await self.products.get(product_id)
@@ -153,12 +107,12 @@ class CatalogueService:
                     )
                 ]
             )
-        product = await self.products.get(product_id)
-        assert product is not None
+        product = await self.products.reread(product_id)
         await record(
             self.session,
             outbox,
             actor.event(
+                SERVICE,
                 "inventory.product.created",
                 resource_type="product",
                 resource_id=str(product_id),
@@ -181,11 +135,15 @@ class CatalogueService:
                 self.session,
                 outbox,
                 actor.event(
-                    "inventory.product.updated", resource_type="product", resource_id=str(product_id), old=old, new=new
+                    SERVICE,
+                    "inventory.product.updated",
+                    resource_type="product",
+                    resource_id=str(product_id),
+                    old=old,
+                    new=new,
                 ),
             )
-        refreshed = await self.products.get(product_id)
-        assert refreshed is not None
+        refreshed = await self.products.reread(product_id)
         return ProductRead.model_validate(refreshed)
 
 
@@ -238,6 +196,7 @@ class StockService:
             session,
             outbox,
             actor.event(
+                SERVICE,
                 "inventory.stock.adjusted",
                 resource_type="product",
                 resource_id=str(product_id),
@@ -250,18 +209,8 @@ class StockService:
     async def movements(self, product_id: uuid.UUID, *, limit: int, cursor: str | None) -> Page[MovementRead]:
         if await self.products.get(product_id, with_images=False) is None:
             raise ProductNotFound()
-        before = None
-        if cursor:
-            (value,) = decode_cursor(cursor, 1)
-            if not value.isdigit():
-                raise BadRequest("The cursor is not valid.")
-            before = int(value)
-        rows = await self.products.movements(product_id, limit=limit + 1, before=before)
-        page, more = rows[:limit], len(rows) > limit
-        return Page[MovementRead](
-            items=[MovementRead.model_validate(m) for m in page],
-            next_cursor=encode_cursor([str(page[-1].id)]) if more else None,
-        )
+        rows = await self.products.movements(product_id, limit=limit + 1, before=number_before(cursor))
+        return page_of(rows, limit, MovementRead.model_validate, lambda m: [str(m.id)])
 
 
 class ImageStore:
@@ -341,6 +290,7 @@ class ImageService:
                 session,
                 outbox,
                 actor.event(
+                    SERVICE,
                     "inventory.product.image_added",
                     resource_type="product",
                     resource_id=str(product_id),

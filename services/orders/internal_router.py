@@ -7,10 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from common.audit import Actor
 from common.security import require_service
 from common.tokens import Claims
 from services.orders.schemas import UserErasure, UserOrdersExport
-from services.orders.service import Actor, OrderService
+from services.orders.service import OrderService
 
 AuthOnly = Annotated[Claims, Depends(require_service("auth"))]
 

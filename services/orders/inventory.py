@@ -12,18 +12,18 @@ At low load a reserve goes out at once, alone; under load the batches grow with 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import stamina
 import structlog
 from pydantic import ValidationError
 
-from common.batching import Batcher
 from common.errors import ServiceUnavailable
 from common.http import Answer, Transport, TransportError, forward_headers
+from services.orders.batching import Batcher
 from services.orders.errors import InventoryUnavailable
 from services.orders.metrics import BATCH_SIZE
 from services.orders.schemas import OrderLineIn, Reservation, ShortLine
@@ -63,6 +63,20 @@ class Closed(Exception):
         self.status = status
 
 
+class _Retryable(Exception):
+    """Inventory could not be reached, or answered 502/503/504: worth another try."""
+
+
+@dataclass
+class _Call:
+    method: str
+    path: str
+    json: Any
+    request_id: str | None
+    refreshed: bool = False  # the service token was dropped once after a 401
+    attempt: int = 0
+
+
 @dataclass(frozen=True)
 class _Reserve:
     reservation_id: uuid.UUID
@@ -100,32 +114,50 @@ class InventoryClient:
         )
 
     async def _call(self, method: str, path: str, *, json: Any = None, request_id: str | None) -> Answer:
-        refreshed = False
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                headers = await self.tokens().headers_for("inventory") | forward_headers(request_id)
-            except ServiceUnavailable as exc:  # no service token: the auth service is unreachable
-                raise InventoryUnavailable("Inventory cannot be reached right now; retry shortly.") from exc
-            try:
-                response = await self.client.request(method, path, json=json, headers=headers)
-            except TransportError as exc:
-                log.warning("orders.inventory.unreachable", path=path, attempt=attempt, error=str(exc))
-                response = None
-            if response is not None and response.status == 401 and not refreshed:
-                refreshed = True
-                self.tokens().forget("inventory")
-                attempt -= 1
-                continue
-            if response is not None and response.status not in RETRYABLE_STATUS:
-                if response.status >= 500 or response.status in (401, 403):
-                    log.error("orders.inventory.refused", path=path, status=response.status)
-                    raise InventoryUnavailable("Inventory refused the request.")
-                return response
-            if attempt >= self.attempts:
-                raise InventoryUnavailable("Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"})
-            await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+        call = _Call(method, path, json, request_id)
+        retrying = stamina.retry_context(
+            on=_Retryable,
+            attempts=self.attempts,
+            timeout=None,
+            wait_initial=self.backoff,
+            wait_max=self.backoff * 2**self.attempts,
+            wait_jitter=0,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    answer = await self._try(call)
+        except _Retryable:
+            raise InventoryUnavailable(
+                "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}
+            ) from None
+        return answer
+
+    async def _try(self, call: _Call) -> Answer:
+        call.attempt += 1
+        response = await self._send(call)
+        if response is not None and response.status == 401 and not call.refreshed:
+            call.refreshed = True  # keys rotated: fetch a new service token, within the same attempt
+            self.tokens().forget("inventory")
+            response = await self._send(call)
+        if response is None or response.status in RETRYABLE_STATUS:
+            raise _Retryable()
+        if response.status >= 500 or response.status in (401, 403):
+            log.error("orders.inventory.refused", path=call.path, status=response.status)
+            raise InventoryUnavailable("Inventory refused the request.")
+        return response
+
+    async def _send(self, call: _Call) -> Answer | None:
+        """Inventory's answer, or None when it could not be reached."""
+        try:
+            headers = await self.tokens().headers_for("inventory") | forward_headers(call.request_id)
+        except ServiceUnavailable as exc:  # no service token: the auth service is unreachable
+            raise InventoryUnavailable("Inventory cannot be reached right now; retry shortly.") from exc
+        try:
+            return await self.client.request(call.method, call.path, json=call.json, headers=headers)
+        except TransportError as exc:
+            log.warning("orders.inventory.unreachable", path=call.path, attempt=call.attempt, error=str(exc))
+            return None
 
     @staticmethod
     def _reservation(response: Answer) -> Reservation:

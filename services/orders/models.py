@@ -22,12 +22,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from common.audit import outbox_table
 from common.models import schema_metadata
+from common.money import MAX_PRICE_XAF, price_range
 
-MAX_UNIT_PRICE_XAF = 10**12
 MAX_QUANTITY = 10_000
 MAX_LINES = 100
 # 100 lines x 10,000 units x 10^12 XAF = 10^18 < 2^63 - 1: no total can overflow a BIGINT.
-MAX_TOTAL_XAF = MAX_LINES * MAX_QUANTITY * MAX_UNIT_PRICE_XAF
+MAX_TOTAL_XAF = MAX_LINES * MAX_QUANTITY * MAX_PRICE_XAF
 
 
 class Base(DeclarativeBase):
@@ -113,7 +113,7 @@ class OrderItem(Base):
     __tablename__ = "order_items"
     __table_args__ = (
         CheckConstraint("quantity >= 1 AND quantity <= 10000", name="quantity_range"),
-        CheckConstraint("unit_price_xaf >= 0 AND unit_price_xaf <= 1000000000000", name="unit_price_xaf_range"),
+        price_range("unit_price_xaf"),
         CheckConstraint("line_total_xaf = quantity * unit_price_xaf", name="line_total_xaf_product"),
     )
 

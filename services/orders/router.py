@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
+from common.audit import Actor
 from common.errors import Forbidden, Unauthorized
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import CurrentUser, RequireStaff
@@ -13,7 +14,7 @@ from common.tokens import Claims
 from services.orders.errors import IdempotencyKeyMissing
 from services.orders.models import Status
 from services.orders.schemas import OrderCreate, OrderRead
-from services.orders.service import Actor, OrderService, Viewer, user_id_of
+from services.orders.service import OrderService, Viewer, user_id_of
 
 router = APIRouter(prefix="/api/v1/orders", tags=["orders"])
 

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.orders.models import MAX_LINES, MAX_QUANTITY, MAX_UNIT_PRICE_XAF
+from common.money import PriceXAF
+from services.orders.models import MAX_LINES, MAX_QUANTITY
 
 
 class Schema(BaseModel):
@@ -80,7 +81,7 @@ class ReservedLine(BaseModel):
     sku: str = Field(max_length=64)
     name: str = Field(max_length=200)
     quantity: Annotated[int, Field(strict=True, ge=1, le=MAX_QUANTITY)]
-    unit_price_xaf: Annotated[int, Field(strict=True, ge=0, le=MAX_UNIT_PRICE_XAF)]
+    unit_price_xaf: PriceXAF
 
 
 class Reservation(BaseModel):

@@ -9,31 +9,29 @@ fences a slow attempt that the sweeper has already taken over.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
+import stamina
 import structlog
-from fastapi import Request
 from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from common.audit import AuditEvent, outbox_payload, record, request_fields
-from common.batching import Batcher
+from common.audit import Actor, AuditEvent, outbox_payload, record
 from common.db import Database, columns
-from common.errors import RETRYABLE_SQLSTATES, BadRequest, sqlstate_of
-from common.pagination import Page, decode_cursor, encode_cursor
+from common.errors import RETRYABLE_SQLSTATES, sqlstate_of
+from common.idempotency import request_hash
+from common.pagination import Page, page_of, time_key, time_key_after
 from common.tokens import Claims
 from services.orders import inventory as inv
+from services.orders.batching import Batcher
 from services.orders.config import Settings
 from services.orders.errors import (
     DatabaseBusy,
@@ -66,41 +64,10 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-@dataclass(frozen=True)
-class Actor:
-    """Who asked, and from where: the facts every audit event carries."""
-
-    id: str | None
-    role: str | None
-    context: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, request: Request, claims: Claims) -> Actor:
-        role = "service" if claims.is_service else claims.role
-        return cls(id=claims.sub, role=role, context=request_fields(request))
-
-    @classmethod
-    def restore(cls, saved: dict[str, Any] | None) -> Actor:
-        saved = saved or {}
-        return cls(id=saved.get("actor_id"), role=saved.get("actor_role"), context=dict(saved.get("context") or {}))
-
-    def save(self) -> dict[str, Any]:
-        return {"actor_id": self.id, "actor_role": self.role, "context": self.context}
-
-    def event(
-        self, action: str, order_id: uuid.UUID, old: dict[str, Any] | None, new: dict[str, Any] | None
-    ) -> AuditEvent:
-        return AuditEvent(
-            service=SERVICE,
-            action=action,
-            actor_id=self.id,
-            actor_role=self.role,
-            resource_type="order",
-            resource_id=str(order_id),
-            old_values=old,
-            new_values=new,
-            **self.context,
-        )
+def order_event(
+    actor: Actor, action: str, order_id: uuid.UUID, old: dict[str, Any] | None, new: dict[str, Any] | None
+) -> AuditEvent:
+    return actor.event(SERVICE, action, resource_type="order", resource_id=str(order_id), old=old, new=new)
 
 
 SYSTEM = Actor(id=None, role="system")
@@ -127,7 +94,7 @@ STAFF = Viewer(user_id=None, staff=True)
 # BEGIN/COMMIT round trips, and none of SQLAlchemy's per-call statement building, cache keys and ORM
 # bulk bookkeeping, which were most of the CPU an order cost. Each statement takes a batch: the claims (and
 # the completions) of the orders that arrive while the previous statement is out go in the next one
-# (``common.batching``), so under load a statement's fixed cost is shared by many orders. Tables resolve
+# (``services.orders.batching``), so under load a statement's fixed cost is shared by many orders. Tables resolve
 # through the connection's search_path (the service's schema), as everywhere else.
 
 # Claiming idempotency keys: a key already taken (earlier, or by an earlier twin in the same batch) is
@@ -202,6 +169,32 @@ class _Placement:
     event: AuditEvent
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """A confirmation was started: inventory's commit is owed, under this attempt id."""
+
+    attempt: uuid.UUID
+
+
+class _KeyHeld(Exception):
+    """The idempotency key belongs to a placement still running."""
+
+
+class _KeyFreed(Exception):
+    """The idempotency key was taken, and its placement abandoned since."""
+
+
+class _OrderHeld(Exception):
+    """A confirmation of the order is talking to inventory."""
+
+
+def _wait_again(exc: Exception) -> bool | float:
+    """How ``_waiting`` treats a failed try: a freed key is claimed again at once, a held one after a wait."""
+    if isinstance(exc, _KeyFreed):
+        return 0.0
+    return isinstance(exc, _KeyHeld | _OrderHeld)
+
+
 def _database_failure(exc: BaseException) -> Exception:
     """What the orders of a failed statement batch get: the database refusing an order's data is a fault
     (answered 500 by the handlers, as before batching); anything else (busy, unreachable, shutting down)
@@ -224,11 +217,6 @@ def user_id_of(claims: Claims) -> uuid.UUID | None:
         return uuid.UUID(claims.sub)
     except ValueError:
         return None
-
-
-def request_hash(data: OrderCreate) -> str:
-    canonical = json.dumps([[str(i.product_id), i.quantity] for i in data.items], separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def read_of(order: Order) -> OrderRead:
@@ -374,19 +362,13 @@ class OrderService:
             stmt = stmt.where(Order.user_id == user_id)
         if status is not None:
             stmt = stmt.where(Order.status == status)
-        if cursor:
-            created, ident = decode_cursor(cursor, 2)
-            try:
-                after = (datetime.fromisoformat(created), uuid.UUID(ident))
-            except ValueError as exc:
-                raise BadRequest("The cursor is not valid.") from exc
+        after = time_key_after(cursor)
+        if after is not None:
             stmt = stmt.where(tuple_(Order.created_at, Order.id) < tuple_(*after))
         stmt = stmt.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)
         async with self.db.sessionmaker() as session, session.begin():
             rows = list((await session.scalars(stmt)).all())
-        page, more = rows[:limit], len(rows) > limit
-        next_cursor = encode_cursor([page[-1].created_at.isoformat(), str(page[-1].id)]) if more else None
-        return Page[OrderRead](items=[read_of(o) for o in page], next_cursor=next_cursor)
+        return page_of(rows, limit, read_of, time_key)
 
     # Placing an order
 
@@ -394,38 +376,18 @@ class OrderService:
         self, user_id: uuid.UUID, key: str, data: OrderCreate, actor: Actor, *, request_id: str | None = None
     ) -> tuple[OrderRead, bool]:
         """Returns the order and whether it is a replay of an earlier request with the same key."""
-        digest = request_hash(data)
-        deadline = time.monotonic() + self.settings.idempotency_wait_seconds
-        delay = 0.02
-        while True:
-            order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-            claim = _Claim(
-                order_id, user_id, key, digest, reservation_id, attempt, self.clock(), json.dumps(actor.save())
-            )
-            if await self.claims.submit(claim):
-                break
-            # The key is taken: that request is done (replay it) or still running (wait for it).
-            async with self.db.sessionmaker() as session, session.begin():
-                existing = (
-                    await session.scalars(
-                        select(Order)
-                        .where(Order.user_id == user_id, Order.idempotency_key == key)
-                        .options(selectinload(Order.items))
-                    )
-                ).one_or_none()
-                if existing is not None:
-                    if existing.request_hash != digest:
-                        raise IdempotencyKeyReused()
-                    if existing.status != Status.placing:
-                        return read_of(existing), True
-            if existing is not None:
-                if time.monotonic() > deadline:
-                    raise IdempotentRequestInProgress(
-                        "The first request with this key is still running; retry shortly.",
-                        headers={"Retry-After": "1"},
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
+        digest = request_hash(data.items)
+        try:
+            async for waiting in self._waiting(self.settings.idempotency_wait_seconds):
+                with waiting:
+                    claimed = await self._claim_key(user_id, key, digest, actor)
+        except (_KeyHeld, _KeyFreed):
+            raise IdempotentRequestInProgress(
+                "The first request with this key is still running; retry shortly.", headers={"Retry-After": "1"}
+            ) from None
+        if isinstance(claimed, OrderRead):
+            return claimed, True
+        order_id, attempt, reservation_id = claimed.order_id, claimed.attempt, claimed.reservation_id
 
         try:
             reservation = await self.inventory.reserve(reservation_id, data.items, request_id=request_id)
@@ -455,6 +417,36 @@ class OrderService:
             ) from None
         return await self._record_placed(order_id, attempt, data, reservation, actor, request_id=request_id), False
 
+    @staticmethod
+    def _waiting(seconds: float) -> AsyncIterator[stamina.Attempt]:
+        """Polls a busy idempotency key or order with a short backoff, for ``seconds`` at most."""
+        return stamina.retry_context(
+            on=_wait_again, attempts=None, timeout=seconds, wait_initial=0.02, wait_max=0.25, wait_jitter=0
+        )
+
+    async def _claim_key(self, user_id: uuid.UUID, key: str, digest: str, actor: Actor) -> _Claim | OrderRead:
+        """The key claimed for a new order, or the order an earlier request with it placed (a replay)."""
+        order_id, attempt, reservation_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        claim = _Claim(order_id, user_id, key, digest, reservation_id, attempt, self.clock(), json.dumps(actor.save()))
+        if await self.claims.submit(claim):
+            return claim
+        # The key is taken: that request is done (replay it) or still running (wait for it).
+        async with self.db.sessionmaker() as session, session.begin():
+            existing = (
+                await session.scalars(
+                    select(Order)
+                    .where(Order.user_id == user_id, Order.idempotency_key == key)
+                    .options(selectinload(Order.items))
+                )
+            ).one_or_none()
+            if existing is None:
+                raise _KeyFreed()  # its placement was abandoned since: claim it again at once
+            if existing.request_hash != digest:
+                raise IdempotencyKeyReused()
+            if existing.status == Status.placing:
+                raise _KeyHeld()
+            return read_of(existing)
+
     async def _record_placed(
         self,
         order_id: uuid.UUID,
@@ -470,8 +462,12 @@ class OrderService:
         except Exception:
             await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)
             raise
-        event = actor.event(
-            "orders.order.created", order_id, None, {"status": Status.pending, "total_xaf": total, "lines": len(lines)}
+        event = order_event(
+            actor,
+            "orders.order.created",
+            order_id,
+            None,
+            {"status": Status.pending, "total_xaf": total, "lines": len(lines)},
         )
         # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
         placed = await self.placements.submit(
@@ -541,63 +537,65 @@ class OrderService:
             self._start_action(order, StockAction.release, actor)
         await session.flush()
         await record(
-            session, outbox, actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
+            session, outbox, order_event(actor, f"orders.order.{target}", order.id, {"status": old}, {"status": target})
         )
 
     async def change(
         self, order_id: uuid.UUID, target: Status, actor: Actor, viewer: Viewer, *, request_id: str | None = None
     ) -> OrderRead:
-        deadline = time.monotonic() + self.settings.idempotency_wait_seconds
-        delay = 0.02
-        while True:
-            outcome = None
-            async with self.db.sessionmaker() as session, session.begin():
-                order = await self._load(session, order_id, lock=True)
-                if order is None or not viewer.sees(order):
-                    raise OrderNotFound()
-                if order.stock_action == StockAction.commit:
-                    outcome = "busy"  # a confirmation is talking to inventory: wait for its outcome
-                elif (
-                    order.status == Status.pending and order.expires_at is not None and order.expires_at <= self.clock()
-                ):
-                    await self._close(session, order, Status.expired, SYSTEM)
-                    outcome = "expired"
-                elif target not in ALLOWED.get(order.status, frozenset()):
-                    raise TransitionNotAllowed(
-                        f"A {order.status} order cannot become {target}.",
-                        extra={"order_status": order.status, "requested_status": str(target)},
-                    )
-                elif target == Status.confirmed:
-                    attempt = self._start_action(order, StockAction.commit, actor)
-                    outcome = "commit"
-                elif target in (Status.cancelled, Status.expired):
-                    await self._close(session, order, target, actor)
-                    outcome = "release"
-                else:
-                    old = order.status
-                    order.status = target
-                    await session.flush()
-                    event = actor.event(f"orders.order.{target}", order.id, {"status": old}, {"status": target})
-                    await record(session, outbox, event)
-                    return read_of(order)
-            if outcome != "busy":
-                break
-            if time.monotonic() > deadline:
-                raise OrderBusy("The order is being changed by another request; retry shortly.")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
-
-        if outcome == "commit":
-            return await self._drive_commit(order_id, attempt, request_id=request_id)
+        try:
+            async for waiting in self._waiting(self.settings.idempotency_wait_seconds):
+                with waiting:
+                    step = await self._step(order_id, target, actor, viewer)
+        except _OrderHeld:
+            raise OrderBusy("The order is being changed by another request; retry shortly.") from None
+        if isinstance(step, OrderRead):
+            return step
+        if isinstance(step, _Commit):
+            return await self._drive_commit(order_id, step.attempt, request_id=request_id)
         await self._drive_release(order_id, request_id=request_id)
-        if outcome == "expired":
+        if step == "expired":
             raise OrderExpired("The order expired before this change; its stock was released.")
         return await self.get(order_id, STAFF)
+
+    async def _step(
+        self, order_id: uuid.UUID, target: Status, actor: Actor, viewer: Viewer
+    ) -> OrderRead | _Commit | Literal["release", "expired"]:
+        """One transaction: the change made (the order), or what inventory is owed next."""
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await self._load(session, order_id, lock=True)
+            if order is None or not viewer.sees(order):
+                raise OrderNotFound()
+            if order.stock_action == StockAction.commit:
+                raise _OrderHeld()  # a confirmation is talking to inventory: wait for its outcome
+            if order.status == Status.pending and order.expires_at is not None and order.expires_at <= self.clock():
+                await self._close(session, order, Status.expired, SYSTEM)
+                return "expired"
+            if target not in ALLOWED.get(order.status, frozenset()):
+                raise TransitionNotAllowed(
+                    f"A {order.status} order cannot become {target}.",
+                    extra={"order_status": order.status, "requested_status": str(target)},
+                )
+            if target == Status.confirmed:
+                return _Commit(self._start_action(order, StockAction.commit, actor))
+            if target in (Status.cancelled, Status.expired):
+                await self._close(session, order, target, actor)
+                return "release"
+            old = order.status
+            order.status = target
+            await session.flush()
+            await record(
+                session,
+                outbox,
+                order_event(actor, f"orders.order.{target}", order.id, {"status": old}, {"status": target}),
+            )
+            return read_of(order)
 
     async def _drive_commit(self, order_id: uuid.UUID, attempt: uuid.UUID, *, request_id: str | None) -> OrderRead:
         async with self.db.sessionmaker() as session, session.begin():
             order = await self._load(session, order_id)
-            assert order is not None
+            if order is None:  # erased meanwhile
+                raise OrderNotFound()
             reservation_id = order.reservation_id
         try:
             await self.inventory.commit(reservation_id, request_id=request_id)
@@ -620,7 +618,8 @@ class OrderService:
             raise OrderExpired("The order's reservation expired; its stock was released.") from None
         async with self.db.sessionmaker() as session, session.begin():
             order = await self._load(session, order_id, lock=True)
-            assert order is not None
+            if order is None:
+                raise OrderNotFound()
             if order.stock_action_id == attempt:
                 actor = Actor.restore(order.stock_action_context)
                 old = order.status
@@ -628,7 +627,9 @@ class OrderService:
                 order.stock = Stock.committed
                 self._clear_action(order)
                 await session.flush()
-                event = actor.event("orders.order.confirmed", order.id, {"status": old}, {"status": Status.confirmed})
+                event = order_event(
+                    actor, "orders.order.confirmed", order.id, {"status": old}, {"status": Status.confirmed}
+                )
                 await record(session, outbox, event)
             return read_of(order)
 

@@ -213,6 +213,24 @@ async def test_webhook_signs_the_body_and_retries() -> None:
     assert json.loads(body)["to"] == "+237671234567"
 
 
+async def test_webhook_stops_after_its_retries() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(503)
+
+    sender = WebhookSender(
+        "https://sms.example.cm/hook", "s" * 40, retries=2, backoff=0, transport=httpx.MockTransport(handler)
+    )
+    try:
+        with pytest.raises(DeliveryFailed, match="did not accept"):
+            await sender.send(Message(channel="sms", to="+237671234567", body="x"))
+    finally:
+        await sender.aclose()
+    assert len(seen) == 3  # the first try and two retries, no more
+
+
 async def test_webhook_gives_up_and_refuses_plain_http() -> None:
     with pytest.raises(ValueError, match="https"):
         WebhookSender("http://sms.example.cm/hook", "s" * 40)

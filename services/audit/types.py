@@ -1,4 +1,4 @@
-"""Field types shared by the services' schemas."""
+"""Field types of the audit API's query parameters."""
 
 from __future__ import annotations
 

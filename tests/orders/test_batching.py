@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from common.batching import Batcher
+from services.orders.batching import Batcher
 
 
 class Refused(Exception):
