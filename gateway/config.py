@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import CommonSettings, unprefixed
@@ -46,6 +46,9 @@ class GatewaySettings(CommonSettings):
     # Host names the gateway answers for (comma-separated; a leading dot allows subdomains). Empty
     # accepts any Host, which `comptoir check --deploy` refuses in production.
     allowed_hosts: str = Field("", validation_alias=unprefixed("ALLOWED_HOSTS"))
+    # Worker processes of this gateway, sharing its port (one per core measures best). Above 1 the rate
+    # limits must live in REDIS_URL, or each worker would count alone.
+    workers: int = Field(1, ge=1, le=64)
     # How many gateway replicas the deployment runs: above 1, limits and revocations need REDIS_URL.
     replicas: int = Field(1, ge=1, validation_alias=unprefixed("GATEWAY_REPLICAS"))
 
@@ -87,6 +90,14 @@ class GatewaySettings(CommonSettings):
             if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
                 raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
         return value
+
+    @model_validator(mode="after")
+    def _workers_share_limits(self) -> GatewaySettings:
+        if self.workers > 1 and self.rate_limits_enabled and not self.redis_url:
+            raise ValueError(
+                f"GATEWAY_WORKERS={self.workers} needs REDIS_URL: each worker would keep its own rate-limit counts"
+            )
+        return self
 
     @property
     def hosts(self) -> tuple[str, ...]:
