@@ -439,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this")
     check.add_argument("--no-database", action="store_true", help="skip the checks that need the database")
-    check.add_argument("--evidence", type=Path, default=None, help="folder of operator evidence documents")
+    check.add_argument(
+        "--evidence", type=Path, default=None, help="operator evidence (YAML/JSON: key -> by, date, reference)"
+    )
     create_admin = sub.add_parser(
         "create-admin",
         help="create an admin (password from BOOTSTRAP_ADMIN_PASSWORD, a prompt, or standard input without a terminal)",

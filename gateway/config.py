@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import CommonSettings, unprefixed
+from common.settings import CommonSettings, Environment, unprefixed
 
 IMAGE_UPLOAD_BYTES = 5 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -18,6 +18,21 @@ DEFAULT_ROUTE_LIMITS = (
     "POST /api/v1/auth/otp/verify=20/hour;"
     "POST /api/v1/auth/password-reset/request=5/hour;"
     "POST /api/v1/auth/password-reset/confirm=10/hour"
+)
+
+# Development only (ENVIRONMENT=development, `make run`): limits a local fuzzer or a test script does not
+# reach, so that localhost does not lock itself out of its own system. Production and test keep the
+# seed's values above; an explicitly set limit always wins.
+DEVELOPMENT_ANONYMOUS_LIMIT = "100000/hour"
+DEVELOPMENT_AUTHENTICATED_LIMIT = "100000/hour"
+DEVELOPMENT_ROUTE_LIMITS = (
+    "POST /api/v1/auth/login=1000/minute;"
+    "POST /api/v1/auth/register=10000/hour;"
+    "POST /api/v1/auth/token/refresh=10000/hour;"
+    "POST /api/v1/auth/otp/request=1000/hour;"
+    "POST /api/v1/auth/otp/verify=10000/hour;"
+    "POST /api/v1/auth/password-reset/request=1000/hour;"
+    "POST /api/v1/auth/password-reset/confirm=10000/hour"
 )
 
 
@@ -97,6 +112,19 @@ class GatewaySettings(CommonSettings):
             raise ValueError(
                 f"GATEWAY_WORKERS={self.workers} needs REDIS_URL: each worker would keep its own rate-limit counts"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _development_limits(self) -> GatewaySettings:
+        if self.environment is Environment.development:
+            defaults = {
+                "anonymous_rate_limit": DEVELOPMENT_ANONYMOUS_LIMIT,
+                "authenticated_rate_limit": DEVELOPMENT_AUTHENTICATED_LIMIT,
+                "route_rate_limits": DEVELOPMENT_ROUTE_LIMITS,
+            }
+            for name, value in defaults.items():
+                if name not in self.model_fields_set:
+                    setattr(self, name, value)
         return self
 
     @property

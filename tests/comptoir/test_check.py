@@ -155,13 +155,13 @@ def test_a_production_grade_configuration_passes(
     failing = [c for c in report["checks"] if c["critical"] and not c["ok"]]
     assert failing == [], failing
     assert check.exit_status(report, None) == 0
-    # Evidence documents count only when they exist.
+    # Operator evidence counts only when the evidence file holds a complete entry for it.
     before = report["scorecard"]["percent"]
-    (tmp_path / "docs" / "evidence").mkdir(parents=True)
-    (tmp_path / "docs" / "evidence" / "ssl-labs.md").write_text("A+ on 2026-11-20")
     checks = [check.Check(**{k: v for k, v in c.items() if k != "status"}) for c in report["checks"]]
-    after = check.scorecard(checks, evidence_dir=tmp_path)["percent"]
+    evidence = {"ssl-labs": {"by": "A. Mbarga", "date": "2026-11-20", "reference": "https://ssllabs.example/r/1"}}
+    after = check.scorecard(checks, evidence)["percent"]
     assert after > before
+    assert check.scorecard(checks, {"ssl-labs": {"by": "A. Mbarga"}})["percent"] == before
     assert check.exit_status(report, fail_under=101) == 1
 
 

@@ -924,3 +924,27 @@ def test_egress_leaves_the_cluster_only_for_postgres_redis_and_the_webhook(
         for port in (22, 80, 8080):
             assert not any(_allowed(policies, "egress", labels, block, port, own) for block in blocks), name
     assert reachable == EXPECTED_EXTERNAL[overlay]
+
+
+@pytest.mark.parametrize("process", PROCESSES)
+def test_each_deployment_s_process_starts_from_exactly_its_environment(
+    rendered: dict[str, list[dict[str, Any]]], process: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prod: the process's own factory (start-up checks included, production refusal armed) builds from
+    exactly the environment and secrets the Deployment gives its container (DATA_DIR, an emptyDir, moved
+    to a temporary directory)."""
+    from tests.deploy.test_compose import build_app
+
+    docs = rendered["prod"]
+    monkeypatch.chdir(tmp_path)  # no .env file
+    (container,) = of_kind(docs, "Deployment")[f"comptoir-{process}"]["spec"]["template"]["spec"]["containers"]
+    env = environment(docs, container, _stand_in_secrets(docs, "prod"))
+    assert env["ENVIRONMENT"] == "production"
+    env["DATA_DIR"] = str(tmp_path / "data")
+    if process == "audit":
+        key = tmp_path / "checkpoint.key"  # the Secret volume of the checkpoint key
+        from services.audit.signing import load_or_create_key
+
+        load_or_create_key(key)
+        env["AUDIT_CHECKPOINT_KEY_FILE"] = str(key)
+    assert build_app(process, env) is not None

@@ -1,0 +1,280 @@
+"""The compose stack without Docker: the five processes started as plain processes from exactly the
+command lines and environments docker-compose.yml gives them (rendered with the production example),
+against a real PostgreSQL that speaks TLS (sslmode=verify-full, certificate made here) and a real Redis,
+then a shop flow through the gateway.
+
+What is mapped, and only that: compose's host names (postgres, redis, auth ...) to 127.0.0.1 and their
+fixed ports to free ones, each container's /data volume and CA mount to temporary paths, and the
+backend network 172.30.0.0/24 (the gateway's address as the services see it) to loopback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import free_port
+from tests.deploy.compose_render import render, service_environment
+from tests.deploy.test_compose import APP_SERVICES, COMPOSE_FILE, PORTS, production_dotenv
+from tests.e2e.test_external_postgres import _as_user, _postgres_bin, _run, _unprivileged_user
+from tests.support.redis import redis_server
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_EMAIL = "owner@shop.example.com"
+ADMIN_PASSWORD = "Correct-Horse-Battery-Staple-9"  # noqa: S105 - a test account's password
+CONTAINER_CA = "/etc/comptoir/postgres-ca/ca.crt"
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_certificates(directory: Path) -> None:
+    """A CA and PostgreSQL's server certificate for "postgres" (and 127.0.0.1, where the test reaches it)."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("comptoir-test-ca"))
+        .issuer_name(_name("comptoir-test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName("postgres"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(_name("postgres"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (directory / "server.crt").write_bytes(server.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+@dataclass
+class Postgres:
+    port: int
+    ca: Path
+
+
+@pytest.fixture(scope="module")
+def dotenv() -> dict[str, str]:
+    return production_dotenv() | {"BOOTSTRAP_ADMIN_EMAIL": ADMIN_EMAIL, "BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD}
+
+
+@pytest.fixture(scope="module")
+def postgres(dotenv: dict[str, str]) -> Iterator[Postgres]:
+    """PostgreSQL as the compose file configures it: superuser postgres, database comptoir, TLS on."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("no system PostgreSQL >= 14 (/usr/lib/postgresql/<major>/bin/initdb)")
+    user = _unprivileged_user()
+    base = Path(tempfile.mkdtemp(prefix="comptoir-compose-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    tls = base / "tls"
+    tls.mkdir()
+    make_certificates(tls)
+    (tls / "server.key").chmod(0o600)
+    pwfile = base / "pwfile"
+    pwfile.write_text(dotenv["POSTGRES_PASSWORD"] + "\n")
+    if user:
+        for path in (base, tls, tls / "server.key", tls / "server.crt", pwfile):
+            shutil.chown(path, user)
+    pgdata = base / "data"
+    port = free_port()
+    started = False
+    try:
+        initdb = [str(bindir / "initdb"), "-D", str(pgdata), "--auth=scram-sha-256", "--username=postgres"]
+        _run(_as_user(user, [*initdb, f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C", "--no-sync"]))
+        with (pgdata / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{pgdata}'\n"
+                f"ssl = on\nssl_cert_file = '{tls / 'server.crt'}'\nssl_key_file = '{tls / 'server.key'}'\n"
+                "ssl_min_protocol_version = 'TLSv1.2'\nfsync = off\nsynchronous_commit = off\n"
+            )
+        # Only TLS connections are accepted over TCP, as a database on a network should.
+        (pgdata / "pg_hba.conf").write_text(
+            "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\n", encoding="utf-8"
+        )
+        started = True
+        pg_ctl = [str(bindir / "pg_ctl"), "-D", str(pgdata), "-l", str(base / "server.log"), "-w", "-t", "30"]
+        _run(_as_user(user, [*pg_ctl, "start"]))
+        createdb = [str(bindir / "createdb"), "-h", str(pgdata), "-p", str(port), "-U", "postgres", "comptoir"]
+        _run(_as_user(user, ["env", f"PGPASSWORD={dotenv['POSTGRES_PASSWORD']}", *createdb]))
+        yield Postgres(port, tls / "ca.crt")
+    finally:
+        if started:
+            subprocess.run(
+                _as_user(user, [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"]),
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Stack:
+    gateway: str
+    host: str
+    procs: dict[str, subprocess.Popen[bytes]]
+    logs: dict[str, Path]
+
+
+def localise(value: str, ports: dict[str, int]) -> str:
+    """Compose's service addresses -> loopback with this test's ports."""
+    for name, (default, port) in ports.items():
+        value = re.sub(rf"(?<=[@/]){name}:{default}(?=[/?]|$)", f"127.0.0.1:{port}", value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def stack(dotenv: dict[str, str], postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("compose-stack")
+    rendered = render(COMPOSE_FILE, dotenv)["services"]
+    with redis_server(work) as (redis_url, _):
+        redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        ports = {name: free_port() for name in APP_SERVICES}
+        mapping = {name: (PORTS[name], ports[name]) for name in APP_SERVICES}
+        mapping |= {"postgres": (5432, postgres.port), "redis": (6379, redis_port)}
+
+        def environment(service: str) -> dict[str, str]:
+            env = {k: localise(v, mapping) for k, v in service_environment(rendered[service]).items()}
+            assert env["ENVIRONMENT"] == "production"
+            env["DATA_DIR"] = str(work / service)  # the container's /data volume
+            if env.get("PGSSLROOTCERT") == CONTAINER_CA:
+                env["PGSSLROOTCERT"] = str(postgres.ca)  # the CA mount
+            for key, value in env.items():
+                if key.endswith("_GATEWAY_NETWORKS") and value == "172.30.0.0/24":
+                    env[key] = "127.0.0.1/32"  # the backend network, where the gateway's connections come from
+            return env | {"PATH": os.environ.get("PATH", ""), "HOME": str(work)}
+
+        migrate = rendered["migrate"]["command"]
+        assert migrate == ["comptoir", "migrate"]
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("comptoir")), *migrate[1:]],
+            env=environment("migrate"),
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        logs: dict[str, Path] = {}
+        try:
+            for name in ["auth", "inventory", "orders", "audit", "gateway"]:
+                command = list(rendered[name]["command"])
+                assert command[:3] == ["python", "-m", "comptoir.serve"]
+                command[0] = sys.executable
+                command[command.index("--host") + 1] = "127.0.0.1"
+                command[command.index("--port") + 1] = str(ports[name])
+                logs[name] = work / f"{name}.log"
+                with logs[name].open("wb") as log:
+                    procs[name] = subprocess.Popen(
+                        command, env=environment(name), cwd=work, stdout=log, stderr=subprocess.STDOUT
+                    )
+            for name in APP_SERVICES:
+                wait_healthy(f"http://127.0.0.1:{ports[name]}", procs[name], logs[name])
+            host = dotenv["ALLOWED_HOSTS"].split(",")[0]
+            yield Stack(f"http://127.0.0.1:{ports['gateway']}", host, procs, logs)
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+            for proc in procs.values():
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} not ready\n" + log.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+
+
+def test_the_rendered_stack_serves_a_shop_over_tls_to_postgres(stack: Stack) -> None:
+    headers = {"Host": stack.host}
+    with httpx.Client(base_url=stack.gateway, headers=headers, timeout=30) as client:
+        health = client.get("/api/v1/health")
+        assert health.status_code == 200, health.text
+        assert health.headers["strict-transport-security"].startswith("max-age=31536000")
+
+        login = client.post("/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        assert login.status_code == 200, login.text
+        admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        sku = f"SAVON-{uuid.uuid4().hex[:6]}"
+        product = client.post(
+            "/api/v1/products",
+            json={"sku": sku, "name": "Savon de Marseille", "price_xaf": 750, "initial_stock": 5},
+            headers=admin,
+        )
+        assert product.status_code == 201, product.text
+
+        email = f"awa-{uuid.uuid4().hex[:6]}@boutique.cm"
+        password = "correct horse battery staple"
+        assert client.post("/api/v1/auth/register", json={"email": email, "password": password}).status_code == 201
+        customer = client.post("/api/v1/auth/login", json={"email": email, "password": password})
+        assert customer.status_code == 200, customer.text
+        buyer = {"Authorization": f"Bearer {customer.json()['access_token']}"}
+        order = client.post(
+            "/api/v1/orders",
+            json={"items": [{"product_id": product.json()["id"], "quantity": 2}]},
+            headers=buyer | {"Idempotency-Key": str(uuid.uuid4())},
+        )
+        assert order.status_code == 201, order.text
+        assert order.json()["total_xaf"] == 1500
+
+        # Every process reached its own database role over TLS: the audit trail holds the order's event.
+        deadline = time.monotonic() + 30
+        while True:
+            events = client.get("/api/v1/audit/events?action=orders.order.created", headers=admin)
+            assert events.status_code == 200, events.text
+            if events.json()["items"]:
+                break
+            assert time.monotonic() < deadline, "the order's audit event never arrived"
+            time.sleep(0.2)
+        verify = client.get("/api/v1/audit/verify", headers=admin)
+        assert verify.json()["ok"] is True
