@@ -269,7 +269,7 @@ class UpstreamPool:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The loop the pool's connections live on: the running one at first use (a pool may be made
-        before the loop runs, as the gateway's are at import of its app)."""
+        before any loop runs: the gateway makes its clients to auth and audit in ``create_app``)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()

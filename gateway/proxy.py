@@ -166,7 +166,8 @@ class Circuit:
             if self.opened_at is not None:
                 CIRCUIT_OPEN.labels(self.name).set(0)
                 log.info("gateway.circuit.closed", upstream=self.name)
-            self.failures, self.opened_at, self.probe = 0, None, None
+                self.opened_at, self.probe = None, None
+            self.failures = 0
         elif issubclass(error, _FAILURES):
             self.failures += 1
             if attempt is self.probe:

@@ -361,3 +361,34 @@ def opened_proxy_circuit(proxy: Proxy, clock: Clock) -> Circuit:
             raise ConnectFailed("as if the upstream had been down")
     clock.now += circuit.open_seconds
     return circuit
+
+
+async def test_every_admitted_call_is_settled_exactly_once_whatever_its_end() -> None:
+    clock = Clock()
+    async with proxied(
+        clock, upstream_deadline_seconds=0.3, upstream_pool_size=1, upstream_connect_timeout_seconds=0.2
+    ) as (upstream, proxy):
+        circuit = proxy.circuits["inventory"]
+        settled: list[type[BaseException] | None] = []
+        settle = circuit.settle
+
+        def counted(attempt: Any, error: type[BaseException] | None) -> None:
+            settled.append(error)
+            settle(attempt, error)
+
+        circuit.settle = counted  # type: ignore[method-assign]
+        assert status_of(await forward(proxy)) == 200
+        upstream.answer = b"NOT HTTP\r\n\r\n"
+        assert status_of(await forward(proxy)) == 502
+        upstream.answer = None
+        assert status_of(await forward(proxy)) == 504  # the deadline
+        upstream.arrived.clear()
+        held = asyncio.create_task(forward(proxy))
+        await upstream.arrived.wait()
+        assert status_of(await forward(proxy)) == 503  # the only pooled connection is held
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        gone = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
+        assert await forward(proxy, gone, "POST") == []  # never admitted: nothing to settle
+        assert settled == [None, BadResponse, UpstreamTimeout, PoolExhausted, asyncio.CancelledError]
