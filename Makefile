@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit audit-deps fuzz up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit audit-deps fuzz docs up clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ lock:
 # A long fuzzing run (make test runs the same test with 10 examples per operation).
 fuzz: install
 	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-200} $(BIN)/pytest tests/e2e/test_fuzz.py -v
+
+# The API reference, generated from the public OpenAPI document (a test fails when it is stale).
+docs: install
+	$(BIN)/comptoir openapi --markdown --output docs/api.md
 
 # Benchmarks print a table; they are never part of `make test`.
 bench: bench-gateway bench-orders bench-audit

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import aiohttp
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 router = APIRouter(tags=["health"])
 
 HEALTH_PATH = "/api/v1/health"
+
+ProcessState = Literal["ok", "failing", "unreachable"]
+
+
+class SystemHealth(BaseModel):
+    """200 with ``status: ok`` when every process answers, else 503 with ``status: degraded``."""
+
+    status: Literal["ok", "degraded"]
+    processes: dict[str, ProcessState] = Field(description="Every process by name (gateway, auth, ...).")
 
 
 @router.get(HEALTH_PATH)
@@ -18,7 +29,7 @@ async def system_health(request: Request) -> JSONResponse:
     """200 when every process answers its /healthz, else 503 naming the ones that do not."""
     proxy = request.app.proxy
 
-    async def probe(name: str) -> tuple[str, str]:
+    async def probe(name: str) -> tuple[str, ProcessState]:
         session: aiohttp.ClientSession = proxy.sessions[name]
         try:
             async with session.get(proxy.upstreams[name] + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as r:
@@ -27,9 +38,7 @@ async def system_health(request: Request) -> JSONResponse:
             return name, "unreachable"
 
     results = dict(await asyncio.gather(*(probe(name) for name in proxy.upstreams)))
-    processes = {"gateway": "ok", **results}
+    processes: dict[str, ProcessState] = {"gateway": "ok", **results}
     healthy = all(status == "ok" for status in processes.values())
-    return JSONResponse(
-        {"status": "ok" if healthy else "degraded", "processes": processes},
-        status_code=200 if healthy else 503,
-    )
+    body = SystemHealth(status="ok" if healthy else "degraded", processes=processes)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if healthy else 503)

@@ -16,6 +16,7 @@ from services.inventory.config import Settings
 from services.inventory.errors import ImageNotFound, ImageTooLarge
 from services.inventory.repository import ProductRepository
 from services.inventory.schemas import (
+    SEARCH_PATTERN,
     ImageRead,
     MovementRead,
     ProductCreate,
@@ -78,7 +79,14 @@ async def list_products(
     session: SessionDep,
     response: Response,
     claims: OptionalUser,
-    q: Annotated[str | None, Query(max_length=100, description="Matches sku or name, case-insensitively.")] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            pattern=SEARCH_PATTERN,
+            description="Matches sku or name, case-insensitively (no control characters).",
+        ),
+    ] = None,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
 ) -> Page[ProductRead]:

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.orders.models import MAX_LINES, MAX_QUANTITY, MAX_UNIT_PRICE_XAF
+
+# Every status an order can show (the internal `placing` step is never an order yet).
+OrderStatus = Literal["pending", "confirmed", "shipped", "delivered", "cancelled", "expired"]
 
 
 class Schema(BaseModel):
@@ -53,7 +56,7 @@ class OrderItemRead(Schema):
 class OrderRead(Schema):
     id: uuid.UUID
     user_id: uuid.UUID
-    status: str
+    status: OrderStatus
     items: list[OrderItemRead]
     total_xaf: int
     expires_at: datetime | None = Field(description="A pending order expires (stock released) at this time.")
