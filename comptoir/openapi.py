@@ -36,6 +36,10 @@ def _cell(text: str) -> str:
 
 
 def _type(schema: dict[str, Any]) -> str:
+    if schema.get("nullable"):
+        return _type({k: v for k, v in schema.items() if k != "nullable"}) + " \\| null"
+    if len(schema.get("allOf", ())) == 1:
+        return _type(schema["allOf"][0])
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
         return f"[`{name}`](#{name.lower()})"

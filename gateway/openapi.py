@@ -216,6 +216,51 @@ def _describe(method: str, path: str, operation: dict[str, Any]) -> None:
         operation["security"] = [{"bearerAuth": []}]
 
 
+def as_openapi_30(node: Any) -> Any:
+    """The services' OpenAPI 3.1 schemas written as OpenAPI 3.0.3.
+
+    Why: in 3.0's JSON Schema (draft 4 semantics) ``1.0`` is a number, not an integer, which is exactly
+    what the services enforce (money and quantities are strict integers: ``1.0`` gets 422). Published as
+    3.1, the same ``type: integer`` would call ``1.0`` valid, and clients and fuzzers would send it.
+    ``anyOf [X, null]`` becomes ``nullable``, ``const`` a one-value ``enum``, numeric
+    ``exclusiveMinimum``/``exclusiveMaximum`` the 3.0 boolean form, schema ``examples`` one ``example``.
+    """
+    if isinstance(node, list):
+        return [as_openapi_30(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: as_openapi_30(value) for key, value in node.items()}
+    variants = out.get("anyOf")
+    if isinstance(variants, list) and {"type": "null"} in variants:
+        rest = [v for v in variants if v != {"type": "null"}]
+        del out["anyOf"]
+        if len(rest) == 1 and "$ref" not in rest[0]:
+            out = {**out, **rest[0]}
+        elif len(rest) == 1:
+            out["allOf"] = rest
+        else:
+            out["anyOf"] = rest
+        out["nullable"] = True
+    kind = out.get("type")
+    if isinstance(kind, list):
+        types = [t for t in kind if t != "null"]
+        out["type"] = types[0] if len(types) == 1 else types
+        if "null" in kind:
+            out["nullable"] = True
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = out.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[plain] = value
+            out[bound] = True
+    if isinstance(out.get("examples"), list) and "type" in out:
+        examples = out.pop("examples")
+        if examples:
+            out["example"] = examples[0]
+    return out
+
+
 def _refs(node: Any) -> Iterable[str]:
     if isinstance(node, dict):
         ref = node.get("$ref")
@@ -294,8 +339,8 @@ def merge(documents: dict[str, dict[str, Any]], title: str = "Comptoir public AP
     paths[HEALTH_PATH] = {"get": _health_operation()}
     schemas["SystemHealth"] = SystemHealth.model_json_schema(ref_template=REF + "{model}")
     schemas.update(problem_schemas())
-    return {
-        "openapi": "3.1.0",
+    document = {
+        "openapi": "3.0.3",
         "info": {
             "title": title,
             "version": "1",
@@ -309,6 +354,8 @@ def merge(documents: dict[str, dict[str, Any]], title: str = "Comptoir public AP
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     }
+    converted: dict[str, Any] = as_openapi_30(document)
+    return converted
 
 
 def public_operations(document: dict[str, Any]) -> set[tuple[str, str]]:

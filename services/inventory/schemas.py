@@ -136,7 +136,13 @@ class StockRead(Schema):
 class StockAdjustment(Schema):
     delta: Annotated[
         int,
-        Field(strict=True, ge=-MAX_ADJUSTMENT, le=MAX_ADJUSTMENT, description="Units added (> 0) or removed (< 0)."),
+        Field(
+            strict=True,
+            ge=-MAX_ADJUSTMENT,
+            le=MAX_ADJUSTMENT,
+            description="Units added (> 0) or removed (< 0); never 0.",
+            json_schema_extra={"not": {"enum": [0]}},
+        ),
     ]
     reason: Reason
 

@@ -115,7 +115,11 @@ def test_the_details_clients_rely_on(document: dict[str, Any]) -> None:
         "$ref": "#/components/schemas/ShortItem"
     }
     assert "retry_after" in schemas["RetryProblem"]["properties"]
+    # OpenAPI 3.0 (JSON Schema draft 4): 1.0 is a number, not an integer, as the services enforce.
+    assert document["openapi"] == "3.0.3"
     assert schemas["OrderLineIn"]["properties"]["quantity"]["type"] == "integer"
+    assert schemas["StockAdjustment"]["properties"]["delta"]["not"] == {"enum": [0]}
+    assert '"null"' not in str(document).replace("'", '"')
     logout = paths["/api/v1/auth/logout"]["post"]["requestBody"]
     assert logout["required"] is False
     assert logout["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/LogoutRequest"}
