@@ -50,9 +50,9 @@ lock:
 	/tmp/comptoir-lock/bin/pip install --quiet -e '.[dev]'
 	/tmp/comptoir-lock/bin/pip freeze --exclude-editable | grep -v '^comptoir' > requirements.lock
 
-# A long fuzzing run (make test runs the same test with 10 examples per operation).
+# A long fuzzing run: every phase (stateful too) for every role (make test runs 3 examples per operation).
 fuzz: install
-	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-200} $(BIN)/pytest tests/e2e/test_fuzz.py -v
+	FUZZ_LONG=1 FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-200} $(BIN)/pytest tests/e2e/test_fuzz.py -v
 
 # The API reference, generated from the public OpenAPI document (a test fails when it is stale).
 docs: install
