@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit bench-login audit-deps fuzz up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit bench-login audit-deps fuzz docs up clean
 
 install: $(STAMP)
 
@@ -51,9 +51,13 @@ lock:
 	/tmp/comptoir-lock/bin/pip install --quiet -e '.[dev]'
 	/tmp/comptoir-lock/bin/pip freeze --exclude-editable | grep -v '^comptoir' > requirements.lock
 
-# A long fuzzing run (make test runs the same test with 10 examples per operation).
+# A long fuzzing run: every phase (stateful too) for every role (make test runs 3 examples per operation).
 fuzz: install
-	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-200} $(BIN)/pytest tests/e2e/test_fuzz.py -v
+	FUZZ_LONG=1 FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-200} $(BIN)/pytest tests/e2e/test_fuzz.py -v
+
+# The API reference, generated from the public OpenAPI document (a test fails when it is stale).
+docs: install
+	$(BIN)/comptoir openapi --markdown --output docs/api.md
 
 # Benchmarks print a table; they are never part of `make test`.
 # `make bench` runs them all, then prints one table: every goal, its measured figure, met or not.

@@ -7,12 +7,14 @@ problem body comes from an exception's message unless the exception is one of ou
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -42,6 +44,60 @@ _TITLES: dict[int, tuple[str, str]] = {
 }
 
 
+# The documented shapes of those bodies (the public OpenAPI document's components).
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: every error answer has these fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="A stable URN naming the kind of problem, e.g. urn:comptoir:problem:not-found.")
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = Field(description="The X-Request-ID of the request, to quote to support.")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description='Where: e.g. ["body", "items", 0, "quantity"].')
+    msg: str
+
+
+class ValidationProblem(Problem):
+    """422: the request was understood but some values are invalid; ``errors`` says which (input never echoed)."""
+
+    errors: list[FieldError]
+
+
+class ShortItem(BaseModel):
+    product_id: uuid.UUID
+    requested: int
+    available: int
+
+
+class OrderConflictProblem(Problem):
+    """409 on POST /orders: ``short_items`` when stock is short (nothing reserved); absent when the key is busy."""
+
+    short_items: list[ShortItem] = Field(default_factory=list)
+
+
+class RetryProblem(Problem):
+    """429 and 503: ``retry_after`` repeats the Retry-After header (seconds) when the server knows it."""
+
+    retry_after: Annotated[int, Field(ge=0)] = Field(0, description="Seconds to wait before retrying.")
+
+
+PROBLEM_MODELS: tuple[type[Problem], ...] = (Problem, ValidationProblem, OrderConflictProblem, RetryProblem)
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> dict[str, int]:
+    for name, value in (headers or {}).items():
+        if name.lower() == "retry-after" and value.isdigit():
+            return {"retry_after": int(value)}
+    return {}
+
+
 def request_id_of(scope: Scope) -> str | None:
     state = scope.get("state")
     if isinstance(state, Mapping):
@@ -69,6 +125,8 @@ def problem_body(
     }
     if extra:
         body.update(extra)
+    if status == 422:
+        body.setdefault("errors", [])
     return body
 
 
@@ -88,7 +146,7 @@ def problem_response(
         title=title,
         type_=type_,
         request_id=request_id_of(scope) if scope is not None else None,
-        extra=extra,
+        extra={**_retry_after(headers), **(extra or {})},
     )
     return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers)
 
@@ -178,7 +236,7 @@ def error_body(exc: ServiceError, scope: Scope | None = None) -> dict[str, Any]:
         title=exc.title,
         type_=exc.type,
         request_id=request_id_of(scope) if scope is not None else None,
-        extra=exc.extra,
+        extra={**_retry_after(exc.headers), **exc.extra},
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -418,6 +419,18 @@ def cmd_secrets(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from comptoir.openapi import build_document, render_markdown
+
+    document = build_document()
+    text = render_markdown(document) if args.markdown else json.dumps(document, indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comptoir", description="Comptoir commerce backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -472,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--service", choices=OUTBOX_SERVICES, required=True)
     replay.add_argument("--stuck-after", type=int, default=10, help="attempts after which an event is stuck")
     replay.add_argument("--all", action="store_true", help="every undelivered event, not only the stuck ones")
+    openapi = sub.add_parser("openapi", help="print the public OpenAPI document (or the API reference)")
+    openapi.add_argument("--markdown", action="store_true", help="the API reference (docs/api.md) instead of JSON")
+    openapi.add_argument("--output", type=Path, default=None, help="write to this file instead of standard output")
     return parser
 
 
@@ -486,6 +502,7 @@ COMMANDS = {
     "keys": cmd_keys,
     "audit": cmd_audit,
     "outbox": cmd_outbox,
+    "openapi": cmd_openapi,
 }
 
 

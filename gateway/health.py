@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from common.upstream import UpstreamError
@@ -13,13 +15,22 @@ router = APIRouter(tags=["health"])
 
 HEALTH_PATH = "/api/v1/health"
 
+ProcessState = Literal["ok", "failing", "unreachable"]
+
+
+class SystemHealth(BaseModel):
+    """200 with ``status: ok`` when every process answers, else 503 with ``status: degraded``."""
+
+    status: Literal["ok", "degraded"]
+    processes: dict[str, ProcessState] = Field(description="Every process by name (gateway, auth, ...).")
+
 
 @router.get(HEALTH_PATH)
 async def system_health(request: Request) -> JSONResponse:
     """200 when every process answers its /healthz, else 503 naming the ones that do not."""
     proxy = request.app.proxy
 
-    async def probe(name: str) -> tuple[str, str]:
+    async def probe(name: str) -> tuple[str, ProcessState]:
         try:
             status, _ = await proxy.fetch(name, "/healthz", timeout=2.0)
         except (UpstreamError, TimeoutError):
@@ -27,9 +38,7 @@ async def system_health(request: Request) -> JSONResponse:
         return name, "ok" if status == 200 else "failing"
 
     results = dict(await asyncio.gather(*(probe(name) for name in proxy.upstreams)))
-    processes = {"gateway": "ok", **results}
+    processes: dict[str, ProcessState] = {"gateway": "ok", **results}
     healthy = all(status == "ok" for status in processes.values())
-    return JSONResponse(
-        {"status": "ok" if healthy else "degraded", "processes": processes},
-        status_code=200 if healthy else 503,
-    )
+    body = SystemHealth(status="ok" if healthy else "degraded", processes=processes)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if healthy else 503)

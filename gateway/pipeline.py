@@ -17,6 +17,7 @@ from gateway.cache import PublicCache
 from gateway.cors import Cors
 from gateway.events import SecurityEvents
 from gateway.limits import LimitStorageUnavailable, RateLimits
+from gateway.methods import allowed_methods, method_not_allowed
 from gateway.proxy import Proxy
 from gateway.routes import Route, is_forbidden_path, is_public, match, route_table
 
@@ -80,6 +81,12 @@ class Pipeline:
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
+        # Before authentication and rate limiting: which methods a path has is the same answer for anyone.
+        known = allowed_methods(path)
+        if known is not None and method not in known[0]:
+            await method_not_allowed(scope, receive, send_with_extra, known[1])
+            return
+
         peer = scope["client"][0] if scope.get("client") else None
         xff = headers.get(b"x-forwarded-for")
         client_ip = resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted)
@@ -120,7 +127,10 @@ class Pipeline:
                 if path.startswith(AUTH_PREFIX):
                     self._event(scope, "gateway.rate_limit.exceeded", limit=decision.limit)
                 await problem_response(
-                    429, scope=scope, detail="Too many requests; retry after the time in Retry-After."
+                    429,
+                    scope=scope,
+                    detail="Too many requests; retry after the time in Retry-After.",
+                    extra={"retry_after": max(1, decision.reset_seconds)},
                 )(scope, receive, send_with_extra)
                 return
 

@@ -16,6 +16,7 @@ from services.auth.gdpr import GdprService
 from services.auth.messages import Message, MessageSender
 from services.auth.otp import OtpService
 from services.auth.schemas import (
+    JWKS,
     Accepted,
     AccountDeletion,
     AdminUserUpdate,
@@ -109,13 +110,13 @@ async def password_reset_confirm(body: ResetConfirm, session: SessionDep, rt: Ru
     await accounts(session, rt, request).confirm_reset(body.token, body.new_password)
 
 
-@router.get("/.well-known/jwks.json")
+@router.get("/.well-known/jwks.json", response_model=JWKS)
 async def jwks_public(rt: RuntimeDep) -> dict[str, Any]:
     """The public keys that verify access tokens (as the gateway exposes them)."""
     return rt.keys.jwks()
 
 
-@well_known.get("/.well-known/jwks.json")
+@well_known.get("/.well-known/jwks.json", response_model=JWKS)
 async def jwks(rt: RuntimeDep) -> dict[str, Any]:
     """The public keys that verify access and service tokens."""
     return rt.keys.jwks()

@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 DEFAULT_REGION = "CM"
 # Password fields are bounded generously here; the policy gives the real limits with its reasons.
 PasswordField = Field(min_length=1, max_length=1024)
+# A new password: the policy (12-128 characters by default) answers 422 with every reason; the schema says
+# the lengths so that a client can check them first.
+NewPasswordField = Field(
+    min_length=1, max_length=1024, json_schema_extra={"minLength": 12, "maxLength": 128, "format": "password"}
+)
 
 
 def normalise_email(value: str) -> str:
@@ -40,8 +45,19 @@ def normalise_phone(value: str) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+Role = Literal["customer", "staff", "admin"]
+
+
+def _no_nul_in_schema(schema: dict[str, Any]) -> None:
+    """Say in the schema what ``Input._no_nul`` enforces, so a client generated from it agrees."""
+    for prop in schema.get("properties", {}).values():
+        for variant in [prop, *prop.get("anyOf", ())]:
+            if variant.get("type") == "string" and "pattern" not in variant and "enum" not in variant:
+                variant["pattern"] = "^[^\\x00]*$"
+
+
 class Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, json_schema_extra=_no_nul_in_schema)
 
     @field_validator("*")
     @classmethod
@@ -57,8 +73,8 @@ class Schema(BaseModel):
 
 
 class RegisterRequest(Input):
-    email: str = Field(max_length=320)
-    password: str = PasswordField
+    email: str = Field(min_length=3, max_length=320, json_schema_extra={"format": "email"})
+    password: str = NewPasswordField
     full_name: str | None = Field(None, max_length=200)
     phone: str | None = Field(None, max_length=40)
 
@@ -82,7 +98,7 @@ class RegisterRequest(Input):
 
 
 class LoginRequest(Input):
-    email: str = Field(max_length=320)
+    email: str = Field(min_length=1, max_length=320)
     password: str = PasswordField
 
 
@@ -109,7 +125,7 @@ class UserRead(Schema):
     full_name: str | None
     phone: str | None
     phone_verified: bool
-    role: str
+    role: Role
     is_active: bool
     created_at: datetime
 
@@ -133,7 +149,7 @@ class UserUpdate(Input):
 
 class PasswordChange(Input):
     current_password: str = PasswordField
-    new_password: str = PasswordField
+    new_password: str = NewPasswordField
 
 
 class OtpRequest(Input):
@@ -150,12 +166,12 @@ class OtpVerify(Input):
 
 
 class ResetRequest(Input):
-    email: str = Field(max_length=320)
+    email: str = Field(min_length=1, max_length=320)
 
 
 class ResetConfirm(Input):
     token: str = Field(min_length=1, max_length=512)
-    new_password: str = PasswordField
+    new_password: str = NewPasswordField
 
 
 class AccountDeletion(Input):
@@ -172,7 +188,7 @@ class SessionRead(Schema):
 
 
 class AdminUserUpdate(Input):
-    role: Literal["customer", "staff", "admin"] | None = None
+    role: Role | None = None
     is_active: bool | None = None
 
 
@@ -213,3 +229,18 @@ class Export(Schema):
     services: dict[str, Any] = Field(
         description="What each other service holds, as it answered; null when it holds nothing."
     )
+
+
+class JWK(Schema):
+    """An Ed25519 public key (RFC 8037)."""
+
+    kty: Literal["OKP"]
+    crv: Literal["Ed25519"]
+    x: str = Field(description="The public key, base64url.")
+    kid: str
+    alg: Literal["EdDSA"]
+    use: Literal["sig"]
+
+
+class JWKS(Schema):
+    keys: list[JWK]

@@ -17,6 +17,7 @@ from services.inventory.config import Settings
 from services.inventory.errors import ImageNotFound, ImageTooLarge
 from services.inventory.repository import ProductRepository
 from services.inventory.schemas import (
+    SEARCH_PATTERN,
     ImageRead,
     MovementRead,
     ProductCreate,
@@ -86,7 +87,14 @@ async def list_products(
     session: SessionDep,
     response: Response,
     claims: OptionalUser,
-    q: Annotated[str | None, Query(max_length=100, description="Matches sku or name, case-insensitively.")] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            pattern=SEARCH_PATTERN,
+            description="Matches sku or name, case-insensitively (no control characters).",
+        ),
+    ] = None,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
 ) -> Page[ProductRead]:
@@ -164,7 +172,8 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "properties": {"file": {"type": "string", "format": "binary", "minLength": 1}},
+                    "additionalProperties": False,
                 }
             }
         },
@@ -178,6 +187,11 @@ async def _read_upload(request: Request, max_bytes: int) -> bytes:
         raise UnsupportedMediaType("Send the image as multipart/form-data with a `file` part.")
     async with request.form(max_files=1, max_fields=4, max_part_size=4096) as form:
         upload = form.get("file")
+        if any(name != "file" for name in form):
+            raise Unprocessable(
+                "Only the `file` part is accepted.",
+                extra={"errors": [{"loc": ["body"], "msg": "Only the `file` part is accepted."}]},
+            )
         if not isinstance(upload, UploadFile):
             raise Unprocessable(
                 "The `file` part is missing.", extra={"errors": [{"loc": ["body", "file"], "msg": "Field required"}]}

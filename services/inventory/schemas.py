@@ -46,9 +46,28 @@ Sku = Annotated[
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
     Field(description="Letters, digits, '.', '_' and '-', 1-64 characters; unique ignoring case."),
 ]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_one_line)]
-Description = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_multi_line)]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_one_line)]
+# What check_printable and _one_line enforce, said in the schema (JSON Schema patterns are ECMA 262).
+ONE_LINE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+MULTI_LINE_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+SEARCH_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200),
+    AfterValidator(_one_line),
+    Field(json_schema_extra={"pattern": ONE_LINE_PATTERN}),
+]
+Description = Annotated[
+    str,
+    StringConstraints(max_length=5000),
+    AfterValidator(_multi_line),
+    Field(json_schema_extra={"pattern": MULTI_LINE_PATTERN}),
+]
+Reason = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=500),
+    AfterValidator(_one_line),
+    Field(json_schema_extra={"pattern": ONE_LINE_PATTERN}),
+]
 Quantity = Annotated[int, Field(strict=True, ge=1, le=MAX_QUANTITY)]
 
 
@@ -77,8 +96,18 @@ class ProductCreate(Schema):
     initial_stock: Annotated[int, Field(strict=True, ge=0, le=MAX_INITIAL_STOCK)] = 0
 
 
+def _omit_not_null(schema: dict[str, Any]) -> None:
+    """The schema says what no_nulls enforces: each field may be left out, never sent as null."""
+    for name, prop in schema.get("properties", {}).items():
+        variants = [v for v in prop.get("anyOf", ()) if v.get("type") != "null"]
+        if len(variants) == 1:
+            schema["properties"][name] = {**variants[0], **{k: v for k, v in prop.items() if k in ("title",)}}
+
+
 class ProductUpdate(Schema):
     """Only the fields sent are changed; null is not a value for any of them."""
+
+    model_config = ConfigDict(json_schema_extra=_omit_not_null)
 
     name: Name | None = None
     description: Description | None = None
@@ -103,7 +132,13 @@ class StockRead(Schema):
 class StockAdjustment(Schema):
     delta: Annotated[
         int,
-        Field(strict=True, ge=-MAX_ADJUSTMENT, le=MAX_ADJUSTMENT, description="Units added (> 0) or removed (< 0)."),
+        Field(
+            strict=True,
+            ge=-MAX_ADJUSTMENT,
+            le=MAX_ADJUSTMENT,
+            description="Units added (> 0) or removed (< 0); never 0.",
+            json_schema_extra={"not": {"enum": [0]}},
+        ),
     ]
     reason: Reason
 

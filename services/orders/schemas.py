@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.money import PriceXAF
 from services.orders.models import MAX_LINES, MAX_QUANTITY
+
+# Every status an order can show (the internal `placing` step is never an order yet).
+OrderStatus = Literal["pending", "confirmed", "shipped", "delivered", "cancelled", "expired"]
 
 
 class Schema(BaseModel):
@@ -54,7 +57,7 @@ class OrderItemRead(Schema):
 class OrderRead(Schema):
     id: uuid.UUID
     user_id: uuid.UUID
-    status: str
+    status: OrderStatus
     items: list[OrderItemRead]
     total_xaf: int
     expires_at: datetime | None = Field(description="A pending order expires (stock released) at this time.")

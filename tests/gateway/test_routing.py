@@ -223,3 +223,46 @@ def test_an_upload_cannot_outgrow_its_declared_length(gateway, echo, issuer) -> 
         except (ConnectionError, http.client.RemoteDisconnected):
             pass  # or the connection is simply closed
     assert len(upstream.hits) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/api/v1/auth/login", "POST"),
+        ("TRACE", "/api/v1/auth/login", "POST"),
+        ("GET", "/api/v1/auth/logout", "POST"),
+        ("DELETE", "/api/v1/products", "GET, HEAD, POST"),
+        ("TRACE", "/api/v1/products/0b6c3a52-0000-4000-8000-000000000000", "GET, HEAD, PATCH"),
+        ("OPTIONS", "/api/v1/orders", "GET, HEAD, POST"),
+        ("POST", "/api/v1/auth/me", "GET, HEAD, PATCH, DELETE"),
+        ("PATCH", "/api/v1/audit/events", "GET, HEAD"),
+        ("QUERY", "/api/v1/orders/abc/cancel", "POST"),
+    ],
+)
+def test_a_method_the_path_lacks_is_405_with_a_true_allow_before_authentication(
+    gateway,  # noqa: ANN001
+    echo,  # noqa: ANN001
+    method: str,
+    path: str,
+    allow: str,
+) -> None:
+    url, _ = gateway
+    upstream, _ = echo
+    before = len(upstream.hits)
+    response = httpx.request(method, url + path)  # no token, and none needed to learn this
+    assert_problem(response, 405)
+    assert response.headers["allow"] == allow
+    assert "www-authenticate" not in response.headers
+    assert len(upstream.hits) == before, "the upstream was reached"
+    # The same with a forged token: the answer does not depend on who asks.
+    forged = httpx.request(method, url + path, headers={"Authorization": "Bearer not.a.token"})
+    assert forged.status_code == 405
+    assert forged.headers["allow"] == allow
+
+
+def test_methods_a_path_has_still_go_through_authentication(gateway) -> None:  # noqa: ANN001
+    url, _ = gateway
+    assert_problem(httpx.get(url + "/api/v1/auth/me"), 401)
+    assert_problem(httpx.post(url + "/api/v1/orders/abc/cancel"), 401)
+    # A path the table does not know is forwarded as before (the upstream decides).
+    assert_problem(httpx.request("TRACE", url + "/api/v1/products/a/b/c/d"), 401)

@@ -371,3 +371,19 @@ async def test_an_image_whose_row_does_not_commit_leaves_no_file(
     ok = await client.post(upload_url(product), files=files(picture()), headers=tokens.staff())
     assert ok.status_code == 201, ok.text
     assert len(stored_files(client)) == 1
+
+
+async def test_an_upload_with_another_part_is_422_as_the_schema_says(
+    client: httpx.AsyncClient, tokens: Tokens, product: dict
+) -> None:
+    # The public schema declares the multipart body as exactly one `file` part (additionalProperties: false).
+    response = await client.post(
+        upload_url(product),
+        files=files(picture("PNG"), "a.png", "image/png"),
+        data={"caption": "42"},
+        headers=tokens.staff(),
+    )
+    assert_problem(response, 422)
+    assert response.json()["errors"] == [{"loc": ["body"], "msg": "Only the `file` part is accepted."}]
+    listed = await client.get(f"/api/v1/products/{product['id']}")
+    assert listed.json()["image_urls"] == []
