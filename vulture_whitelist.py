@@ -66,3 +66,17 @@ _.synced_at
 
 # Read by the tests that prove the breaker's half-open state (tests/gateway/test_circuit.py).
 _.probing
+
+# Fields of pydantic models in the public contract: read by the serialiser and by clients.
+_.msg  # common.errors.FieldError
+_.short_items  # common.errors.OrderConflictProblem
+_.kty  # services.auth.schemas (JWK)
+_.crv
+_.use
+
+# Imported by name by uvicorn in each gateway worker (comptoir/serve.py).
+_.gateway_worker
+
+# The public operations of the document and of the route table, compared by tests/gateway/test_openapi.py.
+_.public_operations
+_.table_operations

@@ -31,7 +31,6 @@ import httpx
 from common.deploychecks import Check, check, service_checks, strong_secret
 from comptoir.config import PROCESSES, SERVICES, RunSettings
 
-REPO = Path(__file__).resolve().parent.parent
 SEVERITY_ORDER = {"FAIL": 0, "WARN": 1, "NOTE": 2, "PASS": 3, "N/A": 4}
 
 
