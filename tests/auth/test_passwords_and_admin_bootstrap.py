@@ -135,8 +135,12 @@ async def test_bootstrap_refuses_a_weak_password(make_auth: MakeAuth) -> None:
 
 
 def test_create_admin_refuses_weak_passwords_before_touching_anything(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "pg" / "PG_VERSION").write_text("16\n")  # DATA_DIR holds a system (never started here)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("BOOTSTRAP_ADMIN_PASSWORD", "boss@example.cm rules")
     monkeypatch.setattr(cli, "_database_url", lambda _s: pytest.fail("no database for a refused password"))
     with pytest.raises(SystemExit) as exit_info:

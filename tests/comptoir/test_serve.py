@@ -23,6 +23,28 @@ def test_each_process_runs_its_factory_with_a_larger_young_gc_generation(monkeyp
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
-    assert started["app"] == "services.orders.main:create_app"
+    # The factory, wrapped so that a refused configuration is one line naming the failing check.
+    assert callable(started["app"])
     assert started["factory"] is True
+    assert started["workers"] == 1
     assert (started["port"], started["proxy_headers"], started["server_header"]) == (18003, False, False)
+
+
+def test_a_gateway_with_several_workers_is_imported_by_name_in_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(serve.uvicorn, "run", lambda app, **options: started.update(app=app, **options))
+    monkeypatch.setenv("GATEWAY_WORKERS", "2")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6390/0")
+    serve.main(["gateway", "--port", "18000"])
+    assert (started["app"], started["factory"], started["workers"]) == ("comptoir.serve:gateway_worker", True, 2)
+
+
+def test_several_gateway_workers_without_shared_limits_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from gateway.config import GatewaySettings
+
+    monkeypatch.setenv("GATEWAY_WORKERS", "2")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(ValidationError, match="GATEWAY_WORKERS=2 needs REDIS_URL"):
+        GatewaySettings(environment="test")
