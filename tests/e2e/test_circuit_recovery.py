@@ -49,6 +49,8 @@ def test_the_catalogue_recovers_after_a_client_vanished_mid_body_during_half_ope
             "GATEWAY_CIRCUIT_FAILURE_THRESHOLD": "2",
             "GATEWAY_CIRCUIT_OPEN_SECONDS": "2",
             "GATEWAY_UPSTREAM_DEADLINE_SECONDS": "1",
+            # Every catalogue read must reach inventory, not the gateway's short cache of public pages.
+            "GATEWAY_PUBLIC_CACHE_SECONDS": "0",
         }
     )
     system.start()
