@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit audit-deps fuzz up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit bench-guessing audit-deps fuzz up clean
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ bench-orders: install
 
 bench-audit: install
 	$(BIN)/python -m bench.audit
+
+# Distributed password guessing against one account (an hour of injected clock, embedded PostgreSQL).
+bench-guessing: install
+	$(BIN)/python -m bench.login_guessing
 
 up:
 	docker compose up --build

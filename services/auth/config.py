@@ -60,7 +60,14 @@ class Settings(ServiceSettings):
     login_delay_after_failures: int = Field(5, ge=1, le=100)
     login_delay_base_seconds: int = Field(30, ge=1)
     login_delay_max_seconds: int = Field(900, ge=1)
-    login_hard_lock_failures: int = Field(100, ge=2)
+    # Failures of one account from devices it does not know, across every address, before it waits.
+    login_account_delay_after_failures: int = Field(10, ge=1, le=100)
+    # Failures from one address across every account (credential stuffing) before it waits.
+    login_ip_delay_after_failures: int = Field(30, ge=1, le=10_000)
+    # The account, address and device counters forget failures older than this.
+    login_failure_window_seconds: int = Field(3600, ge=60, le=7 * 86_400)
+    # A device that has not signed in for this long is unknown again.
+    device_ttl_days: int = Field(90, ge=1, le=3650)
 
     # ---- phone verification (OTP) ----
     otp_digits: int = Field(6, ge=6, le=10)

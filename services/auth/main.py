@@ -84,7 +84,7 @@ async def prune(rt: Runtime) -> None:
     day_ago = now - timedelta(days=1)
     async with rt.sessionmaker() as session, session.begin():
         await RevocationRepository(session).prune(now)
-        await LoginFailureRepository(session).prune(day_ago, rt.settings.login_hard_lock_failures)
+        await LoginFailureRepository(session).prune(day_ago)
         await OtpRepository(session).prune(day_ago)
         await ResetRepository(session).prune(day_ago)
 

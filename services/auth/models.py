@@ -164,3 +164,21 @@ class Revocation(Base):
     sid: Mapped[uuid.UUID] = mapped_column()
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Device(Base):
+    """A device that signed in to an account (see services/auth/devices.py): only its id's SHA-256."""
+
+    __tablename__ = "devices"
+    __table_args__ = (
+        Index("ix_devices_user_id", "user_id"),
+        Index("ix_devices_last_seen_at", "last_seen_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    id_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

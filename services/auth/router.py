@@ -21,6 +21,7 @@ from services.auth.schemas import (
     AdminUserUpdate,
     Export,
     LoginRequest,
+    LoginResponse,
     LogoutRequest,
     OtpRequest,
     OtpVerify,
@@ -80,12 +81,12 @@ async def register(body: RegisterRequest, session: SessionDep, rt: RuntimeDep, r
 
 @router.post(
     "/login",
-    response_model=TokenPair,
+    response_model=LoginResponse,
     responses={401: {"description": "Any bad credential"}, 429: {"description": "Delayed: see Retry-After"}},
 )
-async def login(body: LoginRequest, session: SessionDep, rt: RuntimeDep, request: Request) -> TokenPair:
-    """Exchange e-mail and password for a token pair."""
-    return await accounts(session, rt, request).login(body.email, body.password)
+async def login(body: LoginRequest, session: SessionDep, rt: RuntimeDep, request: Request) -> LoginResponse:
+    """Exchange e-mail and password for a token pair and a device token."""
+    return await accounts(session, rt, request).login(body.email, body.password, body.device_token)
 
 
 @router.post("/token/refresh", response_model=TokenPair)

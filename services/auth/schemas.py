@@ -84,6 +84,12 @@ class RegisterRequest(Input):
 class LoginRequest(Input):
     email: str = Field(max_length=320)
     password: str = PasswordField
+    device_token: str | None = Field(
+        None,
+        max_length=512,
+        description="The `device_token` of an earlier login on this device: it is then throttled on its own "
+        "(browsers send the `__Host-comptoir-device` cookie instead). Anything else counts as an unknown device.",
+    )
 
 
 class RefreshRequest(Input):
@@ -101,6 +107,12 @@ class TokenPair(Schema):
     expires_in: int
     refresh_expires_in: int = Field(description="Seconds until the session's absolute end.")
     refresh_idle_expires_in: int = Field(description="Seconds until this refresh token expires if unused.")
+
+
+class LoginResponse(TokenPair):
+    device_token: str = Field(
+        description="Proof that this device signed in to this account; send it with the next logins."
+    )
 
 
 class UserRead(Schema):

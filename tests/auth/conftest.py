@@ -30,6 +30,7 @@ TABLES = (
     "otp_sends",
     "password_resets",
     "revocations",
+    "devices",
     "outbox",
 )
 # Low on purpose: the production default (600,000) is asserted in test_passwords.py.
