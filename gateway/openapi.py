@@ -58,11 +58,18 @@ def _problem_response(description: str) -> dict[str, Any]:
     }
 
 
+# Published with the code (docs/ in the repository), for the people whose accounts the API holds.
+USER_DOCUMENTS = (
+    "Privacy policy: [docs/privacy.md](docs/privacy.md). "
+    "Security guidelines for users: [docs/security-for-users.md](docs/security-for-users.md)."
+)
+
+
 def merge(documents: dict[str, dict[str, Any]], title: str = "Comptoir public API") -> dict[str, Any]:
     prefixes = tuple(route.prefix for route in route_table())
     merged: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": title, "version": "1"},
+        "info": {"title": title, "version": "1", "description": USER_DOCUMENTS},
         "paths": {},
         "components": {
             "schemas": {"Problem": PROBLEM},
