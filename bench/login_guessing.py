@@ -156,7 +156,10 @@ async def run(auth_url: str, data_dir: Path) -> tuple[Figures, Figures, float]:
         transport = httpx.ASGITransport(app=app, client=(GATEWAY_ADDRESS, 50000))
         async with httpx.AsyncClient(transport=transport, base_url="http://auth") as client:
             email = "amina.fotso@example.cm"
-            registered = await client.post("/api/v1/auth/register", json={"email": email, "password": password})
+            registered = await client.post(
+                "/api/v1/auth/register",
+                json={"email": email, "password": password, "accept_terms": True, "terms_version": "2026-12-01"},
+            )
             assert registered.status_code == 201, registered.text
             first = await client.post("/api/v1/auth/login", json={"email": email, "password": password})
             device = first.json()["device_token"]

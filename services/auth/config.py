@@ -69,6 +69,18 @@ class Settings(ServiceSettings):
     # A device that has not signed in for this long is unknown again.
     device_ttl_days: int = Field(90, ge=1, le=3650)
 
+    # ---- consent and retention ----
+    # The terms and privacy policy version in force: registration must accept exactly this one.
+    terms_version: str = Field("2026-12-01", min_length=1, max_length=32)
+
+    # ---- second factor (TOTP, RFC 6238) ----
+    # Roles that must sign in with a second factor; unset: ["admin"] in production, none otherwise.
+    mfa_required_roles: list[Literal["customer", "staff", "admin"]] | None = None
+    mfa_issuer: str = Field("Comptoir", min_length=1, max_length=64)
+    mfa_challenge_ttl_seconds: int = Field(300, ge=60, le=1800)
+    mfa_max_attempts: int = Field(5, ge=1, le=20, description="Codes tried per login challenge.")
+    mfa_recovery_codes: int = Field(10, ge=4, le=20)
+
     # ---- phone verification (OTP) ----
     otp_digits: int = Field(6, ge=6, le=10)
     otp_ttl_seconds: int = Field(600, ge=60, le=3600)
@@ -150,6 +162,12 @@ class Settings(ServiceSettings):
         if "{token}" not in self.password_reset_link:
             raise ValueError("password_reset_link must contain {token}")
         return self
+
+    @property
+    def mfa_roles(self) -> frozenset[str]:
+        if self.mfa_required_roles is not None:
+            return frozenset(self.mfa_required_roles)
+        return frozenset({"admin"}) if self.is_production else frozenset()
 
     @property
     def resolved_keys_dir(self) -> Path:

@@ -23,7 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.http import forward_headers
 from common.tokens import Claims
+from services.auth.consent import consent_document
 from services.auth.context import RequestContext, Runtime
+from services.auth.devices import DeviceRepository
 from services.auth.errors import PeerUnavailable
 from services.auth.models import Session
 from services.auth.repository import LoginFailureRepository, OtpRepository, ResetRepository, SessionRepository
@@ -127,6 +129,16 @@ class GdprService:
                 }
                 for r in resets
             ],
+            consent=consent_document(user),
+            devices=[
+                {
+                    "created_at": d.created_at.isoformat(),
+                    "last_seen_at": d.last_seen_at.isoformat(),
+                    "user_agent": d.user_agent,
+                    "revoked_at": d.revoked_at.isoformat() if d.revoked_at else None,
+                }
+                for d in await DeviceRepository(self.db).of(user.id)
+            ],
             services=services,
         )
 
@@ -161,6 +173,8 @@ class GdprService:
         locked.full_name = None
         locked.phone = None
         locked.phone_verified = False
+        locked.marketing_consent = False
+        locked.marketing_consent_at = now
         locked.is_active = False
         locked.role = "customer"
         locked.erased_at = locked.updated_at = now

@@ -21,10 +21,12 @@ from common.http import create_client
 from common.tokens import ACCESS, SERVICE, Claims, TokenVerifier
 from services.auth.bootstrap import AdminRefused, create_admin
 from services.auth.config import Settings
+from services.auth.consent import router as consent_router
 from services.auth.context import Runtime, system_context
 from services.auth.internal_router import router as internal_router
 from services.auth.keys import CLOCK_SKEW_SECONDS, KeyStore, LocalServiceTokens, TokenIssuer, load_otp_key
 from services.auth.messages import JsonlSink, MessageSender, WebhookSender
+from services.auth.mfa_router import router as mfa_router
 from services.auth.models import outbox
 from services.auth.passwords import PasswordHasher, PasswordPolicy, common_passwords
 from services.auth.repository import (
@@ -201,7 +203,7 @@ def create_app(
     app = create_service_app(
         name="auth",
         settings=settings,
-        routers=[router, well_known, internal_router],
+        routers=[router, mfa_router, consent_router, well_known, internal_router],
         lifespan_hook=lifespan,
         key_source=keys,
         poll_revocations=False,

@@ -14,6 +14,7 @@ from common.security import CurrentUser, RequireAdmin, RequireStaff
 from services.auth.context import RequestContext, Runtime, RuntimeDep, request_context
 from services.auth.gdpr import GdprService
 from services.auth.messages import Message, MessageSender
+from services.auth.mfa import MfaChallengeProblem
 from services.auth.otp import OtpService
 from services.auth.schemas import (
     Accepted,
@@ -82,7 +83,14 @@ async def register(body: RegisterRequest, session: SessionDep, rt: RuntimeDep, r
 @router.post(
     "/login",
     response_model=LoginResponse,
-    responses={401: {"description": "Any bad credential"}, 429: {"description": "Delayed: see Retry-After"}},
+    responses={
+        401: {
+            "model": MfaChallengeProblem,
+            "description": "Any bad credential (`invalid-credentials`), or the password was right and a second "
+            "factor is asked for (`mfa-required`, with `mfa_token`: see POST /login/mfa)",
+        },
+        429: {"description": "Delayed: see Retry-After"},
+    },
 )
 async def login(body: LoginRequest, session: SessionDep, rt: RuntimeDep, request: Request) -> LoginResponse:
     """Exchange e-mail and password for a token pair and a device token."""

@@ -61,6 +61,18 @@ class RegisterRequest(Input):
     password: str = PasswordField
     full_name: str | None = Field(None, max_length=200)
     phone: str | None = Field(None, max_length=40)
+    accept_terms: bool = Field(
+        strict=True, description="Must be true: the user accepts the terms and the privacy policy."
+    )
+    terms_version: str = Field(min_length=1, max_length=32, description="The version accepted (the one in force).")
+    marketing_consent: bool = Field(False, strict=True, description="Optional consent to marketing messages.")
+
+    @field_validator("accept_terms")
+    @classmethod
+    def _accepted(cls, value: bool) -> bool:
+        if value is not True:
+            raise ValueError("the terms and the privacy policy must be accepted")
+        return value
 
     @field_validator("email")
     @classmethod
@@ -222,6 +234,8 @@ class Export(Schema):
     sessions: list[dict[str, Any]]
     phone_verifications: list[dict[str, Any]]
     password_resets: list[dict[str, Any]]
+    consent: dict[str, Any] = Field(default_factory=dict, description="Terms version accepted, marketing consent.")
+    devices: list[dict[str, Any]] = Field(default_factory=list, description="Devices that signed in.")
     services: dict[str, Any] = Field(
         description="What each other service holds, as it answered; null when it holds nothing."
     )

@@ -18,6 +18,7 @@ from services.auth.devices import DeviceRepository, DeviceTokens
 from services.auth.errors import (
     EmailTaken,
     InvalidCredentials,
+    InvalidField,
     InvalidResetToken,
     LoginThrottled,
     OwnAccountChange,
@@ -28,6 +29,7 @@ from services.auth.errors import (
 )
 from services.auth.messages import Message
 from services.auth.metrics import LOGINS
+from services.auth.mfa import Mfa
 from services.auth.models import PasswordReset, User
 from services.auth.repository import (
     LoginFailureRepository,
@@ -122,6 +124,10 @@ class AccountService:
     # ---- registration and login ----
 
     async def register(self, body: RegisterRequest) -> UserRead:
+        if body.terms_version != self.settings.terms_version:
+            raise InvalidField(
+                "terms_version", f"The terms in force are version {self.settings.terms_version}: accept that one."
+            )
         self.check_password(body.password, email=body.email, field="password")
         password_hash = await self.rt.hasher.hash(body.password)
         now = self.rt.now()
@@ -139,6 +145,10 @@ class AccountService:
             created_at=now,
             updated_at=now,
             password_changed_at=now,
+            terms_version=body.terms_version,
+            terms_accepted_at=now,
+            marketing_consent=body.marketing_consent,
+            marketing_consent_at=now if body.marketing_consent else None,
         )
         try:
             async with self.db.begin_nested():
@@ -152,7 +162,12 @@ class AccountService:
             "auth.user.registered",
             resource_type="user",
             resource_id=str(user.id),
-            new_values={"role": user.role, "phone_set": user.phone is not None},
+            new_values={
+                "role": user.role,
+                "phone_set": user.phone is not None,
+                "terms_version": user.terms_version,
+                "marketing_consent": user.marketing_consent,
+            },
         )
         return user_read(user)
 
@@ -195,6 +210,10 @@ class AccountService:
         await login_succeeded(self.db, self.rt, key, ctx.ip_key, device)
         if new_hash:
             user.password_hash = new_hash  # parameters changed since it was hashed: upgrade it now
+        mfa = Mfa(self.db, self.rt, ctx)
+        if await mfa.needed(user):
+            # The password was right: a second factor is asked for (committed with the counters cleared).
+            await self.fail(await mfa.challenge(user))
         token = await DeviceTokens(self.db, self.rt).remember(user.id, known, ctx)
         pair = await self.start_session(user, known_device=known is not None, hash_upgraded=bool(new_hash))
         return LoginResponse(**pair.model_dump(), device_token=token)
@@ -202,6 +221,7 @@ class AccountService:
     async def start_session(self, user: User, *, known_device: bool, hash_upgraded: bool = False) -> TokenPair:
         """A new session for ``user`` (row locked by the caller), audited."""
         ctx = self.ctx
+        user.last_login_at = self.rt.now()
         session, pair, evicted = await self.sessions.start(user, ctx)
         actor = ctx.as_actor(str(user.id), user.role)
         for sid in evicted:

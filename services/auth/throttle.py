@@ -10,6 +10,7 @@ SHA-256 of the normalised e-mail, so unknown e-mails behave exactly like real on
 - ``('*', ip)``: the address across every account (credential stuffing). From the 30th failure within
   the window, that address waits, for unknown devices only: users behind a shared address (carrier
   NAT) who signed in before are not held back.
+- ``(sha256("mfa:" user id), '#mfa')``: wrong second-factor codes of one user, same delays.
 - ``(device, '#device')``: a device the account knows (see devices.py) is throttled on its own
   counter only, so the owner signs in at the first try while strangers are held back.
 
@@ -29,13 +30,14 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.context import Runtime
+from services.auth.context import Runtime, sha256_hex
 from services.auth.models import LoginFailure
 from services.auth.repository import LoginFailureRepository
 
 ACCOUNT = ""
 ANY_ACCOUNT = "*"
 DEVICE = "#device"
+MFA = "#mfa"
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,14 @@ async def succeeded(session: AsyncSession, rt: Runtime, account_key: str, ip: st
         await repository.uncount((ANY_ACCOUNT, ip), rt.settings.login_ip_delay_after_failures)
 
 
+def mfa_key(user_id: str) -> tuple[str, str]:
+    """The counter of wrong second-factor codes of one user (any challenge, enrolment or disabling)."""
+    return sha256_hex(f"mfa:{user_id}"), MFA
+
+
 def scope_of(key: tuple[str, str]) -> str:
+    if key[1] == MFA:
+        return "mfa"
     if key[1] == DEVICE:
         return "device"
     if key[1] == ACCOUNT:
@@ -115,8 +124,14 @@ class LoginThrottle:
 
     async def enter_in(self, session: AsyncSession, account_key: str, ip: str, device: str | None) -> Gate:
         """``enter`` within the caller's short transaction (which commits the counts)."""
+        return await self.enter_keys(session, keys_for(account_key, ip, device))
+
+    async def enter_mfa(self, user_id: str) -> Gate:
+        async with self.rt.sessionmaker() as session, session.begin():
+            return await self.enter_keys(session, [mfa_key(user_id)])
+
+    async def enter_keys(self, session: AsyncSession, keys: list[tuple[str, str]]) -> Gate:
         now = self.rt.now()
-        keys = keys_for(account_key, ip, device)
         rows = await LoginFailureRepository(session).lock(keys)
         waits = {
             key: (row.locked_until - now).total_seconds()

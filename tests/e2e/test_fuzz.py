@@ -91,7 +91,10 @@ def test_no_schema_violation_and_no_server_error(system, who: str, tmp_path: Pat
     if who == "customer":
         email = f"fuzz-{uuid.uuid4().hex[:8]}@boutique.cm"
         assert (
-            httpx.post(gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD}).status_code
+            httpx.post(
+                gateway + "/api/v1/auth/register",
+                json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+            ).status_code
             == 201
         )
         token = login(gateway, email, PASSWORD)
