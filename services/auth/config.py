@@ -72,6 +72,12 @@ class Settings(ServiceSettings):
     # ---- consent and retention ----
     # The terms and privacy policy version in force: registration must accept exactly this one.
     terms_version: str = Field("2026-12-01", min_length=1, max_length=32)
+    # Revoked or expired sessions and revoked devices are deleted this long after (see retention.py).
+    retention_days: int = Field(30, ge=1, le=3650)
+    # Customer accounts without a login for this long are anonymised (0: never).
+    inactive_account_days: int = Field(730, ge=0, le=36_500)
+    # How often the auth service purges by itself (`comptoir purge` does it on demand).
+    retention_interval_seconds: float = Field(86_400.0, gt=0)
 
     # ---- second factor (TOTP, RFC 6238) ----
     # Roles that must sign in with a second factor; unset: ["admin"] in production, none otherwise.

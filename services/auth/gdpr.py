@@ -27,7 +27,7 @@ from services.auth.consent import consent_document
 from services.auth.context import RequestContext, Runtime
 from services.auth.devices import DeviceRepository
 from services.auth.errors import PeerUnavailable
-from services.auth.models import Session
+from services.auth.models import Session, User
 from services.auth.repository import LoginFailureRepository, OtpRepository, ResetRepository, SessionRepository
 from services.auth.schemas import Export
 from services.auth.service import AccountService, account_key, user_read
@@ -159,29 +159,34 @@ class GdprService:
             )
             await self.accounts.fail(exc)
         locked = await self.accounts.current_user(claims, lock=True)
-        assert locked.email is not None
-        now = self.rt.now()
-        revoked = await SessionRepository(self.db).revoke_all(locked.id, now=now, reason="erased")
-        await self.accounts.users.delete_personal_rows(locked.id)
-        await LoginFailureRepository(self.db).clear(account_key(locked.email))
-        # Published last (the feed's lock comes after every row lock); the rows need no session.
-        await self.accounts.sessions.publish(revoked, now)
-        # The row stays (orders and the audit trail refer to its id) with nothing personal in it;
-        # the e-mail is free for a new registration.
-        locked.email = None
-        locked.password_hash = None
-        locked.full_name = None
-        locked.phone = None
-        locked.phone_verified = False
-        locked.marketing_consent = False
-        locked.marketing_consent_at = now
-        locked.is_active = False
-        locked.role = "customer"
-        locked.erased_at = locked.updated_at = now
-        await self.ctx.audit(
-            self.db,
-            "auth.user.erased",
-            resource_type="user",
-            resource_id=str(locked.id),
-            new_values={"sessions_revoked": len(revoked), "services": results},
-        )
+        await anonymise(self.accounts, locked, action="auth.user.erased", services=results)
+
+
+async def anonymise(accounts: AccountService, locked: User, *, action: str, services: dict[str, str]) -> None:
+    """Erase the account here (its row locked by the caller; the other services already erased it)."""
+    assert locked.email is not None
+    db, now = accounts.db, accounts.rt.now()
+    revoked = await SessionRepository(db).revoke_all(locked.id, now=now, reason="erased")
+    await accounts.users.delete_personal_rows(locked.id)
+    await LoginFailureRepository(db).clear(account_key(locked.email))
+    # Published last (the feed's lock comes after every row lock); the rows need no session.
+    await accounts.sessions.publish(revoked, now)
+    # The row stays (orders and the audit trail refer to its id) with nothing personal in it;
+    # the e-mail is free for a new registration.
+    locked.email = None
+    locked.password_hash = None
+    locked.full_name = None
+    locked.phone = None
+    locked.phone_verified = False
+    locked.marketing_consent = False
+    locked.marketing_consent_at = now
+    locked.is_active = False
+    locked.role = "customer"
+    locked.erased_at = locked.updated_at = now
+    await accounts.ctx.audit(
+        db,
+        action,
+        resource_type="user",
+        resource_id=str(locked.id),
+        new_values={"sessions_revoked": len(revoked), "services": services},
+    )

@@ -36,6 +36,7 @@ from services.auth.repository import (
     RevocationRepository,
     SessionRepository,
 )
+from services.auth.retention import retention_loop
 from services.auth.router import router, well_known
 
 log = structlog.get_logger("comptoir.auth")
@@ -185,16 +186,19 @@ def create_app(
 
         app.state.is_revoked = is_revoked
         task: asyncio.Task[None] | None = None
+        purger: asyncio.Task[None] | None = None
         try:
             await hasher.dummy_hash()
             await bootstrap_admin(rt)
             task = asyncio.create_task(maintenance(rt), name="auth-maintenance")
+            purger = asyncio.create_task(retention_loop(rt), name="auth-retention")
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, purger):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
             for client in peers.values():
                 await client.aclose()
             await message_sender.aclose()

@@ -13,6 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.auth.models import (
     Device,
     LoginFailure,
+    MfaChallenge,
+    MfaRecoveryCode,
+    MfaTotp,
     OtpCode,
     OtpSend,
     PasswordReset,
@@ -50,7 +53,7 @@ class UserRepository:
 
     async def delete_personal_rows(self, user_id: uuid.UUID) -> None:
         """Sessions (with their refresh tokens), codes, sends, reset links and devices of an erased account."""
-        for model in (Session, OtpCode, OtpSend, PasswordReset, Device):
+        for model in (Session, OtpCode, OtpSend, PasswordReset, Device, MfaTotp, MfaRecoveryCode, MfaChallenge):
             await self.session.execute(delete(model).where(model.user_id == user_id))
 
     async def any_admin(self) -> bool:
