@@ -134,7 +134,9 @@ async def test_comptoir_purge_runs_the_same_purge_on_demand(
         user["id"],
     )
     monkeypatch.setenv("DATABASE_URL", database.admin_url)
-    monkeypatch.setenv("DATA_DIR", str(tmp_path / "cli"))
+    # The same data directory as the test database's provisioning: migrate keeps the roles' passwords.
+    monkeypatch.setenv("DATA_DIR", str(database.data_dir))
+    monkeypatch.setenv("AUTH_KEYS_DIR", str(tmp_path / "keys"))
     monkeypatch.setenv("AUTH_GDPR_SERVICES", "[]")
     with pytest.raises(SystemExit) as exited:
         await asyncio.to_thread(main, ["purge"])
