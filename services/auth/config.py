@@ -69,6 +69,10 @@ class Settings(ServiceSettings):
     # A device that has not signed in for this long is unknown again.
     device_ttl_days: int = Field(90, ge=1, le=3650)
 
+    # ---- browser session mode (browser.py) ----
+    # Exact origins of the browser apps that may refresh with the session cookie (JSON list).
+    browser_origins: list[str] = Field(default_factory=list)
+
     # ---- consent and retention ----
     # The terms and privacy policy version in force: registration must accept exactly this one.
     terms_version: str = Field("2026-12-01", min_length=1, max_length=32)

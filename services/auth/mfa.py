@@ -90,6 +90,7 @@ class MfaLogin(Input):
     mfa_token: str = Field(min_length=1, max_length=256)
     code: str = Field(min_length=1, max_length=32, description="A code from the app, or a recovery code.")
     device_token: str | None = Field(None, max_length=512)
+    session_mode: Literal["bearer", "cookie"] = "bearer"
 
 
 class MfaLoginResponse(LoginResponse):

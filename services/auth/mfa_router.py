@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Request, Response, status
 
 from common.db import SessionDep
 from common.security import CurrentUser
+from services.auth import browser
 from services.auth.context import RuntimeDep, request_context
 from services.auth.devices import DeviceTokens
 from services.auth.mfa import (
@@ -31,15 +32,20 @@ router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
         429: {"description": "Too many wrong codes: see Retry-After"},
     },
 )
-async def login_mfa(body: MfaLogin, session: SessionDep, rt: RuntimeDep, request: Request) -> MfaLoginResponse:
+async def login_mfa(
+    body: MfaLogin, session: SessionDep, rt: RuntimeDep, request: Request, response: Response
+) -> MfaLoginResponse:
     """Complete a login answered with `mfa-required`: its `mfa_token` and a code (or a recovery code)."""
     ctx = request_context(request)
     user, _method, codes = await Mfa(session, rt, ctx).answer(body.mfa_token, body.code)
     devices = DeviceTokens(session, rt)
-    known = await devices.recognise(body.device_token, user.id)
+    known = await devices.recognise(browser.device_token_of(request, body.device_token), user.id)
     device_token = await devices.remember(user.id, known, ctx)
     pair = await AccountService(session, rt, ctx).start_session(user, known_device=known is not None)
-    return MfaLoginResponse(**pair.model_dump(), device_token=device_token, recovery_codes=codes)
+    answer = MfaLoginResponse(**pair.model_dump(), device_token=device_token, recovery_codes=codes)
+    finished = browser.finish_login(response, answer, rt.settings, body.session_mode)
+    assert isinstance(finished, MfaLoginResponse)
+    return finished
 
 
 @router.get("/mfa", response_model=MfaStatus)

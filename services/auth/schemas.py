@@ -102,10 +102,15 @@ class LoginRequest(Input):
         description="The `device_token` of an earlier login on this device: it is then throttled on its own "
         "(browsers send the `__Host-comptoir-device` cookie instead). Anything else counts as an unknown device.",
     )
+    session_mode: Literal["bearer", "cookie"] = Field(
+        "bearer", description="`cookie` for browser apps: refresh and device tokens in `__Host-` cookies."
+    )
 
 
 class RefreshRequest(Input):
-    refresh_token: str = Field(min_length=1, max_length=4096)
+    refresh_token: str | None = Field(
+        None, min_length=1, max_length=4096, description="Omitted in cookie mode (see X-CSRF-Token)."
+    )
 
 
 class LogoutRequest(Input):
@@ -122,9 +127,17 @@ class TokenPair(Schema):
 
 
 class LoginResponse(TokenPair):
-    device_token: str = Field(
-        description="Proof that this device signed in to this account; send it with the next logins."
+    refresh_token: str | None = Field(description="null in cookie mode: it is in the `__Host-comptoir-refresh` cookie.")  # type: ignore[assignment]
+    device_token: str | None = Field(
+        description="Proof that this device signed in to this account; send it with the next logins "
+        "(null in cookie mode: it is in the `__Host-comptoir-device` cookie)."
     )
+    csrf_token: str | None = Field(None, description="Cookie mode: send it as X-CSRF-Token when refreshing.")
+
+
+class RefreshResponse(TokenPair):
+    refresh_token: str | None = Field(description="null in cookie mode: the cookie was replaced.")  # type: ignore[assignment]
+    csrf_token: str | None = Field(None, description="Cookie mode: the new CSRF token (the cookie was replaced).")
 
 
 class UserRead(Schema):
