@@ -23,6 +23,7 @@ from services.auth.bootstrap import AdminRefused, create_admin
 from services.auth.config import Settings
 from services.auth.consent import router as consent_router
 from services.auth.context import Runtime, system_context
+from services.auth.device_router import router as device_router
 from services.auth.internal_router import router as internal_router
 from services.auth.keys import CLOCK_SKEW_SECONDS, KeyStore, LocalServiceTokens, TokenIssuer, load_otp_key
 from services.auth.messages import JsonlSink, MessageSender, WebhookSender
@@ -207,7 +208,7 @@ def create_app(
     app = create_service_app(
         name="auth",
         settings=settings,
-        routers=[router, mfa_router, consent_router, well_known, internal_router],
+        routers=[router, mfa_router, consent_router, device_router, well_known, internal_router],
         lifespan_hook=lifespan,
         key_source=keys,
         poll_revocations=False,

@@ -170,3 +170,39 @@ async def test_only_the_hash_of_a_device_id_is_stored(auth: AuthClient) -> None:
     rows = await auth.sql("SELECT id_hash FROM auth.devices WHERE user_id = $1", user["id"])
     assert [row["id_hash"] for row in rows] == [hashlib.sha256(device_id.encode()).hexdigest()]
     assert device_id not in await auth.outbox_text()
+
+
+async def test_a_user_lists_and_forgets_their_devices(auth: AuthClient) -> None:
+    user, pair = await auth.user()
+    device = await device_of(auth, user["email"])
+    listed = await auth.get("/api/v1/auth/me/devices", pair["access_token"])
+    assert listed.status_code == 200
+    items = listed.json()["items"]
+    assert len(items) == 2  # the fixture's login and this one
+    auth.clock.advance(10)
+    mine = await auth.client.post(
+        "/api/v1/auth/login", json={"email": user["email"], "password": PASSWORD, "device_token": device}
+    )
+    newest = (await auth.get("/api/v1/auth/me/devices", pair["access_token"])).json()["items"][0]
+    forget = await auth.client.delete(
+        f"/api/v1/auth/me/devices/{newest['id']}", headers={"Authorization": f"Bearer {pair['access_token']}"}
+    )
+    assert forget.status_code == 204
+    assert (await auth.events("auth.device.revoked"))[0]["resource_id"] == newest["id"]
+    # Forgotten: that token is an unknown device again (it gets a new one at its next login).
+    again = await auth.client.post(
+        "/api/v1/auth/login", json={"email": user["email"], "password": PASSWORD, "device_token": device}
+    )
+    assert again.json()["device_token"] != device
+    assert mine.json()["device_token"] == device
+    assert len((await auth.get("/api/v1/auth/me/devices", pair["access_token"])).json()["items"]) == 2
+    # Someone else's device, or no such device: 404, nothing changes.
+    _, other = await auth.user()
+    path = f"/api/v1/auth/me/devices/{items[0]['id']}"
+    assert_problem(await auth.client.delete(path, headers={"Authorization": f"Bearer {other['access_token']}"}), 404)
+    assert_problem(
+        await auth.client.delete(
+            "/api/v1/auth/me/devices/not-a-uuid", headers={"Authorization": f"Bearer {other['access_token']}"}
+        ),
+        422,
+    )
