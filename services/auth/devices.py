@@ -145,9 +145,6 @@ class DeviceRepository:
         )
         return (await self.db.execute(stmt)).first() is not None
 
-    async def delete_of(self, user_id: uuid.UUID) -> None:
-        await self.db.execute(delete(Device).where(Device.user_id == user_id))
-
     async def purge(self, *, unseen_before: datetime, revoked_before: datetime) -> int:
         """Devices not seen since ``unseen_before`` or revoked before ``revoked_before``."""
         stmt = (

@@ -388,7 +388,3 @@ class Mfa:
         codes = await self._new_recovery_codes(user)
         await self._audit(user, "auth.mfa.recovery_codes_replaced", recovery_codes=len(codes))
         return RecoveryCodes(recovery_codes=codes)
-
-    async def prune(self, before: datetime) -> int:
-        stmt = delete(MfaChallenge).where(MfaChallenge.expires_at < before).returning(MfaChallenge.id)
-        return len((await self.db.execute(stmt)).all())
