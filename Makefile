@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit bench-login audit-deps fuzz docs up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit bench-login bench-guessing audit-deps fuzz docs up clean
 
 install: $(STAMP)
 
@@ -66,7 +66,7 @@ export BENCH_RESULTS
 
 bench: install
 	rm -f $(BENCH_RESULTS)
-	$(MAKE) --no-print-directory bench-gateway bench-orders bench-audit bench-login
+	$(MAKE) --no-print-directory bench-gateway bench-orders bench-audit bench-login bench-guessing
 	$(BIN)/python -m bench.results $(BENCH_RESULTS)
 
 bench-gateway: install
@@ -80,6 +80,10 @@ bench-audit: install
 
 bench-login: install
 	$(BIN)/python -m bench.login
+
+# Distributed password guessing against one account (an hour of injected clock, embedded PostgreSQL).
+bench-guessing: install
+	$(BIN)/python -m bench.login_guessing
 
 up:
 	docker compose up --build

@@ -80,3 +80,17 @@ _.gateway_worker
 # The public operations of the document and of the route table, compared by tests/gateway/test_openapi.py.
 _.public_operations
 _.table_operations
+
+# Fields of the auth service's answers (pydantic models): serialised for clients, read by no code of ours.
+_.current_terms_version  # services.auth.consent.ConsentRead
+_.recovery_codes  # services.auth.mfa
+_.totp_enabled
+_.recovery_codes_left
+_.accept_terms  # services.auth.schemas.RegisterRequest (checked by its validator)
+_.csrf_token  # services.auth.schemas (browser session mode)
+_.consent  # services.auth.schemas.Export
+# The purge report (services.auth.retention.PurgeReport): counts printed by `comptoir purge`.
+_.otp_codes
+_.otp_sends
+_.mfa_challenges
+_.anonymised

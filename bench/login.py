@@ -36,6 +36,7 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "20"))
 LOGIN_CLIENTS = int(os.environ.get("BENCH_LOGIN_CLIENTS", "32"))
 READERS = int(os.environ.get("BENCH_READERS", "32"))
 ROUNDS = int(os.environ.get("AUTH_PBKDF2_ROUNDS", "600000"))
+TERMS_VERSION = os.environ.get("AUTH_TERMS_VERSION", "2026-12-01")
 PROCESSES = ("gateway", "auth", "inventory", "orders", "audit")
 
 
@@ -90,7 +91,13 @@ def wait_healthy(ports: dict[str, int], proc: subprocess.Popen[bytes], timeout: 
 async def register(session: aiohttp.ClientSession, base: str, index: int) -> tuple[str, str]:
     email = f"storm-{index}-{secrets.token_hex(4)}@example.cm"
     password = f"storm password {secrets.token_hex(8)}"
-    body = {"email": email, "password": password, "full_name": f"Storm {index}"}
+    body = {
+        "email": email,
+        "password": password,
+        "full_name": f"Storm {index}",
+        "accept_terms": True,
+        "terms_version": TERMS_VERSION,
+    }
     async with session.post(f"{base}/api/v1/auth/register", json=body) as response:
         if response.status != 201:
             raise SystemExit(f"register answered {response.status}: {await response.text()}")

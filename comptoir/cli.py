@@ -119,6 +119,29 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(_args: argparse.Namespace) -> int:
+    """Retention now (docs/privacy.md): what the auth service's daily purge does, as JSON counts."""
+    import asyncio
+    import json
+
+    from comptoir.embedded import EmbeddedPostgres
+    from comptoir.provision import migrate
+    from services.auth.config import Settings as AuthSettings
+    from services.auth.retention import purge_now
+
+    settings = RunSettings()
+    admin_url, embedded = _database_url(settings)
+    try:
+        roles = migrate(settings, admin_url)
+        auth_url = next(role.url for role in roles if role.service == "auth")
+        report = asyncio.run(purge_now(AuthSettings(database_url=auth_url)))
+    finally:
+        if isinstance(embedded, EmbeddedPostgres):
+            embedded.stop()
+    print(json.dumps(report.as_dict(), sort_keys=True))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from services.auth.bootstrap import AdminRefused, rotate_keys
     from services.auth.config import Settings as AuthSettings
@@ -460,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="create an admin (password from BOOTSTRAP_ADMIN_PASSWORD, a prompt, or standard input without a terminal)",
     )
     create_admin.add_argument("--email", required=True)
+    sub.add_parser(
+        "purge", help="retention: delete expired codes, tokens, sessions, devices; anonymise inactive accounts"
+    )
     keys = sub.add_parser("keys", help="the auth service's signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser("rotate", help="add a new signing key; older ones keep verifying until their tokens expire")
@@ -500,6 +526,7 @@ COMMANDS = {
     "restore": cmd_backup,
     "create-admin": cmd_create_admin,
     "keys": cmd_keys,
+    "purge": cmd_purge,
     "audit": cmd_audit,
     "outbox": cmd_outbox,
     "openapi": cmd_openapi,

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 ALLOWED_METHODS = b"GET, POST, PATCH, PUT, DELETE, OPTIONS"
 ALLOWED_HEADERS = frozenset(
-    {b"authorization", b"content-type", b"idempotency-key", b"x-request-id", b"accept", b"accept-language"}
+    {
+        b"authorization",
+        b"content-type",
+        b"idempotency-key",
+        b"x-request-id",
+        b"accept",
+        b"accept-language",
+        b"x-csrf-token",  # browser session mode: the double-submit token of POST /api/v1/auth/token/refresh
+    }
 )
 EXPOSED_HEADERS = b"X-Request-ID, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Retry-After, Location"
 

@@ -82,7 +82,13 @@ REQUIRED_HEADERS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
 
 # Successful answers that name a new resource.
 LOCATION = {("POST", "/api/v1/orders"), ("POST", "/api/v1/products"), ("POST", "/api/v1/products/{product_id}/images")}
-ETAG = {("GET", "/api/v1/products/{product_id}/images/{image_id}")}
+ETAG = {
+    ("GET", "/api/v1/products"),
+    ("GET", "/api/v1/products/{product_id}"),
+    ("GET", "/api/v1/products/{product_id}/images/{image_id}"),
+}
+# Catalogue reads answer a matching If-None-Match with 304 (inventory's validators, the gateway's cache).
+CONDITIONAL = {("GET", "/api/v1/products"), ("GET", "/api/v1/products/{product_id}")}
 
 DESCRIPTIONS = {
     400: "Malformed request: the body is not JSON, a cursor is not one the server made, or a header is missing",
@@ -114,7 +120,7 @@ HEADERS: dict[str, dict[str, Any]] = {
         "description": "`no-store` unless the answer may be cached (public catalogue, images).",
         "schema": {"type": "string"},
     },
-    "ETag": {"description": "The image's content hash.", "schema": {"type": "string"}},
+    "ETag": {"description": "A strong validator: the content's hash.", "schema": {"type": "string"}},
     "Idempotent-Replayed": {
         "description": "`true` when the order is the one an earlier request with this key placed.",
         "schema": {"type": "string", "enum": ["true"]},
@@ -199,6 +205,24 @@ def _describe(method: str, path: str, operation: dict[str, Any]) -> None:
         for media, content in response.get("content", {}).items():
             if media.startswith("image/"):
                 content["schema"] = {"type": "string", "format": "binary"}
+    if key in CONDITIONAL:
+        responses["304"] = {
+            "description": "Not modified: `If-None-Match` names the current `ETag`; no body",
+            "headers": {
+                "ETag": {**HEADERS["ETag"], "required": True},
+                "Cache-Control": {**HEADERS["Cache-Control"], "required": True},
+                "X-Request-ID": HEADERS["X-Request-ID"],
+            },
+        }
+        operation.setdefault("parameters", []).append(
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "required": False,
+                "description": "ETags the client holds; the current one gets 304 without a body.",
+                "schema": {"type": "string"},
+            }
+        )
     for name, schema in REQUIRED_HEADERS.get(key, {}).items():
         for parameter in operation.get("parameters", []):
             if parameter.get("in") == "header" and parameter.get("name") == name:
@@ -318,6 +342,13 @@ def _health_operation() -> dict[str, Any]:
     }
 
 
+# Published with the code (docs/ in the repository), for the people whose accounts the API holds.
+USER_DOCUMENTS = (
+    "Privacy policy: [docs/privacy.md](docs/privacy.md). "
+    "Security guidelines for users: [docs/security-for-users.md](docs/security-for-users.md)."
+)
+
+
 def merge(documents: dict[str, dict[str, Any]], title: str = "Comptoir public API") -> dict[str, Any]:
     prefixes = tuple(route.prefix for route in route_table())
     schemas: dict[str, Any] = {}
@@ -346,7 +377,7 @@ def merge(documents: dict[str, dict[str, Any]], title: str = "Comptoir public AP
             "title": title,
             "version": "1",
             "description": "Every error is RFC 9457 `application/problem+json`. A method that a path does not "
-            "have is answered 405 with an `Allow` header, before any authentication.",
+            "have is answered 405 with an `Allow` header, before any authentication.\n\n" + USER_DOCUMENTS,
         },
         "paths": paths,
         "components": {

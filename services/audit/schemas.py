@@ -55,9 +55,12 @@ TIMESTAMP = "RFC 3339 UTC with six fraction digits, exactly as hashed."
 class EventRead(BaseModel):
     """An event exactly as hashed, plus ``sequence``, ``hash`` and ``prev_hash``.
 
-    ``actor_id`` (and ``resource_id`` of a user) hold the user's pseudonym; ``actor_user_id`` and
-    ``resource_user_id`` resolve it while the user exists (null once the user is erased). They are not
-    part of the hashed document.
+    The chain holds a user's pseudonym wherever the event names the user. For admins, ``actor_id``
+    (and ``resource_id`` of a user) hold the user's id while the pseudonym mapping exists, and
+    ``pseudonyms`` the values as hashed; once the user is erased they stay pseudonyms.
+    ``actor_user_id`` and ``resource_user_id`` give the resolved ids too (null once the user is erased).
+    None of these three extra fields is part of the hashed document: to rehash an event, drop them and
+    ``hash``/``prev_hash``, and put the ``pseudonyms`` values back in place.
     """
 
     id: uuid.UUID
@@ -82,6 +85,9 @@ class EventRead(BaseModel):
     prev_hash: str
     actor_user_id: str | None = None
     resource_user_id: str | None = None
+    pseudonyms: dict[str, str] | None = Field(
+        None, description="`actor_id`/`resource_id` as hashed (pseudonyms), where this answer resolved them."
+    )
 
 
 class Problem(BaseModel):

@@ -51,11 +51,18 @@ def prepare(payload: dict[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
-def read_event(row: Any) -> EventRead:
+def read_event(row: Any, *, resolve: bool = False) -> EventRead:
+    """An event as stored; ``resolve`` (admin reads): ``actor_id`` and a user ``resource_id`` hold the
+    user id while the pseudonym mapping exists, and ``pseudonyms`` keeps the values as hashed."""
     doc = json.loads(row.document)
     doc.pop("sequence", None)
     actor_user_id = getattr(row, "actor_user_id", None)
     resource_user_id = getattr(row, "resource_user_id", None)
+    hashed: dict[str, str] = {}
+    if resolve and actor_user_id is not None:
+        hashed["actor_id"], doc["actor_id"] = doc["actor_id"], str(actor_user_id)
+    if resolve and resource_user_id is not None:
+        hashed["resource_id"], doc["resource_id"] = doc["resource_id"], str(resource_user_id)
     return EventRead(
         **doc,
         sequence=row.sequence,
@@ -63,6 +70,7 @@ def read_event(row: Any) -> EventRead:
         prev_hash=row.prev_hash,
         actor_user_id=str(actor_user_id) if actor_user_id else None,
         resource_user_id=str(resource_user_id) if resource_user_id else None,
+        pseudonyms=hashed or None,
     )
 
 
@@ -223,7 +231,7 @@ class EventQueries:
             until=until,
         )
         rows = await self.events.page(where, limit=limit + 1, before=before)
-        page = page_of(rows, limit, read_event, lambda row: [str(row.sequence)])
+        page = page_of(rows, limit, lambda row: read_event(row, resolve=True), lambda row: [str(row.sequence)])
         return page.items, page.next_cursor
 
 

@@ -62,9 +62,9 @@ def auth_checks(s: Settings) -> list[Check]:
         check(
             "CMP-W027",
             "account lockout enabled",
-            s.login_delay_after_failures <= 5 and s.login_hard_lock_failures <= 100,
+            s.login_delay_after_failures <= 5 and s.login_account_delay_after_failures <= 10,
             "login throttling thresholds above the defaults",
-            "use the defaults (5 failures, hard lock at 100)",
+            "use the defaults (5 failures per IP or device, 10 per account from unknown devices)",
             process="auth",
         ),
         check(

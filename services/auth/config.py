@@ -60,7 +60,36 @@ class Settings(ServiceSettings):
     login_delay_after_failures: int = Field(5, ge=1, le=100)
     login_delay_base_seconds: int = Field(30, ge=1)
     login_delay_max_seconds: int = Field(900, ge=1)
-    login_hard_lock_failures: int = Field(100, ge=2)
+    # Failures of one account from devices it does not know, across every address, before it waits.
+    login_account_delay_after_failures: int = Field(10, ge=1, le=100)
+    # Failures from one address across every account (credential stuffing) before it waits.
+    login_ip_delay_after_failures: int = Field(30, ge=1, le=10_000)
+    # The account, address and device counters forget failures older than this.
+    login_failure_window_seconds: int = Field(3600, ge=60, le=7 * 86_400)
+    # A device that has not signed in for this long is unknown again.
+    device_ttl_days: int = Field(90, ge=1, le=3650)
+
+    # ---- browser session mode (browser.py) ----
+    # Exact origins of the browser apps that may refresh with the session cookie (JSON list).
+    browser_origins: list[str] = Field(default_factory=list)
+
+    # ---- consent and retention ----
+    # The terms and privacy policy version in force: registration must accept exactly this one.
+    terms_version: str = Field("2026-12-01", min_length=1, max_length=32)
+    # Revoked or expired sessions and revoked devices are deleted this long after (see retention.py).
+    retention_days: int = Field(30, ge=1, le=3650)
+    # Customer accounts without a login for this long are anonymised (0: never).
+    inactive_account_days: int = Field(730, ge=0, le=36_500)
+    # How often the auth service purges by itself (`comptoir purge` does it on demand).
+    retention_interval_seconds: float = Field(86_400.0, gt=0)
+
+    # ---- second factor (TOTP, RFC 6238) ----
+    # Roles that must sign in with a second factor; unset: ["admin"] in production, none otherwise.
+    mfa_required_roles: list[Literal["customer", "staff", "admin"]] | None = None
+    mfa_issuer: str = Field("Comptoir", min_length=1, max_length=64)
+    mfa_challenge_ttl_seconds: int = Field(300, ge=60, le=1800)
+    mfa_max_attempts: int = Field(5, ge=1, le=20, description="Codes tried per login challenge.")
+    mfa_recovery_codes: int = Field(10, ge=4, le=20)
 
     # ---- phone verification (OTP) ----
     otp_digits: int = Field(6, ge=6, le=10)
@@ -143,6 +172,12 @@ class Settings(ServiceSettings):
         if "{token}" not in self.password_reset_link:
             raise ValueError("password_reset_link must contain {token}")
         return self
+
+    @property
+    def mfa_roles(self) -> frozenset[str]:
+        if self.mfa_required_roles is not None:
+            return frozenset(self.mfa_required_roles)
+        return frozenset({"admin"}) if self.is_production else frozenset()
 
     @property
     def resolved_keys_dir(self) -> Path:

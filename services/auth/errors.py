@@ -62,6 +62,13 @@ class WeakPassword(Unprocessable):
         super().__init__("The password does not meet the password policy.", extra={"errors": errors})
 
 
+class InvalidField(Unprocessable):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(
+            "One or more fields are invalid.", extra={"errors": [{"loc": ["body", field], "msg": message}]}
+        )
+
+
 class WrongPassword(BadRequest):
     slug = "wrong-password"
     title = "Wrong password"
@@ -151,3 +158,45 @@ class AudienceNotAllowed(Forbidden):
 class PeerUnavailable(ServiceUnavailable):
     slug = "peer-unavailable"
     title = "A service is unavailable"
+
+
+class MfaRequired(Unauthorized):
+    """Not an error of the caller: the password was right, the second factor is asked for."""
+
+    slug = "mfa-required"
+    title = "Second factor required"
+
+    def __init__(self, extra: dict[str, Any]) -> None:
+        super().__init__(
+            "Send a code from the authenticator app (or a recovery code) to POST /api/v1/auth/login/mfa.",
+            extra=extra,
+        )
+
+
+class InvalidMfaChallenge(Unauthorized):
+    slug = "invalid-mfa-challenge"
+    title = "Invalid MFA challenge"
+
+    def __init__(self) -> None:
+        super().__init__("The MFA token is invalid, expired, used or out of attempts: sign in again.")
+
+
+class InvalidMfaCode(Unauthorized):
+    slug = "invalid-mfa-code"
+    title = "Invalid code"
+
+    def __init__(self) -> None:
+        super().__init__("The code is incorrect or was already used.")
+
+
+class WrongMfaCode(BadRequest):
+    slug = "wrong-mfa-code"
+    title = "Wrong code"
+
+    def __init__(self) -> None:
+        super().__init__("The code is incorrect or was already used.")
+
+
+class MfaStateConflict(Conflict):
+    slug = "mfa-state"
+    title = "Second factor state"

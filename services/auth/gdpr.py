@@ -24,9 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from common.errors import Unauthorized
 from common.http import forward_headers
 from common.tokens import Claims
+from services.auth.consent import consent_document
 from services.auth.context import RequestContext, Runtime
+from services.auth.devices import DeviceRepository
 from services.auth.errors import PeerUnavailable
-from services.auth.models import Session
+from services.auth.models import Session, User
 from services.auth.repository import LoginFailureRepository, OtpRepository, ResetRepository, SessionRepository
 from services.auth.schemas import Export
 from services.auth.service import AccountService, account_key, user_read
@@ -128,6 +130,16 @@ class GdprService:
                 }
                 for r in resets
             ],
+            consent=consent_document(user),
+            devices=[
+                {
+                    "created_at": d.created_at.isoformat(),
+                    "last_seen_at": d.last_seen_at.isoformat(),
+                    "user_agent": d.user_agent,
+                    "revoked_at": d.revoked_at.isoformat() if d.revoked_at else None,
+                }
+                for d in await DeviceRepository(self.db).of(user.id)
+            ],
             services=services,
         )
 
@@ -150,26 +162,35 @@ class GdprService:
         locked = await self.accounts.current_user(claims, lock=True)
         if locked.email is None:  # erased by a concurrent request
             raise Unauthorized("The account is not available.")
-        now = self.rt.now()
-        revoked = await SessionRepository(self.db).revoke_all(locked.id, now=now, reason="erased")
-        await self.accounts.users.delete_personal_rows(locked.id)
-        await LoginFailureRepository(self.db).clear(account_key(locked.email))
-        # Published last (the feed's lock comes after every row lock); the rows need no session.
-        await self.accounts.sessions.publish(revoked, now)
-        # The row stays (orders and the audit trail refer to its id) with nothing personal in it;
-        # the e-mail is free for a new registration.
-        locked.email = None
-        locked.password_hash = None
-        locked.full_name = None
-        locked.phone = None
-        locked.phone_verified = False
-        locked.is_active = False
-        locked.role = "customer"
-        locked.erased_at = locked.updated_at = now
-        await self.ctx.audit(
-            self.db,
-            "auth.user.erased",
-            resource_type="user",
-            resource_id=str(locked.id),
-            new_values={"sessions_revoked": len(revoked), "services": results},
-        )
+        await anonymise(self.accounts, locked, action="auth.user.erased", services=results)
+
+
+async def anonymise(accounts: AccountService, locked: User, *, action: str, services: dict[str, str]) -> None:
+    """Erase the account here (its row locked by the caller; the other services already erased it)."""
+    if locked.email is None:  # already erased: nothing personal is left
+        return
+    db, now = accounts.db, accounts.rt.now()
+    revoked = await SessionRepository(db).revoke_all(locked.id, now=now, reason="erased")
+    await accounts.users.delete_personal_rows(locked.id)
+    await LoginFailureRepository(db).clear(account_key(locked.email))
+    # Published last (the feed's lock comes after every row lock); the rows need no session.
+    await accounts.sessions.publish(revoked, now)
+    # The row stays (orders and the audit trail refer to its id) with nothing personal in it;
+    # the e-mail is free for a new registration.
+    locked.email = None
+    locked.password_hash = None
+    locked.full_name = None
+    locked.phone = None
+    locked.phone_verified = False
+    locked.marketing_consent = False
+    locked.marketing_consent_at = now
+    locked.is_active = False
+    locked.role = "customer"
+    locked.erased_at = locked.updated_at = now
+    await accounts.ctx.audit(
+        db,
+        action,
+        resource_type="user",
+        resource_id=str(locked.id),
+        new_values={"sessions_revoked": len(revoked), "services": services},
+    )

@@ -21,10 +21,13 @@ from common.tokens import ACCESS, SERVICE, Claims, TokenVerifier
 from services.auth.bootstrap import AdminRefused, create_admin
 from services.auth.checks import auth_checks
 from services.auth.config import Settings
+from services.auth.consent import router as consent_router
 from services.auth.context import Runtime, system_context
+from services.auth.device_router import router as device_router
 from services.auth.internal_router import router as internal_router
 from services.auth.keys import CLOCK_SKEW_SECONDS, KeyStore, LocalServiceTokens, TokenIssuer, load_otp_key
 from services.auth.messages import JsonlSink, MessageSender, WebhookSender
+from services.auth.mfa_router import router as mfa_router
 from services.auth.models import outbox
 from services.auth.passwords import PasswordHasher, PasswordPolicy, common_passwords
 from services.auth.repository import (
@@ -34,6 +37,7 @@ from services.auth.repository import (
     RevocationRepository,
     SessionRepository,
 )
+from services.auth.retention import retention_loop
 from services.auth.router import router, well_known
 
 log = structlog.get_logger("comptoir.auth")
@@ -84,7 +88,7 @@ async def prune(rt: Runtime) -> None:
     day_ago = now - timedelta(days=1)
     async with rt.sessionmaker() as session, session.begin():
         await RevocationRepository(session).prune(now)
-        await LoginFailureRepository(session).prune(day_ago, rt.settings.login_hard_lock_failures)
+        await LoginFailureRepository(session).prune(day_ago)
         await OtpRepository(session).prune(day_ago)
         await ResetRepository(session).prune(day_ago)
 
@@ -183,16 +187,19 @@ def create_app(
 
         app.state.is_revoked = is_revoked
         task: asyncio.Task[None] | None = None
+        purger: asyncio.Task[None] | None = None
         try:
             await hasher.dummy_hash()
             await bootstrap_admin(rt)
             task = asyncio.create_task(maintenance(rt), name="auth-maintenance")
+            purger = asyncio.create_task(retention_loop(rt), name="auth-retention")
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, purger):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
             for client in peers.values():
                 await client.aclose()
             await message_sender.aclose()
@@ -201,7 +208,7 @@ def create_app(
     app = create_service_app(
         name="auth",
         settings=settings,
-        routers=[router, well_known, internal_router],
+        routers=[router, mfa_router, consent_router, device_router, well_known, internal_router],
         lifespan_hook=lifespan,
         key_source=keys,
         poll_revocations=False,

@@ -6,12 +6,16 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, or_, select, text, tuple_, update
+from sqlalchemy import and_, case, delete, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.models import (
+    Device,
     LoginFailure,
+    MfaChallenge,
+    MfaRecoveryCode,
+    MfaTotp,
     OtpCode,
     OtpSend,
     PasswordReset,
@@ -48,8 +52,8 @@ class UserRepository:
         return user
 
     async def delete_personal_rows(self, user_id: uuid.UUID) -> None:
-        """Sessions (with their refresh tokens), codes, sends and reset links of an erased account."""
-        for model in (Session, OtpCode, OtpSend, PasswordReset):
+        """Sessions (with their refresh tokens), codes, sends, reset links and devices of an erased account."""
+        for model in (Session, OtpCode, OtpSend, PasswordReset, Device, MfaTotp, MfaRecoveryCode, MfaChallenge):
             await self.session.execute(delete(model).where(model.user_id == user_id))
 
     async def any_admin(self) -> bool:
@@ -186,22 +190,19 @@ class LoginFailureRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def lock_pair(self, account_key: str, ip: str) -> tuple[LoginFailure, LoginFailure]:
-        """The account row (ip '') and the (account, ip) row, created if missing, locked in a fixed order."""
+    async def lock(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], LoginFailure]:
+        """The counter rows of ``keys`` ((account_key, ip) pairs), created if missing, locked in one order."""
         await self.session.execute(
-            insert(LoginFailure)
-            .values([{"account_key": account_key, "ip": ""}, {"account_key": account_key, "ip": ip}])
-            .on_conflict_do_nothing()
+            insert(LoginFailure).values([{"account_key": key, "ip": ip} for key, ip in keys]).on_conflict_do_nothing()
         )
         stmt = (
             select(LoginFailure)
-            .where(LoginFailure.account_key == account_key, LoginFailure.ip.in_(["", ip]))
-            .order_by(LoginFailure.ip)
+            .where(tuple_(LoginFailure.account_key, LoginFailure.ip).in_(list(keys)))
+            .order_by(LoginFailure.account_key, LoginFailure.ip)
             .with_for_update()
             .execution_options(populate_existing=True)
         )
-        rows = {row.ip: row for row in (await self.session.scalars(stmt)).all()}
-        return rows[""], rows[ip]
+        return {(row.account_key, row.ip): row for row in (await self.session.scalars(stmt)).all()}
 
     async def get(self, account_key: str) -> LoginFailure | None:
         return await self.session.get(LoginFailure, (account_key, ""))
@@ -213,11 +214,26 @@ class LoginFailureRepository:
             stmt = stmt.where(LoginFailure.ip.in_(["", ip]))
         await self.session.execute(stmt)
 
-    async def prune(self, before: datetime, hard_lock: int) -> None:
+    async def uncount(self, key: tuple[str, str], threshold: int) -> None:
+        """Take back one counted attempt (it succeeded); below ``threshold`` the counter's wait goes too."""
+        stmt = (
+            update(LoginFailure)
+            .where(LoginFailure.account_key == key[0], LoginFailure.ip == key[1])
+            .values(
+                failures=func.greatest(LoginFailure.failures - 1, 0),
+                locked_until=case((LoginFailure.failures - 1 < threshold, None), else_=LoginFailure.locked_until),
+            )
+        )
+        await self.session.execute(stmt)
+
+    async def clear_keys(self, keys: Sequence[tuple[str, str]]) -> None:
+        stmt = delete(LoginFailure).where(tuple_(LoginFailure.account_key, LoginFailure.ip).in_(list(keys)))
+        await self.session.execute(stmt)
+
+    async def prune(self, before: datetime) -> None:
         await self.session.execute(
             delete(LoginFailure).where(
                 LoginFailure.last_failure_at < before,
-                LoginFailure.failures < hard_lock,
                 or_(LoginFailure.locked_until.is_(None), LoginFailure.locked_until < before),
             )
         )

@@ -6,14 +6,16 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Query, Request, status
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
 from common.db import SessionDep
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import CurrentUser, RequireAdmin, RequireStaff
+from services.auth import browser
 from services.auth.context import RequestContext, Runtime, RuntimeDep, request_context
 from services.auth.gdpr import GdprService
 from services.auth.messages import Message, MessageSender
+from services.auth.mfa import MfaChallengeProblem
 from services.auth.otp import OtpService
 from services.auth.schemas import (
     JWKS,
@@ -22,16 +24,17 @@ from services.auth.schemas import (
     AdminUserUpdate,
     Export,
     LoginRequest,
+    LoginResponse,
     LogoutRequest,
     OtpRequest,
     OtpVerify,
     PasswordChange,
     RefreshRequest,
+    RefreshResponse,
     RegisterRequest,
     ResetConfirm,
     ResetRequest,
     SessionRead,
-    TokenPair,
     UserRead,
     UserUpdate,
 )
@@ -81,18 +84,43 @@ async def register(body: RegisterRequest, session: SessionDep, rt: RuntimeDep, r
 
 @router.post(
     "/login",
-    response_model=TokenPair,
-    responses={401: {"description": "Any bad credential"}, 429: {"description": "Delayed: see Retry-After"}},
+    response_model=LoginResponse,
+    responses={
+        401: {
+            "model": MfaChallengeProblem,
+            "description": "Any bad credential (`invalid-credentials`), or the password was right and a second "
+            "factor is asked for (`mfa-required`, with `mfa_token`: see POST /login/mfa)",
+        },
+        429: {"description": "Delayed: see Retry-After"},
+    },
 )
-async def login(body: LoginRequest, session: SessionDep, rt: RuntimeDep, request: Request) -> TokenPair:
-    """Exchange e-mail and password for a token pair."""
-    return await accounts(session, rt, request).login(body.email, body.password)
+async def login(
+    body: LoginRequest, session: SessionDep, rt: RuntimeDep, request: Request, response: Response
+) -> LoginResponse:
+    """Exchange e-mail and password for a token pair and a device token (cookies in `cookie` mode)."""
+    device = browser.device_token_of(request, body.device_token)
+    answer = await accounts(session, rt, request).login(body.email, body.password, device)
+    return browser.finish_login(response, answer, rt.settings, body.session_mode)
 
 
-@router.post("/token/refresh", response_model=TokenPair)
-async def refresh(body: RefreshRequest, session: SessionDep, rt: RuntimeDep, request: Request) -> TokenPair:
-    """Spend a refresh token for a new pair (a spent one presented again ends the session)."""
-    return await accounts(session, rt, request).refresh(body.refresh_token)
+@router.post(
+    "/token/refresh",
+    response_model=RefreshResponse,
+    responses={403: {"description": "Cookie mode: bad Origin or CSRF token"}},
+)
+async def refresh(
+    session: SessionDep, rt: RuntimeDep, request: Request, response: Response, body: RefreshRequest | None = None
+) -> RefreshResponse:
+    """Spend a refresh token for a new pair (a spent one presented again ends the session).
+
+    Without `refresh_token`: cookie mode (allowed Origin, X-CSRF-Token = CSRF cookie), cookies rotated."""
+    if body is not None and body.refresh_token is not None:
+        pair = await accounts(session, rt, request).refresh(body.refresh_token)
+        return RefreshResponse(**pair.model_dump())
+    token = browser.check_cookie_request(request, rt.settings)
+    pair = await accounts(session, rt, request).refresh(token)
+    csrf = browser.set_session(response, pair, rt.settings)
+    return RefreshResponse(**(pair.model_dump() | {"refresh_token": None, "csrf_token": csrf}))
 
 
 @router.post("/password-reset/request", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted)
@@ -127,10 +155,16 @@ async def jwks(rt: RuntimeDep) -> dict[str, Any]:
 
 @router.post("/logout", status_code=NO_CONTENT)
 async def logout(
-    claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request, body: LogoutRequest | None = None
+    claims: CurrentUser,
+    session: SessionDep,
+    rt: RuntimeDep,
+    request: Request,
+    response: Response,
+    body: LogoutRequest | None = None,
 ) -> None:
-    """End this session (and the one of the refresh token given, if it is the caller's)."""
+    """End this session (and the one of the refresh token given, if it is the caller's); clears cookies."""
     await accounts(session, rt, request).logout(claims, body.refresh_token if body else None)
+    browser.clear_session(response)
 
 
 @router.post("/logout-all", status_code=NO_CONTENT)

@@ -77,6 +77,18 @@ class RegisterRequest(Input):
     password: str = NewPasswordField
     full_name: str | None = Field(None, max_length=200)
     phone: str | None = Field(None, max_length=40)
+    accept_terms: bool = Field(
+        strict=True, description="Must be true: the user accepts the terms and the privacy policy."
+    )
+    terms_version: str = Field(min_length=1, max_length=32, description="The version accepted (the one in force).")
+    marketing_consent: bool = Field(False, strict=True, description="Optional consent to marketing messages.")
+
+    @field_validator("accept_terms")
+    @classmethod
+    def _accepted(cls, value: bool) -> bool:
+        if value is not True:
+            raise ValueError("the terms and the privacy policy must be accepted")
+        return value
 
     @field_validator("email")
     @classmethod
@@ -100,10 +112,21 @@ class RegisterRequest(Input):
 class LoginRequest(Input):
     email: str = Field(min_length=1, max_length=320)
     password: str = PasswordField
+    device_token: str | None = Field(
+        None,
+        max_length=512,
+        description="The `device_token` of an earlier login on this device: it is then throttled on its own "
+        "(browsers send the `__Host-comptoir-device` cookie instead). Anything else counts as an unknown device.",
+    )
+    session_mode: Literal["bearer", "cookie"] = Field(
+        "bearer", description="`cookie` for browser apps: refresh and device tokens in `__Host-` cookies."
+    )
 
 
 class RefreshRequest(Input):
-    refresh_token: str = Field(min_length=1, max_length=4096)
+    refresh_token: str | None = Field(
+        None, min_length=1, max_length=4096, description="Omitted in cookie mode (see X-CSRF-Token)."
+    )
 
 
 class LogoutRequest(Input):
@@ -117,6 +140,20 @@ class TokenPair(Schema):
     expires_in: int
     refresh_expires_in: int = Field(description="Seconds until the session's absolute end.")
     refresh_idle_expires_in: int = Field(description="Seconds until this refresh token expires if unused.")
+
+
+class LoginResponse(TokenPair):
+    refresh_token: str | None = Field(description="null in cookie mode: it is in the `__Host-comptoir-refresh` cookie.")  # type: ignore[assignment]
+    device_token: str | None = Field(
+        description="Proof that this device signed in to this account; send it with the next logins "
+        "(null in cookie mode: it is in the `__Host-comptoir-device` cookie)."
+    )
+    csrf_token: str | None = Field(None, description="Cookie mode: send it as X-CSRF-Token when refreshing.")
+
+
+class RefreshResponse(TokenPair):
+    refresh_token: str | None = Field(description="null in cookie mode: the cookie was replaced.")  # type: ignore[assignment]
+    csrf_token: str | None = Field(None, description="Cookie mode: the new CSRF token (the cookie was replaced).")
 
 
 class UserRead(Schema):
@@ -226,6 +263,8 @@ class Export(Schema):
     sessions: list[dict[str, Any]]
     phone_verifications: list[dict[str, Any]]
     password_resets: list[dict[str, Any]]
+    consent: dict[str, Any] = Field(default_factory=dict, description="Terms version accepted, marketing consent.")
+    devices: list[dict[str, Any]] = Field(default_factory=list, description="Devices that signed in.")
     services: dict[str, Any] = Field(
         description="What each other service holds, as it answered; null when it holds nothing."
     )

@@ -15,9 +15,11 @@ from common.errors import ServiceError, Unauthorized
 from common.pagination import Page, page_of, time_key, time_key_after
 from common.tokens import Claims
 from services.auth.context import RequestContext, Runtime, sha256_hex
+from services.auth.devices import DeviceRepository, DeviceTokens
 from services.auth.errors import (
     EmailTaken,
     InvalidCredentials,
+    InvalidField,
     InvalidResetToken,
     LoginThrottled,
     OwnAccountChange,
@@ -28,6 +30,7 @@ from services.auth.errors import (
 )
 from services.auth.messages import Message
 from services.auth.metrics import LOGINS
+from services.auth.mfa import Mfa
 from services.auth.models import PasswordReset, User
 from services.auth.repository import (
     LoginFailureRepository,
@@ -38,6 +41,7 @@ from services.auth.repository import (
 )
 from services.auth.schemas import (
     AdminUserUpdate,
+    LoginResponse,
     RegisterRequest,
     SessionRead,
     TokenPair,
@@ -47,6 +51,7 @@ from services.auth.schemas import (
 )
 from services.auth.sessions import SessionManager
 from services.auth.throttle import Gate, LoginThrottle
+from services.auth.throttle import succeeded as login_succeeded
 
 log = structlog.get_logger("comptoir.auth")
 
@@ -111,16 +116,20 @@ class AccountService:
                 outcome="failure",
                 resource_type="user",
                 resource_id=str(user.id),
-                new_values={"purpose": purpose, "consecutive_failures": gate.failures},
+                new_values={"purpose": purpose, "failures": gate.failures},
             )
             await self.fail(LoginThrottled(gate.retry_after) if gate.retry_after else WrongPassword())
-        await self.failures.clear(key, ctx.ip_key)
+        await login_succeeded(self.db, self.rt, key, ctx.ip_key, None)
         if new_hash:
             user.password_hash = new_hash
 
     # ---- registration and login ----
 
     async def register(self, body: RegisterRequest) -> UserRead:
+        if body.terms_version != self.settings.terms_version:
+            raise InvalidField(
+                "terms_version", f"The terms in force are version {self.settings.terms_version}: accept that one."
+            )
         self.check_password(body.password, email=body.email, field="password")
         password_hash = await self.rt.hasher.hash(body.password)
         now = self.rt.now()
@@ -138,6 +147,10 @@ class AccountService:
             created_at=now,
             updated_at=now,
             password_changed_at=now,
+            terms_version=body.terms_version,
+            terms_accepted_at=now,
+            marketing_consent=body.marketing_consent,
+            marketing_consent_at=now if body.marketing_consent else None,
         )
         try:
             async with self.db.begin_nested():
@@ -151,29 +164,42 @@ class AccountService:
             "auth.user.registered",
             resource_type="user",
             resource_id=str(user.id),
-            new_values={"role": user.role, "phone_set": user.phone is not None},
+            new_values={
+                "role": user.role,
+                "phone_set": user.phone is not None,
+                "terms_version": user.terms_version,
+                "marketing_consent": user.marketing_consent,
+            },
         )
         return user_read(user)
 
-    async def login(self, email_input: str, password: str) -> TokenPair:
-        """One generic 401 for unknown e-mail, wrong password or disabled account; 429 while delayed."""
+    async def login(self, email_input: str, password: str, device_token: str | None = None) -> LoginResponse:
+        """One generic 401 for unknown e-mail, wrong password or disabled account; 429 while delayed.
+
+        A device the account knows (``device_token``) is throttled on its own counter only; any other
+        attempt is counted per account, per (account, IP) and per IP (see throttle.py).
+        """
         email = lookup_email(email_input)
         key = account_key(email)
         ctx = self.ctx
-        gate = await LoginThrottle(self.rt).enter(key, ctx.ip_key)
+        # One short transaction of its own finds the account and its device and counts the attempt:
+        # the request's own connection is taken only once the password is right.
+        async with self.rt.sessionmaker() as short, short.begin():
+            user = await UserRepository(short).by_email(email)
+            known = await DeviceTokens(short, self.rt).recognise(device_token, user.id if user else None)
+            device = known.id_hash if known else None
+            gate = await LoginThrottle(self.rt).enter_in(short, key, ctx.ip_key, device)
         if gate.blocked:
-            known = await self.users.by_email(email)
             LOGINS.labels("throttled").inc()
             await ctx.audit(
                 self.db,
                 "auth.login.throttled",
                 outcome="denied",
                 resource_type="user",
-                resource_id=str(known.id) if known else None,
-                new_values={"retry_after": int(gate.retry_after), "hard_locked": gate.hard_locked},
+                resource_id=str(user.id) if user else None,
+                new_values={"retry_after": int(gate.retry_after), "scope": gate.scope},
             )
             await self.fail(LoginThrottled(gate.retry_after))
-        user = await self.users.by_email(email)
         # Unknown e-mail: a dummy hash is checked, so the answer takes as long as for a real account.
         ok, new_hash = await self.rt.hasher.verify(password, user.password_hash if user else None)
         if not (ok and user is not None and user.is_active):
@@ -182,9 +208,21 @@ class AccountService:
         user = await self.users.get(user.id, lock=True)
         if user is None:
             raise InvalidCredentials()
-        await self.failures.clear(key, ctx.ip_key)
+        await login_succeeded(self.db, self.rt, key, ctx.ip_key, device)
         if new_hash:
             user.password_hash = new_hash  # parameters changed since it was hashed: upgrade it now
+        mfa = Mfa(self.db, self.rt, ctx)
+        if await mfa.needed(user):
+            # The password was right: a second factor is asked for (committed with the counters cleared).
+            await self.fail(await mfa.challenge(user))
+        token = await DeviceTokens(self.db, self.rt).remember(user.id, known, ctx)
+        pair = await self.start_session(user, known_device=known is not None, hash_upgraded=bool(new_hash))
+        return LoginResponse(**pair.model_dump(), device_token=token)
+
+    async def start_session(self, user: User, *, known_device: bool, hash_upgraded: bool = False) -> TokenPair:
+        """A new session for ``user`` (row locked by the caller), audited."""
+        ctx = self.ctx
+        user.last_login_at = self.rt.now()
         session, pair, evicted = await self.sessions.start(user, ctx)
         actor = ctx.as_actor(str(user.id), user.role)
         for sid in evicted:
@@ -200,7 +238,7 @@ class AccountService:
             "auth.login.succeeded",
             resource_type="session",
             resource_id=str(session.id),
-            new_values={"hash_upgraded": bool(new_hash)},
+            new_values={"hash_upgraded": hash_upgraded, "known_device": known_device},
         )
         LOGINS.labels("succeeded").inc()
         return pair
@@ -214,25 +252,16 @@ class AccountService:
             outcome="failure",
             resource_type="user",
             resource_id=resource_id,
-            new_values={"reason": reason, "known_account": user is not None, "consecutive_failures": gate.failures},
+            new_values={"reason": reason, "known_account": user is not None, "failures": gate.failures},
         )
-        if gate.hard_locked:
-            await ctx.audit(
-                self.db,
-                "auth.account.locked",
-                outcome="denied",
-                resource_type="user",
-                resource_id=resource_id,
-                new_values={"consecutive_failures": gate.failures},
-            )
-        elif gate.retry_after:
+        if gate.retry_after:
             await ctx.audit(
                 self.db,
                 "auth.login.throttled",
                 outcome="denied",
                 resource_type="user",
                 resource_id=resource_id,
-                new_values={"retry_after": int(gate.retry_after), "consecutive_failures": gate.failures},
+                new_values={"retry_after": int(gate.retry_after), "scope": gate.scope, "failures": gate.failures},
             )
         LOGINS.labels("failed").inc()
         await self.fail(LoginThrottled(gate.retry_after) if gate.retry_after else InvalidCredentials())
@@ -396,12 +425,13 @@ class AccountService:
         # A victim locked out by someone guessing always gets back in this way.
         await self.failures.clear(account_key(user.email))
         revoked = await self.sessions.revoke_all(user.id, reason="password_reset")
+        devices = await DeviceRepository(self.db).revoke_all(user.id, now)
         await self.ctx.as_actor(str(user.id), user.role).audit(
             self.db,
             "auth.password.reset",
             resource_type="user",
             resource_id=str(user.id),
-            new_values={"sessions_revoked": len(revoked)},
+            new_values={"sessions_revoked": len(revoked), "devices_revoked": devices},
         )
 
     # ---- administration ----

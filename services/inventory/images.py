@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from PIL import Image, ImageFile, ImageOps
@@ -199,3 +201,25 @@ def process(data: bytes, *, max_pixels: int) -> CleanImage:
         height=clean.height,
         sha256=hashlib.sha256(encoded).hexdigest(),
     )
+
+
+# ---- on disk: readable by the web server or CDN that may serve them, writable by the service only ----
+
+FILE_MODE = 0o644
+DIRECTORY_MODE = 0o755
+
+
+def make_directory(path: Path) -> None:
+    """``path`` and the parents this creates, all 0755 whatever the process umask (mkdir's mode is
+    masked by it; chmod is not)."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for directory in {path, *created}:
+        os.chmod(directory, DIRECTORY_MODE)
+
+
+def create_file(path: Path) -> int:
+    """A new file (never an existing one or a link), 0644 whatever the umask: a file descriptor."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return fd

@@ -225,11 +225,11 @@ class ImageStore:
         return self.directory / storage_key
 
     def write(self, data: bytes, extension: str) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        images.make_directory(self.directory)
         key = f"{secrets.token_hex(16)}.{extension}"
         final = self.directory / key
         temporary = self.directory / f".{key}.part"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = images.create_file(temporary)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)

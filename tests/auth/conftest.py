@@ -30,11 +30,18 @@ TABLES = (
     "otp_sends",
     "password_resets",
     "revocations",
+    "devices",
+    "mfa_totp",
+    "mfa_recovery_codes",
+    "mfa_challenges",
     "outbox",
 )
 # Low on purpose: the production default (600,000) is asserted in test_passwords.py.
 TEST_ROUNDS = 1000
 PASSWORD = "correct horse battery staple"
+# What every registration must accept (AUTH_TERMS_VERSION's default).
+TERMS_VERSION = "2026-12-01"
+CONSENT = {"accept_terms": True, "terms_version": TERMS_VERSION}
 CLIENT_SECRETS = {name: f"{name}-secret-{'x' * 32}" for name in ("gateway", "inventory", "orders", "audit", "auth")}
 
 
@@ -68,7 +75,9 @@ class AuthClient:
         if email is None:
             self.counter[0] += 1
             email = f"user{self.counter[0]}-{time.time_ns()}@example.cm"
-        response = await self.client.post("/api/v1/auth/register", json={"email": email, "password": password} | extra)
+        response = await self.client.post(
+            "/api/v1/auth/register", json={"email": email, "password": password} | CONSENT | extra
+        )
         assert response.status_code == 201, response.text
         return dict(response.json())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.auth.conftest import PASSWORD, AuthClient
+from tests.auth.conftest import CONSENT, PASSWORD, AuthClient
 from tests.conftest import assert_problem
 from tests.support.tokens import bearer
 
@@ -14,7 +14,13 @@ USER_FIELDS = {"id", "email", "full_name", "phone", "phone_verified", "role", "i
 async def test_register_returns_a_customer_with_normalised_email_and_phone(auth: AuthClient) -> None:
     response = await auth.client.post(
         "/api/v1/auth/register",
-        json={"email": "  Awa.Ngono@Example.CM ", "password": PASSWORD, "full_name": "Awa", "phone": "6 71 23 45 67"},
+        json={
+            "email": "  Awa.Ngono@Example.CM ",
+            "password": PASSWORD,
+            "full_name": "Awa",
+            "phone": "6 71 23 45 67",
+        }
+        | CONSENT,
     )
     assert response.status_code == 201, response.text
     user = response.json()
@@ -29,19 +35,26 @@ async def test_register_returns_a_customer_with_normalised_email_and_phone(auth:
 
 async def test_email_is_unique_whatever_its_case(auth: AuthClient) -> None:
     await auth.register("kofi@example.cm")
-    response = await auth.client.post("/api/v1/auth/register", json={"email": "KOFI@example.CM", "password": PASSWORD})
+    response = await auth.client.post(
+        "/api/v1/auth/register", json={"email": "KOFI@example.CM", "password": PASSWORD} | CONSENT
+    )
     assert_problem(response, 409)
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        {"email": "not-an-email", "password": PASSWORD},
-        {"email": "a@example.cm", "password": PASSWORD, "phone": "12"},
-        {"email": "a@example.cm", "password": PASSWORD, "phone": "+33 6 12"},
-        {"email": "a@example.cm", "password": PASSWORD, "role": "admin"},
-        {"email": "a@example.cm", "password": PASSWORD, "is_active": False},
-        {"email": "a@example.cm"},
+        {"email": "not-an-email", "password": PASSWORD} | CONSENT,
+        {"email": "a@example.cm", "password": PASSWORD, "phone": "12"} | CONSENT,
+        {"email": "a@example.cm", "password": PASSWORD, "phone": "+33 6 12"} | CONSENT,
+        {"email": "a@example.cm", "password": PASSWORD, "role": "admin"} | CONSENT,
+        {"email": "a@example.cm", "password": PASSWORD, "is_active": False} | CONSENT,
+        {"email": "a@example.cm"} | CONSENT,
+        {"email": "a@example.cm", "password": PASSWORD},
+        {"email": "a@example.cm", "password": PASSWORD, "accept_terms": False, "terms_version": "2026-12-01"},
+        {"email": "a@example.cm", "password": PASSWORD, "accept_terms": True},
+        {"email": "a@example.cm", "password": PASSWORD, "accept_terms": True, "terms_version": "2020-01-01"},
+        {"email": "a@example.cm", "password": PASSWORD, "accept_terms": "yes", "terms_version": "2026-12-01"},
     ],
 )
 async def test_invalid_registrations_are_422(auth: AuthClient, body: dict[str, object]) -> None:
@@ -63,7 +76,7 @@ async def test_invalid_registrations_are_422(auth: AuthClient, body: dict[str, o
 )
 async def test_password_policy_lists_every_reason(auth: AuthClient, password: str, reasons: list[str]) -> None:
     response = await auth.client.post(
-        "/api/v1/auth/register", json={"email": "mbarga-paul@example.cm", "password": password}
+        "/api/v1/auth/register", json={"email": "mbarga-paul@example.cm", "password": password} | CONSENT
     )
     body = assert_problem(response, 422)
     errors = body["errors"]

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.auth.conftest import AuthClient
+from tests.auth.conftest import CONSENT, AuthClient
 from tests.support.tokens import bearer
 
 NASTY: list[object] = ["a\x00b", "x" * 5000, 12, None, [], {"$ne": ""}, "' OR 1=1 --", "😀" * 200, True]
 
 ANON: list[tuple[str, str, dict[str, object]]] = [
-    ("POST", "/api/v1/auth/register", {"email": "ok@example.cm", "password": "fine long passphrase", "phone": None}),
-    ("POST", "/api/v1/auth/login", {"email": "ok@example.cm", "password": "fine long passphrase"}),
+    (
+        "POST",
+        "/api/v1/auth/register",
+        {"email": "ok@example.cm", "password": "fine long passphrase", "phone": None} | CONSENT,
+    ),
+    ("POST", "/api/v1/auth/login", {"email": "ok@example.cm", "password": "fine long passphrase", "device_token": "x"}),
+    ("POST", "/api/v1/auth/login/mfa", {"mfa_token": "abc", "code": "123456", "device_token": "x"}),
     ("POST", "/api/v1/auth/token/refresh", {"refresh_token": "abc"}),
     ("POST", "/api/v1/auth/password-reset/request", {"email": "ok@example.cm"}),
     ("POST", "/api/v1/auth/password-reset/confirm", {"token": "abc", "new_password": "fine long passphrase"}),
@@ -24,6 +29,10 @@ USER: list[tuple[str, str, dict[str, object]]] = [
     ("POST", "/api/v1/auth/otp/request", {"phone": "+237671234567"}),
     ("POST", "/api/v1/auth/otp/verify", {"code": "123456"}),
     ("DELETE", "/api/v1/auth/me", {"password": "x"}),
+    ("PATCH", "/api/v1/auth/me/consent", {"marketing_consent": True, "accept_terms_version": "2026-12-01"}),
+    ("POST", "/api/v1/auth/mfa/totp/confirm", {"code": "123456"}),
+    ("POST", "/api/v1/auth/mfa/recovery-codes", {"code": "123456"}),
+    ("POST", "/api/v1/auth/mfa/totp/disable", {"password": "x", "code": "123456"}),
 ]
 
 

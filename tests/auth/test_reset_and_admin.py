@@ -66,7 +66,7 @@ async def test_reset_sets_the_password_once_and_ends_every_session(auth: AuthCli
     text = await auth.outbox_text()
     assert token not in text
     assert NEW_PASSWORD not in text
-    assert (await auth.events("auth.password.reset"))[0]["new_values"] == {"sessions_revoked": 1}
+    assert (await auth.events("auth.password.reset"))[0]["new_values"] == {"sessions_revoked": 1, "devices_revoked": 1}
 
 
 async def test_reset_tokens_expire_after_thirty_minutes(auth: AuthClient) -> None:

@@ -110,7 +110,7 @@ def test_each_gateway_check_fails_on_its_unsafe_setting(check_id: str, overrides
         ("CMP-W025", {"webhook_url": ""}),
         ("CMP-W025", {"webhook_url": "http://sms.boutique.cm/hook"}),
         ("CMP-W026", {"otp_ttl_seconds": 1800}),
-        ("CMP-W027", {"login_hard_lock_failures": 1000}),
+        ("CMP-W027", {"login_account_delay_after_failures": 50}),
         ("CMP-W019", {"database_url": f"postgresql://comptoir_auth:{STRONG}@db.boutique.cm/comptoir"}),
         ("CMP-W020", {"database_url": "postgresql://comptoir_auth:change-me@db.boutique.cm/comptoir?sslmode=require"}),
         ("CMP-W022", {"bootstrap_admin_password": "Sup3r-long-bootstrap-password"}),

@@ -183,7 +183,7 @@ SETTINGS_SCENARIOS: dict[str, Any] = {
     "CMP-W019": lambda: ids_failing(auth_checks(safe_auth(database_url="postgresql://u:" + "p" * 40 + "@db.cm/c"))),
     "CMP-W020": lambda: ids_failing(auth_checks(safe_auth(database_url="postgresql://u:pw@db.cm/c?sslmode=require"))),
     "CMP-W026": lambda: ids_failing(auth_checks(safe_auth(otp_ttl_seconds=3600))),
-    "CMP-W027": lambda: ids_failing(auth_checks(safe_auth(login_hard_lock_failures=1000))),
+    "CMP-W027": lambda: ids_failing(auth_checks(safe_auth(login_account_delay_after_failures=50))),
 }
 ENV_SCENARIOS = {
     "CMP-W024": {"ENVIRONMENT": "production"},

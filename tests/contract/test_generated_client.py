@@ -33,6 +33,7 @@ PACKAGE = "comptoir_contract_client"
 ADMIN_EMAIL = "owner@boutique.cm"
 ADMIN_PASSWORD = "purple gorilla mango tractor 77"
 PASSWORD = "correct horse battery staple 42"
+TERMS = "2026-12-01"  # AUTH_TERMS_VERSION's default: the version a new account accepts
 RESETS_PER_HOUR = 2
 GENERATOR_CONFIG = {
     # Images are bytes: the generator reads any binary answer as application/octet-stream.
@@ -167,18 +168,34 @@ def test_a_whole_shop_through_the_generated_client(system: RunningSystem, client
     # register, login, refresh, logout
     email = f"awa-{uuid.uuid4().hex[:8]}@boutique.cm"
     user = parsed(
-        api.call("auth", "register", body=api.RegisterRequest(email=email, password=PASSWORD, phone="6 71 23 45 67")),
+        api.call(
+            "auth",
+            "register",
+            body=api.RegisterRequest(
+                email=email, password=PASSWORD, phone="6 71 23 45 67", accept_terms=True, terms_version=TERMS
+            ),
+        ),
         201,
         api.UserRead,
     )
     assert user.role == api.UserReadRole.CUSTOMER
     assert user.phone == "+237671234567"
     taken = parsed(
-        api.call("auth", "register", body=api.RegisterRequest(email=email, password=PASSWORD)), 409, api.Problem
+        api.call(
+            "auth",
+            "register",
+            body=api.RegisterRequest(email=email, password=PASSWORD, accept_terms=True, terms_version=TERMS),
+        ),
+        409,
+        api.Problem,
     )
     assert taken.status == 409
     weak = parsed(
-        api.call("auth", "register", body=api.RegisterRequest(email=f"x{email}", password="password")),
+        api.call(
+            "auth",
+            "register",
+            body=api.RegisterRequest(email=f"x{email}", password="password", accept_terms=True, terms_version=TERMS),
+        ),
         422,
         api.ValidationProblem,
     )
@@ -211,7 +228,13 @@ def test_a_whole_shop_through_the_generated_client(system: RunningSystem, client
     ).access_token
     staff_email = f"staff-{uuid.uuid4().hex[:8]}@boutique.cm"
     member = parsed(
-        api.call("auth", "register", body=api.RegisterRequest(email=staff_email, password=PASSWORD)), 201, api.UserRead
+        api.call(
+            "auth",
+            "register",
+            body=api.RegisterRequest(email=staff_email, password=PASSWORD, accept_terms=True, terms_version=TERMS),
+        ),
+        201,
+        api.UserRead,
     )
     promoted = parsed(
         api.call(

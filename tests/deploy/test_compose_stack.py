@@ -255,7 +255,13 @@ def test_the_rendered_stack_serves_a_shop_over_tls_to_postgres(stack: Stack) -> 
 
         email = f"awa-{uuid.uuid4().hex[:6]}@boutique.cm"
         password = "correct horse battery staple"
-        assert client.post("/api/v1/auth/register", json={"email": email, "password": password}).status_code == 201
+        assert (
+            client.post(
+                "/api/v1/auth/register",
+                json={"email": email, "password": password, "accept_terms": True, "terms_version": "2026-12-01"},
+            ).status_code
+            == 201
+        )
         customer = client.post("/api/v1/auth/login", json={"email": email, "password": password})
         assert customer.status_code == 200, customer.text
         buyer = {"Authorization": f"Bearer {customer.json()['access_token']}"}

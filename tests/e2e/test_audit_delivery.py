@@ -97,11 +97,20 @@ def test_events_wait_while_audit_is_down_and_arrive_exactly_once(tmp_path: Path)
             for email in emails:
                 assert (
                     httpx.post(
-                        gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD}
+                        gateway + "/api/v1/auth/register",
+                        json={
+                            "email": email,
+                            "password": PASSWORD,
+                            "accept_terms": True,
+                            "terms_version": "2026-12-01",
+                        },
                     ).status_code
                     == 201
                 )
-                login = httpx.post(gateway + "/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+                login = httpx.post(
+                    gateway + "/api/v1/auth/login",
+                    json={"email": email, "password": PASSWORD},
+                )
                 assert login.status_code == 200  # no request fails because audit is down
             pending, sent, stored = asyncio.run(outbox_state(system.data_dir))
             assert pending >= 8

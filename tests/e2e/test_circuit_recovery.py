@@ -22,7 +22,13 @@ PASSWORD = "correct horse battery staple 42"
 
 def customer_token(gateway: str) -> str:
     email = f"breaker-{uuid.uuid4().hex[:8]}@boutique.cm"
-    assert httpx.post(gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD}).status_code == 201
+    assert (
+        httpx.post(
+            gateway + "/api/v1/auth/register",
+            json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+        ).status_code
+        == 201
+    )
     login = httpx.post(gateway + "/api/v1/auth/login", json={"email": email, "password": PASSWORD})
     assert login.status_code == 200
     return str(login.json()["access_token"])

@@ -48,7 +48,10 @@ def people(system: RunningSystem) -> dict[str, Any]:
     buyers = []
     for _ in range(BUYERS):
         email = f"buyer-{uuid.uuid4().hex[:8]}@boutique.cm"
-        created = httpx.post(gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD})
+        created = httpx.post(
+            gateway + "/api/v1/auth/register",
+            json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+        )
         assert created.status_code == 201, created.text
         buyers.append(login(email, PASSWORD))
     return {"staff": login(*ADMIN), "buyers": buyers}

@@ -93,7 +93,10 @@ def user_token(system: RunningSystem, role: str) -> str:
     if role == "admin":
         return login(gateway, ADMIN_EMAIL, ADMIN_PASSWORD)
     email = f"fuzz-{role}-{uuid.uuid4().hex[:8]}@boutique.cm"
-    created = httpx.post(gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD})
+    created = httpx.post(
+        gateway + "/api/v1/auth/register",
+        json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+    )
     assert created.status_code == 201, created.text
     if role == "staff":
         admin = {"Authorization": f"Bearer {login(gateway, ADMIN_EMAIL, ADMIN_PASSWORD)}"}

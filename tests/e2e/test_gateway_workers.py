@@ -88,7 +88,13 @@ def test_a_logout_through_one_worker_is_enforced_by_the_other(system: RunningSys
     gateway = system.url()
     email = f"workers-{uuid.uuid4().hex[:10]}@boutique.cm"
     with httpx.Client(base_url=gateway, headers={"Connection": "close"}) as client:
-        assert client.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD}).status_code == 201
+        assert (
+            client.post(
+                "/api/v1/auth/register",
+                json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+            ).status_code
+            == 201
+        )
         pair = client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD}).json()
     bearer = {"Authorization": f"Bearer {pair['access_token']}"}
     with only(second, [first, second]):

@@ -59,10 +59,16 @@ def test_two_gateways_share_limits_and_revocations(tmp_path: Path) -> None:
 
             email = f"replica-{uuid.uuid4().hex[:8]}@boutique.cm"
             assert (
-                httpx.post(one + "/api/v1/auth/register", json={"email": email, "password": PASSWORD}).status_code
+                httpx.post(
+                    one + "/api/v1/auth/register",
+                    json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+                ).status_code
                 == 201
             )
-            pair = httpx.post(two + "/api/v1/auth/login", json={"email": email, "password": PASSWORD}).json()
+            pair = httpx.post(
+                two + "/api/v1/auth/login",
+                json={"email": email, "password": PASSWORD},
+            ).json()
             token_headers = {"Authorization": f"Bearer {pair['access_token']}"}
 
             # Two anonymous requests spent, one on each replica: four remain of the shared six.

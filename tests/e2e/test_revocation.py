@@ -19,9 +19,15 @@ BOUND_SECONDS = 1.0
 
 def register_and_login(gateway: str) -> tuple[str, dict[str, str]]:
     email = f"revoke-{uuid.uuid4().hex[:10]}@boutique.cm"
-    created = httpx.post(gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD})
+    created = httpx.post(
+        gateway + "/api/v1/auth/register",
+        json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+    )
     assert created.status_code == 201, created.text
-    pair = httpx.post(gateway + "/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+    pair = httpx.post(
+        gateway + "/api/v1/auth/login",
+        json={"email": email, "password": PASSWORD},
+    )
     assert pair.status_code == 200, pair.text
     return email, pair.json()
 
@@ -61,7 +67,10 @@ def test_logout_is_enforced_by_the_gateway_within_a_second(system) -> None:  # n
 def test_logout_all_revokes_every_session_at_the_gateway(system) -> None:  # noqa: ANN001
     gateway = system.url()
     email, first = register_and_login(gateway)
-    second = httpx.post(gateway + "/api/v1/auth/login", json={"email": email, "password": PASSWORD}).json()
+    second = httpx.post(
+        gateway + "/api/v1/auth/login",
+        json={"email": email, "password": PASSWORD},
+    ).json()
     response = httpx.post(
         gateway + "/api/v1/auth/logout-all", headers={"Authorization": f"Bearer {first['access_token']}"}
     )

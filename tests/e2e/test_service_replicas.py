@@ -127,7 +127,10 @@ def test_two_replicas_of_each_service_share_one_database_safely(tmp_path: Path) 
         product_id = product.json()["id"]
         email = f"buyer-{uuid.uuid4().hex[:8]}@boutique.cm"
         assert (
-            httpx.post(gateway + "/api/v1/auth/register", json={"email": email, "password": PASSWORD}).status_code
+            httpx.post(
+                gateway + "/api/v1/auth/register",
+                json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+            ).status_code
             == 201
         )
         buyer = _login(gateway, email, PASSWORD)

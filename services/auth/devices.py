@@ -1,0 +1,155 @@
+"""Device tokens: what lets a known device sign in while strangers guessing the password are held back.
+
+A successful login issues a device token, bound to the account:
+
+    <device id>.<HMAC-SHA256(device key, "<user id>:<device id>")>   (both parts base64url)
+
+The device key is derived from the auth service's OTP HMAC key, so there is no new secret to manage.
+Only the SHA-256 of the device id is stored (``auth.devices``), with when it was first and last seen,
+so that a device can be revoked (password reset, the user's own request) and forgotten (retention).
+
+A token counts as *known* for a login only if its MAC matches the account of the e-mail given, its row
+exists for that account, is not revoked and was seen within ``device_ttl_days``. Anything else (no
+token, a malformed or forged one, one of another account, an unknown e-mail) is simply an unknown
+device: never an error, so the answer does not tell an attacker anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.auth.context import RequestContext, Runtime, sha256_hex
+from services.auth.models import Device
+
+DEVICE_ID_BYTES = 24
+DEVICE_KEY_LABEL = b"comptoir-device-token-v1"
+# The MAC of unknown accounts is computed against this id, so that they cost the same work.
+NOBODY = uuid.UUID(int=0)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def device_key(otp_key: bytes) -> bytes:
+    return hmac.new(otp_key, DEVICE_KEY_LABEL, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class KnownDevice:
+    row_id: uuid.UUID
+    id_hash: str
+    token: str
+
+
+class DeviceTokens:
+    """Signing and checking device tokens, and their rows."""
+
+    def __init__(self, db: AsyncSession, rt: Runtime) -> None:
+        self.db = db
+        self.rt = rt
+        self.key = device_key(rt.otp_key)
+
+    def _mac(self, user_id: uuid.UUID, device_id: str) -> bytes:
+        return hmac.new(self.key, f"{user_id}:{device_id}".encode(), hashlib.sha256).digest()
+
+    def sign(self, user_id: uuid.UUID, device_id: str) -> str:
+        return f"{device_id}.{_b64(self._mac(user_id, device_id))}"
+
+    def _parse(self, token: str | None, user_id: uuid.UUID | None) -> str | None:
+        """The device id if ``token`` is a well-formed token of ``user_id`` (same work either way)."""
+        device_id, _, mac_text = (token or "").partition(".")
+        try:
+            mac = _unb64(mac_text)
+        except (binascii.Error, ValueError):
+            mac = b""
+        expected = self._mac(user_id or NOBODY, device_id)
+        if user_id is None or not device_id or not hmac.compare_digest(mac, expected):
+            return None
+        return device_id
+
+    async def recognise(self, token: str | None, user_id: uuid.UUID | None) -> KnownDevice | None:
+        """The device of ``token`` if it is a live device of ``user_id`` (None for an unknown e-mail)."""
+        device_id = self._parse(token, user_id)
+        id_hash = sha256_hex(device_id or secrets.token_urlsafe(DEVICE_ID_BYTES))
+        since = self.rt.now() - timedelta(days=self.rt.settings.device_ttl_days)
+        stmt = select(Device.id).where(
+            Device.id_hash == id_hash,
+            Device.user_id == (user_id or NOBODY),
+            Device.revoked_at.is_(None),
+            Device.last_seen_at > since,
+        )
+        row_id = (await self.db.scalars(stmt)).first()
+        if device_id is None or row_id is None or token is None:
+            return None
+        return KnownDevice(row_id=row_id, id_hash=id_hash, token=token)
+
+    async def remember(self, user_id: uuid.UUID, known: KnownDevice | None, ctx: RequestContext) -> str:
+        """After a successful login: the token to hand back (the known one, or a new device's)."""
+        now = self.rt.now()
+        if known is not None:
+            await self.db.execute(update(Device).where(Device.id == known.row_id).values(last_seen_at=now))
+            return known.token
+        device_id = secrets.token_urlsafe(DEVICE_ID_BYTES)
+        self.db.add(
+            Device(
+                id=uuid.uuid4(),
+                user_id=user_id,
+                id_hash=sha256_hex(device_id),
+                created_at=now,
+                last_seen_at=now,
+                user_agent=(ctx.user_agent or "")[:512] or None,
+            )
+        )
+        await self.db.flush()
+        return self.sign(user_id, device_id)
+
+
+class DeviceRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def of(self, user_id: uuid.UUID) -> list[Device]:
+        stmt = select(Device).where(Device.user_id == user_id).order_by(Device.created_at)
+        return list((await self.db.scalars(stmt)).all())
+
+    async def revoke_all(self, user_id: uuid.UUID, now: datetime) -> int:
+        stmt = (
+            update(Device)
+            .where(Device.user_id == user_id, Device.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .returning(Device.id)
+        )
+        return len((await self.db.execute(stmt)).all())
+
+    async def revoke(self, user_id: uuid.UUID, device_id: uuid.UUID, now: datetime) -> bool:
+        stmt = (
+            update(Device)
+            .where(Device.id == device_id, Device.user_id == user_id, Device.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .returning(Device.id)
+        )
+        return (await self.db.execute(stmt)).first() is not None
+
+    async def purge(self, *, unseen_before: datetime, revoked_before: datetime) -> int:
+        """Devices not seen since ``unseen_before`` or revoked before ``revoked_before``."""
+        stmt = (
+            delete(Device)
+            .where(or_(Device.last_seen_at < unseen_before, Device.revoked_at < revoked_before))
+            .returning(Device.id)
+        )
+        return len((await self.db.execute(stmt)).all())

@@ -1,0 +1,147 @@
+"""Retention with an injected clock: expired codes, links, sessions and devices go; inactive customers are
+anonymised everywhere (the other services first); nothing younger than its period is touched."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from comptoir.cli import main
+from services.auth.retention import purge
+from tests.auth.conftest import PASSWORD, AuthClient, MakeAuth
+from tests.auth.test_gdpr import FakePeers, down
+from tests.conftest import DatabaseFixture
+from tests.support.tokens import bearer
+
+DAY = 86_400
+
+
+async def count(auth: AuthClient, table: str, user_id: str) -> int:
+    rows = await auth.sql(f"SELECT count(*) AS n FROM auth.{table} WHERE user_id = $1", user_id)  # noqa: S608
+    return int(rows[0]["n"])
+
+
+async def test_expired_rows_are_deleted_after_their_period_and_young_ones_kept(make_auth: MakeAuth) -> None:
+    async with make_auth(gdpr_services=[], retention_days=30, device_ttl_days=90, inactive_account_days=0) as auth:
+        rt = auth.app.state.auth
+        user, pair = await auth.user(phone="+237671234567")
+        headers = bearer(pair["access_token"])
+        # A code, a reset link, a second session ended by logout, an extra device.
+        assert (await auth.client.post("/api/v1/auth/otp/request", headers=headers)).status_code == 202
+        await auth.client.post("/api/v1/auth/password-reset/request", json={"email": user["email"]})
+        other = await auth.tokens(user["email"])
+        assert (await auth.client.post("/api/v1/auth/logout", headers=bearer(other["access_token"]))).status_code == 204
+        assert await count(auth, "otp_codes", user["id"]) == 1
+        assert await count(auth, "password_resets", user["id"]) == 1
+        assert await count(auth, "devices", user["id"]) == 2
+
+        # Nothing is old enough yet.
+        report = await purge(rt)
+        assert (report.otp_codes, report.password_resets, report.sessions, report.devices) == (0, 0, 0, 0)
+
+        auth.clock.advance(2 * DAY)  # codes and links expired more than a day ago
+        report = await purge(rt)
+        assert (report.otp_codes, report.otp_sends, report.password_resets) == (1, 1, 1)
+        assert report.sessions == 0  # revoked two days ago: kept for 30
+        assert await count(auth, "otp_codes", user["id"]) == 0
+
+        auth.clock.advance(29 * DAY)  # the logged-out session was revoked 31 days ago
+        report = await purge(rt)
+        assert report.sessions == 1
+        assert await count(auth, "sessions", user["id"]) == 1  # the other ended (7-day lifetime) 24 days ago
+        assert report.devices == 0  # last seen 31 days ago: still known
+
+        auth.clock.advance(60 * DAY)
+        report = await purge(rt)
+        assert (report.sessions, report.devices) == (1, 2)
+        assert await count(auth, "sessions", user["id"]) == 0
+        assert await count(auth, "devices", user["id"]) == 0
+        # The account itself is untouched (inactivity anonymisation is off here).
+        assert (await auth.login(user["email"])).status_code == 200
+
+
+async def test_inactive_customers_are_anonymised_everywhere_and_others_kept(make_auth: MakeAuth) -> None:
+    peers = FakePeers()
+    async with make_auth(peer_transport=httpx.MockTransport(peers.handler), inactive_account_days=365) as auth:
+        peers.app = auth.app
+        rt = auth.app.state.auth
+        idle, _ = await auth.user(full_name="Idle Customer", phone="+237671234567")
+        staff, _ = await auth.user("staff")
+        active, _ = await auth.user()
+        auth.clock.advance(300 * DAY)
+        assert (await auth.login(active["email"])).status_code == 200
+        auth.clock.advance(66 * DAY)
+
+        report = await purge(rt)
+        assert report.anonymised == 1
+        assert peers.calls == [
+            ("orders", "POST", f"/internal/users/{idle['id']}/erase"),
+            ("audit", "POST", f"/internal/users/{idle['id']}/erase"),
+        ]
+        rows = await auth.sql(
+            "SELECT email, full_name, phone, is_active, erased_at FROM auth.users WHERE id = $1", idle["id"]
+        )
+        assert (rows[0]["email"], rows[0]["full_name"], rows[0]["phone"], rows[0]["is_active"]) == (
+            None,
+            None,
+            None,
+            False,
+        )
+        assert rows[0]["erased_at"] is not None
+        assert await count(auth, "sessions", idle["id"]) == 0
+        event = (await auth.events("auth.user.anonymised"))[0]
+        assert event["resource_id"] == idle["id"]
+        assert event["actor_role"] == "system"
+        assert "Idle Customer" not in await auth.outbox_text()
+        # Staff and the customer who signed in recently are kept; the e-mail is free again.
+        assert (await auth.login(staff["email"])).status_code == 200
+        assert (await auth.login(active["email"])).status_code == 200
+        assert (await auth.login(idle["email"])).status_code == 401
+        await auth.register(idle["email"])
+        # A second run finds nothing more to do.
+        assert (await purge(rt)).anonymised == 0
+
+
+async def test_an_account_whose_erasure_elsewhere_fails_is_kept_for_the_next_run(make_auth: MakeAuth) -> None:
+    peers = FakePeers(answers={("audit", "erase"): down})
+    async with make_auth(peer_transport=httpx.MockTransport(peers.handler), inactive_account_days=30) as auth:
+        peers.app = auth.app
+        rt = auth.app.state.auth
+        user, _ = await auth.user()
+        auth.clock.advance(31 * DAY)
+        report = await purge(rt)
+        assert report.anonymised == 0
+        assert report.postponed == [user["id"]]
+        assert (await auth.login(user["email"], PASSWORD)).status_code == 200
+        # The login made it active again: the next run leaves it alone even once audit is back.
+        peers.answers.clear()
+        assert (await purge(rt)).anonymised == 0
+
+
+async def test_comptoir_purge_runs_the_same_purge_on_demand(
+    auth: AuthClient, database: DatabaseFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    user = await auth.register(phone="+237671234567")
+    await auth.sql(
+        "INSERT INTO auth.otp_codes (id, user_id, phone, code_mac, created_at, expires_at, attempts) "
+        "VALUES (gen_random_uuid(), $1, '+237671234567', repeat('a', 64), now() - interval '3 days', "
+        "now() - interval '2 days', 0)",
+        user["id"],
+    )
+    monkeypatch.setenv("DATABASE_URL", database.admin_url)
+    # The same data directory as the test database's provisioning: migrate keeps the roles' passwords.
+    monkeypatch.setenv("DATA_DIR", str(database.data_dir))
+    monkeypatch.setenv("AUTH_KEYS_DIR", str(tmp_path / "keys"))
+    monkeypatch.setenv("AUTH_GDPR_SERVICES", "[]")
+    with pytest.raises(SystemExit) as exited:
+        await asyncio.to_thread(main, ["purge"])
+    assert exited.value.code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["otp_codes"] == 1
+    assert report["anonymised"] == 0
+    assert await count(auth, "otp_codes", user["id"]) == 0
