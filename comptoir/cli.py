@@ -104,6 +104,9 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
         print(f"comptoir create-admin: {exc}", file=sys.stderr)
         return 2
     settings = RunSettings()
+    # After the input checks (a refused password touches nothing), before anything is started or created.
+    if (refused := refuse_without_system("create-admin", settings)) is not None:
+        return refused
     admin_url, embedded = _database_url(settings)
     try:
         roles = migrate(settings, admin_url)
@@ -535,7 +538,7 @@ COMMANDS = {
 
 def needs_system(args: argparse.Namespace) -> bool:
     """Commands that work on an existing installation (and must not create one by accident)."""
-    if args.command in ("create-admin", "backup", "keys", "outbox"):
+    if args.command in ("backup", "keys", "outbox"):  # create-admin checks its input first, then refuses
         return True
     return bool(args.command == "audit" and args.audit_command != "verify-archive")
 

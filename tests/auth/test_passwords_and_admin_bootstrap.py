@@ -155,6 +155,7 @@ def test_create_admin_prompts_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BOOTSTRAP_ADMIN_PASSWORD", raising=False)
     answers = iter(["one passphrase here", "another passphrase"])
     monkeypatch.setattr("getpass.getpass", lambda _prompt: next(answers))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)  # a terminal: without one, stdin is read instead
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["create-admin", "--email", "boss@example.cm"])
     assert exit_info.value.code == 2

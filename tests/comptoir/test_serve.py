@@ -23,8 +23,9 @@ def test_each_process_runs_its_factory_with_a_larger_young_gc_generation(monkeyp
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
-    # The factory, wrapped so that a refused configuration is one line naming the failing check.
-    assert callable(started["app"])
+    # The orders factory, wrapped so that a refused configuration is one line naming the failing check.
+    app = started["app"]()
+    assert app.title.lower().startswith("comptoir orders") or "orders" in app.title.lower()
     assert started["factory"] is True
     assert started["workers"] == 1
     assert (started["port"], started["proxy_headers"], started["server_header"]) == (18003, False, False)
