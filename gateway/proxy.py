@@ -87,7 +87,7 @@ _FAILURES = (ConnectFailed, UpstreamTimeout)
 
 
 class Attempt:
-    """One admitted call, settled exactly once when its ``with`` block ends (``Circuit.settle``): success
+    """One admitted call, settled exactly once when its ``with`` block ends (``__exit__``): success
     when the block ends normally (the upstream answered), failure on ``ConnectFailed`` or
     ``UpstreamTimeout``, neutral on anything else (``BadResponse``, ``PoolExhausted``, cancellation).
 
@@ -104,7 +104,11 @@ class Attempt:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
-        self.circuit.settle(self, exc_type)
+        circuit = self.circuit
+        if exc_type is None and circuit.opened_at is None:  # the hot path: answered while closed
+            circuit.failures = 0
+            return
+        circuit.settle(self, exc_type)
 
 
 class Circuit:
@@ -161,7 +165,7 @@ class Circuit:
         return self.probe
 
     def settle(self, attempt: Attempt, error: type[BaseException] | None) -> None:
-        """Called once per admitted call, by its attempt's ``__exit__``."""
+        """Called by an attempt's ``__exit__`` (which settles a success while closed itself, the hot path)."""
         if error is None:  # success: the upstream answered
             if self.opened_at is not None:
                 CIRCUIT_OPEN.labels(self.name).set(0)

@@ -17,7 +17,7 @@ import pytest
 
 from common.upstream import BadResponse, ConnectFailed, PoolExhausted, UpstreamTimeout
 from gateway.config import GatewaySettings
-from gateway.proxy import Circuit, CircuitOpen, Proxy
+from gateway.proxy import Attempt, Circuit, CircuitOpen, Proxy
 from gateway.routes import Route
 from tests.conftest import free_port
 
@@ -363,20 +363,19 @@ def opened_proxy_circuit(proxy: Proxy, clock: Clock) -> Circuit:
     return circuit
 
 
-async def test_every_admitted_call_is_settled_exactly_once_whatever_its_end() -> None:
+async def test_every_admitted_call_is_settled_exactly_once_whatever_its_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    settled: list[type[BaseException] | None] = []
+    settle = Attempt.__exit__
+
+    def counted(attempt: Attempt, error: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        settled.append(error)
+        settle(attempt, error, exc, tb)
+
+    monkeypatch.setattr(Attempt, "__exit__", counted)
     clock = Clock()
     async with proxied(
         clock, upstream_deadline_seconds=0.3, upstream_pool_size=1, upstream_connect_timeout_seconds=0.2
     ) as (upstream, proxy):
-        circuit = proxy.circuits["inventory"]
-        settled: list[type[BaseException] | None] = []
-        settle = circuit.settle
-
-        def counted(attempt: Any, error: type[BaseException] | None) -> None:
-            settled.append(error)
-            settle(attempt, error)
-
-        circuit.settle = counted  # type: ignore[method-assign]
         assert status_of(await forward(proxy)) == 200
         upstream.answer = b"NOT HTTP\r\n\r\n"
         assert status_of(await forward(proxy)) == 502
