@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common import health
@@ -86,6 +86,17 @@ class ComptoirAPI(FastAPI):
             body_limits=self._body_limits,
             multipart_paths=self._multipart_paths,
         )
+
+
+S = TypeVar("S")
+
+
+def lifespan_state(request: Request, name: str, kind: type[S]) -> S:
+    """The typed state a service's lifespan keeps at ``app.state.<name>`` (one object, not loose keys)."""
+    value = getattr(request.app.state, name, None)
+    if not isinstance(value, kind):
+        raise RuntimeError(f"the {name} service's lifespan has not set up its state")
+    return value
 
 
 def create_service_app(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -18,14 +18,11 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.clientip import Network, parse_networks, resolve_client_ip
+from common.clock import utcnow
 from common.logging import is_secret_key, redact_text
 from common.tokens import Claims
 
 Outcome = Literal["success", "failure", "denied"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class AuditEvent(BaseModel):

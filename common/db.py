@@ -129,6 +129,11 @@ async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
             await conn.invalidate()
 
 
+def escape_like(text: str) -> str:
+    """``text`` matched literally inside a LIKE pattern (with ``escape="\\"``): no wildcard from a user."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def columns(rows: Iterable[Any], *fields: str) -> list[list[Any]]:
     """Rows turned into one list per field, for statements that take arrays (``unnest($1::uuid[], ...)``):
     a whole batch of rows in one statement. A row is a mapping (by key) or an object (by attribute)."""

@@ -46,12 +46,8 @@ def create_app(
             checkpoints=checkpoints,
             checkpointer=checkpointer,
         )
-        if run_checkpointer:
-            checkpointer.start()
-        try:
+        async with checkpointer.alive(run_checkpointer):
             yield
-        finally:
-            await checkpointer.stop()
 
     return create_service_app(
         name="audit",

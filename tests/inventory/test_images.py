@@ -76,7 +76,7 @@ async def product(client: httpx.AsyncClient, tokens: Tokens) -> dict:
 
 
 def stored_files(client: httpx.AsyncClient) -> list[Path]:
-    directory: Path = client.app.state.image_store.directory  # type: ignore[attr-defined]
+    directory: Path = client.app.state.inventory.images.directory  # type: ignore[attr-defined]
     return sorted(p for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
 
 

@@ -82,7 +82,7 @@ class System:
         return body
 
     async def sweep(self) -> dict[str, int]:
-        result: dict[str, int] = await self.orders_app.state.sweeper.run_once()
+        result: dict[str, int] = await self.orders_app.state.orders.sweeper.run_once()
         return result
 
 

@@ -118,7 +118,7 @@ async def one_out_and_more_waiting(
     first = asyncio.create_task(system.place([(product_id, 1)]))
     await arrived.wait()
     others = [asyncio.create_task(system.place([(product_id, 1)])) for _ in range(later)]
-    reserves = system.orders_app.state.inventory.reserves
+    reserves = system.orders_app.state.orders.inventory.reserves
     deadline = time.monotonic() + 10
     while reserves.waiting < later:  # a state to reach, not a race: each order queues on its first steps
         assert time.monotonic() < deadline, reserves.waiting
@@ -184,7 +184,7 @@ async def test_a_hold_whose_release_also_failed_expires_at_inventory(start_syste
         assert await rows(system) == []
         assert (await system.stock(product["id"]))["reserved"] == 2  # held, but not forever:
         system.clock.advance(15 * 60)
-        assert await system.inventory_app.state.sweeper.run_once() == 1
+        assert await system.inventory_app.state.inventory.sweeper.run_once() == 1
         assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 0, "available": 5}
 
 
