@@ -20,6 +20,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from common.state import state_of
+
 
 def async_url(url: str | URL) -> URL:
     """Accept ``postgresql://`` (libpq style, ``sslmode=``) and use the asyncpg driver.
@@ -146,7 +148,7 @@ def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
 
 
 async def _session(request: Request) -> AsyncIterator[AsyncSession]:
-    db: Database = request.app.state.db
+    db = state_of(request).db
     async with db.sessionmaker() as session, session.begin():
         yield session
 

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
+from common.state import service_state
 from common.tokens import KeySource
 from services.audit.alerts import AlertRules
 from services.audit.checkpoints import Checkpointer, CheckpointService
@@ -28,7 +29,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = app.state.db
+        db = service_state(app.state).db
         key = load_or_create_key(settings.checkpoint_key_path)
         trusted = TrustedKeys([key.private.public_key(), *parse_public_keys(settings.checkpoint_trusted_keys)])
         rules = AlertRules(

@@ -13,6 +13,7 @@ from common.audit import Actor, Outcome
 from common.db import Database, SessionDep
 from common.errors import Forbidden
 from common.security import bearer_token, current_user, require_service
+from common.state import state_of
 from common.tokens import Claims, InvalidToken
 from services.audit.checkpoints import Checkpointer, CheckpointService
 from services.audit.config import Settings
@@ -108,7 +109,7 @@ def audited_service(*callers: str) -> Any:
             claims = None
             if token is not None:
                 try:
-                    claims = await request.app.state.service_verifier.verify(token)
+                    claims = await state_of(request).service_verifier.verify(token)
                 except InvalidToken:
                     claims = None
             await runtime_of(request).record(

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
 from common.clock import Clock, utcnow
+from common.state import service_state
 from common.tokens import KeySource
 from services.inventory.config import IMAGE_UPLOAD_PATH, MULTIPART_OVERHEAD_BYTES, Settings
 from services.inventory.deps import InventoryState
@@ -34,7 +35,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = ReservationSweeper(
-            app.state.db,
+            service_state(app.state).db,
             clock=clock,
             ttl=timedelta(seconds=settings.reservation_ttl_seconds),
             lock_timeout_ms=settings.lock_timeout_ms,

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from common.app import ComptoirAPI, create_service_app
 from common.clock import Clock, utcnow
 from common.http import HttpxTransport, PooledTransport, Transport
+from common.state import service_state
 from common.tokens import KeySource
 from services.orders.config import Settings
 from services.orders.deps import OrdersState
@@ -35,6 +36,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = service_state(app.state)
         if inventory_transport is None:
             client: Transport = PooledTransport(
                 settings.inventory_url,
@@ -45,8 +47,7 @@ def create_app(
             client = HttpxTransport(httpx.AsyncClient(transport=inventory_transport, base_url=settings.inventory_url))
 
         def tokens() -> TokenSource:
-            source: TokenSource = app.state.service_tokens
-            return source
+            return state.service_tokens  # read at call time: a test may replace it after start-up
 
         inventory = InventoryClient(
             client,
@@ -55,7 +56,7 @@ def create_app(
             batch_size=settings.reserve_batch_size,
             batches_in_flight=settings.reserve_batches_in_flight,
         )
-        service = OrderService(app.state.db, inventory, settings, clock)
+        service = OrderService(state.db, inventory, settings, clock)
         sweeper = OrderSweeper(service, interval=settings.sweep_interval_seconds)
         app.state.orders = OrdersState(service=service, inventory=inventory, sweeper=sweeper)
         try:

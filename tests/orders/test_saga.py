@@ -365,7 +365,7 @@ async def test_reconciliation_runs_when_orders_starts(system: System) -> None:
     )
     await insert_placing(system, uuid.uuid4(), reservation_id, age_seconds=120)
     settings = orders_settings(
-        system.database, system.orders_app.state.settings.data_dir.parent, sweep_interval_seconds=0.1
+        system.database, system.orders_app.state.service.settings.data_dir.parent, sweep_interval_seconds=0.1
     )
     restarted = create_app(
         settings,
@@ -374,7 +374,7 @@ async def test_reconciliation_runs_when_orders_starts(system: System) -> None:
         inventory_transport=httpx.ASGITransport(app=system.inventory_app),
     )
     async with running(restarted):
-        restarted.state.service_tokens = IssuerServiceTokens(system.tokens.issuer, "orders")
+        restarted.state.service.service_tokens = IssuerServiceTokens(system.tokens.issuer, "orders")
         deadline = time.monotonic() + 10
         while (await system.stock(product["id"]))["reserved"]:
             assert time.monotonic() < deadline, "the start-up reconciliation did not release the orphan"
