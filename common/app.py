@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common import health
@@ -22,6 +22,7 @@ from common.relay import OutboxRelay
 from common.revocation import RevocationPoller, RevocationSet
 from common.service_tokens import ServiceTokenClient
 from common.settings import CommonSettings, ServiceSettings
+from common.state import ServiceState
 from common.tokens import ACCESS, JWKS_PATH, SERVICE, Claims, KeySource, RemoteJWKS, TokenVerifier
 
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -88,6 +89,17 @@ class ComptoirAPI(FastAPI):
         )
 
 
+S = TypeVar("S")
+
+
+def lifespan_state(request: Request, name: str, kind: type[S]) -> S:
+    """The typed state a service's lifespan keeps at ``app.state.<name>`` (one object, not loose keys)."""
+    value = getattr(request.app.state, name, None)
+    if not isinstance(value, kind):
+        raise RuntimeError(f"the {name} service's lifespan has not set up its state")
+    return value
+
+
 def create_service_app(
     *,
     name: str,
@@ -130,27 +142,25 @@ def create_service_app(
             connect_timeout=settings.db_connect_timeout_seconds,
             statement_timeout_ms=settings.db_statement_timeout_ms,
         )
-        app.state.db = db
-        app.state.settings = settings
         auth_client = PooledTransport(settings.auth_internal_url)
         keys = key_source or RemoteJWKS(JWKS_PATH, auth_client)
         issuer = settings.token_issuer
-        app.state.access_verifier = TokenVerifier(
-            keys, issuer=issuer, audience=settings.token_audience, token_use=ACCESS
-        )
-        app.state.service_verifier = TokenVerifier(keys, issuer=issuer, audience=name, token_use=SERVICE)
-        app.state.auth_client = auth_client
-        app.state.service_tokens = ServiceTokenClient(auth_client, client_id=name, client_secret=settings.client_secret)
+        service_tokens = ServiceTokenClient(auth_client, client_id=name, client_secret=settings.client_secret)
         revocations = RevocationSet()
-        poller = RevocationPoller(
-            auth_client, app.state.service_tokens, revocations, interval=settings.revocation_poll_seconds
-        )
+        poller = RevocationPoller(auth_client, service_tokens, revocations, interval=settings.revocation_poll_seconds)
 
         async def is_revoked(claims: Claims) -> bool:
             return revocations.is_revoked(claims.sid)
 
-        app.state.revocations = revocations
-        app.state.is_revoked = is_revoked
+        state = app.state.service = ServiceState(
+            settings=settings,
+            db=db,
+            access_verifier=TokenVerifier(keys, issuer=issuer, audience=settings.token_audience, token_use=ACCESS),
+            service_verifier=TokenVerifier(keys, issuer=issuer, audience=name, token_use=SERVICE),
+            service_tokens=service_tokens,
+            revocations=revocations,
+            is_revoked=is_revoked,
+        )
         if poll_revocations and settings.client_secret:
             poller.start()
 
@@ -169,7 +179,8 @@ def create_service_app(
                         db=db,
                         outbox=outbox,
                         client=audit_client,
-                        tokens=app.state.service_tokens,
+                        # relay.py annotates the HTTP client; any token source serves (auth mints its own).
+                        tokens=cast(ServiceTokenClient, state.service_tokens),
                         batch_size=settings.outbox_batch_size,
                         poll_seconds=settings.outbox_poll_seconds,
                         max_backoff_seconds=settings.outbox_max_backoff_seconds,

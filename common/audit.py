@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -18,14 +18,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.clientip import Network, parse_networks, resolve_client_ip
+from common.clock import utcnow
 from common.logging import is_secret_key, redact_text
+from common.state import state_of
 from common.tokens import Claims
 
 Outcome = Literal["success", "failure", "denied"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class AuditEvent(BaseModel):
@@ -74,8 +72,7 @@ def _trusted_networks(spec: str) -> Sequence[Network]:
 
 def request_fields(request: Request) -> dict[str, Any]:
     """Where an action came from: client IP (believed from the gateway only), user agent, request id."""
-    settings = getattr(request.app.state, "settings", None)
-    networks = _trusted_networks(getattr(settings, "gateway_networks", "") or "")
+    networks = _trusted_networks(state_of(request).settings.gateway_networks or "")
     peer = request.client.host if request.client else None
     return {
         "ip": resolve_client_ip(peer, request.headers.get("x-forwarded-for"), networks),

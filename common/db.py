@@ -20,6 +20,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from common.state import state_of
+
 
 def async_url(url: str | URL) -> URL:
     """Accept ``postgresql://`` (libpq style, ``sslmode=``) and use the asyncpg driver.
@@ -129,6 +131,11 @@ async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
             await conn.invalidate()
 
 
+def escape_like(text: str) -> str:
+    """``text`` matched literally inside a LIKE pattern (with ``escape="\\"``): no wildcard from a user."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def columns(rows: Iterable[Any], *fields: str) -> list[list[Any]]:
     """Rows turned into one list per field, for statements that take arrays (``unnest($1::uuid[], ...)``):
     a whole batch of rows in one statement. A row is a mapping (by key) or an object (by attribute)."""
@@ -141,7 +148,7 @@ def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
 
 
 async def _session(request: Request) -> AsyncIterator[AsyncSession]:
-    db: Database = request.app.state.db
+    db = state_of(request).db
     async with db.sessionmaker() as session, session.begin():
         yield session
 

@@ -15,6 +15,7 @@ import structlog
 from fastapi import Depends, Request
 
 from common.errors import Forbidden, Unauthorized
+from common.state import state_of
 from common.tokens import Claims, InvalidToken, TokenVerifier
 
 log = structlog.get_logger("comptoir.security")
@@ -43,9 +44,9 @@ async def _verify(request: Request, verifier: TokenVerifier) -> Claims:
 
 
 async def current_user(request: Request) -> Claims:
-    claims = await _verify(request, request.app.state.access_verifier)
-    is_revoked: Callable[[Claims], Awaitable[bool]] | None = getattr(request.app.state, "is_revoked", None)
-    if is_revoked is not None and await is_revoked(claims):
+    state = state_of(request)
+    claims = await _verify(request, state.access_verifier)
+    if await state.is_revoked(claims):
         raise Unauthorized("The session has been revoked.")
     request.state.principal = claims
     return claims
@@ -77,7 +78,7 @@ def require_service(*callers: str) -> Callable[[Request], Awaitable[Claims]]:
     allowed = frozenset(callers)
 
     async def dependency(request: Request) -> Claims:
-        claims = await _verify(request, request.app.state.service_verifier)
+        claims = await _verify(request, state_of(request).service_verifier)
         if claims.sub not in allowed:
             raise Forbidden("This caller may not use this endpoint.")
         request.state.principal = claims

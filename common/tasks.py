@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 
 class BackgroundLoop:
@@ -21,6 +22,16 @@ class BackgroundLoop:
     @property
     def running(self) -> bool:
         return self._task is not None
+
+    @contextlib.asynccontextmanager
+    async def alive(self, enabled: bool = True) -> AsyncIterator[None]:
+        """The loop runs (if ``enabled``) for the duration of the block, and is stopped at its end."""
+        if enabled:
+            self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -12,7 +12,6 @@ per checkpoint with the public key that verifies it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import structlog
 
 from common.db import Database
+from common.tasks import BackgroundLoop
 from services.audit.alerts import integrity_alert
 from services.audit.chain import format_timestamp
 from services.audit.errors import ChainBroken, EmptyChain
@@ -130,13 +130,14 @@ class CheckpointService:
         return read
 
 
-class Checkpointer:
-    """Signs the head every ``interval`` seconds when it moved."""
+class Checkpointer(BackgroundLoop):
+    """Signs the head every ``interval`` seconds when it moved (never, with an interval of 0)."""
+
+    task_name = "audit-checkpointer"
 
     def __init__(self, service: CheckpointService, interval: float) -> None:
         self.service = service
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> CheckpointRead | None:
         try:
@@ -158,11 +159,4 @@ class Checkpointer:
 
     def start(self) -> None:
         if self.interval > 0:
-            self._task = asyncio.create_task(self._run(), name="audit-checkpointer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            super().start()

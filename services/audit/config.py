@@ -9,9 +9,7 @@ EVENTS_PATH = r"^/internal/events$"
 
 
 class Settings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="AUDIT_", env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix="AUDIT_")  # the rest comes from CommonSettings
 
     # Ingest: at most this many events per POST /internal/events, and this many bytes of body.
     max_batch_events: int = Field(1000, ge=1, le=1000)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
+from common.state import service_state
 from common.tokens import KeySource
 from services.audit.alerts import AlertRules
 from services.audit.checkpoints import Checkpointer, CheckpointService
@@ -28,7 +29,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = app.state.db
+        db = service_state(app.state).db
         key = load_or_create_key(settings.checkpoint_key_path)
         trusted = TrustedKeys(
             [
@@ -52,12 +53,8 @@ def create_app(
             checkpoints=checkpoints,
             checkpointer=checkpointer,
         )
-        if run_checkpointer:
-            checkpointer.start()
-        try:
+        async with checkpointer.alive(run_checkpointer):
             yield
-        finally:
-            await checkpointer.stop()
 
     return create_service_app(
         name="audit",

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query, Request
 
 from common.db import SessionDep
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
-from services.audit.runtime import AuditAdmin, Runtime
+from services.audit.runtime import AlertsDep, AuditAdmin, Events, Runtime
 from services.audit.schemas import AlertRead, CheckpointRead, EventRead, VerifyResult
-from services.audit.service import Alerts, EventQueries, checkpoint_page
+from services.audit.service import Alerts, checkpoint_page
 from services.audit.types import RFC3339
 
 router = APIRouter(
@@ -25,7 +25,7 @@ ShortText = Annotated[str | None, Query(max_length=256)]
 @router.get("/events", response_model=Page[EventRead])
 async def list_events(
     request: Request,
-    session: SessionDep,
+    events: Events,
     rt: Runtime,
     claims: AuditAdmin,
     actor_id: Annotated[str | None, Query(max_length=128, description="A user id, a pseudonym or a service.")] = None,
@@ -38,7 +38,7 @@ async def list_events(
     cursor: CursorParam = None,
 ) -> Page[EventRead]:
     """Events newest first (by sequence), filtered; actor and user resource ids are pseudonyms."""
-    items, next_cursor = await EventQueries(session).page(
+    page = await events.page(
         actor_id=actor_id,
         action=action,
         resource_type=resource_type,
@@ -61,9 +61,9 @@ async def list_events(
         "audit.events.viewed",
         claims=claims,
         resource_type="audit_events",
-        new_values={"filters": {k: v for k, v in filters.items() if v is not None}, "returned": len(items)},
+        new_values={"filters": {k: v for k, v in filters.items() if v is not None}, "returned": len(page.items)},
     )
-    return Page[EventRead](items=items, next_cursor=next_cursor)
+    return page
 
 
 @router.get("/verify", response_model=VerifyResult)
@@ -86,8 +86,7 @@ async def list_checkpoints(
     session: SessionDep, _admin: AuditAdmin, limit: LimitParam = DEFAULT_LIMIT, cursor: CursorParam = None
 ) -> Page[CheckpointRead]:
     """Signed checkpoints, newest first."""
-    items, next_cursor = await checkpoint_page(session, limit=limit, cursor=cursor)
-    return Page[CheckpointRead](items=items, next_cursor=next_cursor)
+    return await checkpoint_page(session, limit=limit, cursor=cursor)
 
 
 @router.post(
@@ -112,17 +111,14 @@ async def sign_checkpoint(request: Request, rt: Runtime, claims: AuditAdmin) -> 
 
 @router.get("/alerts", response_model=Page[AlertRead])
 async def list_alerts(
-    session: SessionDep,
+    alerts: AlertsDep,
     _admin: AuditAdmin,
     status: Annotated[Literal["open", "resolved", "all"], Query()] = "open",
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
 ) -> Page[AlertRead]:
     """Security alerts, newest first (open ones by default)."""
-    items, next_cursor = await Alerts(session).page(
-        status=None if status == "all" else status, limit=limit, cursor=cursor
-    )
-    return Page[AlertRead](items=items, next_cursor=next_cursor)
+    return await alerts.page(status=None if status == "all" else status, limit=limit, cursor=cursor)
 
 
 @router.post("/alerts/{alert_id}/resolve", response_model=AlertRead)

@@ -8,14 +8,16 @@ from typing import Annotated, Any
 import structlog
 from fastapi import Depends, Request
 
+from common.app import lifespan_state
 from common.audit import Actor, Outcome
-from common.db import Database
+from common.db import Database, SessionDep
 from common.errors import Forbidden
 from common.security import bearer_token, current_user, require_service
+from common.state import state_of
 from common.tokens import Claims, InvalidToken
 from services.audit.checkpoints import Checkpointer, CheckpointService
 from services.audit.config import Settings
-from services.audit.service import SERVICE, AuditChain, Gdpr
+from services.audit.service import SERVICE, Alerts, AuditChain, EventQueries, Gdpr
 
 log = structlog.get_logger("comptoir.audit")
 
@@ -56,8 +58,7 @@ class AuditRuntime:
 
 
 def runtime_of(request: Request) -> AuditRuntime:
-    rt: AuditRuntime = request.app.state.audit
-    return rt
+    return lifespan_state(request, "audit", AuditRuntime)
 
 
 async def runtime(request: Request) -> AuditRuntime:
@@ -66,6 +67,18 @@ async def runtime(request: Request) -> AuditRuntime:
 
 
 Runtime = Annotated[AuditRuntime, Depends(runtime)]
+
+
+async def _events(session: SessionDep) -> EventQueries:
+    return EventQueries(session)
+
+
+async def _alerts(session: SessionDep) -> Alerts:
+    return Alerts(session)
+
+
+Events = Annotated[EventQueries, Depends(_events)]
+AlertsDep = Annotated[Alerts, Depends(_alerts)]
 
 
 async def audited_admin(request: Request) -> Claims:
@@ -96,7 +109,7 @@ def audited_service(*callers: str) -> Any:
             claims = None
             if token is not None:
                 try:
-                    claims = await request.app.state.service_verifier.verify(token)
+                    claims = await state_of(request).service_verifier.verify(token)
                 except InvalidToken:
                     claims = None
             await runtime_of(request).record(

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from common.audit import AuditEvent, scrub
 from common.db import Database
 from common.errors import RETRYABLE_SQLSTATES, sqlstate_of
-from common.pagination import number_before, page_of
+from common.pagination import Page, number_before, page_of
 from services.audit.alerts import AlertRules, Opened, Raised, announce, raise_alerts, store_alerts
 from services.audit.chain import GENESIS, canonical_document, chain_hash, column_values, format_timestamp
 from services.audit.errors import AlertNotFound, ChainBusy, InvalidEvent, NothingHeld
@@ -220,7 +220,7 @@ class EventQueries:
         until: datetime | None,
         limit: int,
         cursor: str | None,
-    ) -> tuple[list[EventRead], str | None]:
+    ) -> Page[EventRead]:
         before = number_before(cursor)
         where = EventFilter(
             actor_ids=await self._ids(actor_id),
@@ -231,26 +231,21 @@ class EventQueries:
             until=until,
         )
         rows = await self.events.page(where, limit=limit + 1, before=before)
-        page = page_of(rows, limit, lambda row: read_event(row, resolve=True), lambda row: [str(row.sequence)])
-        return page.items, page.next_cursor
+        return page_of(rows, limit, lambda row: read_event(row, resolve=True), lambda row: [str(row.sequence)])
 
 
-async def checkpoint_page(
-    session: AsyncSession, *, limit: int, cursor: str | None
-) -> tuple[list[CheckpointRead], str | None]:
+async def checkpoint_page(session: AsyncSession, *, limit: int, cursor: str | None) -> Page[CheckpointRead]:
     rows = await CheckpointRepository(session).page(limit=limit + 1, before=number_before(cursor))
-    page = page_of(rows, limit, CheckpointRead.model_validate, lambda row: [str(row.id)])
-    return page.items, page.next_cursor
+    return page_of(rows, limit, CheckpointRead.model_validate, lambda row: [str(row.id)])
 
 
 class Alerts:
     def __init__(self, session: AsyncSession) -> None:
         self.repo = AlertRepository(session)
 
-    async def page(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[AlertRead], str | None]:
+    async def page(self, *, status: str | None, limit: int, cursor: str | None) -> Page[AlertRead]:
         rows = await self.repo.page(status=status, limit=limit + 1, before=number_before(cursor))
-        page = page_of(rows, limit, AlertRead.model_validate, lambda row: [str(row.id)])
-        return page.items, page.next_cursor
+        return page_of(rows, limit, AlertRead.model_validate, lambda row: [str(row.id)])
 
     async def resolve(self, alert_id: int, *, by: str) -> AlertRead:
         alert = await self.repo.resolve(alert_id, by=by, at=datetime.now(UTC))

@@ -23,9 +23,7 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Settings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="AUTH_", env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix="AUTH_")  # the rest comes from CommonSettings
 
     # ---- tokens and sessions ----
     access_token_ttl_seconds: int = Field(3600, ge=60, le=86_400)

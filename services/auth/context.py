@@ -13,6 +13,7 @@ import httpx
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from common.app import lifespan_state
 from common.audit import Actor, Outcome, record, request_fields
 from common.tokens import Claims
 from services.auth.config import Settings
@@ -115,10 +116,7 @@ def request_context(request: Request) -> RequestContext:
 
 
 async def runtime(request: Request) -> Runtime:
-    value = request.app.state.auth
-    if not isinstance(value, Runtime):
-        raise RuntimeError("the auth service's lifespan has not set up its runtime")
-    return value
+    return lifespan_state(request, "auth", Runtime)
 
 
 def system_context() -> RequestContext:

@@ -15,8 +15,8 @@ import structlog
 from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
-from common.db import Database
 from common.http import create_client
+from common.state import service_state
 from common.tokens import ACCESS, SERVICE, Claims, TokenVerifier
 from services.auth.bootstrap import AdminRefused, create_admin
 from services.auth.checks import auth_checks
@@ -143,7 +143,8 @@ def create_app(
             )
             for name in settings.gdpr_services
         }
-        db: Database = app.state.db
+        state = service_state(app.state)
+        db = state.db
         issuer = TokenIssuer(
             keys,
             issuer=settings.token_issuer,
@@ -168,12 +169,12 @@ def create_app(
         )
         app.state.auth = rt
         # Auth's own calls to other services carry tokens it mints itself.
-        app.state.service_tokens = service_tokens
+        state.service_tokens = service_tokens
         # Verify with the clock we sign with, and refuse tokens of revoked sessions from our own table.
-        app.state.access_verifier = TokenVerifier(
+        state.access_verifier = TokenVerifier(
             keys, issuer=settings.token_issuer, audience=settings.token_audience, token_use=ACCESS, clock=now
         )
-        app.state.service_verifier = TokenVerifier(
+        state.service_verifier = TokenVerifier(
             keys, issuer=settings.token_issuer, audience="auth", token_use=SERVICE, clock=now
         )
 
@@ -185,7 +186,7 @@ def create_app(
             async with db.sessionmaker() as session:
                 return await SessionRepository(session).is_revoked(sid)
 
-        app.state.is_revoked = is_revoked
+        state.is_revoked = is_revoked
         task: asyncio.Task[None] | None = None
         purger: asyncio.Task[None] | None = None
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import time
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import httpx
-import stamina
 import structlog
+
+from common.retries import retried
 
 log = structlog.get_logger("comptoir.auth.messages")
 
@@ -120,18 +122,14 @@ class WebhookSender:
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self.secret, timestamp, body),
         }
-        retrying = stamina.retry_context(
-            on=_NotYet,
-            attempts=self.retries + 1,
-            timeout=None,
-            wait_initial=self.backoff,
-            wait_max=self.backoff * 2**self.retries,
-            wait_jitter=0,
-        )
+        tries = itertools.count(1)
         try:
-            async for attempt in retrying:
-                with attempt:
-                    await self._post(message.channel, body, headers, attempt.num)
+            await retried(
+                lambda: self._post(message.channel, body, headers, next(tries)),
+                _NotYet,
+                attempts=self.retries + 1,
+                first_wait=self.backoff,
+            )
         except _NotYet:
             raise DeliveryFailed("the webhook did not accept the message") from None
 

@@ -10,6 +10,7 @@ from sqlalchemy import and_, case, delete, func, or_, select, text, tuple_, upda
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.db import escape_like
 from services.auth.models import (
     Device,
     LoginFailure,
@@ -27,10 +28,6 @@ from services.auth.models import (
 
 # One lock key for appending to the revocation feed (see RevocationRepository.append).
 REVOCATION_LOCK = 0x636F6D70_74726576  # "comptrev"
-
-
-def _escape_like(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class UserRepository:
@@ -66,7 +63,7 @@ class UserRepository:
         """Newest first, keyset-paginated on (created_at, id); erased accounts are not listed."""
         stmt = select(User).where(User.erased_at.is_(None))
         if query:
-            stmt = stmt.where(User.email.like(f"%{_escape_like(query.lower())}%", escape="\\"))
+            stmt = stmt.where(User.email.like(f"%{escape_like(query.lower())}%", escape="\\"))
         if role:
             stmt = stmt.where(User.role == role)
         if after is not None:

@@ -12,13 +12,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class Settings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="INVENTORY_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        validate_by_name=True,
-    )
+    model_config = SettingsConfigDict(env_prefix="INVENTORY_")  # the rest comes from CommonSettings
 
     # A reservation that orders neither commits nor releases in this time is released by the sweeper.
     reservation_ttl_seconds: int = Field(900, ge=10, le=86_400)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.responses import JSONResponse
 
-from common.db import SessionDep
 from common.errors import error_response
 from common.security import require_service
 from common.tokens import Claims
-from services.inventory.config import Settings
-from services.inventory.reservations import ReservationService, ReserveAsk
+from services.inventory.deps import Now, Reservations
+from services.inventory.reservations import ReserveAsk
 from services.inventory.schemas import (
     ReservationBatch,
     ReservationBatchResults,
@@ -26,18 +23,6 @@ from services.inventory.schemas import (
 OrdersOnly = Annotated[Claims, Depends(require_service("orders"))]
 
 router = APIRouter(prefix="/internal/reservations", tags=["internal"])
-
-
-def _service(request: Request, session: SessionDep) -> ReservationService:
-    settings: Settings = request.app.state.settings
-    return ReservationService(
-        session, ttl=timedelta(seconds=settings.reservation_ttl_seconds), lock_timeout_ms=settings.lock_timeout_ms
-    )
-
-
-def _now(request: Request) -> datetime:
-    clock: Callable[[], datetime] = request.app.state.clock
-    return clock()
 
 
 @router.put(
@@ -51,10 +36,15 @@ def _now(request: Request) -> datetime:
     },
 )
 async def reserve(
-    reservation_id: uuid.UUID, data: ReserveRequest, request: Request, session: SessionDep, _caller: OrdersOnly
+    reservation_id: uuid.UUID,
+    data: ReserveRequest,
+    request: Request,
+    reservations: Reservations,
+    now: Now,
+    _caller: OrdersOnly,
 ) -> Response:
     """Hold every item or none, for the reservation lifetime. Idempotent by reservation id."""
-    outcome = await _service(request, session).reserve(reservation_id, data.items, _now(request))
+    outcome = await reservations.reserve(reservation_id, data.items, now)
     # Errors are answered, not raised: the transaction has committed (a rejection is stored, so that a
     # repeat gets the same answer).
     if outcome.error is not None:
@@ -68,12 +58,14 @@ async def reserve(
     response_model=ReservationBatchResults,
     responses={200: {"description": "One result per reservation asked for, in the order asked"}},
 )
-async def reserve_batch(data: ReservationBatch, request: Request, session: SessionDep, _caller: OrdersOnly) -> Response:
+async def reserve_batch(
+    data: ReservationBatch, request: Request, reservations: Reservations, now: Now, _caller: OrdersOnly
+) -> Response:
     """Several reserves in one call and one transaction (orders sends the reservations that arrive while
     its previous call is in flight). Each result carries the status and body the single `PUT` would
     have answered for that reservation; each reservation is all or nothing on its own."""
     asks = [ReserveAsk(entry.reservation_id, entry.items) for entry in data.reservations]
-    outcomes = await _service(request, session).reserve_many(asks, _now(request))
+    outcomes = await reservations.reserve_many(asks, now)
     results = []
     for ask, outcome in zip(asks, outcomes, strict=True):
         status, body = outcome.answer(request.scope)
@@ -83,23 +75,23 @@ async def reserve_batch(data: ReservationBatch, request: Request, session: Sessi
 
 @router.get("/{reservation_id}", response_model=ReservationRead)
 async def get_reservation(
-    reservation_id: uuid.UUID, request: Request, session: SessionDep, _caller: OrdersOnly
+    reservation_id: uuid.UUID, reservations: Reservations, _caller: OrdersOnly
 ) -> ReservationRead:
     """A reservation's state and items."""
-    return await _service(request, session).get(reservation_id)
+    return await reservations.get(reservation_id)
 
 
 @router.post("/{reservation_id}/commit", response_model=ReservationRead)
 async def commit(
-    reservation_id: uuid.UUID, request: Request, session: SessionDep, _caller: OrdersOnly
+    reservation_id: uuid.UUID, reservations: Reservations, now: Now, _caller: OrdersOnly
 ) -> ReservationRead:
     """Held units leave on-hand stock (409 if the reservation is no longer held). Idempotent."""
-    return await _service(request, session).commit(reservation_id, _now(request))
+    return await reservations.commit(reservation_id, now)
 
 
 @router.post("/{reservation_id}/release", response_model=ReservationRead)
 async def release(
-    reservation_id: uuid.UUID, request: Request, session: SessionDep, _caller: OrdersOnly
+    reservation_id: uuid.UUID, reservations: Reservations, now: Now, _caller: OrdersOnly
 ) -> ReservationRead:
     """Give the units back (held: freed; committed: returned on hand). Idempotent; an unknown id is fenced."""
-    return await _service(request, session).release(reservation_id, _now(request))
+    return await reservations.release(reservation_id, now)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
+from common.clock import Clock, utcnow
+from common.state import service_state
 from common.tokens import KeySource
 from services.inventory.config import IMAGE_UPLOAD_PATH, MULTIPART_OVERHEAD_BYTES, Settings
+from services.inventory.deps import InventoryState
 from services.inventory.etag import CatalogueETags
 from services.inventory.internal_router import router as internal_router
 from services.inventory.models import outbox
@@ -19,44 +22,35 @@ from services.inventory.router import router
 from services.inventory.service import ImageStore
 from services.inventory.sweeper import ReservationSweeper
 
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 def create_app(
     settings: Settings | None = None,
     *,
     key_source: KeySource | None = None,
-    clock: Clock | None = None,
+    clock: Clock = utcnow,
     run_sweeper: bool = True,
 ) -> ComptoirAPI:
     """``clock`` replaces the wall clock for reservation lifetimes (tests move time forward)."""
     settings = settings or Settings()
-    now = clock or utcnow
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.clock = now
-        app.state.image_store = ImageStore(settings.images_dir)
-        # Each decode may hold a 40-megapixel bitmap (160 MB RGBA): two at a time per process.
-        app.state.decode_slots = asyncio.Semaphore(2)
         sweeper = ReservationSweeper(
-            app.state.db,
-            clock=now,
+            service_state(app.state).db,
+            clock=clock,
             ttl=timedelta(seconds=settings.reservation_ttl_seconds),
             lock_timeout_ms=settings.lock_timeout_ms,
             interval=settings.sweep_interval_seconds,
         )
-        app.state.sweeper = sweeper
-        if run_sweeper:
-            sweeper.start()
-        try:
+        app.state.inventory = InventoryState(
+            settings=settings,
+            clock=clock,
+            images=ImageStore(settings.images_dir),
+            decode_slots=asyncio.Semaphore(2),
+            sweeper=sweeper,
+        )
+        async with sweeper.alive(run_sweeper):
             yield
-        finally:
-            await sweeper.stop()
 
     app = create_service_app(
         name="inventory",

@@ -16,17 +16,13 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload, undefer
 
-from common.db import columns, driver_of
+from common.db import columns, driver_of, escape_like
 from services.inventory.models import (
     Product,
     ProductImage,
     Reservation,
     StockMovement,
 )
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class ProductRepository:
@@ -81,7 +77,7 @@ class ProductRepository:
         if not include_inactive:
             stmt = stmt.where(Product.is_active.is_(True))
         if query:
-            pattern = f"%{_escape_like(query.lower())}%"
+            pattern = f"%{escape_like(query.lower())}%"
             stmt = stmt.where(
                 or_(
                     func.lower(Product.sku).like(pattern, escape="\\"),

@@ -8,14 +8,12 @@ from starlette.datastructures import UploadFile
 from starlette.responses import FileResponse
 
 from common.audit import Actor
-from common.db import SessionDep
 from common.errors import Unprocessable, UnsupportedMediaType
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import OptionalUser, RequireStaff
 from common.tokens import Claims
-from services.inventory.config import Settings
+from services.inventory.deps import Catalogue, Images, State, Stock
 from services.inventory.errors import ImageNotFound, ImageTooLarge
-from services.inventory.repository import ProductRepository
 from services.inventory.schemas import (
     SEARCH_PATTERN,
     ImageRead,
@@ -27,7 +25,6 @@ from services.inventory.schemas import (
     StockRead,
     check_printable,
 )
-from services.inventory.service import CatalogueService, ImageService, StockService
 
 router = APIRouter(prefix="/api/v1/products", tags=["products"])
 
@@ -53,26 +50,6 @@ def _cache(response: Response, claims: Claims | None, public: str) -> None:
     response.headers["Vary"] = "Authorization"
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _stock_service(request: Request, session: SessionDep) -> StockService:
-    return StockService(ProductRepository(session), lock_timeout_ms=_settings(request).lock_timeout_ms)
-
-
-def _image_service(request: Request, session: SessionDep) -> ImageService:
-    settings = _settings(request)
-    return ImageService(
-        ProductRepository(session),
-        request.app.state.image_store,
-        max_pixels=settings.image_max_pixels,
-        max_images=settings.max_images_per_product,
-        decode_slots=request.app.state.decode_slots,
-    )
-
-
 def _query(value: str | None) -> str | None:
     if value is None:
         return None
@@ -84,7 +61,7 @@ def _query(value: str | None) -> str | None:
 
 @router.get("", response_model=Page[ProductRead])
 async def list_products(
-    session: SessionDep,
+    catalogue: Catalogue,
     response: Response,
     claims: OptionalUser,
     q: Annotated[
@@ -100,43 +77,42 @@ async def list_products(
 ) -> Page[ProductRead]:
     """List products, newest first: active ones for everyone, inactive ones too for staff."""
     _cache(response, claims, CATALOGUE_CACHE)
-    service = CatalogueService(ProductRepository(session))
-    return await service.list_products(limit=limit, cursor=cursor, query=_query(q), include_inactive=_is_staff(claims))
+    return await catalogue.list_products(
+        limit=limit, cursor=cursor, query=_query(q), include_inactive=_is_staff(claims)
+    )
 
 
 @router.post("", response_model=ProductRead, status_code=201, responses={409: {"description": "Duplicate sku"}})
 async def create_product(
-    data: ProductCreate, session: SessionDep, request: Request, response: Response, claims: RequireStaff
+    data: ProductCreate, catalogue: Catalogue, request: Request, response: Response, claims: RequireStaff
 ) -> ProductRead:
     """Create a product (staff); `initial_stock` units are received into stock."""
-    product = await CatalogueService(ProductRepository(session)).create_product(data, Actor.of(request, claims))
+    product = await catalogue.create_product(data, Actor.of(request, claims))
     response.headers["Location"] = f"/api/v1/products/{product.id}"
     return product
 
 
 @router.get("/{product_id}", response_model=ProductRead)
 async def get_product(
-    product_id: uuid.UUID, session: SessionDep, response: Response, claims: OptionalUser
+    product_id: uuid.UUID, catalogue: Catalogue, response: Response, claims: OptionalUser
 ) -> ProductRead:
     """One product (an inactive one only for staff)."""
     _cache(response, claims, CATALOGUE_CACHE)
-    service = CatalogueService(ProductRepository(session))
-    return await service.get_product(product_id, include_inactive=_is_staff(claims))
+    return await catalogue.get_product(product_id, include_inactive=_is_staff(claims))
 
 
 @router.patch("/{product_id}", response_model=ProductRead)
 async def update_product(
-    product_id: uuid.UUID, data: ProductUpdate, session: SessionDep, request: Request, claims: RequireStaff
+    product_id: uuid.UUID, data: ProductUpdate, catalogue: Catalogue, request: Request, claims: RequireStaff
 ) -> ProductRead:
     """Change a product's name, description, price or visibility (staff)."""
-    service = CatalogueService(ProductRepository(session))
-    return await service.update_product(product_id, data, Actor.of(request, claims))
+    return await catalogue.update_product(product_id, data, Actor.of(request, claims))
 
 
 @router.get("/{product_id}/stock", response_model=StockRead)
-async def get_stock(product_id: uuid.UUID, session: SessionDep, request: Request, _staff: RequireStaff) -> StockRead:
+async def get_stock(product_id: uuid.UUID, stock: Stock, _staff: RequireStaff) -> StockRead:
     """On-hand, reserved and available units (staff)."""
-    return await _stock_service(request, session).stock(product_id)
+    return await stock.stock(product_id)
 
 
 @router.post(
@@ -145,23 +121,22 @@ async def get_stock(product_id: uuid.UUID, session: SessionDep, request: Request
     responses={409: {"description": "On hand would drop below the reserved units"}},
 )
 async def adjust_stock(
-    product_id: uuid.UUID, data: StockAdjustment, session: SessionDep, request: Request, claims: RequireStaff
+    product_id: uuid.UUID, data: StockAdjustment, stock: Stock, request: Request, claims: RequireStaff
 ) -> StockRead:
     """Add or remove on-hand units with a reason (staff); recorded in the stock ledger and the audit trail."""
-    return await _stock_service(request, session).adjust(product_id, data, Actor.of(request, claims))
+    return await stock.adjust(product_id, data, Actor.of(request, claims))
 
 
 @router.get("/{product_id}/stock-movements", response_model=Page[MovementRead])
 async def list_movements(
     product_id: uuid.UUID,
-    session: SessionDep,
-    request: Request,
+    stock: Stock,
     _staff: RequireStaff,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
 ) -> Page[MovementRead]:
     """The product's stock ledger, newest first (staff)."""
-    return await _stock_service(request, session).movements(product_id, limit=limit, cursor=cursor)
+    return await stock.movements(product_id, limit=limit, cursor=cursor)
 
 
 _UPLOAD_SCHEMA: dict[str, Any] = {
@@ -216,14 +191,14 @@ async def _read_upload(request: Request, max_bytes: int) -> bytes:
     },
 )
 async def upload_image(
-    product_id: uuid.UUID, request: Request, response: Response, session: SessionDep, claims: RequireStaff
+    product_id: uuid.UUID, request: Request, response: Response, images: Images, state: State, claims: RequireStaff
 ) -> ImageRead:
     """Add an image (staff): checked, decoded and re-encoded; metadata and anything around the pixels is dropped.
 
     Only the signature of the bytes decides the type; the client's file name and content type are ignored.
     """
-    data = await _read_upload(request, _settings(request).image_max_bytes)
-    image = await _image_service(request, session).add(product_id, data, Actor.of(request, claims))
+    data = await _read_upload(request, state.settings.image_max_bytes)
+    image = await images.add(product_id, data, Actor.of(request, claims))
     response.headers["Location"] = image.url
     return image
 
@@ -233,13 +208,10 @@ async def upload_image(
     response_class=FileResponse,
     responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}},
 )
-async def get_image(
-    product_id: uuid.UUID, image_id: uuid.UUID, request: Request, session: SessionDep, claims: OptionalUser
-) -> FileResponse:
+async def get_image(product_id: uuid.UUID, image_id: uuid.UUID, images: Images, claims: OptionalUser) -> FileResponse:
     """The image bytes, with their real content type."""
-    service = _image_service(request, session)
-    image = await service.locate(product_id, image_id, include_inactive=_is_staff(claims))
-    path = service.store.path_of(image.storage_key)
+    image = await images.locate(product_id, image_id, include_inactive=_is_staff(claims))
+    path = images.store.path_of(image.storage_key)
     headers = {
         "Cache-Control": PRIVATE if _is_staff(claims) else IMAGE_CACHE,
         "ETag": f'"{image.sha256}"',

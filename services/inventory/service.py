@@ -7,8 +7,6 @@ import os
 import re
 import secrets
 import uuid
-from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,6 @@ from services.inventory.schemas import (
     StockAdjustment,
     StockRead,
 )
-
-Clock = Callable[[], datetime]
 
 SERVICE = "inventory"
 _STORAGE_KEY = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp)$")

@@ -5,13 +5,7 @@ from common.settings import ServiceSettings
 
 
 class Settings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="ORDERS_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        validate_by_name=True,
-    )
+    model_config = SettingsConfigDict(env_prefix="ORDERS_")  # the rest comes from CommonSettings
 
     # Where the inventory service answers its /internal/reservations endpoints.
     inventory_url: str = "http://127.0.0.1:8002"

@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import stamina
 import structlog
 from pydantic import ValidationError
 
 from common.errors import ServiceUnavailable
 from common.http import Answer, Transport, TransportError, forward_headers
+from common.retries import retried
 from services.orders.batching import Batcher
 from services.orders.errors import InventoryUnavailable
 from services.orders.metrics import BATCH_SIZE
@@ -115,23 +115,12 @@ class InventoryClient:
 
     async def _call(self, method: str, path: str, *, json: Any = None, request_id: str | None) -> Answer:
         call = _Call(method, path, json, request_id)
-        retrying = stamina.retry_context(
-            on=_Retryable,
-            attempts=self.attempts,
-            timeout=None,
-            wait_initial=self.backoff,
-            wait_max=self.backoff * 2**self.attempts,
-            wait_jitter=0,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    answer = await self._try(call)
+            return await retried(lambda: self._try(call), _Retryable, attempts=self.attempts, first_wait=self.backoff)
         except _Retryable:
             raise InventoryUnavailable(
                 "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}
             ) from None
-        return answer
 
     async def _try(self, call: _Call) -> Answer:
         call.attempt += 1

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 
 import httpx
 from fastapi import FastAPI
 
 from common.app import ComptoirAPI, create_service_app
+from common.clock import Clock, utcnow
 from common.http import HttpxTransport, PooledTransport, Transport
+from common.state import service_state
 from common.tokens import KeySource
 from services.orders.config import Settings
+from services.orders.deps import OrdersState
 from services.orders.internal_router import router as internal_router
 from services.orders.inventory import InventoryClient, TokenSource
 from services.orders.models import outbox
@@ -20,27 +22,21 @@ from services.orders.router import router
 from services.orders.service import OrderService
 from services.orders.sweeper import OrderSweeper
 
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 def create_app(
     settings: Settings | None = None,
     *,
     key_source: KeySource | None = None,
-    clock: Clock | None = None,
+    clock: Clock = utcnow,
     inventory_transport: httpx.AsyncBaseTransport | None = None,
     run_sweeper: bool = True,
 ) -> ComptoirAPI:
     """``clock`` replaces the wall clock; ``inventory_transport`` replaces the network to inventory (tests)."""
     settings = settings or Settings()
-    now = clock or utcnow
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = service_state(app.state)
         if inventory_transport is None:
             client: Transport = PooledTransport(
                 settings.inventory_url,
@@ -51,8 +47,7 @@ def create_app(
             client = HttpxTransport(httpx.AsyncClient(transport=inventory_transport, base_url=settings.inventory_url))
 
         def tokens() -> TokenSource:
-            source: TokenSource = app.state.service_tokens
-            return source
+            return state.service_tokens  # read at call time: a test may replace it after start-up
 
         inventory = InventoryClient(
             client,
@@ -61,18 +56,13 @@ def create_app(
             batch_size=settings.reserve_batch_size,
             batches_in_flight=settings.reserve_batches_in_flight,
         )
-        service = OrderService(app.state.db, inventory, settings, now)
+        service = OrderService(state.db, inventory, settings, clock)
         sweeper = OrderSweeper(service, interval=settings.sweep_interval_seconds)
-        app.state.inventory = inventory
-        app.state.orders = service
-        app.state.sweeper = sweeper
-        app.state.clock = now
-        if run_sweeper:
-            sweeper.start()
+        app.state.orders = OrdersState(service=service, inventory=inventory, sweeper=sweeper)
         try:
-            yield
+            async with sweeper.alive(run_sweeper):
+                yield
         finally:
-            await sweeper.stop()
             await service.close()
             await inventory.close()
             await client.aclose()

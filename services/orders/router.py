@@ -11,24 +11,16 @@ from common.errors import Forbidden, Unauthorized
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import CurrentUser, RequireStaff
 from common.tokens import Claims
+from services.orders.deps import Orders, RequestId
 from services.orders.errors import IdempotencyKeyMissing
 from services.orders.models import Status
+from services.orders.rules import Viewer, user_id_of
 from services.orders.schemas import OrderCreate, OrderRead, OrderStatus
-from services.orders.service import OrderService, Viewer, user_id_of
+from services.orders.service import OrderService
 
 router = APIRouter(prefix="/api/v1/orders", tags=["orders"])
 
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-def _service(request: Request) -> OrderService:
-    service: OrderService = request.app.state.orders
-    return service
-
-
-def _request_id(request: Request) -> str | None:
-    value = request.scope.get("state", {}).get("request_id")
-    return value if isinstance(value, str) else None
 
 
 def _customer_id(claims: Claims) -> uuid.UUID:
@@ -74,6 +66,8 @@ async def idempotency_key(
 async def place_order(
     data: OrderCreate,
     request: Request,
+    orders: Orders,
+    request_id: RequestId,
     claims: CurrentUser,
     key: Annotated[str, Depends(idempotency_key)],
 ) -> Response:
@@ -83,8 +77,8 @@ async def place_order(
     `pending` until staff confirm it; it expires (stock released) at `expires_at`. A repeat with the
     same Idempotency-Key and body answers with the same order and `Idempotent-Replayed: true`.
     """
-    order, replayed = await _service(request).place(
-        _customer_id(claims), key, data, Actor.of(request, claims), request_id=_request_id(request)
+    order, replayed = await orders.place(
+        _customer_id(claims), key, data, Actor.of(request, claims), request_id=request_id
     )
     headers = {"Location": f"/api/v1/orders/{order.id}"}
     if replayed:
@@ -96,7 +90,7 @@ async def place_order(
 
 @router.get("", response_model=Page[OrderRead])
 async def list_orders(
-    request: Request,
+    orders: Orders,
     claims: CurrentUser,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
@@ -107,40 +101,49 @@ async def list_orders(
     viewer = Viewer.of(claims)
     if user_id is not None and not viewer.staff:
         raise Forbidden("Only staff may list another customer's orders.")
-    return await _service(request).page(viewer, limit=limit, cursor=cursor, status=status, user_id=user_id)
+    return await orders.page(viewer, limit=limit, cursor=cursor, status=status, user_id=user_id)
 
 
 @router.get("/{order_id}", response_model=OrderRead)
-async def get_order(order_id: uuid.UUID, request: Request, claims: CurrentUser) -> OrderRead:
+async def get_order(order_id: uuid.UUID, orders: Orders, claims: CurrentUser) -> OrderRead:
     """One order (another customer's order is 404, exactly like a missing one)."""
-    return await _service(request).get(order_id, Viewer.of(claims))
+    return await orders.get(order_id, Viewer.of(claims))
 
 
-async def _change(request: Request, claims: Claims, order_id: uuid.UUID, target: Status) -> OrderRead:
-    return await _service(request).change(
-        order_id, target, Actor.of(request, claims), Viewer.of(claims), request_id=_request_id(request)
-    )
+async def _change(
+    request: Request, orders: OrderService, request_id: str | None, claims: Claims, order_id: uuid.UUID, target: Status
+) -> OrderRead:
+    actor, viewer = Actor.of(request, claims), Viewer.of(claims)
+    return await orders.change(order_id, target, actor, viewer, request_id=request_id)
 
 
 @router.post("/{order_id}/cancel", response_model=OrderRead, responses={409: {"description": "Not cancellable"}})
-async def cancel_order(order_id: uuid.UUID, request: Request, claims: CurrentUser) -> OrderRead:
+async def cancel_order(
+    order_id: uuid.UUID, request: Request, orders: Orders, request_id: RequestId, claims: CurrentUser
+) -> OrderRead:
     """Cancel a pending or confirmed order (owner or staff); its stock goes back."""
-    return await _change(request, claims, order_id, Status.cancelled)
+    return await _change(request, orders, request_id, claims, order_id, Status.cancelled)
 
 
 @router.post("/{order_id}/confirm", response_model=OrderRead, responses={409: {"description": "Not pending"}})
-async def confirm_order(order_id: uuid.UUID, request: Request, claims: RequireStaff) -> OrderRead:
+async def confirm_order(
+    order_id: uuid.UUID, request: Request, orders: Orders, request_id: RequestId, claims: RequireStaff
+) -> OrderRead:
     """pending → confirmed (staff): the reserved units leave on-hand stock."""
-    return await _change(request, claims, order_id, Status.confirmed)
+    return await _change(request, orders, request_id, claims, order_id, Status.confirmed)
 
 
 @router.post("/{order_id}/ship", response_model=OrderRead, responses={409: {"description": "Not confirmed"}})
-async def ship_order(order_id: uuid.UUID, request: Request, claims: RequireStaff) -> OrderRead:
+async def ship_order(
+    order_id: uuid.UUID, request: Request, orders: Orders, request_id: RequestId, claims: RequireStaff
+) -> OrderRead:
     """confirmed → shipped (staff)."""
-    return await _change(request, claims, order_id, Status.shipped)
+    return await _change(request, orders, request_id, claims, order_id, Status.shipped)
 
 
 @router.post("/{order_id}/deliver", response_model=OrderRead, responses={409: {"description": "Not shipped"}})
-async def deliver_order(order_id: uuid.UUID, request: Request, claims: RequireStaff) -> OrderRead:
+async def deliver_order(
+    order_id: uuid.UUID, request: Request, orders: Orders, request_id: RequestId, claims: RequireStaff
+) -> OrderRead:
     """shipped → delivered (staff)."""
-    return await _change(request, claims, order_id, Status.delivered)
+    return await _change(request, orders, request_id, claims, order_id, Status.delivered)

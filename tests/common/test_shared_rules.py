@@ -16,6 +16,7 @@ from common.errors import BadRequest
 from common.idempotency import request_hash
 from common.money import MAX_PRICE_XAF, PriceXAF, price_range
 from common.pagination import encode_cursor, number_before, page_of, time_key, time_key_after
+from common.retries import retried
 from common.service_tokens import CachedServiceTokens
 
 
@@ -118,3 +119,34 @@ def test_an_actor_saved_with_an_intent_comes_back_the_same() -> None:
         "r1",
     )
     assert event.new_values == {"n": 1}
+
+
+class Flaky:
+    def __init__(self, failures: list[Exception]) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "done"
+
+
+async def test_retried_tries_again_only_what_it_is_told_to() -> None:
+    flaky = Flaky([ValueError(), ValueError()])
+    assert await retried(flaky, ValueError, attempts=3, first_wait=0) == "done"
+    assert flaky.calls == 3
+    gives_up = Flaky([ValueError("first"), ValueError("second"), ValueError("third")])
+    with pytest.raises(ValueError, match="second"):
+        await retried(gives_up, ValueError, attempts=2, first_wait=0)
+    assert gives_up.calls == 2  # attempts counts the bare first try
+    other = Flaky([KeyError()])
+    with pytest.raises(KeyError):
+        await retried(other, ValueError, attempts=5, first_wait=0)
+    assert other.calls == 1
+    hooked = Flaky([ValueError(), KeyError()])
+    assert await retried(
+        hooked, lambda exc: 0.0 if isinstance(exc, KeyError) else True, attempts=None, first_wait=0
+    ) == ("done")
+    assert hooked.calls == 3

@@ -76,7 +76,7 @@ async def product(client: httpx.AsyncClient, tokens: Tokens) -> dict:
 
 
 def stored_files(client: httpx.AsyncClient) -> list[Path]:
-    directory: Path = client.app.state.image_store.directory  # type: ignore[attr-defined]
+    directory: Path = client.app.state.inventory.images.directory  # type: ignore[attr-defined]
     return sorted(p for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
 
 
@@ -142,7 +142,7 @@ async def test_client_file_names_are_never_used(
         assert "pwned" not in response.text
         assert "passwd" not in response.text
     stored = stored_files(client)
-    data_dir = client.app.state.settings.data_dir  # type: ignore[attr-defined]
+    data_dir = client.app.state.inventory.settings.data_dir  # type: ignore[attr-defined]
     assert all(p.parent == data_dir / "uploads" / "inventory" for p in stored)
     names = [p.name for p in stored]
     assert len(names) == 5
@@ -322,7 +322,7 @@ async def test_images_of_inactive_products_are_for_staff(
 async def test_images_per_product_are_capped(
     client: httpx.AsyncClient, tokens: Tokens, product: dict, database: DatabaseFixture
 ) -> None:
-    client.app.state.settings.max_images_per_product = 2  # type: ignore[attr-defined]
+    client.app.state.inventory.settings.max_images_per_product = 2  # type: ignore[attr-defined]
     for _ in range(2):
         assert (
             await client.post(upload_url(product), files=files(picture()), headers=tokens.staff())

@@ -201,7 +201,7 @@ async def test_reservations_expire_and_the_sweeper_releases_them(
     await reserve(client, tokens, [(product["id"], 2)], old)
     clock.advance(10 * 60)
     await reserve(client, tokens, [(product["id"], 1)], fresh)
-    sweeper = client.app.state.sweeper  # type: ignore[attr-defined]
+    sweeper = client.app.state.inventory.sweeper  # type: ignore[attr-defined]
     assert await sweeper.run_once() == 0
     clock.advance(5 * 60 + 1)  # the first is 15 min old, the second 5
     assert_problem(await client.post(f"{RESERVATIONS}/{old}/commit", headers=orders(tokens)), 409)

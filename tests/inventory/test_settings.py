@@ -50,7 +50,7 @@ async def test_the_reservation_lifetime_is_a_setting(
     orders = tokens.service("orders", "inventory")
     held = await client.put(f"/internal/reservations/{rid}", json=body, headers=orders)
     assert held.status_code == 201, held.text
-    sweeper = client.app.state.sweeper  # type: ignore[attr-defined]
+    sweeper = client.app.state.inventory.sweeper  # type: ignore[attr-defined]
     clock.advance(59)
     assert await sweeper.run_once() == 0
     assert tuple(await stock_row(database, product["id"])) == (5, 2, 3)

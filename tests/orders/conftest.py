@@ -82,7 +82,7 @@ class System:
         return body
 
     async def sweep(self) -> dict[str, int]:
-        result: dict[str, int] = await self.orders_app.state.sweeper.run_once()
+        result: dict[str, int] = await self.orders_app.state.orders.sweeper.run_once()
         return result
 
 
@@ -135,7 +135,7 @@ def start_system(
             )
             async with running(orders_app) as orders:
                 # Stands in for the auth service's client-credentials grant until auth lands.
-                orders_app.state.service_tokens = IssuerServiceTokens(issuer, "orders")
+                orders_app.state.service.service_tokens = IssuerServiceTokens(issuer, "orders")
                 yield System(orders, inventory, orders_app, inventory_app, tokens, clock, database)
 
     return start

@@ -106,46 +106,48 @@ async def test_the_same_order_cannot_be_placed_twice_by_racing_a_different_body(
 
 async def test_twins_in_one_claim_batch_make_one_order(system: System) -> None:
     """Retries that arrive together share one claim statement: the first twin takes the key, the rest wait."""
-    from services.orders.service import _Claim
+    from services.orders.repository import Claim
 
-    service = system.orders_app.state.orders
+    service = system.orders_app.state.orders.service
     user, now = uuid.uuid4(), system.clock()
-    claims = [_Claim(uuid.uuid4(), user, "same", "h", uuid.uuid4(), uuid.uuid4(), now, "{}") for _ in range(3)]
-    other = _Claim(uuid.uuid4(), uuid.uuid4(), "same", "h", uuid.uuid4(), uuid.uuid4(), now, "{}")
-    assert await service._claim_batch([*claims, other]) == [True, False, False, True]
-    assert await service._claim_batch(claims[1:]) == [False, False]
+    claims = [Claim(uuid.uuid4(), user, "same", "h", uuid.uuid4(), uuid.uuid4(), now, "{}") for _ in range(3)]
+    other = Claim(uuid.uuid4(), uuid.uuid4(), "same", "h", uuid.uuid4(), uuid.uuid4(), now, "{}")
+    assert await service.placement._claim_batch([*claims, other]) == [True, False, False, True]
+    assert await service.placement._claim_batch(claims[1:]) == [False, False]
 
 
 async def test_claim_batches_sharing_keys_in_opposite_orders_do_not_deadlock(system: System) -> None:
     """Two retried batches over the same keys wait for each other in key order, never in a cycle."""
-    from services.orders.service import _Claim
+    from services.orders.repository import Claim
 
-    service = system.orders_app.state.orders
+    service = system.orders_app.state.orders.service
     user, now = uuid.uuid4(), system.clock()
 
-    def claims() -> list[_Claim]:
-        return [_Claim(uuid.uuid4(), user, f"k{n:05}", "h", uuid.uuid4(), uuid.uuid4(), now, "{}") for n in range(2000)]
+    def claims() -> list[Claim]:
+        return [Claim(uuid.uuid4(), user, f"k{n:05}", "h", uuid.uuid4(), uuid.uuid4(), now, "{}") for n in range(2000)]
 
     forward, backward = claims(), claims()[::-1]
-    first, second = await asyncio.gather(service._claim_batch(forward), service._claim_batch(backward))
+    first, second = await asyncio.gather(
+        service.placement._claim_batch(forward), service.placement._claim_batch(backward)
+    )
     assert sum(first) + sum(second) == 2000  # each key claimed once, by one of the two
 
 
 async def test_an_order_the_database_refuses_fails_alone_in_its_batch(system: System) -> None:
     from sqlalchemy.exc import DBAPIError
 
-    from services.orders.service import _Claim
+    from services.orders.repository import Claim
 
-    service = system.orders_app.state.orders
+    service = system.orders_app.state.orders.service
     now = system.clock()
 
-    def claim(key: str) -> _Claim:
-        return _Claim(uuid.uuid4(), uuid.uuid4(), key, "h", uuid.uuid4(), uuid.uuid4(), now, "{}")
+    def claim(key: str) -> Claim:
+        return Claim(uuid.uuid4(), uuid.uuid4(), key, "h", uuid.uuid4(), uuid.uuid4(), now, "{}")
 
     # A key longer than its column (the API refuses it first): the statement carrying it is refused whole,
     # and sent again one order at a time.
     results = await asyncio.gather(
-        *(service.claims.submit(claim(k)) for k in ("a", "b", "x" * 300, "c")), return_exceptions=True
+        *(service.placement.claims.submit(claim(k)) for k in ("a", "b", "x" * 300, "c")), return_exceptions=True
     )
     assert results[:2] == [True, True]
     assert results[3] is True

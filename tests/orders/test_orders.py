@@ -372,7 +372,7 @@ async def test_a_reservation_expired_at_inventory_cannot_be_confirmed(system: Sy
     finally:
         await admin.close()
     system.clock.advance(15 * 60 + 1)
-    assert await system.inventory_app.state.sweeper.run_once() == 1
+    assert await system.inventory_app.state.inventory.sweeper.run_once() == 1
     assert_problem(await system.orders.post(f"{ORDERS}/{order['id']}/confirm", headers=system.tokens.staff()), 409)
     fetched = await system.orders.get(f"{ORDERS}/{order['id']}", headers=system.tokens.staff())
     assert fetched.json()["status"] == "expired"

@@ -118,7 +118,7 @@ async def one_out_and_more_waiting(
     first = asyncio.create_task(system.place([(product_id, 1)]))
     await arrived.wait()
     others = [asyncio.create_task(system.place([(product_id, 1)])) for _ in range(later)]
-    reserves = system.orders_app.state.inventory.reserves
+    reserves = system.orders_app.state.orders.inventory.reserves
     deadline = time.monotonic() + 10
     while reserves.waiting < later:  # a state to reach, not a race: each order queues on its first steps
         assert time.monotonic() < deadline, reserves.waiting
@@ -184,7 +184,7 @@ async def test_a_hold_whose_release_also_failed_expires_at_inventory(start_syste
         assert await rows(system) == []
         assert (await system.stock(product["id"]))["reserved"] == 2  # held, but not forever:
         system.clock.advance(15 * 60)
-        assert await system.inventory_app.state.sweeper.run_once() == 1
+        assert await system.inventory_app.state.inventory.sweeper.run_once() == 1
         assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 0, "available": 5}
 
 
@@ -365,7 +365,7 @@ async def test_reconciliation_runs_when_orders_starts(system: System) -> None:
     )
     await insert_placing(system, uuid.uuid4(), reservation_id, age_seconds=120)
     settings = orders_settings(
-        system.database, system.orders_app.state.settings.data_dir.parent, sweep_interval_seconds=0.1
+        system.database, system.orders_app.state.service.settings.data_dir.parent, sweep_interval_seconds=0.1
     )
     restarted = create_app(
         settings,
@@ -374,7 +374,7 @@ async def test_reconciliation_runs_when_orders_starts(system: System) -> None:
         inventory_transport=httpx.ASGITransport(app=system.inventory_app),
     )
     async with running(restarted):
-        restarted.state.service_tokens = IssuerServiceTokens(system.tokens.issuer, "orders")
+        restarted.state.service.service_tokens = IssuerServiceTokens(system.tokens.issuer, "orders")
         deadline = time.monotonic() + 10
         while (await system.stock(product["id"]))["reserved"]:
             assert time.monotonic() < deadline, "the start-up reconciliation did not release the orphan"

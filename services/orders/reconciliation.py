@@ -1,0 +1,105 @@
+"""Reconciliation: what a crash, a lost answer or the clock left behind is finished or undone.
+
+One pass releases orphaned placements, finishes interrupted confirmations, makes owed releases and expires
+due pending orders. Every take-over writes a new attempt id first, which fences the attempt it replaces;
+rows are taken with SKIP LOCKED, so several replicas may sweep at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import ColumnElement
+
+from common.clock import Clock
+from common.db import Database
+from services.orders import inventory as inv
+from services.orders.config import Settings
+from services.orders.errors import InventoryUnavailable, OrderExpired
+from services.orders.models import Order, Status, StockAction
+from services.orders.repository import OrderRepository
+from services.orders.rules import SYSTEM, close, start_action
+from services.orders.transitions import Transitions
+
+log = structlog.get_logger("comptoir.orders")
+
+
+class Reconciliation:
+    def __init__(
+        self, db: Database, inventory: inv.InventoryClient, transitions: Transitions, settings: Settings, clock: Clock
+    ) -> None:
+        self.db = db
+        self.inventory = inventory
+        self.transitions = transitions
+        self.settings = settings
+        self.clock = clock
+
+    async def _ids(self, *conditions: ColumnElement[bool]) -> list[uuid.UUID]:
+        async with self.db.sessionmaker() as session, session.begin():
+            return await OrderRepository(session).ids(*conditions)
+
+    async def _take_over(
+        self, order_id: uuid.UUID, *conditions: ColumnElement[bool], action: StockAction
+    ) -> uuid.UUID | None:
+        """Take over an interrupted action with a new attempt id (fencing the old attempt)."""
+        async with self.db.sessionmaker() as session, session.begin():
+            order = await OrderRepository(session).lock_if(order_id, *conditions)
+            if order is None:
+                return None
+            return start_action(order, action, None, self.clock())
+
+    async def sweep(self) -> dict[str, int]:
+        """One pass: orphaned placements released, interrupted confirmations finished, owed releases made,
+        due pending orders expired. Safe to run in several replicas at once."""
+        now = self.clock()
+        done = {"orphans": 0, "confirmations": 0, "releases": 0, "expired": 0}
+
+        orphan_cutoff = now - timedelta(seconds=self.settings.placing_timeout_seconds)
+        stale_placing = (Order.status == Status.placing, Order.stock_action_since < orphan_cutoff)
+        abandoned = (Order.status == Status.placing, Order.stock_action == StockAction.release)
+        for order_id in await self._ids(*stale_placing) + await self._ids(*abandoned):
+            attempt = await self._take_over(order_id, Order.status == Status.placing, action=StockAction.release)
+            if attempt is None:
+                continue
+            async with self.db.sessionmaker() as session, session.begin():
+                reservation_id = await OrderRepository(session).reservation_of(order_id)
+            try:
+                await self.inventory.release(reservation_id)
+            except InventoryUnavailable:
+                continue
+            async with self.db.sessionmaker() as session, session.begin():
+                await OrderRepository(session).delete_placing(order_id, attempt)
+            done["orphans"] += 1
+            log.info("orders.placement.reconciled", order_id=str(order_id))
+
+        stale_cutoff = now - timedelta(seconds=self.settings.stale_action_seconds)
+        stale_commit = (Order.stock_action == StockAction.commit, Order.stock_action_since < stale_cutoff)
+        for order_id in await self._ids(*stale_commit):
+            attempt = await self._take_over(order_id, *stale_commit, action=StockAction.commit)
+            if attempt is None:
+                continue
+            try:
+                await self.transitions.drive_commit(order_id, attempt, request_id=None)
+                done["confirmations"] += 1
+            except (InventoryUnavailable, OrderExpired):
+                continue
+
+        owed = (Order.stock_action == StockAction.release, Order.status != Status.placing)
+        for order_id in await self._ids(*owed):
+            if await self.transitions.drive_release(order_id):
+                done["releases"] += 1
+
+        due = (Order.status == Status.pending, Order.stock_action.is_(None), Order.expires_at <= now)
+        for order_id in await self._ids(*due):
+            async with self.db.sessionmaker() as session, session.begin():
+                order = await OrderRepository(session).lock_if(order_id, *due)
+                if order is None:
+                    continue
+                await close(session, order, Status.expired, SYSTEM, self.clock())
+            await self.transitions.drive_release(order_id)
+            done["expired"] += 1
+        if any(done.values()):
+            log.info("orders.sweep", **done)
+        return done
