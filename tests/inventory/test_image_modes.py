@@ -20,7 +20,7 @@ async def test_files_are_0644_and_directories_0755_even_under_a_strict_umask(
     client: httpx.AsyncClient, tokens: Tokens
 ) -> None:
     product = await create_product(client, tokens, stock=1)
-    directory: Path = client.app.state.image_store.directory  # type: ignore[attr-defined]
+    directory: Path = client.app.state.inventory.images.directory  # type: ignore[attr-defined]
     previous = os.umask(0o077)  # would give 0600 files and 0700 directories if modes were left to it
     try:
         response = await client.post(upload_url(product), files=files(picture("PNG"), "x.png"), headers=tokens.staff())

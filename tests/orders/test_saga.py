@@ -397,7 +397,7 @@ async def test_a_retry_while_the_first_attempt_is_in_flight_gets_the_same_order(
         await net.arrived["reserve"].wait()
         # Watch the retry's claims of the key (the real ones, passed through): each refusal means it found
         # the first attempt still running and went back to waiting for it.
-        claims = system.orders_app.state.orders.claims
+        claims = system.orders_app.state.orders.service.placement.claims
         claim, refusals, refused_twice = claims.submit, [], asyncio.Event()
 
         async def watched(item: Any) -> bool:
