@@ -65,7 +65,7 @@ class FieldError(BaseModel):
 
 
 class ValidationProblem(Problem):
-    """422: the request was understood but some values are invalid; ``errors`` says which (input never echoed)."""
+    """422: the request was understood but some values are invalid; `errors` says which (input never echoed)."""
 
     errors: list[FieldError]
 
@@ -77,13 +77,13 @@ class ShortItem(BaseModel):
 
 
 class OrderConflictProblem(Problem):
-    """409 on POST /orders: ``short_items`` when stock is short (nothing reserved); absent when the key is busy."""
+    """409 on POST /orders: `short_items` when stock is short (nothing reserved); absent when the key is busy."""
 
     short_items: list[ShortItem] = Field(default_factory=list)
 
 
 class RetryProblem(Problem):
-    """429 and 503: ``retry_after`` repeats the Retry-After header (seconds) when the server knows it."""
+    """429 and 503: `retry_after` repeats the Retry-After header (seconds) when the server knows it."""
 
     retry_after: Annotated[int, Field(ge=0)] = Field(0, description="Seconds to wait before retrying.")
 

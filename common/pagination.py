@@ -22,13 +22,13 @@ MAX_LIMIT = 200
 
 LimitParam = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size (1-200).")]
 # The pattern is the cursor's alphabet (unpadded base64url), said in the schema only: a string that is not
-# a cursor the server made, of that alphabet or not, is a 400 ("The cursor is not valid").
+# a cursor the server made, of that alphabet or not, is a 400 ("The cursor is not valid"); empty is no cursor.
 CursorParam = Annotated[
     str | None,
     Query(
         max_length=512,
         description="Opaque cursor from next_cursor.",
-        json_schema_extra={"pattern": "^[A-Za-z0-9_-]+$"},
+        json_schema_extra={"pattern": "^[A-Za-z0-9_-]*$"},
     ),
 ]
 

@@ -42,8 +42,9 @@ REF = "#/components/schemas/"
 
 router = APIRouter()
 
+# 403 where the caller's role is not enough (staff-only or admin-only operations).
 STAFF, ADMIN = 403, 403
-# Statuses that only a service's own rules produce, by operation (403: the caller's role is not enough).
+# Statuses that only a service's own rules produce, by operation.
 EXTRA_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/api/v1/auth/register"): (409,),
     ("POST", "/api/v1/auth/password-reset/confirm"): (400,),
@@ -128,9 +129,8 @@ HEADERS: dict[str, dict[str, Any]] = {
 }
 
 
-def _header(name: str, *, required: bool = False) -> dict[str, Any]:
-    ref: dict[str, Any] = {"$ref": f"#/components/headers/{name}"}
-    return {**ref, "required": True} if required else ref
+def _header(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/headers/{name}"}
 
 
 def _problem_schema(method: str, path: str, status: int) -> str:
@@ -144,8 +144,8 @@ def _problem_schema(method: str, path: str, status: int) -> str:
 
 
 def _headers_for(status: int) -> dict[str, Any]:
-    # A $ref may carry no sibling keys in OpenAPI 3.1 header objects we rely on, so required headers
-    # are written out in full.
+    # A Reference Object cannot carry `required` next to its $ref, so required headers are written out
+    # in full; optional ones point at components.headers.
     headers: dict[str, Any] = {"X-Request-ID": {**HEADERS["X-Request-ID"], "required": True}}
     for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"):
         headers[name] = _header(name)
@@ -156,6 +156,12 @@ def _headers_for(status: int) -> dict[str, Any]:
     if status == 503:
         headers["Retry-After"] = _header("Retry-After")
     return headers
+
+
+def _own_description(declared: dict[str, Any]) -> str | None:
+    """A service's own description of an error, not FastAPI's generic one."""
+    description = declared.get("description")
+    return description if isinstance(description, str) and description != "Validation Error" else None
 
 
 def error_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int]:
@@ -184,7 +190,7 @@ def _describe(method: str, path: str, operation: dict[str, Any]) -> None:
     for status in sorted(error_statuses(key[0], path, operation)):
         declared = responses.get(str(status), {})
         responses[str(status)] = {
-            "description": declared.get("description") or DESCRIPTIONS.get(status, "Error"),
+            "description": _own_description(declared) or DESCRIPTIONS.get(status, "Error"),
             "headers": _headers_for(status),
             "content": {
                 PROBLEM_CONTENT_TYPE: {"schema": {"$ref": REF + _problem_schema(key[0], path, status)}},
