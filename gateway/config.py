@@ -12,6 +12,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 DEFAULT_ROUTE_LIMITS = (
     "POST /api/v1/auth/login=10/minute;"
+    "POST /api/v1/auth/login/mfa=10/minute;"
     "POST /api/v1/auth/register=10/hour;"
     "POST /api/v1/auth/token/refresh=120/hour;"
     "POST /api/v1/auth/otp/request=5/hour;"
@@ -27,6 +28,7 @@ DEVELOPMENT_ANONYMOUS_LIMIT = "100000/hour"
 DEVELOPMENT_AUTHENTICATED_LIMIT = "100000/hour"
 DEVELOPMENT_ROUTE_LIMITS = (
     "POST /api/v1/auth/login=1000/minute;"
+    "POST /api/v1/auth/login/mfa=1000/minute;"
     "POST /api/v1/auth/register=10000/hour;"
     "POST /api/v1/auth/token/refresh=10000/hour;"
     "POST /api/v1/auth/otp/request=1000/hour;"

@@ -47,6 +47,11 @@ STAFF, ADMIN = 403, 403
 # Statuses that only a service's own rules produce, by operation.
 EXTRA_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/api/v1/auth/register"): (409,),
+    ("POST", "/api/v1/auth/token/refresh"): (403,),
+    ("POST", "/api/v1/auth/mfa/totp/enrol"): (409,),
+    ("POST", "/api/v1/auth/mfa/totp/confirm"): (400, 409),
+    ("POST", "/api/v1/auth/mfa/recovery-codes"): (400, 409),
+    ("POST", "/api/v1/auth/mfa/totp/disable"): (400, 409),
     ("POST", "/api/v1/auth/password-reset/confirm"): (400,),
     ("POST", "/api/v1/auth/otp/request"): (409,),
     ("POST", "/api/v1/auth/otp/verify"): (400, 409),

@@ -55,6 +55,7 @@ PUBLIC_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for method, pattern in (
         ("POST", r"^/api/v1/auth/register$"),
         ("POST", r"^/api/v1/auth/login$"),
+        ("POST", r"^/api/v1/auth/login/mfa$"),
         ("POST", r"^/api/v1/auth/token/refresh$"),
         ("POST", r"^/api/v1/auth/password-reset/request$"),
         ("POST", r"^/api/v1/auth/password-reset/confirm$"),

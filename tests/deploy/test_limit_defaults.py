@@ -13,6 +13,7 @@ from gateway.config import DEFAULT_ROUTE_LIMITS, GatewaySettings
 
 PRODUCTION_ROUTE_LIMITS = {
     "POST /api/v1/auth/login": "10/minute",
+    "POST /api/v1/auth/login/mfa": "10/minute",
     "POST /api/v1/auth/register": "10/hour",
     "POST /api/v1/auth/token/refresh": "120/hour",
     "POST /api/v1/auth/otp/request": "5/hour",

@@ -116,3 +116,37 @@ def test_cookie_login_refresh_and_logout_through_the_gateway(system) -> None:  #
         # The next login from this browser is a known device (its cookie went back by itself).
         again = client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD, "session_mode": "cookie"})
         assert again.status_code == 200
+
+
+def test_a_second_factor_login_goes_through_the_gateway(system) -> None:  # noqa: ANN001
+    """Enrol an authenticator, then sign in: the gateway lets the anonymous second step through to auth."""
+    import pyotp
+
+    gateway = system.url()
+    email = f"mfa-{uuid.uuid4().hex[:10]}@boutique.cm"
+    with httpx.Client(base_url=gateway, headers={"X-Forwarded-Proto": "https"}) as client:
+        body = {"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"}
+        assert client.post("/api/v1/auth/register", json=body).status_code == 201
+        access = client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD}).json()["access_token"]
+        bearer = {"Authorization": f"Bearer {access}"}
+        secret = client.post("/api/v1/auth/mfa/totp/enrol", headers=bearer).json()["secret"]
+        confirmed = client.post(
+            "/api/v1/auth/mfa/totp/confirm", json={"code": pyotp.TOTP(secret).now()}, headers=bearer
+        )
+        assert confirmed.status_code == 200, confirmed.text
+        recovery = confirmed.json()["recovery_codes"]
+
+        challenge = client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+        assert challenge.status_code == 401
+        assert challenge.json()["type"].endswith("mfa-required")
+        # A recovery code, not the app's: the app's current code was just spent on the confirmation.
+        done = client.post(
+            "/api/v1/auth/login/mfa", json={"mfa_token": challenge.json()["mfa_token"], "code": recovery[0]}
+        )
+        assert done.status_code == 200, done.text
+        me = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {done.json()['access_token']}"})
+        assert me.json()["email"] == email
+        again = client.post(
+            "/api/v1/auth/login/mfa", json={"mfa_token": challenge.json()["mfa_token"], "code": recovery[0]}
+        )
+        assert again.status_code == 401, "a challenge and a recovery code are single use"

@@ -76,6 +76,7 @@ def test_every_error_is_a_typed_problem_and_every_answer_declares_its_headers(do
             in {
                 ("POST", "/api/v1/auth/register"),
                 ("POST", "/api/v1/auth/login"),
+                ("POST", "/api/v1/auth/login/mfa"),
                 ("POST", "/api/v1/auth/token/refresh"),
                 ("POST", "/api/v1/auth/password-reset/request"),
                 ("POST", "/api/v1/auth/password-reset/confirm"),
