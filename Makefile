@@ -66,7 +66,7 @@ export BENCH_RESULTS
 
 bench: install
 	rm -f $(BENCH_RESULTS)
-	$(MAKE) --no-print-directory bench-gateway bench-orders bench-audit bench-login bench-guessing
+	-$(MAKE) --no-print-directory -k bench-gateway bench-orders bench-audit bench-login bench-guessing
 	$(BIN)/python -m bench.results $(BENCH_RESULTS)
 
 bench-gateway: install
