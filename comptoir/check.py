@@ -80,7 +80,7 @@ def settings_checks(roles_urls: dict[str, str], run: RunSettings | None = None) 
         if process == "gateway":
             checks += gateway_checks(settings)
         elif process == "auth":
-            checks += auth_checks(settings) + _audit_rules_and_logs(settings)
+            checks += auth_checks(settings) + _log_format_check(settings)
         else:
             checks += service_checks(settings, process)
             if process == "audit":
@@ -147,7 +147,7 @@ def _backup_check(run: RunSettings) -> Check:
     )
 
 
-def _audit_rules_and_logs(settings: Any) -> list[Check]:
+def _log_format_check(settings: Any) -> list[Check]:
     return [
         check(
             "CMP-W037",
