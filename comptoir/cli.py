@@ -538,7 +538,7 @@ COMMANDS = {
 
 def needs_system(args: argparse.Namespace) -> bool:
     """Commands that work on an existing installation (and must not create one by accident)."""
-    if args.command in ("backup", "keys", "outbox"):  # create-admin checks its input first, then refuses
+    if args.command in ("backup", "keys", "outbox", "purge"):  # create-admin checks its input first, then refuses
         return True
     return bool(args.command == "audit" and args.audit_command != "verify-archive")
 

@@ -28,6 +28,7 @@ NEEDS_A_SYSTEM = [
     ["audit", "archive", "--older-than-days", "30"],
     ["outbox", "list"],
     ["outbox", "replay", "--service", "orders"],
+    ["purge"],
 ]
 
 
