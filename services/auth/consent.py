@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from common.db import SessionDep
 from common.security import CurrentUser
@@ -33,14 +33,10 @@ class ConsentRead(BaseModel):
 
 
 class ConsentUpdate(Input):
+    """What to change; a field left out (or null) stays as it is, so an empty body changes nothing."""
+
     marketing_consent: bool | None = Field(None, strict=True)
     accept_terms_version: str | None = Field(None, min_length=1, max_length=32)
-
-    @model_validator(mode="after")
-    def _something(self) -> ConsentUpdate:
-        if self.marketing_consent is None and self.accept_terms_version is None:
-            raise ValueError("give marketing_consent or accept_terms_version")
-        return self
 
 
 def consent_read(user: User, current: str) -> ConsentRead:

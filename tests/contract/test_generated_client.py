@@ -202,29 +202,37 @@ def test_a_whole_shop_through_the_generated_client(system: RunningSystem, client
     assert weak.errors
     assert all(isinstance(error, api.FieldError) and error.loc[:2] == ["body", "password"] for error in weak.errors)
 
-    first = parsed(api.call("auth", "login", body=api.LoginRequest(email=email, password=PASSWORD)), 200, api.TokenPair)
-    pair = parsed(
-        api.call("auth", "refresh", body=api.RefreshRequest(refresh_token=first.refresh_token)), 200, api.TokenPair
+    first = parsed(
+        api.call("auth", "login", body=api.LoginRequest(email=email, password=PASSWORD)), 200, api.LoginResponse
     )
-    assert pair.token_type == api.TokenPairTokenType.BEARER
+    pair = parsed(
+        api.call("auth", "refresh", body=api.RefreshRequest(refresh_token=first.refresh_token)),
+        200,
+        api.RefreshResponse,
+    )
+    assert pair.token_type == api.RefreshResponseTokenType.BEARER
     assert parsed(api.call("auth", "me", pair.access_token), 200, api.UserRead).email == email
     spent = parsed(
         api.call("auth", "refresh", body=api.RefreshRequest(refresh_token=first.refresh_token)), 401, api.Problem
     )
     assert spent.status == 401
     # The reuse above revoked that session: sign in again, then log out properly.
-    pair = parsed(api.call("auth", "login", body=api.LoginRequest(email=email, password=PASSWORD)), 200, api.TokenPair)
+    pair = parsed(
+        api.call("auth", "login", body=api.LoginRequest(email=email, password=PASSWORD)), 200, api.LoginResponse
+    )
     logout = api.call("auth", "logout", pair.access_token, body=api.LogoutRequest(refresh_token=pair.refresh_token))
     assert logout.status_code == 204
     eventually(lambda: api.call("auth", "me", pair.access_token).status_code == 401, "the logout to reach the gateway")
     assert isinstance(api.call("auth", "me", pair.access_token).parsed, api.Problem)
     customer = parsed(
-        api.call("auth", "login", body=api.LoginRequest(email=email, password=PASSWORD)), 200, api.TokenPair
+        api.call("auth", "login", body=api.LoginRequest(email=email, password=PASSWORD)), 200, api.LoginResponse
     ).access_token
 
     # staff: an admin promotes a registered user
     admin = parsed(
-        api.call("auth", "login", body=api.LoginRequest(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)), 200, api.TokenPair
+        api.call("auth", "login", body=api.LoginRequest(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)),
+        200,
+        api.LoginResponse,
     ).access_token
     staff_email = f"staff-{uuid.uuid4().hex[:8]}@boutique.cm"
     member = parsed(
@@ -249,7 +257,7 @@ def test_a_whole_shop_through_the_generated_client(system: RunningSystem, client
     )
     assert promoted.role == api.UserReadRole.STAFF
     staff = parsed(
-        api.call("auth", "login", body=api.LoginRequest(email=staff_email, password=PASSWORD)), 200, api.TokenPair
+        api.call("auth", "login", body=api.LoginRequest(email=staff_email, password=PASSWORD)), 200, api.LoginResponse
     ).access_token
 
     # the catalogue: staff create a product and adjust its stock; a customer may not

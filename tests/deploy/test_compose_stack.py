@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pyotp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -242,7 +243,15 @@ def test_the_rendered_stack_serves_a_shop_over_tls_to_postgres(stack: Stack) -> 
         assert health.status_code == 200, health.text
         assert health.headers["strict-transport-security"].startswith("max-age=31536000")
 
-        login = client.post("/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        # Production requires a second factor for admins: the first login enrols the authenticator app.
+        challenge = client.post("/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        assert challenge.status_code == 401, challenge.text
+        assert challenge.json()["type"].endswith("mfa-required"), challenge.text
+        secret = challenge.json()["enrolment"]["secret"]
+        login = client.post(
+            "/api/v1/auth/login/mfa",
+            json={"mfa_token": challenge.json()["mfa_token"], "code": pyotp.TOTP(secret).now()},
+        )
         assert login.status_code == 200, login.text
         admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
         sku = f"SAVON-{uuid.uuid4().hex[:6]}"

@@ -57,6 +57,16 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 include-name = "POST /api/v1/auth/otp/verify"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 
+# A wrong code from the authenticator app, or a wrong password, is a 400 (like a wrong OTP code).
+[[operations]]
+include-name-regex = "^POST /api/v1/auth/mfa/(totp/confirm|totp/disable|recovery-codes)$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+
+# Only the terms version in force (AUTH_TERMS_VERSION, a setting) can be accepted: any other is a 422.
+[[operations]]
+include-name = "PATCH /api/v1/auth/me/consent"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
 # Products that do not exist are a 422 (API.md); the bytes must decode as a JPEG, PNG or WebP image.
 [[operations]]
 include-name-regex = "^(POST /api/v1/orders|POST /api/v1/products/\\\\{product_id\\\\}/images)$"
