@@ -24,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -104,7 +106,7 @@ async def register(session: aiohttp.ClientSession, base: str, index: int) -> tup
     return email, password
 
 
-async def storm(ports: dict[str, int]) -> dict[str, float]:
+async def storm(ports: dict[str, int]) -> dict[str, Any]:
     base = f"http://127.0.0.1:{ports['gateway']}"
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -113,6 +115,7 @@ async def storm(ports: dict[str, int]) -> dict[str, float]:
         read_times: list[float] = []
         probe_times: list[float] = []
         failures = {"login": 0, "read": 0}
+        refused: Counter[int] = Counter()
         stop = time.perf_counter() + SECONDS
 
         async def login(email: str, password: str) -> None:
@@ -125,6 +128,7 @@ async def storm(ports: dict[str, int]) -> dict[str, float]:
                         login_times.append(time.perf_counter() - started)
                     else:
                         failures["login"] += 1
+                        refused[response.status] += 1
 
         async def read() -> None:
             while time.perf_counter() < stop:
@@ -158,6 +162,7 @@ async def storm(ports: dict[str, int]) -> dict[str, float]:
         "auth_healthz_p99_ms": percentile(probe_times, 0.99) * 1000,
         "login_failures": failures["login"],
         "read_failures": failures["read"],
+        "refused": dict(refused),
     }
 
 
@@ -183,6 +188,8 @@ def main() -> None:
         run.send_signal(signal.SIGTERM)
         run.wait(60)
     ratio = figures["logins_per_s"] / bound
+    if figures["refused"]:
+        print(f"logins refused, by status: {figures['refused']}")
     print(
         f"\n{LOGIN_CLIENTS} clients logging in, {READERS} reading the catalogue, {SECONDS:.0f} s through the gateway;"
         f" PBKDF2-SHA256 at {ROUNDS:,} rounds; one run\n"
