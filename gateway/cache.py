@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 from starlette.types import Message, Scope, Send
 
+from common.conditional import if_none_match_names
+
 CACHE_LOOKUPS = Counter(
     "comptoir_gateway_public_cache_total", "Anonymous GETs looked up in the gateway's public cache.", ["result"]
 )
@@ -79,7 +81,7 @@ class PublicCache:
             return False
         _HIT.inc()
         headers = [*entry.headers, (b"age", str(int(age)).encode("ascii"))]
-        if entry.etag is not None and _matches(scope, entry.etag):
+        if entry.etag is not None and if_none_match_names(scope, entry.etag):
             kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type")]
             await send({"type": "http.response.start", "status": 304, "headers": kept})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -139,11 +141,3 @@ def _shareable(headers: list[tuple[bytes, bytes]]) -> bool:
         if name == b"vary" and any(v.strip().lower() not in (b"authorization", b"origin") for v in value.split(b",")):
             return False
     return public
-
-
-def _matches(scope: Scope, etag: bytes) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"if-none-match":
-            tags = [t.strip() for t in value.split(b",")]
-            return b"*" in tags or etag in tags
-    return False

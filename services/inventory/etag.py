@@ -11,6 +11,8 @@ import hashlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.conditional import if_none_match_names
+
 CATALOGUE_PREFIX = "/api/v1/products"
 # What a 304 keeps of the 200 it stands for (RFC 9110 §15.4.5).
 _KEPT_ON_304 = frozenset({b"cache-control", b"content-location", b"etag", b"expires", b"vary"})
@@ -46,7 +48,7 @@ class CatalogueETags:
             body = b"".join(chunks)
             etag = b'"' + hashlib.sha256(body).hexdigest()[:40].encode("ascii") + b'"'
             headers = [*start.get("headers", ()), (b"etag", etag)]
-            if _names(scope, etag):
+            if if_none_match_names(scope, etag):
                 kept = [(k, v) for k, v in headers if k in _KEPT_ON_304]
                 await send({"type": "http.response.start", "status": 304, "headers": kept})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -55,11 +57,3 @@ class CatalogueETags:
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
         await self.app(scope, receive, buffered)
-
-
-def _names(scope: Scope, etag: bytes) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"if-none-match":
-            tags = [tag.strip() for tag in value.split(b",")]
-            return b"*" in tags or etag in tags
-    return False

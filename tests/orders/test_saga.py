@@ -375,8 +375,10 @@ async def test_reconciliation_runs_when_orders_starts(system: System) -> None:
     )
     async with running(restarted):
         restarted.state.service.service_tokens = IssuerServiceTokens(system.tokens.issuer, "orders")
+        # The reconciliation releases the stock, then settles the order's row: wait for both (checking the
+        # row the moment the stock was free raced the second step).
         deadline = time.monotonic() + 10
-        while (await system.stock(product["id"]))["reserved"]:
+        while (await system.stock(product["id"]))["reserved"] or await rows(system):
             assert time.monotonic() < deadline, "the start-up reconciliation did not release the orphan"
             await asyncio.sleep(0.05)
     assert await rows(system) == []
