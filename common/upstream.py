@@ -156,13 +156,19 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def _current(self) -> Response:
+        """The answer being parsed. Bytes with no request outstanding are a broken upstream: raised here,
+        inside a parser callback, httptools turns it into the HttpParserError that ``data_received`` fails
+        the connection with."""
+        if self.response is None:
+            raise BadResponse("the upstream answered with no request outstanding")
+        return self.response
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.headers.append((name.lower(), value))
+        self._current().headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        response = self.response
-        assert response is not None
+        response = self._current()
         response.status = self.parser.get_status_code()
         if not self.parser.should_keep_alive():
             self.reusable = False
@@ -172,8 +178,7 @@ class _Connection(asyncio.Protocol):
         response._wake()
 
     def on_body(self, body: bytes) -> None:
-        response = self.response
-        assert response is not None
+        response = self._current()
         response._chunks.append(body)
         response._buffered += len(body)
         if response._buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -190,7 +195,8 @@ class _Connection(asyncio.Protocol):
     # Used by the pool and the response
 
     def send(self, method: bytes, head: bytes, body: bytes, timeout: float) -> Response:
-        assert self.transport is not None
+        if self.transport is None:  # lost between the pool's check and this send
+            raise ConnectFailed("the connection to the upstream is closed")
         self.response = Response(self, timeout)
         self.received = False
         self.head_only = method == b"HEAD"

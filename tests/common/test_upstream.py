@@ -347,3 +347,18 @@ async def test_an_untrusted_certificate_is_a_tls_failure_not_a_passing_outage(tm
     finally:
         await pool.close()
         listener.close()
+
+
+async def test_a_connection_misused_raises_named_errors_not_asserts() -> None:
+    """What ``python -O`` would have let through: bytes parsed with no request outstanding, and a send on a
+    connection whose transport is gone."""
+    from common.upstream import _Connection
+
+    pool = UpstreamPool.for_url("http://127.0.0.1:9", size=1, connect_timeout=1, read_timeout=1)
+    conn = _Connection(pool)
+    with pytest.raises(BadResponse, match="no request outstanding"):
+        conn.on_header(b"content-type", b"text/plain")
+    with pytest.raises(BadResponse, match="no request outstanding"):
+        conn.on_body(b"stray")
+    with pytest.raises(ConnectFailed, match="closed"):
+        conn.send(b"GET", b"GET / HTTP/1.1\r\n\r\n", b"", 1.0)
