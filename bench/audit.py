@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,19 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import httpx
 
 from bench.results import record
+from bench.system import comptoir_run
 from comptoir.embedded import SUPERUSER, libpq_url
 
 EVENTS_PER_SERVICE = int(os.environ.get("BENCH_AUDIT_EVENTS", "3000"))
 EMITTERS = ("auth", "inventory", "orders")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def payload(service: str) -> dict[str, object]:
@@ -99,24 +91,7 @@ async def lags(url: str) -> list[float]:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="comptoir-bench-audit-"))
-    ports = {p: free_port() for p in ("gateway", "auth", "inventory", "orders", "audit")}
-    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
-    env |= {"DATA_DIR": str(work), "LOG_LEVEL": "WARNING", **{f"{p.upper()}_PORT": str(v) for p, v in ports.items()}}
-    run = subprocess.Popen(
-        [sys.executable, "-m", "comptoir.cli", "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 120
-        for port in ports.values():
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the system did not start")
-                time.sleep(0.2)
+    with comptoir_run(work) as (_ports, env):
         creds = json.loads((work / "secrets" / "postgres.json").read_text())
         url = libpq_url(SUPERUSER, creds["superuser_password"], work / "pg")
         total = EVENTS_PER_SERVICE * len(EMITTERS)
@@ -149,9 +124,6 @@ def main() -> None:
             f"{'yes' if ok else 'NO'} | {verify_seconds:.1f} |"
         )
         record("audit events/s into the chain", total / elapsed, 2000, "/s")
-    finally:
-        run.send_signal(signal.SIGTERM)
-        run.wait(60)
 
 
 if __name__ == "__main__":

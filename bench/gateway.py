@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
 from bench.results import record
+from bench.system import free_port
 
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 # "raw": a bare ASGI endpoint (the fastest possible upstream); "fastapi": a FastAPI endpoint, like the
@@ -32,12 +33,6 @@ DURATION = os.environ.get("BENCH_DURATION", "10s")
 UPSTREAMS = os.environ.get("BENCH_UPSTREAMS", "fastapi,raw").split(",")
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 WORKERS = int(os.environ.get("BENCH_GATEWAY_WORKERS", str(os.cpu_count() or 2)))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_tools() -> None:

@@ -19,10 +19,6 @@ import hashlib
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,22 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
 from bench.results import record
+from bench.system import comptoir_run
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "20"))
 LOGIN_CLIENTS = int(os.environ.get("BENCH_LOGIN_CLIENTS", "32"))
 READERS = int(os.environ.get("BENCH_READERS", "32"))
 ROUNDS = int(os.environ.get("AUTH_PBKDF2_ROUNDS", "600000"))
 TERMS_VERSION = os.environ.get("AUTH_TERMS_VERSION", "2026-12-01")
-PROCESSES = ("gateway", "auth", "inventory", "orders", "audit")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pbkdf2_bound(seconds: float = 6.0) -> float:
@@ -73,22 +62,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def wait_healthy(ports: dict[str, int], proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    for port in ports.values():
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit("comptoir run exited before it was healthy")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the system did not start")
-            time.sleep(0.2)
 
 
 async def register(session: aiohttp.ClientSession, base: str, index: int) -> tuple[str, str]:
@@ -174,24 +147,9 @@ async def storm(ports: dict[str, int]) -> dict[str, Any]:
 def main() -> None:
     bound = pbkdf2_bound()
     work = Path(tempfile.mkdtemp(prefix="comptoir-bench-login-"))
-    ports = {process: free_port() for process in PROCESSES}
-    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
-    env |= {
-        "DATA_DIR": str(work),
-        "LOG_LEVEL": "WARNING",
-        "GATEWAY_RATE_LIMITS_ENABLED": "false",
-        "AUTH_PBKDF2_ROUNDS": str(ROUNDS),
-        **{f"{process.upper()}_PORT": str(port) for process, port in ports.items()},
-    }
-    run = subprocess.Popen(
-        [sys.executable, "-m", "comptoir.cli", "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_healthy(ports, run)
+    settings = {"GATEWAY_RATE_LIMITS_ENABLED": "false", "AUTH_PBKDF2_ROUNDS": str(ROUNDS)}
+    with comptoir_run(work, **settings) as (ports, _env):
         figures = asyncio.run(storm(ports))
-    finally:
-        run.send_signal(signal.SIGTERM)
-        run.wait(60)
     ratio = figures["logins_per_s"] / bound
     if figures["refused"]:
         print(f"logins refused, by status: {figures['refused']}")

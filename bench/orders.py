@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
 from bench.results import record
+from bench.system import free_port
 from comptoir.config import RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import migrate, to_asyncpg_dsn
@@ -43,12 +43,6 @@ from comptoir.provision import migrate, to_asyncpg_dsn
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
 BUYERS = int(os.environ.get("BENCH_BUYERS", "32"))
 SELL_OUT_STOCK = 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Issuer:

@@ -58,15 +58,26 @@ def factory(process: str) -> Callable[[], Any]:
     return build
 
 
-def gateway_worker() -> Any:
-    """The app of one gateway worker process (``GATEWAY_WORKERS`` above 1): uvicorn imports it by name in
-    each worker it spawns, so the collector settings are made here, in the worker."""
+def _larger_young_generation() -> None:
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-    app = factory("gateway")()
+
+
+def _freeze_imported_code() -> None:
+    # The process's code (modules, classes, schemas: most of the objects it will ever hold) is imported
+    # now and moved out of the collector's sight: the oldest generation's collections no longer walk it.
+    # Measured: 5-8 % less CPU per order in each process (orders 0.72 -> 0.67 ms).
     gc.collect()
     gc.freeze()
-    return app
+
+
+def gateway_worker() -> Any:
+    """The app of one gateway worker process (``GATEWAY_WORKERS`` above 1): uvicorn imports it by name in
+    each worker it spawns, so the collector settings are made here, in the worker, as ``main`` makes them."""
+    _larger_young_generation()
+    build = factory("gateway")
+    _freeze_imported_code()
+    return build()
 
 
 def _workers(process: str) -> int:
@@ -86,11 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-    # The process's code (modules, classes, schemas: most of the objects it will ever hold) is imported
-    # now and moved out of the collector's sight: the oldest generation's collections no longer walk it.
-    # Measured: 5-8 % less CPU per order in each process (orders 0.72 -> 0.67 ms).
+    _larger_young_generation()
     workers = _workers(args.process)
     if workers > 1:
         # One listening socket, bound here and shared by the workers: the kernel hands each connection to
@@ -98,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         app: Any = "comptoir.serve:gateway_worker"
     else:
         app = factory(args.process)
-        gc.collect()
-        gc.freeze()
+        _freeze_imported_code()
     uvicorn.run(
         app,
         factory=True,

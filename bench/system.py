@@ -1,0 +1,54 @@
+"""What the benchmarks share: free loopback ports, and the whole system started with ``comptoir run``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+PROCESSES = ("gateway", "auth", "inventory", "orders", "audit")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def comptoir_run(data_dir: Path, **settings: str) -> Iterator[tuple[dict[str, int], dict[str, str]]]:
+    """``comptoir run`` on the embedded database in ``data_dir``, on free ports, with ``settings`` added to
+    the environment; yields (ports, environment) once every process answers /healthz, stops it after."""
+    ports = {process: free_port() for process in PROCESSES}
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env |= {"DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING", **settings}
+    env |= {f"{process.upper()}_PORT": str(port) for process, port in ports.items()}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "comptoir.cli", "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        for port in ports.values():
+            while True:
+                if run.poll() is not None:
+                    raise SystemExit("comptoir run exited before it was healthy")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("the system did not start")
+                time.sleep(0.2)
+        yield ports, env
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.wait(60)
