@@ -4,6 +4,7 @@ gateway (and from orders to inventory), concurrent clients, the embedded Postgre
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -148,3 +149,32 @@ def test_concurrent_retries_with_one_key_make_one_order(system: RunningSystem, p
     listed = httpx.get(system.url() + "/api/v1/orders", headers=buyer).json()["items"]
     assert sum(1 for order in listed if order["items"][0]["product_id"] == pid) == 1
     assert system.ledger_breaks() == []
+
+
+def test_the_public_catalogue_shows_price_and_stock_changes_within_a_second(
+    system: RunningSystem, people: dict[str, Any]
+) -> None:
+    """The gateway's cache of public pages, with real inventory behind it: a price changed through the gateway
+    shows at once; stock taken by an order (behind the gateway) shows within the cache's 0.5 s, never 1 s."""
+    staff, buyer = people["staff"], people["buyers"][0]
+    pid = product(system, staff, stock=5)
+    url = system.url() + f"/api/v1/products/{pid}"
+    first = httpx.get(url)
+    assert first.json()["available"] == 5
+    assert first.headers["cache-control"] == "public, max-age=1"
+    assert "age" in httpx.get(url).headers, "the second anonymous read is the gateway's stored answer"
+
+    changed = httpx.patch(url, json={"price_xaf": 990}, headers=staff)
+    assert changed.status_code == 200
+    assert httpx.get(url).json()["price_xaf"] == 990, "a write through the gateway drops the stored page"
+
+    body = {"items": [{"product_id": pid, "quantity": 2}]}
+    placed = httpx.post(
+        system.url() + "/api/v1/orders", json=body, headers=buyer | {"Idempotency-Key": str(uuid.uuid4())}
+    )
+    assert placed.status_code == 201, placed.text
+    started = time.monotonic()
+    assert httpx.get(url, headers=buyer).json()["available"] == 3, "a signed-in read never comes from the cache"
+    while httpx.get(url).json()["available"] != 3:
+        assert time.monotonic() - started < 1.0, "the anonymous page still showed the old stock after 1 s"
+        time.sleep(0.02)
