@@ -51,6 +51,12 @@ class Settings(ServiceSettings):
     pbkdf2_rounds: int = Field(600_000, ge=1000)
     # Threads that compute password hashes (0: one per CPU); the event loop never hashes.
     hash_workers: int = Field(0, ge=0, le=64)
+    # The hashing threads' nice value: above the event loops', so that on a busy machine every request
+    # is served before the next hash step (hashes take the CPU the loops leave). 0: same priority.
+    hash_nice: int = Field(10, ge=0, le=19)
+    # A password check that would wait longer than this for a hashing thread is refused at once (503 with
+    # Retry-After) instead of timing out at the gateway (its deadline is 15 s). 0: never refused.
+    hash_max_wait_seconds: float = Field(5.0, ge=0, le=60)
     password_min_length: int = Field(12, ge=8, le=128)
     password_max_length: int = Field(128, ge=64, le=1024)
 

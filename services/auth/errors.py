@@ -40,6 +40,21 @@ class LoginThrottled(TooManyRequests):
         )
 
 
+class HashingBusy(ServiceUnavailable):
+    """More password checks are queued than can finish in time: refused at once, not left to time out."""
+
+    slug = "hashing-busy"
+    title = "Too many logins at once"
+
+    def __init__(self, retry_after: float) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            "The service is checking too many passwords at once: try again shortly.",
+            headers={"Retry-After": str(seconds)},
+            extra={"retry_after": seconds},
+        )
+
+
 class InvalidRefreshToken(Unauthorized):
     slug = "invalid-refresh-token"
     title = "Invalid refresh token"

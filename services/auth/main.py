@@ -131,7 +131,12 @@ def create_app(
         await asyncio.to_thread(keys.load)
         otp_key = await asyncio.to_thread(load_otp_key, settings.resolved_keys_dir, settings.otp_hmac_key)
         await asyncio.to_thread(common_passwords)
-        hasher = PasswordHasher(settings.pbkdf2_rounds, workers=settings.hash_workers)
+        hasher = PasswordHasher(
+            settings.pbkdf2_rounds,
+            workers=settings.hash_workers,
+            nice=settings.hash_nice,
+            max_wait=settings.hash_max_wait_seconds,
+        )
         message_sender = sender or build_sender(settings)
         peers: Mapping[str, httpx.AsyncClient] = {
             name: (

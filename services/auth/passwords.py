@@ -1,4 +1,4 @@
-"""Password hashing (PBKDF2-SHA256 in worker threads) and the password policy (NIST 800-63B style)."""
+"""Password hashing (PBKDF2-SHA256 in low-priority worker threads) and the password policy (NIST 800-63B)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import functools
 import gzip
 import os
 import secrets
+import threading
+import time
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,8 @@ from importlib import resources
 from typing import TypeVar
 
 from passlib.context import CryptContext
+
+from services.auth.errors import HashingBusy
 
 COMMON_PASSWORDS_RESOURCE = "common-passwords.txt.gz"
 
@@ -30,16 +34,72 @@ class PasswordHasher:
 
     ``verify`` also says when a stored hash was made with other parameters and returns its
     replacement, so hashes are upgraded on the next successful login.
+
+    The threads run at a raised nice value (Linux schedules threads, not processes): a hash is long
+    CPU work that nobody watches tick, while every other request on the machine is short and waited
+    for, so the scheduler serves those first and gives the hashes what is left.
+
+    The queue is bounded by time: a hash that would wait more than ``max_wait`` seconds for a thread
+    (the hashes queued ahead of it, at the recent time a hash takes) is refused at once with
+    :class:`HashingBusy` (503, ``Retry-After``). Accepting it would only make it time out at the gateway
+    after its hash had used the CPU for nothing, and a run of such timeouts would open the gateway's
+    circuit to the whole auth service (refresh and sign-out included).
     """
 
-    def __init__(self, rounds: int, *, workers: int = 0) -> None:
+    def __init__(
+        self,
+        rounds: int,
+        *,
+        workers: int = 0,
+        nice: int = 0,
+        max_wait: float = 0.0,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.rounds = rounds
         self.context = CryptContext(schemes=["pbkdf2_sha256"], pbkdf2_sha256__rounds=rounds)
-        self.executor = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="pbkdf2")
+        self.workers = workers or os.cpu_count() or 2
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.workers,
+            thread_name_prefix="pbkdf2",
+            initializer=lower_priority,
+            initargs=(nice,),
+        )
+        self.max_wait = max_wait  # 0: unbounded
+        self.timer = timer
+        self.pending = 0  # submitted, not yet finished (running or queued)
+        self.seconds_per_hash = 0.0  # moving average of the recent hashes' own time (0: none yet)
         self._dummy: str | None = None
 
-    async def _run(self, func: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, func)
+    def expected_wait(self) -> float:
+        """Seconds a hash submitted now would wait for a free thread."""
+        queued_ahead = max(0, self.pending + 1 - self.workers)
+        return queued_ahead * self.seconds_per_hash / self.workers
+
+    def admit(self) -> None:
+        """Raise :class:`HashingBusy` when a hash submitted now would wait longer than ``max_wait``.
+
+        Callers that count an attempt before checking a password ask here first, so that a refusal
+        for want of capacity changes nothing.
+        """
+        if self.max_wait and (wait := self.expected_wait()) > self.max_wait:
+            raise HashingBusy(wait - self.max_wait)
+
+    async def _run(self, func: Callable[[], T], *, admitted: bool = False) -> T:
+        if not admitted:
+            self.admit()
+        self.pending += 1
+        try:
+            result, took = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, func)
+        finally:
+            self.pending -= 1
+        average = self.seconds_per_hash
+        self.seconds_per_hash = took if not average else 0.8 * average + 0.2 * took
+        return result
+
+    def _timed(self, func: Callable[[], T]) -> tuple[T, float]:
+        started = self.timer()
+        result = func()
+        return result, self.timer() - started
 
     async def hash(self, password: str) -> str:
         return str(await self._run(functools.partial(self.context.hash, prepare(password))))
@@ -49,12 +109,16 @@ class PasswordHasher:
             self._dummy = await self.hash(secrets.token_urlsafe(16))
         return self._dummy
 
-    async def verify(self, password: str, stored: str | None) -> tuple[bool, str | None]:
-        """(matches, new hash if the stored one should be replaced). No hash: a dummy is checked."""
+    async def verify(self, password: str, stored: str | None, *, admitted: bool = False) -> tuple[bool, str | None]:
+        """(matches, new hash if the stored one should be replaced). No hash: a dummy is checked.
+
+        ``admitted``: the caller passed :meth:`admit` already (and may have counted the attempt since).
+        """
         if not stored:
-            await self._run(functools.partial(self.context.verify, prepare(password), await self.dummy_hash()))
+            dummy = functools.partial(self.context.verify, prepare(password), await self.dummy_hash())
+            await self._run(dummy, admitted=admitted)
             return False, None
-        return await self._run(functools.partial(self._verify_and_update, prepare(password), stored))
+        return await self._run(functools.partial(self._verify_and_update, prepare(password), stored), admitted=admitted)
 
     def _verify_and_update(self, password: str, stored: str) -> tuple[bool, str | None]:
         try:
@@ -65,6 +129,13 @@ class PasswordHasher:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (never lowers it: that needs privileges)."""
+    if nice:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
 
 
 @functools.cache

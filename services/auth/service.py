@@ -102,13 +102,14 @@ class AccountService:
             raise Unauthorized("The account is not available.")
         key = account_key(user.email)
         ctx = self.ctx
+        self.rt.hasher.admit()  # before the attempt is counted: a refusal for want of capacity changes nothing
         gate = await LoginThrottle(self.rt).enter(key, ctx.ip_key)
         if gate.blocked:
             await ctx.audit(
                 self.db, "auth.login.throttled", outcome="denied", resource_type="user", resource_id=str(user.id)
             )
             await self.fail(LoginThrottled(gate.retry_after))
-        ok, new_hash = await self.rt.hasher.verify(password, user.password_hash)
+        ok, new_hash = await self.rt.hasher.verify(password, user.password_hash, admitted=True)
         if not ok:
             await ctx.audit(
                 self.db,
@@ -182,6 +183,7 @@ class AccountService:
         email = lookup_email(email_input)
         key = account_key(email)
         ctx = self.ctx
+        self.rt.hasher.admit()  # before the attempt is counted: a refusal for want of capacity changes nothing
         # One short transaction of its own finds the account and its device and counts the attempt:
         # the request's own connection is taken only once the password is right.
         async with self.rt.sessionmaker() as short, short.begin():
@@ -201,7 +203,7 @@ class AccountService:
             )
             await self.fail(LoginThrottled(gate.retry_after))
         # Unknown e-mail: a dummy hash is checked, so the answer takes as long as for a real account.
-        ok, new_hash = await self.rt.hasher.verify(password, user.password_hash if user else None)
+        ok, new_hash = await self.rt.hasher.verify(password, user.password_hash if user else None, admitted=True)
         if not (ok and user is not None and user.is_active):
             await self._login_failed(user, gate, reason="inactive" if ok else "bad_credentials")
         # Lock the account row: concurrent logins of one user apply the session cap one at a time.

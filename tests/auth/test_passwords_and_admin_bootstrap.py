@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from comptoir import cli
 from services.auth.config import Settings
+from services.auth.errors import HashingBusy
 from services.auth.messages import SIGNATURE_HEADER, TIMESTAMP_HEADER, DeliveryFailed, JsonlSink, Message, WebhookSender
 from services.auth.passwords import PasswordHasher, common_passwords
 from tests.auth.conftest import PASSWORD, AuthClient, MakeAuth
@@ -100,6 +103,82 @@ async def test_hashing_never_blocks_the_event_loop() -> None:
         hasher.close()
     # The loop kept turning while PBKDF2 ran in the threads.
     assert ticks >= max(3, elapsed / 0.005 * 0.2), (ticks, elapsed)
+
+
+def thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+async def test_hashing_threads_run_below_the_event_loops_priority() -> None:
+    hasher = PasswordHasher(1000, workers=2, nice=10)
+    try:
+        loop_nice = thread_nice()
+        nices = await asyncio.gather(*(hasher._run(thread_nice) for _ in range(4)))
+        assert set(nices) == {min(19, loop_nice + 10)}
+        assert thread_nice() == loop_nice  # the loop's own thread is untouched
+        assert (await hasher.verify("pw", await hasher.hash("pw")))[0]
+    finally:
+        hasher.close()
+    plain = PasswordHasher(1000, workers=1, nice=0)
+    try:
+        assert await plain._run(thread_nice) == thread_nice()
+    finally:
+        plain.close()
+
+
+async def test_the_auth_service_hashes_at_the_configured_nice(make_auth: MakeAuth) -> None:
+    assert Settings(database_url="postgresql://x@/y").hash_nice == 10
+    async with make_auth(hash_nice=7) as auth:
+        await auth.register()  # a hash ran in the service's pool
+        hasher = auth.app.state.auth.hasher
+        assert await hasher._run(thread_nice) == min(19, thread_nice() + 7)
+
+
+async def test_a_hash_that_would_wait_too_long_is_refused_at_once() -> None:
+    ticks = iter(range(1_000_000))  # every hash "takes" one second of the injected timer
+    hasher = PasswordHasher(1000, workers=1, max_wait=2.0, timer=lambda: float(next(ticks)))
+    release = threading.Event()
+    try:
+        await hasher.hash("warm up")  # the moving average now says one second a hash
+        assert hasher.seconds_per_hash == 1.0
+        running = asyncio.ensure_future(hasher._run(release.wait))
+        queued = [asyncio.ensure_future(hasher.hash(f"pw {i}")) for i in range(2)]  # 1 s and 2 s ahead of them
+        await asyncio.sleep(0)
+        assert (hasher.pending, hasher.expected_wait()) == (3, 3.0)
+        with pytest.raises(HashingBusy) as refused:
+            await hasher.hash("one too many")
+        assert refused.value.status == 503
+        assert refused.value.headers["Retry-After"] == "1"
+        assert hasher.pending == 3  # the refused one never entered the queue
+        release.set()
+        await asyncio.gather(running, *queued)
+        assert hasher.pending == 0
+        await hasher.hash("room again")
+    finally:
+        release.set()
+        hasher.close()
+
+
+async def test_a_login_refused_for_want_of_hashing_capacity_counts_nothing(make_auth: MakeAuth) -> None:
+    release = threading.Event()
+    async with make_auth(hash_workers=1, hash_max_wait_seconds=1e-9) as auth:
+        user = await auth.register()  # one real hash: the service knows how long a hash takes
+        hasher = auth.app.state.auth.hasher
+        blocker = asyncio.ensure_future(hasher._run(release.wait))  # the only thread is busy
+        try:
+            await asyncio.sleep(0)
+            response = await auth.login(user["email"])
+            body = assert_problem(response, 503)
+            assert body["type"] == "urn:comptoir:problem:hashing-busy"
+            assert response.headers["Retry-After"] == "1"
+            assert body["retry_after"] == 1
+            # Nothing was counted against the account, the address or the device, and nothing audited.
+            assert await auth.sql("SELECT * FROM auth.login_failures") == []
+            assert await auth.events("auth.login.failed") == []
+        finally:
+            release.set()
+            await blocker
+        assert (await auth.login(user["email"])).status_code == 200
 
 
 async def test_login_upgrades_a_hash_made_with_other_rounds(make_auth: MakeAuth) -> None:
