@@ -27,16 +27,19 @@ class InvalidCredentials(Unauthorized):
         super().__init__("The e-mail or password is incorrect.")
 
 
+def retry_later(seconds: float) -> dict[str, Any]:
+    """The ``Retry-After`` header and its ``retry_after`` twin in the body, in whole seconds (at least 1)."""
+    whole = max(1, math.ceil(seconds))
+    return {"headers": {"Retry-After": str(whole)}, "extra": {"retry_after": whole}}
+
+
 class LoginThrottled(TooManyRequests):
     slug = "login-throttled"
     title = "Too many failed logins"
 
     def __init__(self, retry_after: float) -> None:
-        seconds = max(1, math.ceil(retry_after))
         super().__init__(
-            "Too many failed attempts: try again later, or reset the password.",
-            headers={"Retry-After": str(seconds)},
-            extra={"retry_after": seconds},
+            "Too many failed attempts: try again later, or reset the password.", **retry_later(retry_after)
         )
 
 
@@ -47,11 +50,8 @@ class HashingBusy(ServiceUnavailable):
     title = "Too many logins at once"
 
     def __init__(self, retry_after: float) -> None:
-        seconds = max(1, math.ceil(retry_after))
         super().__init__(
-            "The service is checking too many passwords at once: try again shortly.",
-            headers={"Retry-After": str(seconds)},
-            extra={"retry_after": seconds},
+            "The service is checking too many passwords at once: try again shortly.", **retry_later(retry_after)
         )
 
 
@@ -138,12 +138,7 @@ class OtpThrottled(TooManyRequests):
     title = "Too many codes requested"
 
     def __init__(self, retry_after: float) -> None:
-        seconds = max(1, math.ceil(retry_after))
-        super().__init__(
-            "Too many codes were requested: try again later.",
-            headers={"Retry-After": str(seconds)},
-            extra={"retry_after": seconds},
-        )
+        super().__init__("Too many codes were requested: try again later.", **retry_later(retry_after))
 
 
 class OwnAccountChange(Forbidden):
