@@ -104,6 +104,21 @@ async def seed(admin_url: str) -> list[uuid.UUID]:
     return ids
 
 
+def postgres_cpu_seconds(pgdata: Path) -> float:
+    """CPU of this benchmark's PostgreSQL only (its postmaster, its live backends and the ended ones), not
+    that of other servers on the machine."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    total = cpu_seconds(postmaster, children=True)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == postmaster:
+                total += cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 async def reads(base: str, path: str, headers: dict[str, str], count: int) -> Counter[int]:
     statuses: Counter[int] = Counter()
     todo = iter(range(count))
@@ -124,7 +139,9 @@ async def etag_of(base: str, path: str) -> str:
         return answer.headers["ETag"]
 
 
-async def measure(base: str, pid: int, ids: list[uuid.UUID], issuer: Issuer) -> dict[str, list[float]]:
+async def measure(
+    base: str, pid: int, pgdata: Path, ids: list[uuid.UUID], issuer: Issuer
+) -> dict[str, tuple[list[float], list[float]]]:
     customer = {"Authorization": f"Bearer {issuer.access()}"}
     one = f"/api/v1/products/{ids[PRODUCTS // 2]}"
     kinds: dict[str, tuple[str, dict[str, str], int]] = {
@@ -142,7 +159,7 @@ async def measure(base: str, pid: int, ids: list[uuid.UUID], issuer: Issuer) -> 
     kinds = {name: kind for name, kind in kinds.items() if ONLY in name}
     for path, headers, _ in kinds.values():  # warm-up: pools, caches, first-call paths
         await reads(base, path, headers, 200)
-    results: dict[str, list[float]] = {name: [] for name in kinds}
+    results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in kinds}
     spy = None
     if PYSPY:
         spy = subprocess.Popen(
@@ -153,12 +170,13 @@ async def measure(base: str, pid: int, ids: list[uuid.UUID], issuer: Issuer) -> 
         await asyncio.sleep(1)
     for _ in range(ROUNDS):
         for name, (path, headers, status) in kinds.items():
-            before = cpu_seconds(pid)
+            before, postgres_before = cpu_seconds(pid), postgres_cpu_seconds(pgdata)
             got = await reads(base, path, headers, READS)
-            spent = cpu_seconds(pid) - before
+            spent, postgres_spent = cpu_seconds(pid) - before, postgres_cpu_seconds(pgdata) - postgres_before
             if got[status] != READS:
                 raise SystemExit(f"{name}: expected {READS} x {status}, got {dict(got)}")
-            results[name].append(spent * 1e6 / READS)
+            results[name][0].append(spent * 1e6 / READS)
+            results[name][1].append(postgres_spent * 1e6 / READS)
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
@@ -201,7 +219,7 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
             )
         wait_healthy(base, proc, log)
-        results = asyncio.run(measure(base, proc.pid, ids, issuer))
+        results = asyncio.run(measure(base, proc.pid, embedded.pgdata, ids, issuer))
     finally:
         if proc is not None:
             # uvicorn re-raises the signal it stopped on: SIGINT ends as KeyboardInterrupt, after which
@@ -217,15 +235,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\ninventory CPU per read (µs), {PRODUCTS} products, {READS} reads x {ROUNDS} rounds, {CLIENTS} clients\n")
-    print("| read | each round (µs) | median (µs) |")
-    print("|---|---|---|")
-    for name, values in results.items():
+    print("| read | inventory, each round (µs) | inventory, median (µs) | PostgreSQL, median (µs) |")
+    print("|---|---|---|---|")
+    for name, (values, postgres) in results.items():
         rounds = " / ".join(f"{v:,.0f}" for v in values)
-        print(f"| {name} | {rounds} | {statistics.median(values):,.0f} |")
+        print(f"| {name} | {rounds} | {statistics.median(values):,.0f} | {statistics.median(postgres):,.0f} |")
     if "list, anonymous, default page (50)" in results:
         record(
             "inventory CPU per uncached catalogue page (50 products)",
-            statistics.median(results["list, anonymous, default page (50)"]) / 1000,
+            statistics.median(results["list, anonymous, default page (50)"][0]) / 1000,
             1.0,
             "ms",
             higher_is_better=False,
