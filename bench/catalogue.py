@@ -1,4 +1,4 @@
-"""make bench-catalogue: CPU per catalogue read in the inventory process, the uncached path.
+"""python -m bench.catalogue: CPU per catalogue read in the inventory process, the uncached path.
 
 One inventory process (``comptoir.serve``) on an embedded PostgreSQL holding a realistic catalogue
 (``BENCH_PRODUCTS`` products, default 200, each with a description and one to three images); no gateway,
@@ -241,10 +241,11 @@ def main() -> None:
         rounds = " / ".join(f"{v:,.0f}" for v in values)
         print(f"| {name} | {rounds} | {statistics.median(values):,.0f} | {statistics.median(postgres):,.0f} |")
     if "list, anonymous, default page (50)" in results:
+        # Goal: half of what the page cost before the read path was rewritten (4.0 ms on 2026-12-07, this VM).
         record(
             "inventory CPU per uncached catalogue page (50 products)",
             statistics.median(results["list, anonymous, default page (50)"][0]) / 1000,
-            1.0,
+            2.0,
             "ms",
             higher_is_better=False,
         )
