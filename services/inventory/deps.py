@@ -15,10 +15,11 @@ from fastapi import Depends, Request
 from common.app import lifespan_state
 from common.clock import Clock
 from common.db import SessionDep
+from common.state import state_of
 from services.inventory.config import Settings
 from services.inventory.repository import ProductRepository
 from services.inventory.reservations import ReservationService
-from services.inventory.service import CatalogueService, ImageService, ImageStore, StockService
+from services.inventory.service import CatalogueReader, CatalogueService, ImageService, ImageStore, StockService
 from services.inventory.sweeper import ReservationSweeper
 
 
@@ -38,6 +39,10 @@ async def _state(request: Request) -> InventoryState:
 
 
 State = Annotated[InventoryState, Depends(_state)]
+
+
+async def _reader(request: Request) -> CatalogueReader:
+    return CatalogueReader(state_of(request).db)
 
 
 async def _catalogue(session: SessionDep) -> CatalogueService:
@@ -70,6 +75,7 @@ async def _now(state: State) -> datetime:
     return state.clock()
 
 
+Reader = Annotated[CatalogueReader, Depends(_reader)]
 Catalogue = Annotated[CatalogueService, Depends(_catalogue)]
 Stock = Annotated[StockService, Depends(_stock)]
 Images = Annotated[ImageService, Depends(_images)]

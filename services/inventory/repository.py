@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import func, or_, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload, undefer
@@ -29,12 +29,9 @@ class ProductRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def get(self, product_id: uuid.UUID, *, with_images: bool = True) -> Product | None:
-        stmt = select(Product).where(Product.id == product_id)
-        if with_images:
-            # populate_existing: a product already in the session gets its images loaded (and fresh values).
-            stmt = stmt.options(undefer(Product.image_ids)).execution_options(populate_existing=True)
-        return (await self.session.scalars(stmt)).one_or_none()
+    async def get(self, product_id: uuid.UUID) -> Product | None:
+        """The product row without its images (the catalogue's reads are ``CatalogueStatements``)."""
+        return (await self.session.scalars(select(Product).where(Product.id == product_id))).one_or_none()
 
     async def reread(self, product_id: uuid.UUID) -> Product:
         """A product this transaction wrote, read back with its images (NoResultFound if it is not there)."""
@@ -64,31 +61,6 @@ class ProductRepository:
         stmt = insert(Product).values(**values).on_conflict_do_nothing().returning(Product.id)
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
-    async def page(
-        self,
-        *,
-        limit: int,
-        include_inactive: bool,
-        query: str | None,
-        after: tuple[datetime, uuid.UUID] | None,
-    ) -> list[Product]:
-        """Newest first, keyset-paginated on (created_at, id)."""
-        stmt = select(Product).options(undefer(Product.image_ids))
-        if not include_inactive:
-            stmt = stmt.where(Product.is_active.is_(True))
-        if query:
-            pattern = f"%{escape_like(query.lower())}%"
-            stmt = stmt.where(
-                or_(
-                    func.lower(Product.sku).like(pattern, escape="\\"),
-                    func.lower(Product.name).like(pattern, escape="\\"),
-                )
-            )
-        if after is not None:
-            stmt = stmt.where(tuple_(Product.created_at, Product.id) < tuple_(*after))
-        stmt = stmt.order_by(Product.created_at.desc(), Product.id.desc()).limit(limit)
-        return list((await self.session.scalars(stmt)).all())
-
     async def add_movements(self, movements: Sequence[StockMovement]) -> None:
         self.session.add_all(movements)
         await self.session.flush()
@@ -107,6 +79,74 @@ class ProductRepository:
     async def count_images(self, product_id: uuid.UUID) -> int:
         stmt = select(func.count()).select_from(ProductImage).where(ProductImage.product_id == product_id)
         return int((await self.session.execute(stmt)).scalar_one())
+
+
+# The catalogue's reads in SQL written once, run on a pooled connection's asyncpg driver outside any
+# transaction (one statement: no BEGIN and COMMIT round trips), returning exactly the columns of a
+# ProductRead in its order, the image URLs built by the database. Tables resolve through the search_path.
+_PRODUCT_COLUMNS = """
+SELECT p.id, p.sku, p.name, p.description, p.price_xaf, p.is_active, p.on_hand - p.reserved AS available,
+       coalesce(
+           (SELECT array_agg('/api/v1/products/' || i.product_id || '/images/' || i.id ORDER BY i.created_at, i.id)
+            FROM product_images AS i WHERE i.product_id = p.id),
+           '{}'
+       ) AS image_urls,
+       p.created_at, p.updated_at
+FROM products AS p
+"""
+
+_PRODUCT = _PRODUCT_COLUMNS + "WHERE p.id = $1"
+
+
+def _page_statement(*, include_inactive: bool, query: bool, after: bool) -> str:
+    """The page statement for one combination of filters (each its own statement: each gets its own plan)."""
+    conditions: list[str] = []
+    params = 0
+    if not include_inactive:
+        conditions.append("p.is_active")
+    if query:
+        params += 1
+        conditions.append(f"(lower(p.sku) LIKE ${params} ESCAPE '\\' OR lower(p.name) LIKE ${params} ESCAPE '\\')")
+    if after:
+        conditions.append(f"(p.created_at, p.id) < (${params + 1}, ${params + 2})")
+        params += 2
+    where = f"WHERE {' AND '.join(conditions)}\n" if conditions else ""
+    return f"{_PRODUCT_COLUMNS}{where}ORDER BY p.created_at DESC, p.id DESC LIMIT ${params + 1}"
+
+
+_PAGES = {
+    (inactive, query, after): _page_statement(include_inactive=inactive, query=query, after=after)
+    for inactive in (False, True)
+    for query in (False, True)
+    for after in (False, True)
+}
+
+
+class CatalogueStatements:
+    """The catalogue's reads on one asyncpg connection (``common.db.Database.autocommit``)."""
+
+    def __init__(self, driver: asyncpg.Connection) -> None:
+        self.driver = driver
+
+    async def product(self, product_id: uuid.UUID) -> asyncpg.Record | None:
+        return await self.driver.fetchrow(_PRODUCT, product_id)
+
+    async def page(
+        self,
+        *,
+        limit: int,
+        include_inactive: bool,
+        query: str | None,
+        after: tuple[datetime, uuid.UUID] | None,
+    ) -> list[asyncpg.Record]:
+        """Newest first, keyset-paginated on (created_at, id); ``query`` matches sku or name, taken literally."""
+        args: list[object] = []
+        if query:
+            args.append(f"%{escape_like(query.lower())}%")
+        if after is not None:
+            args.extend(after)
+        statement = _PAGES[include_inactive, bool(query), after is not None]
+        return list(await self.driver.fetch(statement, *args, limit))
 
 
 # The reserve path in SQL written once, run on the session's asyncpg driver connection: SQLAlchemy's

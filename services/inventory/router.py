@@ -12,8 +12,9 @@ from common.errors import Unprocessable, UnsupportedMediaType
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import OptionalUser, RequireStaff
 from common.tokens import Claims
-from services.inventory.deps import Catalogue, Images, State, Stock
+from services.inventory.deps import Catalogue, Images, Reader, State, Stock
 from services.inventory.errors import ImageNotFound, ImageTooLarge
+from services.inventory.etag import json_answer
 from services.inventory.schemas import (
     SEARCH_PATTERN,
     ImageRead,
@@ -40,14 +41,12 @@ def _is_staff(claims: Claims | None) -> bool:
     return claims is not None and claims.has_role("staff")
 
 
-def _cache(response: Response, claims: Claims | None, public: str) -> None:
+def _cache_headers(claims: Claims | None, public: str) -> dict[str, str]:
     """Staff see inactive products: their answers are never stored. An answer to a signed-in request is never
     kept by a shared cache; only anonymous answers are public."""
     if claims is None:
-        response.headers["Cache-Control"] = public
-    else:
-        response.headers["Cache-Control"] = PRIVATE if _is_staff(claims) else SIGNED_IN
-    response.headers["Vary"] = "Authorization"
+        return {"Cache-Control": public, "Vary": "Authorization"}
+    return {"Cache-Control": PRIVATE if _is_staff(claims) else SIGNED_IN, "Vary": "Authorization"}
 
 
 def _query(value: str | None) -> str | None:
@@ -61,8 +60,8 @@ def _query(value: str | None) -> str | None:
 
 @router.get("", response_model=Page[ProductRead])
 async def list_products(
-    catalogue: Catalogue,
-    response: Response,
+    reader: Reader,
+    request: Request,
     claims: OptionalUser,
     q: Annotated[
         str | None,
@@ -74,12 +73,10 @@ async def list_products(
     ] = None,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
-) -> Page[ProductRead]:
+) -> Response:
     """List products, newest first: active ones for everyone, inactive ones too for staff."""
-    _cache(response, claims, CATALOGUE_CACHE)
-    return await catalogue.list_products(
-        limit=limit, cursor=cursor, query=_query(q), include_inactive=_is_staff(claims)
-    )
+    body = await reader.page_json(limit=limit, cursor=cursor, query=_query(q), include_inactive=_is_staff(claims))
+    return json_answer(request.scope, body, _cache_headers(claims, CATALOGUE_CACHE))
 
 
 @router.post("", response_model=ProductRead, status_code=201, responses={409: {"description": "Duplicate sku"}})
@@ -93,12 +90,10 @@ async def create_product(
 
 
 @router.get("/{product_id}", response_model=ProductRead)
-async def get_product(
-    product_id: uuid.UUID, catalogue: Catalogue, response: Response, claims: OptionalUser
-) -> ProductRead:
+async def get_product(product_id: uuid.UUID, reader: Reader, request: Request, claims: OptionalUser) -> Response:
     """One product (an inactive one only for staff)."""
-    _cache(response, claims, CATALOGUE_CACHE)
-    return await catalogue.get_product(product_id, include_inactive=_is_staff(claims))
+    body = await reader.product_json(product_id, include_inactive=_is_staff(claims))
+    return json_answer(request.scope, body, _cache_headers(claims, CATALOGUE_CACHE))
 
 
 @router.patch("/{product_id}", response_model=ProductRead)

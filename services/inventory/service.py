@@ -8,14 +8,15 @@ import re
 import secrets
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.audit import Actor, changes, record
+from common.db import Database
 from common.errors import Unprocessable
-from common.pagination import Page, number_before, page_of, time_key, time_key_after
+from common.pagination import Page, encode_cursor, number_before, page_of, time_key_after
 from services.inventory import images
 from services.inventory.errors import (
     DuplicateSku,
@@ -25,11 +26,14 @@ from services.inventory.errors import (
     TooManyImages,
 )
 from services.inventory.models import MAX_STOCK, MovementKind, Product, ProductImage, StockMovement, outbox
-from services.inventory.repository import ProductRepository
+from services.inventory.repository import CatalogueStatements, ProductRepository
 from services.inventory.schemas import (
+    PRODUCT_JSON,
+    PRODUCT_PAGE_JSON,
     ImageRead,
     MovementRead,
     ProductCreate,
+    ProductFields,
     ProductRead,
     ProductUpdate,
     StockAdjustment,
@@ -54,6 +58,39 @@ def _product_values(product: Product) -> dict[str, Any]:
     }
 
 
+class CatalogueReader:
+    """The catalogue as clients read it: each answer's JSON bytes, built once from one statement's rows.
+
+    No ORM objects and no models per product: the rows are serialized as ``ProductFields`` by the same pydantic
+    core as ``ProductRead``, and the one statement runs outside a transaction (no BEGIN, no COMMIT).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def page_json(self, *, limit: int, cursor: str | None, query: str | None, include_inactive: bool) -> bytes:
+        """A ``Page[ProductRead]``, newest first."""
+        after = time_key_after(cursor)
+        async with self.db.autocommit() as driver:
+            rows = await CatalogueStatements(driver).page(
+                limit=limit + 1, include_inactive=include_inactive, query=query, after=after
+            )
+        items = [cast(ProductFields, dict(row)) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit and items:
+            last = items[-1]
+            next_cursor = encode_cursor([last["created_at"].isoformat(), str(last["id"])])
+        return PRODUCT_PAGE_JSON.dump_json({"items": items, "next_cursor": next_cursor})
+
+    async def product_json(self, product_id: uuid.UUID, *, include_inactive: bool) -> bytes:
+        """One ``ProductRead`` (an inactive product is not found unless ``include_inactive``)."""
+        async with self.db.autocommit() as driver:
+            row = await CatalogueStatements(driver).product(product_id)
+        if row is None or (not row["is_active"] and not include_inactive):
+            raise ProductNotFound()
+        return PRODUCT_JSON.dump_json(cast(ProductFields, dict(row)))
+
+
 class CatalogueService:
     def __init__(self, products: ProductRepository) -> None:
         self.products = products
@@ -61,19 +98,6 @@ class CatalogueService:
     @property
     def session(self) -> AsyncSession:
         return self.products.session
-
-    async def list_products(
-        self, *, limit: int, cursor: str | None, query: str | None, include_inactive: bool
-    ) -> Page[ProductRead]:
-        after = time_key_after(cursor)
-        rows = await self.products.page(limit=limit + 1, include_inactive=include_inactive, query=query, after=after)
-        return page_of(rows, limit, ProductRead.model_validate, time_key)
-
-    async def get_product(self, product_id: uuid.UUID, *, include_inactive: bool) -> ProductRead:
-        product = await self.products.get(product_id)
-        if product is None or (not product.is_active and not include_inactive):
-            raise ProductNotFound()
-        return ProductRead.model_validate(product)
 
     async def create_product(self, data: ProductCreate, actor: Actor) -> ProductRead:
         product_id = await self.products.insert(
@@ -155,7 +179,7 @@ class StockService:
         self.lock_timeout_ms = lock_timeout_ms
 
     async def stock(self, product_id: uuid.UUID) -> StockRead:
-        product = await self.products.get(product_id, with_images=False)
+        product = await self.products.get(product_id)
         if product is None:
             raise ProductNotFound()
         return stock_of(product)
@@ -203,7 +227,7 @@ class StockService:
         return stock_of(product)
 
     async def movements(self, product_id: uuid.UUID, *, limit: int, cursor: str | None) -> Page[MovementRead]:
-        if await self.products.get(product_id, with_images=False) is None:
+        if await self.products.get(product_id) is None:
             raise ProductNotFound()
         rows = await self.products.movements(product_id, limit=limit + 1, before=number_before(cursor))
         return page_of(rows, limit, MovementRead.model_validate, lambda m: [str(m.id)])
@@ -258,7 +282,7 @@ class ImageService:
         self.decode_slots = decode_slots
 
     async def add(self, product_id: uuid.UUID, data: bytes, actor: Actor) -> ImageRead:
-        if await self.products.get(product_id, with_images=False) is None:
+        if await self.products.get(product_id) is None:
             raise ProductNotFound()
         # Decoding takes CPU and memory: a few at a time, off the event loop, and before any row is locked.
         async with self.decode_slots:
@@ -314,7 +338,7 @@ class ImageService:
         )
 
     async def locate(self, product_id: uuid.UUID, image_id: uuid.UUID, *, include_inactive: bool) -> ProductImage:
-        product = await self.products.get(product_id, with_images=False)
+        product = await self.products.get(product_id)
         if product is None or (not product.is_active and not include_inactive):
             raise ImageNotFound()
         image = await self.products.image(product_id, image_id)
