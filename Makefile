@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-orders bench-audit bench-login bench-guessing audit-deps fuzz docs up clean
+.PHONY: install run migrate test lint pytest format lock bench bench-gateway bench-catalogue bench-orders bench-audit bench-login bench-guessing audit-deps fuzz docs up clean
 
 install: $(STAMP)
 
@@ -66,11 +66,14 @@ export BENCH_RESULTS
 
 bench: install
 	rm -f $(BENCH_RESULTS)
-	-$(MAKE) --no-print-directory -k bench-gateway bench-orders bench-audit bench-login bench-guessing
+	-$(MAKE) --no-print-directory -k bench-gateway bench-catalogue bench-orders bench-audit bench-login bench-guessing
 	$(BIN)/python -m bench.results $(BENCH_RESULTS)
 
 bench-gateway: install
 	$(BIN)/python -m bench.gateway
+
+bench-catalogue: install
+	$(BIN)/python -m bench.catalogue
 
 bench-orders: install
 	$(BIN)/python -m bench.orders
