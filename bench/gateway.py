@@ -4,6 +4,10 @@ One run, same machine, same tiny upstream. The gateway does its real work on eve
 access token (verified once, then served from the verified-token cache), the revocation check, a rate
 limit (memory storage), CORS/header hygiene, then a pooled aiohttp forward. nginx and wrk come from
 Debian packages (installed here when missing).
+
+Each row also gives its server's CPU per request under load (user + system time of the process and its
+workers, every thread, from /proc, divided by the requests wrk counted): on a shared machine req/s moves
+with whatever else runs, CPU per request much less.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ DURATION = os.environ.get("BENCH_DURATION", "10s")
 UPSTREAMS = os.environ.get("BENCH_UPSTREAMS", "fastapi,raw").split(",")
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 WORKERS = int(os.environ.get("BENCH_GATEWAY_WORKERS", str(os.cpu_count() or 2)))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def ensure_tools() -> None:
@@ -61,19 +66,47 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (a server's workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [pid, *(child for c in children for child in process_tree(int(c)))]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes, every thread included (/proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
 def wrk(url: str, connections: int, headers: dict[str, str]) -> dict[str, float]:
     args = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{DURATION}", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
     out = subprocess.run([*args, url], check=True, capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
 
     def pct(label: str) -> float:
         value, unit = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0}
+    return {
+        "rps": rps,
+        "requests": requests,
+        "p50": pct("50"),
+        "p99": pct("99"),
+        "errors": float(non2xx.group(1)) if non2xx else 0.0,
+    }
 
 
 def run(upstream_kind: str) -> None:
@@ -194,14 +227,19 @@ http {{
         ).stdout
         assert check == "200", f"gateway answered {check}"
         rows = []
-        for name, port in (
-            ("upstream direct (uvicorn)", upstream_port),
-            ("nginx proxy_pass, keepalive", nginx_port),
-            ("comptoir gateway (EdDSA token, limit)", gateway_port),
-            (f"comptoir gateway, {WORKERS} workers (limits in Redis)", workers_port),
+        # Each row's server: the upstream itself, nginx, the gateway (with its workers).
+        for name, port, server in (
+            ("upstream direct (uvicorn)", upstream_port, procs[0]),
+            ("nginx proxy_pass, keepalive", nginx_port, procs[1]),
+            ("comptoir gateway (EdDSA token, limit)", gateway_port, procs[2]),
+            (f"comptoir gateway, {WORKERS} workers (limits in Redis)", workers_port, procs[4]),
         ):
             url = f"http://127.0.0.1:{port}{path}"
+            pids = process_tree(server.pid)
+            before = cpu_seconds(pids)
             loaded = wrk(url, CONNECTIONS, auth)
+            # The server's own CPU per request: unlike req/s, barely moved by what else runs on the machine.
+            loaded["cpu_us"] = (cpu_seconds(pids) - before) / max(1.0, loaded["requests"]) * 1e6
             single = wrk(url, 1, auth)
             rows.append((name, loaded, single))
         nginx_rps = rows[1][1]["rps"]
@@ -209,12 +247,13 @@ http {{
             f"\n{upstream_kind} upstream; wrk -t2 -c{CONNECTIONS} -d{DURATION} (and -c1 for unloaded latency),"
             f" GET {path}, one run\n"
         )
-        print(f"| path | req/s (c{CONNECTIONS}) | vs nginx | p50 ms | p99 ms | p50 ms (c1) | non-2xx |")
-        print("|---|---|---|---|---|---|---|")
+        columns = "vs nginx | server CPU µs/req | p50 ms | p99 ms | p50 ms (c1) | non-2xx"
+        print(f"| path | req/s (c{CONNECTIONS}) | {columns} |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, loaded, single in rows:
             print(
-                f"| {name} | {loaded['rps']:,.0f} | {loaded['rps'] / nginx_rps:.0%} | {loaded['p50']:.2f} | "
-                f"{loaded['p99']:.2f} | {single['p50']:.3f} | {int(loaded['errors'])} |"
+                f"| {name} | {loaded['rps']:,.0f} | {loaded['rps'] / nginx_rps:.0%} | {loaded['cpu_us']:.0f} | "
+                f"{loaded['p50']:.2f} | {loaded['p99']:.2f} | {single['p50']:.3f} | {int(loaded['errors'])} |"
             )
         goal = {"fastapi": 90, "raw": 60}.get(upstream_kind, 60)
         best = max(rows[2:], key=lambda row: row[1]["rps"])

@@ -137,6 +137,7 @@ def create_app(
             await proxy.close()
             await auth_client.aclose()
             await audit_client.aclose()
+            await limits.aclose()
 
     app = GatewayApp(
         service="gateway",
