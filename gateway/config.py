@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -106,6 +107,22 @@ class GatewaySettings(CommonSettings):
             scheme, sep, rest = origin.partition("://")
             if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
                 raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_the_client_takes(cls, value: str) -> str:
+        """redis:// and rediss:// go to the gateway's own client (gateway/redis_counters.py), which takes
+        host, port, user, password and database number, and for rediss:// the system's CA bundle: an option
+        it would ignore (a query string, say) is refused rather than silently dropped."""
+        parts = urlsplit(value)
+        if parts.scheme in ("redis", "rediss"):
+            database = parts.path.lstrip("/")
+            if parts.query or parts.fragment or (database and not database.isdigit()):
+                raise ValueError(
+                    "REDIS_URL takes redis[s]://[[user]:password@]host[:port][/database] with no options"
+                    " (rediss:// checks the server's certificate against the system's CA bundle)"
+                )
         return value
 
     @model_validator(mode="after")

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from limits.aio.storage import RedisStorage
+from pydantic import ValidationError
 
 from gateway.config import GatewaySettings
 from gateway.limits import LimitStorageUnavailable, RateLimits, make_storage
@@ -179,3 +187,77 @@ def test_password_and_database_come_from_the_url(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own issuer) and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "redis test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "redis.crt", directory / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_rediss_checks_the_servers_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production reaches Redis over TLS (``rediss://``): counts go through when the certificate is trusted
+    (here through OpenSSL's ``SSL_CERT_FILE``, as an operator's CA bundle would be), and a server whose
+    certificate nobody vouches for is refused before a command is sent."""
+    cert, key = self_signed(tmp_path)
+    tls_port = free_port()
+    proc = start_redis(
+        tls_port,
+        tmp_path,
+        "--tls-port",
+        str(tls_port),
+        "--port",
+        "0",
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(cert),
+        "--tls-auth-clients",
+        "no",
+    )
+    url = f"rediss://127.0.0.1:{tls_port}/0"
+
+    async def counts() -> list[int]:
+        client = RedisCounters(url)
+        try:
+            return [await client.incr(KEY, 60) for _ in range(3)]
+        finally:
+            await client.aclose()
+
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "no-such-bundle.pem"))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(counts())
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert asyncio.run(counts()) == [1, 2, 3]
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_a_redis_url_with_options_the_client_does_not_take_is_refused_at_start() -> None:
+    for url in ("rediss://cache.internal:6380/0?ssl_cert_reqs=none", "redis://cache.internal/0#x", "redis://h/db"):
+        with pytest.raises(ValidationError, match="REDIS_URL"):
+            GatewaySettings(environment="test", redis_url=url)
+    assert GatewaySettings(environment="test", redis_url="rediss://:pw@cache.internal:6380/2").redis_url
