@@ -59,8 +59,16 @@ class Answer:
 
 class Transport(Protocol):
     async def request(
-        self, method: str, path: str, *, json: Any = None, headers: dict[str, str] | None = None
-    ) -> Answer: ...
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        json_bytes: bytes | None = None,
+    ) -> Answer:
+        """``json`` is encoded here; ``json_bytes`` is a body that is JSON already (sent as it is)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -80,13 +88,21 @@ class PooledTransport:
         )
 
     async def request(
-        self, method: str, path: str, *, json: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        json_bytes: bytes | None = None,
     ) -> Answer:
         sent = [(b"user-agent", USER_AGENT.encode())]
         sent += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
         body = b""
         if json is not None:
-            body = jsonlib.dumps(json, separators=(",", ":")).encode()
+            json_bytes = jsonlib.dumps(json, separators=(",", ":")).encode()
+        if json_bytes is not None:
+            body = json_bytes
             sent.append((b"content-type", b"application/json"))
         try:
             response, conn = await self.pool.request(method.encode("ascii"), (self.prefix + path).encode(), sent, body)
@@ -111,10 +127,18 @@ class HttpxTransport:
         self.client = client
 
     async def request(
-        self, method: str, path: str, *, json: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        json_bytes: bytes | None = None,
     ) -> Answer:
+        if json_bytes is not None:
+            headers = {**(headers or {}), "content-type": "application/json"}
         try:
-            response = await self.client.request(method, path, json=json, headers=headers)
+            response = await self.client.request(method, path, json=json, content=json_bytes, headers=headers)
         except httpx.TransportError as exc:
             raise TransportError(type(exc).__name__) from exc
         return Answer(response.status_code, response.content)

@@ -110,7 +110,14 @@ class OutboxRelay(BackgroundLoop):
                     sa.update(table)
                     .where(table.c.id.in_(due))
                     .values(lease_expires_at=now + timedelta(seconds=self.lease_seconds))
-                    .returning(table.c.id, table.c.payload, table.c.attempts, table.c.occurred_at)
+                    # The payload as the database's JSON text: it is sent as it is, never decoded and
+                    # encoded again (that was a tenth of the orders service's CPU under load).
+                    .returning(
+                        table.c.id,
+                        sa.cast(table.c.payload, sa.Text).label("payload"),
+                        table.c.attempts,
+                        table.c.occurred_at,
+                    )
                 )
             ).all()
         return sorted(rows, key=lambda row: (row.occurred_at, row.id))
@@ -119,9 +126,8 @@ class OutboxRelay(BackgroundLoop):
         """One POST of the batch, within half the lease; ``DeliveryFailed`` or a transport error if not stored."""
         async with asyncio.timeout(self.lease_seconds / 2):
             headers = await self.tokens.headers_for("audit")
-            answer = await self.client.request(
-                "POST", EVENTS_PATH, json={"events": [row.payload for row in rows]}, headers=headers
-            )
+            body = b'{"events":[' + b",".join(row.payload.encode() for row in rows) + b"]}"
+            answer = await self.client.request("POST", EVENTS_PATH, json_bytes=body, headers=headers)
         if answer.status == 401:
             self.tokens.forget("audit")
         if not 200 <= answer.status < 300:

@@ -22,14 +22,22 @@ class OrdersState:
     sweeper: OrderSweeper
 
 
-async def _orders(request: Request) -> OrderService:
+def orders_of(request: Request) -> OrderService:
     return lifespan_state(request, "orders", OrdersState).service
 
 
-async def _request_id(request: Request) -> str | None:
+def request_id_of(request: Request) -> str | None:
     """The request id the middleware bound, passed on to inventory as X-Request-ID."""
     value = request.scope.get("state", {}).get("request_id")
     return value if isinstance(value, str) else None
+
+
+async def _orders(request: Request) -> OrderService:
+    return orders_of(request)
+
+
+async def _request_id(request: Request) -> str | None:
+    return request_id_of(request)
 
 
 Orders = Annotated[OrderService, Depends(_orders)]

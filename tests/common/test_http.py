@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
-from common.http import PooledTransport, TransportError
+from common.http import HttpxTransport, PooledTransport, TransportError
 from tests.conftest import free_port
 from tests.support.servers import Echo, serve
 
@@ -58,3 +59,33 @@ async def test_failures_are_transport_errors(echo_url: str) -> None:
 def test_only_http_urls() -> None:
     with pytest.raises(ValueError, match="http"):
         PooledTransport("ftp://inventory")
+
+
+async def test_a_body_that_is_json_already_goes_out_as_it_is(echo_url: str) -> None:
+    transport = PooledTransport(echo_url, timeout=5, connect_timeout=2)
+    body = '{"events":[{"a": 1, "b": "é"}]}'.encode()
+    try:
+        answer = await transport.request("POST", "/internal/events", json_bytes=body, headers={"X-Request-ID": "r-2"})
+        seen = answer.json()
+        assert seen["body_length"] == len(body)
+        assert dict(seen["headers"])["content-type"] == "application/json"
+    finally:
+        await transport.aclose()
+
+
+async def test_the_httpx_transport_sends_a_body_that_is_json_already_as_it_is() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    transport = HttpxTransport(httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://peer"))
+    try:
+        answer = await transport.request("POST", "/internal/events", json_bytes=b'{"events":[]}', headers={"A": "b"})
+    finally:
+        await transport.aclose()
+    assert answer.status == 204
+    assert seen[0].content == b'{"events":[]}'
+    assert seen[0].headers["content-type"] == "application/json"
+    assert seen[0].headers["a"] == "b"

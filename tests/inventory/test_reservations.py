@@ -447,6 +447,36 @@ async def test_batches_accept_only_the_orders_service(client: httpx.AsyncClient,
     assert (await client.post(url, json=body, headers=orders(tokens))).status_code == 200
 
 
+async def test_a_batch_is_checked_body_syntax_then_caller_then_fields(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
+) -> None:
+    """A valid batch is served without FastAPI's per-request work (``common.fastpath``), any other by
+    FastAPI: either way the checks come in FastAPI's order and nothing changes before they pass."""
+    product = await create_product(client, tokens, stock=5)
+    url = f"{RESERVATIONS}/batch"
+    json_body = {"Content-Type": "application/json"}
+    not_json = b'{"reservations": ['
+    invalid = json.dumps({"reservations": [ask([(product["id"], 0)])]}).encode()
+    valid = json.dumps({"reservations": [ask([(product["id"], 1)])]}).encode()
+    for headers in ({}, tokens.service("gateway", "inventory"), orders(tokens)):
+        assert_problem(await client.post(url, content=not_json, headers=json_body | headers), 400)
+    for body in (invalid, valid):
+        assert_problem(await client.post(url, content=body, headers=json_body), 401)
+        assert_problem(await client.post(url, content=body, headers=json_body | tokens.staff()), 401)
+        gateway = tokens.service("gateway", "inventory")
+        assert_problem(await client.post(url, content=body, headers=json_body | gateway), 403)
+    problem = assert_problem(await client.post(url, content=invalid, headers=json_body | orders(tokens)), 422)
+    errors = problem["errors"]
+    assert isinstance(errors, list)
+    assert [error["loc"] for error in errors] == [["body", "reservations", 0, "items", 0, "quantity"]]
+    assert tuple(await stock_row(database, product["id"])) == (5, 0, 5)
+    answer = await client.post(url, content=valid, headers=json_body | orders(tokens))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert [result["status"] for result in answer.json()["results"]] == [201]
+    assert tuple(await stock_row(database, product["id"])) == (5, 1, 4)
+
+
 async def test_concurrent_batches_for_the_last_units_never_oversell(
     client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
 ) -> None:
