@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.app import lifespan_state
 from common.clock import Clock
@@ -63,12 +64,17 @@ async def _images(state: State, session: SessionDep) -> ImageService:
     )
 
 
-async def _reservations(state: State, session: SessionDep) -> ReservationService:
+def reservations_in(state: InventoryState, session: AsyncSession) -> ReservationService:
+    """The reservation service on ``session``, with the configured reservation lifetime and lock wait."""
     return ReservationService(
         session,
         ttl=timedelta(seconds=state.settings.reservation_ttl_seconds),
         lock_timeout_ms=state.settings.lock_timeout_ms,
     )
+
+
+async def _reservations(state: State, session: SessionDep) -> ReservationService:
+    return reservations_in(state, session)
 
 
 async def _now(state: State) -> datetime:

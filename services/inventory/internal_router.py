@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -15,8 +14,8 @@ from common.fastpath import direct_route
 from common.security import require_service
 from common.state import state_of
 from common.tokens import Claims
-from services.inventory.deps import InventoryState, Now, Reservations
-from services.inventory.reservations import ReservationService, ReserveAsk
+from services.inventory.deps import InventoryState, Now, Reservations, reservations_in
+from services.inventory.reservations import ReserveAsk
 from services.inventory.schemas import (
     ReservationBatch,
     ReservationBatchResults,
@@ -87,12 +86,7 @@ async def _reserve_batch_directly(request: Request) -> Response | None:
     caller = await _orders_only(request)
     state = lifespan_state(request, "inventory", InventoryState)
     async with state_of(request).db.sessionmaker() as session, session.begin():
-        reservations = ReservationService(
-            session,
-            ttl=timedelta(seconds=state.settings.reservation_ttl_seconds),
-            lock_timeout_ms=state.settings.lock_timeout_ms,
-        )
-        return await reserve_batch(data, request, reservations, state.clock(), caller)
+        return await reserve_batch(data, request, reservations_in(state, session), state.clock(), caller)
 
 
 router.add_api_route(
