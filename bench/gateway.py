@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,9 @@ DURATION = os.environ.get("BENCH_DURATION", "10s")
 UPSTREAMS = os.environ.get("BENCH_UPSTREAMS", "fastapi,raw").split(",")
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 WORKERS = int(os.environ.get("BENCH_GATEWAY_WORKERS", str(os.cpu_count() or 2)))
+# The rows are measured in turn, ROUNDS times over, and each ratio is the median of the rounds' own ratios:
+# this VM's speed moves by half within minutes, so one row measured a minute after another can say anything.
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -226,42 +230,56 @@ http {{
             text=True,
         ).stdout
         assert check == "200", f"gateway answered {check}"
-        rows = []
         # Each row's server: the upstream itself, nginx, the gateway (with its workers).
-        for name, port, server in (
+        servers = (
             ("upstream direct (uvicorn)", upstream_port, procs[0]),
             ("nginx proxy_pass, keepalive", nginx_port, procs[1]),
             ("comptoir gateway (EdDSA token, limit)", gateway_port, procs[2]),
             (f"comptoir gateway, {WORKERS} workers (limits in Redis)", workers_port, procs[4]),
-        ):
-            url = f"http://127.0.0.1:{port}{path}"
-            pids = process_tree(server.pid)
-            before = cpu_seconds(pids)
-            loaded = wrk(url, CONNECTIONS, auth)
-            # The server's own CPU per request: unlike req/s, barely moved by what else runs on the machine.
-            loaded["cpu_us"] = (cpu_seconds(pids) - before) / max(1.0, loaded["requests"]) * 1e6
-            single = wrk(url, 1, auth)
-            rows.append((name, loaded, single))
-        nginx_rps = rows[1][1]["rps"]
+        )
+        rounds: list[list[dict[str, float]]] = []
+        for _ in range(ROUNDS):
+            measured = []
+            for _name, port, server in servers:
+                pids = process_tree(server.pid)
+                before = cpu_seconds(pids)
+                loaded = wrk(f"http://127.0.0.1:{port}{path}", CONNECTIONS, auth)
+                # The server's own CPU per request: unlike req/s, barely moved by what else runs on the machine.
+                loaded["cpu_us"] = (cpu_seconds(pids) - before) / max(1.0, loaded["requests"]) * 1e6
+                measured.append(loaded)
+            rounds.append(measured)
+        singles = [wrk(f"http://127.0.0.1:{port}{path}", 1, auth) for _name, port, _server in servers]
+
+        def median_of(row: int, figure: str) -> float:
+            return statistics.median(one[row][figure] for one in rounds)
+
+        def vs_nginx(row: int) -> float:
+            """The median over the rounds of this row's req/s over nginx's in the same round."""
+            return statistics.median(one[row]["rps"] / one[1]["rps"] for one in rounds)
+
         print(
             f"\n{upstream_kind} upstream; wrk -t2 -c{CONNECTIONS} -d{DURATION} (and -c1 for unloaded latency),"
-            f" GET {path}, one run\n"
+            f" GET {path}; {ROUNDS} rounds of every row in turn, medians (req/s of each round in brackets)\n"
         )
         columns = "vs nginx | server CPU µs/req | p50 ms | p99 ms | p50 ms (c1) | non-2xx"
         print(f"| path | req/s (c{CONNECTIONS}) | {columns} |")
         print("|---|---|---|---|---|---|---|---|")
-        for name, loaded, single in rows:
+        for row, (name, _port, _server) in enumerate(servers):
+            each = " / ".join(f"{one[row]['rps']:,.0f}" for one in rounds)
+            errors = sum(int(one[row]["errors"]) for one in rounds)
             print(
-                f"| {name} | {loaded['rps']:,.0f} | {loaded['rps'] / nginx_rps:.0%} | {loaded['cpu_us']:.0f} | "
-                f"{loaded['p50']:.2f} | {loaded['p99']:.2f} | {single['p50']:.3f} | {int(loaded['errors'])} |"
+                f"| {name} | {median_of(row, 'rps'):,.0f} ({each}) | {vs_nginx(row):.0%} |"
+                f" {median_of(row, 'cpu_us'):.0f} | {median_of(row, 'p50'):.2f} | {median_of(row, 'p99'):.2f} |"
+                f" {singles[row]['p50']:.3f} | {errors} |"
             )
         goal = {"fastapi": 90, "raw": 60}.get(upstream_kind, 60)
-        best = max(rows[2:], key=lambda row: row[1]["rps"])
-        record(f"gateway vs nginx, {upstream_kind} upstream ({best[0]})", best[1]["rps"] / nginx_rps * 100, goal, "%")
-        added = rows[2][2]["p50"] - rows[0][2]["p50"]
+        best = max((2, 3), key=vs_nginx)
+        record(f"gateway vs nginx, {upstream_kind} upstream ({servers[best][0]})", vs_nginx(best) * 100, goal, "%")
+        added = singles[2]["p50"] - singles[0]["p50"]
         print(
             f"\nadded median latency of the gateway at c1: {added:.3f} ms; "
-            f"throughput vs nginx at c{CONNECTIONS}: {rows[2][1]['rps'] / nginx_rps:.0%}"
+            f"throughput vs nginx at c{CONNECTIONS}: {vs_nginx(2):.0%} (one process),"
+            f" {vs_nginx(3):.0%} ({WORKERS} workers)"
         )
     finally:
         for proc in reversed(procs):

@@ -134,6 +134,8 @@ async def storm(
                 else:
                     failures["login"] += 1
                     refused[response.status] += 1
+                    # Like an app: a refusal that says when to come back is retried then, not at once.
+                    await asyncio.sleep(float(response.headers.get("Retry-After", "0")))
 
     async def read(index: int) -> None:
         due = time.perf_counter() + read_interval * index / READERS  # paced readers start spread out
