@@ -355,7 +355,9 @@ def production_dotenv() -> dict[str, str]:
 
 def to_loopback(value: str) -> str:
     """Compose's service host names, as a test on one machine reaches them."""
-    return re.sub(r"(?<=[@/])(postgres|redis|auth|inventory|orders|audit)(?=:\d)", "127.0.0.1", value)
+    # A host is followed by its port and then the path, the query or the end; "postgres:" followed by a
+    # password that starts with a digit is the user name of postgresql://postgres:<password>@postgres:5432.
+    return re.sub(r"(?<=[@/])(postgres|redis|auth|inventory|orders|audit)(?=:\d+(?:[/?,]|$))", "127.0.0.1", value)
 
 
 def build_app(process: str, env: dict[str, str]) -> Any:
