@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from bench.orders import Issuer, cpu_seconds, stand_in_for_auth_and_audit, wait_healthy
+from bench.orders import Issuer, cpu_seconds, stand_in_environment, stand_in_for_auth_and_audit, wait_healthy
 from bench.results import record
 from bench.system import free_port
 from comptoir.config import RunSettings
@@ -197,16 +197,7 @@ def main() -> None:
         stub_url = f"http://127.0.0.1:{stub.server_address[1]}"
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")},
-            "DATA_DIR": str(work),
-            "ENVIRONMENT": "development",
-            "LOG_LEVEL": "WARNING",
-            "AUTH_INTERNAL_URL": stub_url,
-            "AUDIT_INTERNAL_URL": stub_url,
-            "INVENTORY_DATABASE_URL": roles["inventory"],
-            "INVENTORY_CLIENT_SECRET": "bench",
-        }
+        env = stand_in_environment(work, stub_url, roles["inventory"])
         # CPU time, not wall time: the profile must not count the time the process waits for the others.
         profiler = ["-c", _PROFILED.format(out=str(Path(PROFILE).resolve()))] if PROFILE else []
         log = work / "inventory.log"

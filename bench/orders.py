@@ -211,6 +211,20 @@ async def hammer(
     return statuses, elapsed
 
 
+def stand_in_environment(work: Path, stub_url: str, inventory_database_url: str) -> dict[str, str]:
+    """Environment for services run against the stand-in auth and audit, inventory's database role set."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")},
+        "DATA_DIR": str(work),
+        "ENVIRONMENT": "development",
+        "LOG_LEVEL": "WARNING",
+        "AUTH_INTERNAL_URL": stub_url,
+        "AUDIT_INTERNAL_URL": stub_url,
+        "INVENTORY_DATABASE_URL": inventory_database_url,
+        "INVENTORY_CLIENT_SECRET": "bench",
+    }
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="comptoir-bench-orders-"))
     embedded = EmbeddedPostgres(work)
@@ -224,17 +238,9 @@ def main() -> None:
         stub_url = f"http://127.0.0.1:{stub.server_address[1]}"
         ports = {"inventory": free_port(), "orders": free_port(), "gateway": free_port()}
         url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")},
-            "DATA_DIR": str(work),
-            "ENVIRONMENT": "development",
-            "LOG_LEVEL": "WARNING",
-            "AUTH_INTERNAL_URL": stub_url,
-            "AUDIT_INTERNAL_URL": stub_url,
-            "INVENTORY_DATABASE_URL": roles["inventory"],
+        env = stand_in_environment(work, stub_url, roles["inventory"]) | {
             "ORDERS_DATABASE_URL": roles["orders"],
             "ORDERS_INVENTORY_URL": url["inventory"],
-            "INVENTORY_CLIENT_SECRET": "bench",
             "ORDERS_CLIENT_SECRET": "bench",
             "GATEWAY_CLIENT_SECRET": "",
             "GATEWAY_INVENTORY_URL": url["inventory"],
