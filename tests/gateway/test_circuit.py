@@ -353,6 +353,27 @@ async def test_a_refused_connection_is_503_with_retry_after_and_counts() -> None
         assert header(refused, b"retry-after") == b"10"
 
 
+async def test_an_upstreams_own_503_is_passed_on_and_never_counts() -> None:
+    """A service that answers 503 itself (auth's hashing-busy during a login storm) answered: its problem and
+    its Retry-After reach the client as they are, and however many there are, the circuit stays closed."""
+    clock = Clock()
+    busy = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 3\r\n"
+        b'content-length: 28\r\n\r\n{"type":"x","retry_after":3}'
+    )
+    async with proxied(clock, circuit_failure_threshold=1) as (upstream, proxy):
+        upstream.answer = busy
+        for _ in range(5):
+            sent = await forward(proxy)
+            assert status_of(sent) == 503
+            assert header(sent, b"retry-after") == b"3"
+            assert b"".join(m.get("body", b"") for m in sent) == b'{"type":"x","retry_after":3}'
+        assert not proxy.circuits["inventory"].is_open
+        assert upstream.requests == 5
+        upstream.answer = upstream.OK
+        assert status_of(await forward(proxy)) == 200
+
+
 def opened_proxy_circuit(proxy: Proxy, clock: Clock) -> Circuit:
     """The proxy's circuit opened by two failures, then its pause over: the next request is the probe."""
     circuit = proxy.circuits["inventory"]
