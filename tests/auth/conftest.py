@@ -19,6 +19,7 @@ from common.app import ComptoirAPI
 from services.auth.config import Settings
 from services.auth.main import create_app
 from tests.conftest import DatabaseFixture, running
+from tests.support.accounts import CONSENT
 from tests.support.tokens import bearer
 
 TABLES = (
@@ -39,9 +40,6 @@ TABLES = (
 # Low on purpose: the production default (600,000) is asserted in test_passwords.py.
 TEST_ROUNDS = 1000
 PASSWORD = "correct horse battery staple"
-# What every registration must accept (AUTH_TERMS_VERSION's default).
-TERMS_VERSION = "2026-12-01"
-CONSENT = {"accept_terms": True, "terms_version": TERMS_VERSION}
 CLIENT_SECRETS = {name: f"{name}-secret-{'x' * 32}" for name in ("gateway", "inventory", "orders", "audit", "auth")}
 
 

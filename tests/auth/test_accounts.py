@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.auth.conftest import CONSENT, PASSWORD, AuthClient
+from tests.auth.conftest import PASSWORD, AuthClient
 from tests.conftest import assert_problem
+from tests.support.accounts import CONSENT
 from tests.support.tokens import bearer
 
 USER_FIELDS = {"id", "email", "full_name", "phone", "phone_verified", "role", "is_active", "created_at"}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from tests.auth.conftest import PASSWORD, TERMS_VERSION, AuthClient, MakeAuth
+from tests.auth.conftest import PASSWORD, AuthClient, MakeAuth
 from tests.conftest import assert_problem
+from tests.support.accounts import TERMS_VERSION
 from tests.support.tokens import bearer
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.auth.conftest import CONSENT, AuthClient
+from tests.auth.conftest import AuthClient
+from tests.support.accounts import CONSENT
 from tests.support.tokens import bearer
 
 NASTY: list[object] = ["a\x00b", "x" * 5000, 12, None, [], {"$ne": ""}, "' OR 1=1 --", "😀" * 200, True]

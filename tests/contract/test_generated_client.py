@@ -26,6 +26,7 @@ import pytest
 
 from comptoir.openapi import build_document
 from tests.e2e.harness import RunningSystem, new_system
+from tests.support.accounts import TERMS_VERSION
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +34,7 @@ PACKAGE = "comptoir_contract_client"
 ADMIN_EMAIL = "owner@boutique.cm"
 ADMIN_PASSWORD = "purple gorilla mango tractor 77"
 PASSWORD = "correct horse battery staple 42"
-TERMS = "2026-12-01"  # AUTH_TERMS_VERSION's default: the version a new account accepts
+TERMS = TERMS_VERSION  # AUTH_TERMS_VERSION's default: the version a new account accepts
 RESETS_PER_HOUR = 2
 GENERATOR_CONFIG = {
     # Images are bytes: the generator reads any binary answer as application/octet-stream.

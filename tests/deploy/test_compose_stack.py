@@ -36,6 +36,7 @@ from tests.conftest import free_port
 from tests.deploy.compose_render import render, service_environment
 from tests.deploy.test_compose import APP_SERVICES, COMPOSE_FILE, PORTS, production_dotenv
 from tests.e2e.test_external_postgres import _as_user, _postgres_bin, _run, _unprivileged_user
+from tests.support.accounts import CONSENT
 from tests.support.redis import redis_server
 
 pytestmark = pytest.mark.e2e
@@ -267,7 +268,7 @@ def test_the_rendered_stack_serves_a_shop_over_tls_to_postgres(stack: Stack) -> 
         assert (
             client.post(
                 "/api/v1/auth/register",
-                json={"email": email, "password": password, "accept_terms": True, "terms_version": "2026-12-01"},
+                json={"email": email, "password": password} | CONSENT,
             ).status_code
             == 201
         )

@@ -19,6 +19,7 @@ import pytest
 
 from comptoir.embedded import SUPERUSER, libpq_url
 from tests.e2e.harness import new_system
+from tests.support.accounts import CONSENT
 
 pytestmark = pytest.mark.e2e
 
@@ -98,12 +99,7 @@ def test_events_wait_while_audit_is_down_and_arrive_exactly_once(tmp_path: Path)
                 assert (
                     httpx.post(
                         gateway + "/api/v1/auth/register",
-                        json={
-                            "email": email,
-                            "password": PASSWORD,
-                            "accept_terms": True,
-                            "terms_version": "2026-12-01",
-                        },
+                        json={"email": email, "password": PASSWORD} | CONSENT,
                     ).status_code
                     == 201
                 )

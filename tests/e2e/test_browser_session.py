@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.e2e.harness import new_system
+from tests.support.accounts import CONSENT
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +74,7 @@ def test_cookie_login_refresh_and_logout_through_the_gateway(system) -> None:  #
     with browser(gateway, jar) as client:
         created = client.post(
             "/api/v1/auth/register",
-            json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+            json={"email": email, "password": PASSWORD} | CONSENT,
         )
         assert created.status_code == 201, created.text
         login = client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD, "session_mode": "cookie"})
@@ -125,7 +126,7 @@ def test_a_second_factor_login_goes_through_the_gateway(system) -> None:  # noqa
     gateway = system.url()
     email = f"mfa-{uuid.uuid4().hex[:10]}@boutique.cm"
     with httpx.Client(base_url=gateway, headers={"X-Forwarded-Proto": "https"}) as client:
-        body = {"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"}
+        body = {"email": email, "password": PASSWORD} | CONSENT
         assert client.post("/api/v1/auth/register", json=body).status_code == 201
         access = client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD}).json()["access_token"]
         bearer = {"Authorization": f"Bearer {access}"}

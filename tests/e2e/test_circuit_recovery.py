@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.e2e.harness import new_system
+from tests.support.accounts import CONSENT
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +26,7 @@ def customer_token(gateway: str) -> str:
     assert (
         httpx.post(
             gateway + "/api/v1/auth/register",
-            json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+            json={"email": email, "password": PASSWORD} | CONSENT,
         ).status_code
         == 201
     )

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.e2e.harness import RunningSystem, new_system
+from tests.support.accounts import CONSENT
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +52,7 @@ def people(system: RunningSystem) -> dict[str, Any]:
         email = f"buyer-{uuid.uuid4().hex[:8]}@boutique.cm"
         created = httpx.post(
             gateway + "/api/v1/auth/register",
-            json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+            json={"email": email, "password": PASSWORD} | CONSENT,
         )
         assert created.status_code == 201, created.text
         buyers.append(login(email, PASSWORD))

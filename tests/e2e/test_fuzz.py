@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from tests.e2e.harness import RunningSystem, new_system
+from tests.support.accounts import CONSENT
 
 pytestmark = pytest.mark.e2e
 
@@ -106,7 +107,7 @@ def user_token(system: RunningSystem, role: str) -> str:
     email = f"fuzz-{role}-{uuid.uuid4().hex[:8]}@boutique.cm"
     created = httpx.post(
         gateway + "/api/v1/auth/register",
-        json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+        json={"email": email, "password": PASSWORD} | CONSENT,
     )
     assert created.status_code == 201, created.text
     if role == "staff":

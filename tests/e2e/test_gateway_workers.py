@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from tests.e2e.harness import RunningSystem, new_system
+from tests.support.accounts import CONSENT
 from tests.support.redis import redis_server
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +92,7 @@ def test_a_logout_through_one_worker_is_enforced_by_the_other(system: RunningSys
         assert (
             client.post(
                 "/api/v1/auth/register",
-                json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+                json={"email": email, "password": PASSWORD} | CONSENT,
             ).status_code
             == 201
         )

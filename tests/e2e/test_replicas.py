@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.e2e.harness import new_system
+from tests.support.accounts import CONSENT
 from tests.support.redis import redis_server
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +62,7 @@ def test_two_gateways_share_limits_and_revocations(tmp_path: Path) -> None:
             assert (
                 httpx.post(
                     one + "/api/v1/auth/register",
-                    json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+                    json={"email": email, "password": PASSWORD} | CONSENT,
                 ).status_code
                 == 201
             )

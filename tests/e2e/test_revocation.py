@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.harness import new_system
+from tests.support.accounts import CONSENT
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +22,7 @@ def register_and_login(gateway: str) -> tuple[str, dict[str, str]]:
     email = f"revoke-{uuid.uuid4().hex[:10]}@boutique.cm"
     created = httpx.post(
         gateway + "/api/v1/auth/register",
-        json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+        json={"email": email, "password": PASSWORD} | CONSENT,
     )
     assert created.status_code == 201, created.text
     pair = httpx.post(

@@ -22,6 +22,7 @@ from comptoir.embedded import SUPERUSER, libpq_url
 from services.auth.keys import KEY_FILE
 from tests.conftest import free_port
 from tests.e2e.harness import new_system
+from tests.support.accounts import CONSENT
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +130,7 @@ def test_two_replicas_of_each_service_share_one_database_safely(tmp_path: Path) 
         assert (
             httpx.post(
                 gateway + "/api/v1/auth/register",
-                json={"email": email, "password": PASSWORD, "accept_terms": True, "terms_version": "2026-12-01"},
+                json={"email": email, "password": PASSWORD} | CONSENT,
             ).status_code
             == 201
         )
