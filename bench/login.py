@@ -35,8 +35,10 @@ from typing import Any
 
 import aiohttp
 
+from bench.catalogue import postgres_cpu_seconds
+from bench.orders import cpu_seconds
 from bench.results import record
-from bench.system import comptoir_run
+from bench.system import comptoir_run, service_pids, thread_cpu_seconds
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "20"))
 LOGIN_CLIENTS = int(os.environ.get("BENCH_LOGIN_CLIENTS", "32"))
@@ -46,8 +48,9 @@ ROUNDS = int(os.environ.get("AUTH_PBKDF2_ROUNDS", "600000"))
 TERMS_VERSION = os.environ.get("AUTH_TERMS_VERSION", "2026-12-01")
 
 
-def pbkdf2_bound(seconds: float = 6.0) -> float:
-    """Hashes per second with one thread per core (hashlib releases the GIL while it hashes)."""
+def pbkdf2_bound(seconds: float = 6.0) -> tuple[float, float]:
+    """Hashes per second with one thread per core (hashlib releases the GIL while it hashes), and the CPU
+    seconds one hash takes."""
     workers = os.cpu_count() or 2
     salt = secrets.token_bytes(16)
     stop = time.perf_counter() + seconds
@@ -59,10 +62,27 @@ def pbkdf2_bound(seconds: float = 6.0) -> float:
             done += 1
         return done
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(workers) as pool:
         total = sum(pool.map(lambda _: spin(), range(workers)))
-    return total / (time.perf_counter() - started)
+    return total / (time.perf_counter() - started), (time.process_time() - cpu) / total
+
+
+class CpuMeter:
+    """Where the CPU went during a storm: each process of the system, auth's hashing threads apart, this
+    benchmark's PostgreSQL and the benchmark's own client (in cores: CPU seconds per second)."""
+
+    def __init__(self, ports: dict[str, int], pgdata: Path) -> None:
+        self.pids = service_pids(ports)
+        self.pgdata = pgdata
+
+    def read(self) -> dict[str, float]:
+        spent = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        spent["auth hashing"] = thread_cpu_seconds(self.pids["auth"], "pbkdf2")
+        spent["auth"] -= spent["auth hashing"]
+        spent["postgres"] = postgres_cpu_seconds(self.pgdata)
+        spent["bench client"] = cpu_seconds(os.getpid())
+        return spent
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,7 +108,7 @@ async def register(session: aiohttp.ClientSession, base: str, index: int) -> tup
     return email, password
 
 
-async def storms(ports: dict[str, int]) -> list[dict[str, Any]]:
+async def storms(ports: dict[str, int], meter: CpuMeter) -> list[dict[str, Any]]:
     """The paced storm, then the flat-out one, with the same users (and their devices)."""
     base = f"http://127.0.0.1:{ports['gateway']}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -100,12 +120,13 @@ async def storms(ports: dict[str, int]) -> list[dict[str, Any]]:
             body = {"email": email, "password": password}
             async with session.post(f"{base}/api/v1/auth/login", json=body) as response:
                 devices[email] = str((await response.json())["device_token"])
-        return [await storm(session, ports, users, devices, interval) for interval in (READ_INTERVAL, 0.0)]
+        return [await storm(session, ports, meter, users, devices, interval) for interval in (READ_INTERVAL, 0.0)]
 
 
 async def storm(
     session: aiohttp.ClientSession,
     ports: dict[str, int],
+    meter: CpuMeter,
     users: list[tuple[str, str]],
     devices: dict[str, str],
     read_interval: float,
@@ -160,10 +181,11 @@ async def storm(
             probe_times.append(time.perf_counter() - started)
             await asyncio.sleep(0.05)
 
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), meter.read()
     await asyncio.gather(*(login(*user) for user in users), *(read(i) for i in range(READERS)), probe())
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_after = time.perf_counter() - started, meter.read()
     return {
+        "cores": {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in cpu_after},
         "read_interval_ms": read_interval * 1000,
         "logins_per_s": len(login_times) / elapsed,
         "login_p50_ms": percentile(login_times, 0.5) * 1000,
@@ -179,14 +201,15 @@ async def storm(
 
 
 def main() -> None:
-    bound = pbkdf2_bound()
+    bound, cpu_per_hash = pbkdf2_bound()
     work = Path(tempfile.mkdtemp(prefix="comptoir-bench-login-"))
     settings = {"GATEWAY_RATE_LIMITS_ENABLED": "false", "AUTH_PBKDF2_ROUNDS": str(ROUNDS)}
     with comptoir_run(work, **settings) as (ports, _env):
-        runs = asyncio.run(storms(ports))
+        runs = asyncio.run(storms(ports, CpuMeter(ports, work / "pg")))
     print(
         f"\n{LOGIN_CLIENTS} clients logging in, {READERS} reading the catalogue, {SECONDS:.0f} s a run through the"
-        f" gateway; PBKDF2-SHA256 at {ROUNDS:,} rounds, bound {bound:.2f} hashes/s; one run each\n"
+        f" gateway; PBKDF2-SHA256 at {ROUNDS:,} rounds, bound {bound:.2f} hashes/s ({cpu_per_hash * 1000:.0f} ms"
+        " of CPU a hash); one run each\n"
     )
     print(
         "| readers | logins/s | vs bound | login p50 / p99 ms | catalogue reads/s |"
@@ -210,6 +233,17 @@ def main() -> None:
             50,
             "ms",
             higher_is_better=False,
+        )
+    names = list(runs[0]["cores"])
+    print("\nWhere the CPU went during each storm (cores: CPU seconds per second), and what a login's hash cost:\n")
+    print(f"| readers | {' | '.join(names)} | total | hash CPU per login, ms (bound: {cpu_per_hash * 1000:.0f}) |")
+    print("|---|" + "---|" * (len(names) + 2))
+    for figures in runs:
+        cores, paced = figures["cores"], figures["read_interval_ms"]
+        per_login = cores["auth hashing"] / max(figures["logins_per_s"], 1e-9) * 1000
+        print(
+            f"| {f'each every {paced:.0f} ms' if paced else 'flat out'} |"
+            f" {' | '.join(f'{cores[name]:.2f}' for name in names)} | {sum(cores.values()):.2f} | {per_login:.0f} |"
         )
 
 

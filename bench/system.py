@@ -17,6 +17,34 @@ import httpx
 PROCESSES = ("gateway", "auth", "inventory", "orders", "audit")
 
 
+def service_pids(ports: dict[str, int]) -> dict[str, int]:
+    """The pid of each process that ``comptoir run`` started on ``ports`` (found by its command line)."""
+    found: dict[str, int] = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "comptoir.serve" in argv and "--port" in argv:
+            name, port = argv[argv.index("comptoir.serve") + 1], argv[argv.index("--port") + 1]
+            if ports.get(name) == int(port):
+                found[name] = int(cmdline.parent.name)
+    return found
+
+
+def thread_cpu_seconds(pid: int, prefix: str) -> float:
+    """User + system CPU time of the threads of ``pid`` whose name starts with ``prefix``."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith(prefix):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except OSError:  # the thread ended
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

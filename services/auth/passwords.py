@@ -12,7 +12,9 @@ import time
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TypeVar
 
 from passlib.context import CryptContext
@@ -27,6 +29,17 @@ T = TypeVar("T")
 def prepare(password: str) -> str:
     """NFKC, as NIST 800-63B asks, so that visually identical passwords are the same password."""
     return unicodedata.normalize("NFKC", password)
+
+
+LATE_AFTER = 2  # a hash that has waited this many times max_wait for its thread is not computed...
+LATE_FLOOR = 1.0  # ...nor less than this many seconds (a tiny max_wait must not drop every hash)
+
+
+@dataclass(frozen=True)
+class Late:
+    """A hash dropped when its turn came: it had waited ``waited`` seconds."""
+
+    waited: float
 
 
 class PasswordHasher:
@@ -44,6 +57,12 @@ class PasswordHasher:
     :class:`HashingBusy` (503, ``Retry-After``). Accepting it would only make it time out at the gateway
     after its hash had used the CPU for nothing, and a run of such timeouts would open the gateway's
     circuit to the whole auth service (refresh and sign-out included).
+
+    That estimate looks back: when the machine slows down all at once (a storm begins), hashes admitted
+    on it wait longer than it said. So a hash is also refused when its turn comes if it has waited more
+    than twice ``max_wait`` (and at least a second) by then: it is never computed (the CPU goes to
+    hashes whose callers still wait for them) and its caller gets the same :class:`HashingBusy`
+    instead of a gateway timeout.
     """
 
     def __init__(
@@ -61,7 +80,7 @@ class PasswordHasher:
         self.executor = ThreadPoolExecutor(
             max_workers=self.workers,
             thread_name_prefix="pbkdf2",
-            initializer=lower_priority,
+            initializer=hashing_thread,
             initargs=(nice,),
         )
         self.max_wait = max_wait  # 0: unbounded
@@ -89,15 +108,20 @@ class PasswordHasher:
             self.admit()
         self.pending += 1
         try:
-            result, took = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, func)
+            done = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, func, self.timer())
         finally:
             self.pending -= 1
+        if isinstance(done, Late):
+            raise HashingBusy(done.waited - self.max_wait)
+        result, took = done
         average = self.seconds_per_hash
         self.seconds_per_hash = took if not average else 0.8 * average + 0.2 * took
         return result
 
-    def _timed(self, func: Callable[[], T]) -> tuple[T, float]:
+    def _timed(self, func: Callable[[], T], queued_at: float) -> tuple[T, float] | Late:
         started = self.timer()
+        if self.max_wait and (waited := started - queued_at) > max(LATE_AFTER * self.max_wait, LATE_FLOOR):
+            return Late(waited)
         result = func()
         return result, self.timer() - started
 
@@ -129,6 +153,16 @@ class PasswordHasher:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def hashing_thread(nice: int) -> None:
+    """Set up a hashing thread: named ``pbkdf2`` for the operating system (``top -H``, ``ps -L`` and
+    /proc show where the CPU goes), at the lower priority."""
+    try:
+        Path("/proc/thread-self/comm").write_text("pbkdf2")
+    except OSError:  # not Linux, or no /proc: the name is only a convenience
+        pass
+    lower_priority(nice)
 
 
 def lower_priority(nice: int) -> None:

@@ -18,6 +18,7 @@ from services.auth.context import RequestContext, Runtime, sha256_hex
 from services.auth.devices import DeviceRepository, DeviceTokens
 from services.auth.errors import (
     EmailTaken,
+    HashingBusy,
     InvalidCredentials,
     InvalidField,
     InvalidResetToken,
@@ -51,6 +52,7 @@ from services.auth.schemas import (
 )
 from services.auth.sessions import SessionManager
 from services.auth.throttle import Gate, LoginThrottle
+from services.auth.throttle import not_checked as throttle_not_checked
 from services.auth.throttle import succeeded as login_succeeded
 
 log = structlog.get_logger("comptoir.auth")
@@ -109,7 +111,7 @@ class AccountService:
                 self.db, "auth.login.throttled", outcome="denied", resource_type="user", resource_id=str(user.id)
             )
             await self.fail(LoginThrottled(gate.retry_after))
-        ok, new_hash = await self.rt.hasher.verify(password, user.password_hash, admitted=True)
+        ok, new_hash = await self.checked(password, user.password_hash, key, None)
         if not ok:
             await ctx.audit(
                 self.db,
@@ -203,7 +205,7 @@ class AccountService:
             )
             await self.fail(LoginThrottled(gate.retry_after))
         # Unknown e-mail: a dummy hash is checked, so the answer takes as long as for a real account.
-        ok, new_hash = await self.rt.hasher.verify(password, user.password_hash if user else None, admitted=True)
+        ok, new_hash = await self.checked(password, user.password_hash if user else None, key, device)
         if not (ok and user is not None and user.is_active):
             await self._login_failed(user, gate, reason="inactive" if ok else "bad_credentials")
         # Lock the account row: concurrent logins of one user apply the session cap one at a time.
@@ -220,6 +222,15 @@ class AccountService:
         token = await DeviceTokens(self.db, self.rt).remember(user.id, known, ctx)
         pair = await self.start_session(user, known_device=known is not None, hash_upgraded=bool(new_hash))
         return LoginResponse(**pair.model_dump(), device_token=token)
+
+    async def checked(self, password: str, stored: str | None, key: str, device: str | None) -> tuple[bool, str | None]:
+        """The password checked against ``stored`` for an attempt already counted (under ``key`` and
+        ``device``); if its hash is dropped for coming too late, the count is taken back first."""
+        try:
+            return await self.rt.hasher.verify(password, stored, admitted=True)
+        except HashingBusy:
+            await throttle_not_checked(self.rt, key, self.ctx.ip_key, device)
+            raise
 
     async def start_session(self, user: User, *, known_device: bool, hash_upgraded: bool = False) -> TokenPair:
         """A new session for ``user`` (row locked by the caller), audited."""

@@ -72,6 +72,17 @@ async def succeeded(session: AsyncSession, rt: Runtime, account_key: str, ip: st
         await repository.uncount((ANY_ACCOUNT, ip), rt.settings.login_ip_delay_after_failures)
 
 
+async def not_checked(rt: Runtime, account_key: str, ip: str, device: str | None) -> None:
+    """An attempt counted but never checked (its hash was dropped when its turn came too late): taken
+    back from every counter it was counted in, in a short transaction of its own, so a refusal for want
+    of capacity changes nothing."""
+    throttle = LoginThrottle(rt)
+    async with rt.sessionmaker() as session, session.begin():
+        repository = LoginFailureRepository(session)
+        for key in keys_for(account_key, ip, device):
+            await repository.uncount(key, throttle.threshold(scope_of(key)))
+
+
 def mfa_key(user_id: str) -> tuple[str, str]:
     """The counter of wrong second-factor codes of one user (any challenge, enrolment or disabling)."""
     return sha256_hex(f"mfa:{user_id}"), MFA

@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -109,6 +110,10 @@ def thread_nice() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
+def thread_os_name() -> str:
+    return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+
 async def test_hashing_threads_run_below_the_event_loops_priority() -> None:
     hasher = PasswordHasher(1000, workers=2, nice=10)
     try:
@@ -116,6 +121,9 @@ async def test_hashing_threads_run_below_the_event_loops_priority() -> None:
         nices = await asyncio.gather(*(hasher._run(thread_nice) for _ in range(4)))
         assert set(nices) == {min(19, loop_nice + 10)}
         assert thread_nice() == loop_nice  # the loop's own thread is untouched
+        # The operating system sees them by name (top -H, ps -L): the benchmark reads their CPU that way.
+        assert set(await asyncio.gather(*(hasher._run(thread_os_name) for _ in range(4)))) == {"pbkdf2"}
+        assert thread_os_name() != "pbkdf2"
         assert (await hasher.verify("pw", await hasher.hash("pw")))[0]
     finally:
         hasher.close()
@@ -134,12 +142,28 @@ async def test_the_auth_service_hashes_at_the_configured_nice(make_auth: MakeAut
         assert await hasher._run(thread_nice) == min(19, thread_nice() + 7)
 
 
+class ManualClock:
+    """The hasher's timer, moved by the test only: a "hash" of ``seconds`` is a step of this clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, seconds: float) -> Callable[[], None]:
+        def hash_taking() -> None:
+            self.now += seconds
+
+        return hash_taking
+
+
 async def test_a_hash_that_would_wait_too_long_is_refused_at_once() -> None:
-    ticks = iter(range(1_000_000))  # every hash "takes" one second of the injected timer
-    hasher = PasswordHasher(1000, workers=1, max_wait=2.0, timer=lambda: float(next(ticks)))
+    clock = ManualClock()
+    hasher = PasswordHasher(1000, workers=1, max_wait=2.0, timer=clock)
     release = threading.Event()
     try:
-        await hasher.hash("warm up")  # the moving average now says one second a hash
+        await hasher._run(clock.step(1.0))  # the moving average now says one second a hash
         assert hasher.seconds_per_hash == 1.0
         running = asyncio.ensure_future(hasher._run(release.wait))
         queued = [asyncio.ensure_future(hasher.hash(f"pw {i}")) for i in range(2)]  # 1 s and 2 s ahead of them
@@ -159,11 +183,44 @@ async def test_a_hash_that_would_wait_too_long_is_refused_at_once() -> None:
         hasher.close()
 
 
+async def test_a_hash_whose_turn_comes_too_late_is_refused_then_and_never_computed() -> None:
+    clock = ManualClock()
+    hasher = PasswordHasher(1000, workers=1, max_wait=2.0, timer=clock)
+    started, release, computed = threading.Event(), threading.Event(), threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        release.wait()
+
+    try:
+        await hasher._run(clock.step(0.1))  # hashes look quick: the next one is admitted
+        running = asyncio.ensure_future(hasher._run(blocker))
+        late = asyncio.ensure_future(hasher._run(computed.set))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        assert hasher.expected_wait() < hasher.max_wait  # admitted on the estimate...
+        clock.now += 4.5  # ...but the hash ahead takes 4.5 s: more than twice max_wait when its turn comes
+        release.set()
+        await running
+        with pytest.raises(HashingBusy) as refused:
+            await late
+        assert refused.value.headers["Retry-After"] == "3"  # 4.5 s waited, 2 s allowed: ceil(2.5)
+        assert not computed.is_set()
+        assert hasher.pending == 0
+        assert hasher.seconds_per_hash == pytest.approx(0.1 * 0.8 + 4.5 * 0.2)  # the dropped one taught nothing
+        on_time = asyncio.ensure_future(hasher._run(computed.set))
+        await on_time
+        assert computed.is_set()
+    finally:
+        release.set()
+        hasher.close()
+
+
 async def test_a_login_refused_for_want_of_hashing_capacity_counts_nothing(make_auth: MakeAuth) -> None:
     release = threading.Event()
     async with make_auth(hash_workers=1, hash_max_wait_seconds=1e-9) as auth:
         user = await auth.register()  # one real hash: the service knows how long a hash takes
         hasher = auth.app.state.auth.hasher
+        hasher.timer = ManualClock()  # standing still: the blocker below is never late
         blocker = asyncio.ensure_future(hasher._run(release.wait))  # the only thread is busy
         try:
             await asyncio.sleep(0)
@@ -178,6 +235,41 @@ async def test_a_login_refused_for_want_of_hashing_capacity_counts_nothing(make_
         finally:
             release.set()
             await blocker
+        assert (await auth.login(user["email"])).status_code == 200
+
+
+async def test_a_login_whose_hash_comes_too_late_is_refused_and_its_count_taken_back(make_auth: MakeAuth) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        release.wait()
+
+    async with make_auth(hash_workers=1, hash_max_wait_seconds=5) as auth:
+        user = await auth.register()
+        hasher = auth.app.state.auth.hasher
+        clock = hasher.timer = ManualClock()
+        running = asyncio.ensure_future(hasher._run(blocker))  # the only thread is busy...
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        try:
+            login = asyncio.ensure_future(auth.login(user["email"], "not the password at all"))
+            while hasher.pending < 2:  # admitted (a hash is quick), counted, queued behind the blocker
+                await asyncio.sleep(0.01)
+            rows = await auth.sql("SELECT ip, failures FROM auth.login_failures ORDER BY ip")
+            assert [row["failures"] for row in rows] == [1, 1, 1]  # the attempt is counted while it waits
+            clock.now += 11  # ...for 11 s: more than twice the 5 s allowed when the login's turn comes
+            release.set()
+            response = await login
+        finally:
+            release.set()
+            await running
+        body = assert_problem(response, 503)
+        assert body["type"] == "urn:comptoir:problem:hashing-busy"
+        assert response.headers["Retry-After"] == "6"
+        # The wrong password was never checked: the count is taken back and nothing is audited.
+        rows = await auth.sql("SELECT ip, failures, locked_until FROM auth.login_failures")
+        assert [(row["failures"], row["locked_until"]) for row in rows] == [(0, None)] * 3
+        assert await auth.events("auth.login.failed") == []
         assert (await auth.login(user["email"])).status_code == 200
 
 
