@@ -12,7 +12,6 @@ import time
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TypeVar
@@ -33,13 +32,6 @@ def prepare(password: str) -> str:
 
 LATE_AFTER = 2  # a hash that has waited this many times max_wait for its thread is not computed...
 LATE_FLOOR = 1.0  # ...nor less than this many seconds (a tiny max_wait must not drop every hash)
-
-
-@dataclass(frozen=True)
-class Late:
-    """A hash dropped when its turn came: it had waited ``waited`` seconds."""
-
-    waited: float
 
 
 class PasswordHasher:
@@ -111,17 +103,18 @@ class PasswordHasher:
             done = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, func, self.timer())
         finally:
             self.pending -= 1
-        if isinstance(done, Late):
-            raise HashingBusy(done.waited - self.max_wait)
+        if done is None:  # dropped: come back when the queue is within max_wait again, on today's estimate
+            raise HashingBusy(self.expected_wait() - self.max_wait)
         result, took = done
         average = self.seconds_per_hash
         self.seconds_per_hash = took if not average else 0.8 * average + 0.2 * took
         return result
 
-    def _timed(self, func: Callable[[], T], queued_at: float) -> tuple[T, float] | Late:
+    def _timed(self, func: Callable[[], T], queued_at: float) -> tuple[T, float] | None:
+        """(result, seconds it took), or None when the turn came too late and ``func`` was not run."""
         started = self.timer()
-        if self.max_wait and (waited := started - queued_at) > max(LATE_AFTER * self.max_wait, LATE_FLOOR):
-            return Late(waited)
+        if self.max_wait and started - queued_at > max(LATE_AFTER * self.max_wait, LATE_FLOOR):
+            return None
         result = func()
         return result, self.timer() - started
 
