@@ -136,7 +136,7 @@ async def storm(
     read_times: list[float] = []
     probe_times: list[float] = []
     failures = {"login": 0, "read": 0}
-    refused: Counter[int] = Counter()
+    refused: Counter[int | str] = Counter()
     stop = time.perf_counter() + SECONDS
 
     async def login(email: str, password: str) -> None:
@@ -146,17 +146,22 @@ async def storm(
             started = time.perf_counter()
             device = devices.get(email)
             body = {"email": email, "password": password} | ({"device_token": device} if device else {})
-            async with session.post(f"{base}/api/v1/auth/login", json=body) as response:
-                answer = await response.read()
-                if response.status == 200:
-                    login_times.append(time.perf_counter() - started)
-                    if token := json.loads(answer).get("device_token"):
-                        devices[email] = str(token)
-                else:
-                    failures["login"] += 1
-                    refused[response.status] += 1
-                    # Like an app: a refusal that says when to come back is retried then, not at once.
-                    await asyncio.sleep(float(response.headers.get("Retry-After", "0")))
+            try:
+                async with session.post(f"{base}/api/v1/auth/login", json=body) as response:
+                    answer = await response.read()
+            except aiohttp.ClientError:  # a keep-alive connection closed by the server as the request left
+                failures["login"] += 1
+                refused["disconnected"] += 1
+                continue
+            if response.status == 200:
+                login_times.append(time.perf_counter() - started)
+                if token := json.loads(answer).get("device_token"):
+                    devices[email] = str(token)
+            else:
+                failures["login"] += 1
+                refused[response.status] += 1
+                # Like an app: a refusal that says when to come back is retried then, not at once.
+                await asyncio.sleep(float(response.headers.get("Retry-After", "0")))
 
     async def read(index: int) -> None:
         due = time.perf_counter() + read_interval * index / READERS  # paced readers start spread out
@@ -165,12 +170,16 @@ async def storm(
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
                 due += read_interval
             started = time.perf_counter()
-            async with session.get(f"{base}/api/v1/products?limit=20") as response:
-                await response.read()
-                if response.status == 200:
-                    read_times.append(time.perf_counter() - started)
-                else:
-                    failures["read"] += 1
+            try:
+                async with session.get(f"{base}/api/v1/products?limit=20") as response:
+                    await response.read()
+            except aiohttp.ClientError:
+                failures["read"] += 1
+                continue
+            if response.status == 200:
+                read_times.append(time.perf_counter() - started)
+            else:
+                failures["read"] += 1
 
     async def probe() -> None:
         # auth's own liveness answer: it waits only for auth's event loop, never for a hash.
