@@ -77,7 +77,11 @@ def format_timestamp(value: datetime) -> str:
     """UTC with exactly six fraction digits: the one textual form of a timestamp in the chain."""
     if value.tzinfo is None:
         raise ValueError("timestamps in the chain are timezone-aware")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = value.astimezone(UTC)
+    if utc.year < 1000:  # strftime does not pad such a year to four digits; its text is kept as it was
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The same text as that strftime, at a third of its cost (every event formats two timestamps).
+    return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
