@@ -66,7 +66,7 @@ def _storable(value: Any, depth: int) -> Any:
         return clean_string(redact_text(value))
     if kind in _PLAIN:
         return value
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):  # an event's objects are dicts: no ABC check for them
         key_depth = depth + 1
         return {
             (clean_string(k) if isinstance(k, str) and key_depth <= _MAX_DEPTH else clean_text(k, key_depth)): (
@@ -147,20 +147,21 @@ class AuditChain:
                 raise RuntimeError("the chain is appended to only inside a transaction")
             writer = ChainWriter(driver)
             existing, head = await writer.existing_and_head(list(events))
-            fresh = [event for event_id, event in events.items() if event_id not in existing]
+            fresh = [(event_id, event) for event_id, event in events.items() if event_id not in existing]
             if not fresh:
                 return [], []
-            mapping_text = by_text(await pseudonyms_for(writer, fresh))
+            mapping_text = by_text(await pseudonyms_for(writer, (event for _id, event in fresh)))
             sequence, prev_hash = head if head is not None else (0, GENESIS)
             now = datetime.now(UTC)
             recorded_at = format_timestamp(now)
             docs = []
             columns: list[list[Any]] = [[] for _ in range(12)]
-            for event in fresh:
+            for event_id, event in fresh:
                 sequence += 1
                 occurred = occurred_at_of(event)
                 doc = build_document(
                     substitute(event, mapping_text),
+                    event_id=event_id,
                     sequence=sequence,
                     occurred_at=format_timestamp(occurred),
                     recorded_at=recorded_at,
@@ -174,7 +175,7 @@ class AuditChain:
                     columns,
                     (
                         sequence,
-                        uuid.UUID(doc["id"]),
+                        event_id,
                         occurred,
                         doc["service"],
                         doc["action"],
@@ -211,10 +212,12 @@ def occurred_at_of(event: Mapping[str, Any]) -> datetime:
     return occurred.astimezone(UTC)
 
 
-def build_document(event: dict[str, Any], *, sequence: int, occurred_at: str, recorded_at: str) -> dict[str, Any]:
+def build_document(
+    event: dict[str, Any], *, event_id: uuid.UUID, sequence: int, occurred_at: str, recorded_at: str
+) -> dict[str, Any]:
     return {
         "sequence": sequence,
-        "id": str(uuid.UUID(str(event["id"]))),
+        "id": str(event_id),
         "occurred_at": occurred_at,
         "recorded_at": recorded_at,
         "service": event["service"],
