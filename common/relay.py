@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,6 +70,7 @@ class OutboxRelay(BackgroundLoop):
         max_backoff_seconds: float = 300.0,
         alert_after_attempts: int = 10,
         lease_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
         self.db = db
@@ -82,6 +85,8 @@ class OutboxRelay(BackgroundLoop):
         self._task: asyncio.Task[None] | None = None
         self.task_name = f"outbox-relay-{service}"
         self._wake = asyncio.Event()
+        self.clock = clock
+        self._metrics_due = float("-inf")
 
     def wake(self) -> None:
         """Deliver now rather than at the next poll (after a commit that added events)."""
@@ -183,12 +188,22 @@ class OutboxRelay(BackgroundLoop):
         OUTBOX_STUCK.labels(self.service).set(stuck)
         OUTBOX_LAG.labels(self.service).set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
 
+    async def _refresh_metrics_if_due(self, *, backlog: bool) -> None:
+        """The gauges count the whole pending outbox: before every wait (they are exact while idle), and at
+        most once a poll interval while a backlog is delivered batch after batch (counting thousands of
+        pending rows after every batch cost the database more than the batches themselves)."""
+        now = self.clock()
+        if backlog and now < self._metrics_due:
+            return
+        await self.refresh_metrics()
+        self._metrics_due = now + self.poll_seconds
+
     async def _run(self) -> None:
         while True:
             delivered = 0
             try:
                 delivered = await self.deliver_once()
-                await self.refresh_metrics()
+                await self._refresh_metrics_if_due(backlog=delivered >= self.batch_size)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database may be briefly away; try again next round

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
@@ -292,3 +293,65 @@ async def test_a_batch_whose_relay_died_mid_send_is_sent_again_after_its_lease_a
     assert sorted(str(r["id"]) for r in rows) == sorted(str(r.id) for r in batch)  # each event once
     assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
     assert (await audit.verify())["ok"] is True
+
+
+class CountingRelay(OutboxRelay):
+    """The real relay, noting how many events it had delivered each time it counted the pending outbox."""
+
+    delivered = 0
+    refreshed_at: list[int]
+
+    async def deliver_once(self) -> int:
+        count = await super().deliver_once()
+        self.delivered += count
+        return count
+
+    async def refresh_metrics(self) -> None:
+        self.refreshed_at.append(self.delivered)
+        await super().refresh_metrics()
+
+
+@pytest.mark.parametrize(("tick", "expected"), [(0.0, [10, 45]), (1.0, [10, 20, 30, 40, 45])])
+async def test_a_backlog_is_counted_at_most_once_a_poll_interval_and_the_gauges_end_exact(
+    audit: AuditClient,
+    database: DatabaseFixture,
+    outbox: sa.Table,
+    orders_db: Database,
+    tick: float,
+    expected: list[int],
+) -> None:
+    await record_events(orders_db, outbox, 45)
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += tick  # 0: time stands still while the backlog drains; 1.0: a poll interval per batch
+        return now[0]
+
+    service = f"orders-probe-{int(tick)}"
+    client = to_audit(audit)
+    relay = CountingRelay(
+        service=service,
+        db=orders_db,
+        outbox=outbox,
+        client=client,
+        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
+        batch_size=10,
+        poll_seconds=0.5,
+        clock=clock,
+    )
+    relay.refreshed_at = []
+    relay.start()
+    try:
+        for _ in range(200):
+            if relay.delivered == 45 and len(relay.refreshed_at) >= len(expected):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+        await client.aclose()
+    assert len(await chain_rows(database)) == 45
+    # Counted after the first full batch, then not again until the backlog was gone (or time had passed).
+    assert sorted(set(relay.refreshed_at)) == expected
+    assert relay.refreshed_at[: len(expected)] == expected
+    assert REGISTRY.get_sample_value("comptoir_outbox_pending_events", {"service": service}) == 0
+    assert REGISTRY.get_sample_value("comptoir_outbox_oldest_pending_seconds", {"service": service}) == 0
