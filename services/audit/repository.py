@@ -147,7 +147,7 @@ class EventRepository:
 
 
 # Ingest, the hot path, is written by hand on the asyncpg driver inside the session's transaction: a
-# batch costs three statements whatever its size (SQLAlchemy's multi-row INSERT was compiled anew for every
+# batch costs three statements and a COPY whatever its size (SQLAlchemy's multi-row INSERT was compiled anew for every
 # batch, and its bulk insert ran one INSERT per event in PostgreSQL).
 _EXISTING_AND_HEAD = """
 SELECT ARRAY(SELECT e.id FROM audit.events e WHERE e.id = ANY($1::uuid[])) AS existing, h.sequence, h.hash
@@ -177,17 +177,22 @@ SELECT user_id, pseudonym, false AS erased FROM known
 UNION ALL SELECT user_id, NULL, true FROM erased
 """
 
-_INSERT_EVENTS = """
-INSERT INTO audit.events (
-    sequence, id, occurred_at, recorded_at, service, action, actor_id, resource_type, resource_id, outcome,
-    document, prev_hash, hash
+# The columns of a stored event, in the order ChainWriter.insert takes each row's values.
+EVENT_COLUMNS = (
+    "sequence",
+    "id",
+    "occurred_at",
+    "recorded_at",
+    "service",
+    "action",
+    "actor_id",
+    "resource_type",
+    "resource_id",
+    "outcome",
+    "document",
+    "prev_hash",
+    "hash",
 )
-SELECT s, i, o, $4::timestamptz, sv, a, ac, rt, ri, oc, d, p, h
-FROM unnest(
-    $1::bigint[], $2::uuid[], $3::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
-    $10::text[], $11::text[], $12::text[], $13::text[]
-) AS r(s, i, o, sv, a, ac, rt, ri, oc, d, p, h)
-"""
 
 
 @dataclass(frozen=True)
@@ -227,10 +232,10 @@ class ChainWriter:
             erased={row["user_id"] for row in rows if row["erased"]},
         )
 
-    async def insert(self, columns: Sequence[list[Any]], recorded_at: datetime) -> None:
-        """The events, one list per column in ``_INSERT_EVENTS``'s order (recorded_at apart), in one statement."""
-        sequence, ids, occurred, *rest = columns
-        await self.driver.execute(_INSERT_EVENTS, sequence, ids, occurred, recorded_at, *rest)
+    async def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """The events (values in ``EVENT_COLUMNS`` order) in one binary COPY: the cheapest way, for this
+        process and for PostgreSQL, to add many rows (the triggers and constraints apply as to an INSERT)."""
+        await self.driver.copy_records_to_table("events", schema_name="audit", columns=EVENT_COLUMNS, records=rows)
 
 
 class PseudonymRepository:

@@ -154,8 +154,7 @@ class AuditChain:
             sequence, prev_hash = head if head is not None else (0, GENESIS)
             now = datetime.now(UTC)
             recorded_at = format_timestamp(now)
-            docs = []
-            columns: list[list[Any]] = [[] for _ in range(12)]
+            docs, rows = [], []
             for event_id, event in fresh:
                 sequence += 1
                 occurred = occurred_at_of(event)
@@ -171,12 +170,12 @@ class AuditChain:
                 except ValueError as exc:  # NaN or infinity in a value
                     raise InvalidEvent(f"Event {doc['id']} holds a value JSON cannot represent.") from exc
                 digest = chain_hash(prev_hash, document)
-                for column, value in zip(
-                    columns,
+                rows.append(  # in EVENT_COLUMNS order
                     (
                         sequence,
                         event_id,
                         occurred,
+                        now,
                         doc["service"],
                         doc["action"],
                         doc["actor_id"],
@@ -186,13 +185,11 @@ class AuditChain:
                         document,
                         prev_hash,
                         digest,
-                    ),
-                    strict=True,
-                ):
-                    column.append(value)
+                    )
+                )
                 docs.append(doc)
                 prev_hash = digest
-            await writer.insert(columns, now)
+            await writer.insert(rows)
         opened = await store_alerts(session, await self.rules.evaluate(session, docs))
         return docs, opened
 
