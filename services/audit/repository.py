@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -55,21 +55,11 @@ class EventRepository:
     async def lock_chain(self) -> None:
         await self.session.execute(CHAIN_LOCK)
 
-    async def existing_ids(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        if not ids:
-            return set()
-        rows = await self.session.scalars(select(Event.id).where(Event.id.in_(ids)))
-        return set(rows.all())
-
     async def head(self) -> tuple[int, str] | None:
         row = (
             await self.session.execute(select(Event.sequence, Event.hash).order_by(Event.sequence.desc()).limit(1))
         ).first()
         return (row.sequence, row.hash) if row else None
-
-    async def insert(self, rows: Sequence[dict[str, Any]]) -> None:
-        if rows:
-            await self.session.execute(insert(Event), list(rows))
 
     async def page(self, where: EventFilter, *, limit: int, before: int | None) -> list[Any]:
         """Newest first (by sequence), with the real user ids the pseudonyms stand for while they exist."""
@@ -242,36 +232,15 @@ class PseudonymRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def lookup(self, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
-        ids = list(user_ids)
-        if not ids:
-            return {}
-        rows = await self.session.execute(
-            select(Pseudonym.user_id, Pseudonym.pseudonym).where(Pseudonym.user_id.in_(ids))
-        )
-        return {row.user_id: row.pseudonym for row in rows}
-
-    async def erased(self, digests: Iterable[str]) -> set[str]:
-        values = list(digests)
-        if not values:
-            return set()
-        rows = await self.session.scalars(
-            select(ErasedSubject.subject_digest).where(ErasedSubject.subject_digest.in_(values))
-        )
-        return set(rows.all())
-
-    async def add(self, mapping: dict[uuid.UUID, str]) -> None:
-        if mapping:
-            values = [{"user_id": k, "pseudonym": v} for k, v in mapping.items()]
-            await self.session.execute(insert(Pseudonym).values(values).on_conflict_do_nothing())
-
     async def of(self, user_id: uuid.UUID) -> str | None:
         return await self.session.scalar(select(Pseudonym.pseudonym).where(Pseudonym.user_id == user_id))
 
     async def forget(self, user_id: uuid.UUID, digest: str) -> bool:
         """Delete the mapping and remember the erasure (by digest); True if a mapping existed."""
         result = await self.session.execute(delete(Pseudonym).where(Pseudonym.user_id == user_id))
-        await self.session.execute(insert(ErasedSubject).values(subject_digest=digest).on_conflict_do_nothing())
+        await self.session.execute(
+            insert(ErasedSubject).values({ErasedSubject.subject_digest: digest}).on_conflict_do_nothing()
+        )
         return bool(getattr(result, "rowcount", 0))
 
 
