@@ -202,11 +202,20 @@ class AuditChain:
 
 
 def occurred_at_of(event: Mapping[str, Any]) -> datetime:
-    """When the event happened, in UTC (as the chain's text and the ``occurred_at`` column hold it)."""
+    """When the event happened, in UTC (as the chain's text and the ``occurred_at`` column hold it).
+
+    An instant the chain's text cannot hold (a year before 1000 in UTC, which ``parse_timestamp`` and so
+    verification could not read back; or none at all once in UTC) refuses the batch with a 422."""
     occurred = datetime.fromisoformat(str(event["occurred_at"]).replace("Z", "+00:00"))
     if occurred.tzinfo is None:
         raise ValueError("timestamps in the chain are timezone-aware")
-    return occurred.astimezone(UTC)
+    try:
+        utc = occurred.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or utc.year < 1000:
+        raise InvalidEvent(f"Event {event['id']} has an occurred_at the chain cannot hold (years 1000-9999 in UTC).")
+    return utc
 
 
 def build_document(

@@ -10,12 +10,14 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pytest
+
 from common.audit import scrub
 from services.audit.chain import format_timestamp, parse_timestamp
 from services.audit.pseudonyms import ERASED, clean_text
 from services.audit.service import prepare
 from tests.audit.support import AuditClient, chain_rows, event
-from tests.conftest import DatabaseFixture
+from tests.conftest import DatabaseFixture, assert_problem
 
 SECRET_JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlc2lnbmF0dXJl"
 STRINGS = [
@@ -153,3 +155,16 @@ async def test_one_batch_maps_known_erased_and_new_users_and_stores_each_event_o
     verdict = await audit.verify()
     assert verdict["ok"] is True, verdict
     assert verdict["checked"] == 6
+
+
+@pytest.mark.parametrize("occurred_at", ["0999-06-01T00:00:00Z", "0001-01-01T00:30:00+01:00"])
+async def test_an_instant_the_chain_cannot_hold_refuses_the_batch(
+    audit: AuditClient, database: DatabaseFixture, occurred_at: str
+) -> None:
+    batch = [event("orders"), event("orders") | {"occurred_at": occurred_at}]
+    answer = await audit.post_events("orders", batch)
+    assert_problem(answer, 422)
+    assert "invalid-event" in answer.json()["type"]
+    assert await chain_rows(database) == []
+    assert await audit.send("orders", batch[:1]) == {"stored": 1, "duplicates": 0}
+    assert (await audit.verify())["ok"] is True
