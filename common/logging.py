@@ -55,8 +55,20 @@ def is_secret_key(key: str) -> bool:
     return lowered in _SECRET_KEYS_EXACT or any(part in lowered for part in _SECRET_KEY_PARTS)
 
 
+def _may_hold_secret(text: str) -> bool:
+    """``_TRIGGER.search(text)``, for ASCII text (nearly all) by substring tests at a fraction of the cost
+    of that case-insensitive alternation (4 µs for an id, on every string of every audit event). Other
+    text keeps the pattern: under IGNORECASE it also matches letters such as 'ſ' for 's'."""
+    if not text.isascii():
+        return _TRIGGER.search(text) is not None
+    if "=" in text or '"' in text or "'" in text:
+        return True
+    lowered = text.lower()
+    return "eyj" in lowered or "bearer" in lowered or "basic" in lowered
+
+
 def redact_text(text: str) -> str:
-    if not _TRIGGER.search(text):
+    if not _may_hold_secret(text):
         return text
     for pattern, replacement in _STRING_PATTERNS:
         text = pattern.sub(replacement, text)

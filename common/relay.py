@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,6 +56,28 @@ class DeliveryFailed(Exception):
     pass
 
 
+# The largest body one POST carries: half of what audit accepts by default (AUDIT_INGEST_MAX_BODY_BYTES,
+# 8 MiB), so that a batch of large events is split rather than refused as too large again and again.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def bodies(payloads: list[bytes], max_bytes: int) -> list[bytes]:
+    """``{"events": [...]}`` bodies holding the payloads in order, each at most ``max_bytes`` unless one
+    payload alone is larger (it is then sent on its own)."""
+    out: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    for payload in payloads:
+        if chunk and size + len(payload) + 1 > max_bytes - len(b'{"events":[]}'):
+            out.append(b'{"events":[' + b",".join(chunk) + b"]}")
+            chunk, size = [], 0
+        chunk.append(payload)
+        size += len(payload) + 1
+    if chunk:
+        out.append(b'{"events":[' + b",".join(chunk) + b"]}")
+    return out
+
+
 class OutboxRelay(BackgroundLoop):
     def __init__(
         self,
@@ -63,11 +87,13 @@ class OutboxRelay(BackgroundLoop):
         outbox: sa.Table,
         client: Transport,
         tokens: ServiceTokenClient,
-        batch_size: int = 200,
+        batch_size: int = 500,
         poll_seconds: float = 0.5,
         max_backoff_seconds: float = 300.0,
         alert_after_attempts: int = 10,
         lease_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.service = service
         self.db = db
@@ -82,6 +108,9 @@ class OutboxRelay(BackgroundLoop):
         self._task: asyncio.Task[None] | None = None
         self.task_name = f"outbox-relay-{service}"
         self._wake = asyncio.Event()
+        self.clock = clock
+        self.max_body_bytes = max_body_bytes
+        self._metrics_due = float("-inf")
 
     def wake(self) -> None:
         """Deliver now rather than at the next poll (after a commit that added events)."""
@@ -123,15 +152,17 @@ class OutboxRelay(BackgroundLoop):
         return sorted(rows, key=lambda row: (row.occurred_at, row.id))
 
     async def send(self, rows: list[sa.Row[Any]]) -> None:
-        """One POST of the batch, within half the lease; ``DeliveryFailed`` or a transport error if not stored."""
+        """The batch in as few POSTs as its size allows (``bodies``), all within half the lease;
+        ``DeliveryFailed`` or a transport error if not all were stored (then the whole batch is sent again
+        later, and audit stores the events it already has once)."""
         async with asyncio.timeout(self.lease_seconds / 2):
             headers = await self.tokens.headers_for("audit")
-            body = b'{"events":[' + b",".join(row.payload.encode() for row in rows) + b"]}"
-            answer = await self.client.request("POST", EVENTS_PATH, json_bytes=body, headers=headers)
-        if answer.status == 401:
-            self.tokens.forget("audit")
-        if not 200 <= answer.status < 300:
-            raise DeliveryFailed(f"audit answered {answer.status}")
+            for body in bodies([row.payload.encode() for row in rows], self.max_body_bytes):
+                answer = await self.client.request("POST", EVENTS_PATH, json_bytes=body, headers=headers)
+                if answer.status == 401:
+                    self.tokens.forget("audit")
+                if not 200 <= answer.status < 300:
+                    raise DeliveryFailed(f"audit answered {answer.status}")
 
     async def deliver_once(self) -> int:
         """One batch; returns how many events were delivered."""
@@ -183,12 +214,22 @@ class OutboxRelay(BackgroundLoop):
         OUTBOX_STUCK.labels(self.service).set(stuck)
         OUTBOX_LAG.labels(self.service).set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
 
+    async def _refresh_metrics_if_due(self, *, backlog: bool) -> None:
+        """The gauges count the whole pending outbox: before every wait (they are exact while idle), and at
+        most once a poll interval while a backlog is delivered batch after batch (counting thousands of
+        pending rows after every batch cost the database more than the batches themselves)."""
+        now = self.clock()
+        if backlog and now < self._metrics_due:
+            return
+        await self.refresh_metrics()
+        self._metrics_due = now + self.poll_seconds
+
     async def _run(self) -> None:
         while True:
             delivered = 0
             try:
                 delivered = await self.deliver_once()
-                await self.refresh_metrics()
+                await self._refresh_metrics_if_due(backlog=delivered >= self.batch_size)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database may be briefly away; try again next round

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,18 +12,20 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.audit import AuditEvent, scrub
-from common.db import Database
+from common.audit import AuditEvent
+from common.db import Database, driver_of
 from common.errors import RETRYABLE_SQLSTATES, sqlstate_of
+from common.logging import is_secret_key, redact_text
 from common.pagination import Page, number_before, page_of
 from services.audit.alerts import AlertRules, Opened, Raised, announce, raise_alerts, store_alerts
-from services.audit.chain import GENESIS, canonical_document, chain_hash, column_values, format_timestamp
+from services.audit.chain import GENESIS, canonical_document, chain_hash, format_timestamp
 from services.audit.errors import AlertNotFound, ChainBusy, InvalidEvent, NothingHeld
 from services.audit.metrics import CHAIN_HEAD, EVENTS_DUPLICATE, EVENTS_STORED
 from services.audit.pseudonyms import (
     ERASED,
     as_user_id,
     by_text,
+    clean_string,
     clean_text,
     erased_digest,
     new_pseudonym,
@@ -32,6 +34,7 @@ from services.audit.pseudonyms import (
 )
 from services.audit.repository import (
     AlertRepository,
+    ChainWriter,
     CheckpointRepository,
     EventFilter,
     EventRepository,
@@ -44,11 +47,39 @@ log = structlog.get_logger("comptoir.audit")
 SERVICE = "audit"
 
 
-# lock_not_available (lock_timeout), deadlock_detected, serialization_failure, query_canceled
+_PLAIN = frozenset({int, float, bool, type(None)})
+_MAX_DEPTH = 20
+
+
 def prepare(payload: dict[str, Any]) -> dict[str, Any]:
-    """Redact again (a sender may have forgotten) and make every string storable."""
-    cleaned: dict[str, Any] = clean_text(scrub(payload))  # a mapping comes back a mapping
+    """Redact again (a sender may have forgotten) and make every string storable: ``clean_text(scrub(p))``
+    in one walk of the event instead of two (tests/audit/test_ingest_paths.py holds them equal)."""
+    cleaned: dict[str, Any] = _storable(payload, 0)  # a mapping comes back a mapping
     return cleaned
+
+
+def _storable(value: Any, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        return None
+    kind = type(value)
+    if kind is str:
+        return clean_string(redact_text(value))
+    if kind in _PLAIN:
+        return value
+    if kind is dict or isinstance(value, Mapping):  # an event's objects are dicts: no ABC check for them
+        key_depth = depth + 1
+        return {
+            (clean_string(k) if isinstance(k, str) and key_depth <= _MAX_DEPTH else clean_text(k, key_depth)): (
+                _storable(v, depth + 1)
+            )
+            for k, v in value.items()
+            if not (isinstance(k, str) and is_secret_key(k))
+        }
+    if isinstance(value, list | tuple):
+        return [_storable(v, depth + 1) for v in value]
+    if isinstance(value, str):
+        return clean_string(redact_text(value))
+    return clean_text(value, depth)
 
 
 def read_event(row: Any, *, resolve: bool = False) -> EventRead:
@@ -108,38 +139,57 @@ class AuditChain:
     async def _append_locked(
         self, session: AsyncSession, events: dict[uuid.UUID, dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[Opened]]:
-        repo = EventRepository(session)
-        await repo.lock_chain()
-        existing = await repo.existing_ids(list(events))
-        fresh = [event for event_id, event in events.items() if event_id not in existing]
-        if not fresh:
-            return [], []
-        mapping = await pseudonyms_for(session, fresh)
-        mapping_text = by_text(mapping)
-        head = await repo.head()
-        sequence, prev_hash = head if head is not None else (0, GENESIS)
-        recorded_at = format_timestamp(datetime.now(UTC))
-        rows, docs = [], []
-        for event in fresh:
-            sequence += 1
-            doc = build_document(substitute(event, mapping_text), sequence=sequence, recorded_at=recorded_at)
-            try:
-                document = canonical_document(doc)
-            except ValueError as exc:  # NaN or infinity in a value
-                raise InvalidEvent(f"Event {doc['id']} holds a value JSON cannot represent.") from exc
-            digest = chain_hash(prev_hash, document)
-            rows.append(
-                {
-                    **column_values(doc),
-                    "sequence": sequence,
-                    "document": document,
-                    "prev_hash": prev_hash,
-                    "hash": digest,
-                }
-            )
-            docs.append(doc)
-            prev_hash = digest
-        await repo.insert(rows)
+        # The lock goes through the session: its first statement is what opens the transaction on the
+        # connection, and the hand-written statements below run inside it, holding the lock.
+        await EventRepository(session).lock_chain()
+        async with driver_of(await session.connection()) as driver:
+            if not driver.is_in_transaction():  # pragma: no cover - would append outside the chain lock
+                raise RuntimeError("the chain is appended to only inside a transaction")
+            writer = ChainWriter(driver)
+            existing, head = await writer.existing_and_head(list(events))
+            fresh = [(event_id, event) for event_id, event in events.items() if event_id not in existing]
+            if not fresh:
+                return [], []
+            mapping_text = by_text(await pseudonyms_for(writer, (event for _id, event in fresh)))
+            sequence, prev_hash = head if head is not None else (0, GENESIS)
+            now = datetime.now(UTC)
+            recorded_at = format_timestamp(now)
+            docs, rows = [], []
+            for event_id, event in fresh:
+                sequence += 1
+                occurred = occurred_at_of(event)
+                doc = build_document(
+                    substitute(event, mapping_text),
+                    event_id=event_id,
+                    sequence=sequence,
+                    occurred_at=format_timestamp(occurred),
+                    recorded_at=recorded_at,
+                )
+                try:
+                    document = canonical_document(doc)
+                except ValueError as exc:  # NaN or infinity in a value
+                    raise InvalidEvent(f"Event {doc['id']} holds a value JSON cannot represent.") from exc
+                digest = chain_hash(prev_hash, document)
+                rows.append(  # in EVENT_COLUMNS order
+                    (
+                        sequence,
+                        event_id,
+                        occurred,
+                        now,
+                        doc["service"],
+                        doc["action"],
+                        doc["actor_id"],
+                        doc["resource_type"],
+                        doc["resource_id"],
+                        doc["outcome"],
+                        document,
+                        prev_hash,
+                        digest,
+                    )
+                )
+                docs.append(doc)
+                prev_hash = digest
+            await writer.insert(rows)
         opened = await store_alerts(session, await self.rules.evaluate(session, docs))
         return docs, opened
 
@@ -151,12 +201,30 @@ class AuditChain:
         await raise_alerts(self.db, raised)
 
 
-def build_document(event: dict[str, Any], *, sequence: int, recorded_at: str) -> dict[str, Any]:
-    occurred_at = datetime.fromisoformat(str(event["occurred_at"]).replace("Z", "+00:00"))
+def occurred_at_of(event: Mapping[str, Any]) -> datetime:
+    """When the event happened, in UTC (as the chain's text and the ``occurred_at`` column hold it).
+
+    An instant the chain's text cannot hold (a year before 1000 in UTC, which ``parse_timestamp`` and so
+    verification could not read back; or none at all once in UTC) refuses the batch with a 422."""
+    occurred = datetime.fromisoformat(str(event["occurred_at"]).replace("Z", "+00:00"))
+    if occurred.tzinfo is None:
+        raise ValueError("timestamps in the chain are timezone-aware")
+    try:
+        utc = occurred.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or utc.year < 1000:
+        raise InvalidEvent(f"Event {event['id']} has an occurred_at the chain cannot hold (years 1000-9999 in UTC).")
+    return utc
+
+
+def build_document(
+    event: dict[str, Any], *, event_id: uuid.UUID, sequence: int, occurred_at: str, recorded_at: str
+) -> dict[str, Any]:
     return {
         "sequence": sequence,
-        "id": str(uuid.UUID(str(event["id"]))),
-        "occurred_at": format_timestamp(occurred_at),
+        "id": str(event_id),
+        "occurred_at": occurred_at,
         "recorded_at": recorded_at,
         "service": event["service"],
         "action": event["action"],
@@ -175,24 +243,18 @@ def build_document(event: dict[str, Any], *, sequence: int, recorded_at: str) ->
     }
 
 
-async def pseudonyms_for(session: AsyncSession, events: Iterable[dict[str, Any]]) -> dict[uuid.UUID, str]:
+async def pseudonyms_for(writer: ChainWriter, events: Iterable[dict[str, Any]]) -> dict[uuid.UUID, str]:
     """The pseudonym of every user the events refer to; new users get one, erased users get ERASED."""
     wanted: set[uuid.UUID] = set()
     for event in events:
         wanted |= subjects(event)
     if not wanted:
         return {}
-    repo = PseudonymRepository(session)
-    mapping = await repo.lookup(wanted)
-    missing = wanted - set(mapping)
-    if missing:
-        digests = {erased_digest(user_id): user_id for user_id in missing}
-        erased = await repo.erased(digests)
-        created = {user_id: new_pseudonym() for digest, user_id in digests.items() if digest not in erased}
-        await repo.add(created)
-        mapping |= created
-        mapping |= {digests[digest]: ERASED for digest in erased}
-    return mapping
+    fresh = {user_id: new_pseudonym() for user_id in wanted}
+    held = await writer.pseudonyms([(user_id, erased_digest(user_id), fresh[user_id]) for user_id in wanted])
+    return {
+        user_id: ERASED if user_id in held.erased else held.known.get(user_id, fresh[user_id]) for user_id in wanted
+    }
 
 
 class EventQueries:

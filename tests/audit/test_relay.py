@@ -5,19 +5,21 @@ repeats nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
 from common.audit import AuditEvent, outbox_columns, outbox_lease_column, record
 from common.db import Database
 from common.http import HttpxTransport
-from common.relay import OutboxRelay
+from common.relay import OutboxRelay, bodies
 from comptoir.cli import outbox_replay, outbox_status
 from tests.audit.support import AuditClient, chain_rows
 from tests.conftest import DatabaseFixture
@@ -291,4 +293,137 @@ async def test_a_batch_whose_relay_died_mid_send_is_sent_again_after_its_lease_a
     rows = await chain_rows(database)
     assert sorted(str(r["id"]) for r in rows) == sorted(str(r.id) for r in batch)  # each event once
     assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
+    assert (await audit.verify())["ok"] is True
+
+
+class CountingRelay(OutboxRelay):
+    """The real relay, noting how many events it had delivered each time it counted the pending outbox."""
+
+    delivered = 0
+    refreshed_at: list[int]
+
+    async def deliver_once(self) -> int:
+        count = await super().deliver_once()
+        self.delivered += count
+        return count
+
+    async def refresh_metrics(self) -> None:
+        self.refreshed_at.append(self.delivered)
+        await super().refresh_metrics()
+
+
+@pytest.mark.parametrize(("tick", "expected"), [(0.0, [10, 45]), (1.0, [10, 20, 30, 40, 45])])
+async def test_a_backlog_is_counted_at_most_once_a_poll_interval_and_the_gauges_end_exact(
+    audit: AuditClient,
+    database: DatabaseFixture,
+    outbox: sa.Table,
+    orders_db: Database,
+    tick: float,
+    expected: list[int],
+) -> None:
+    await record_events(orders_db, outbox, 45)
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += tick  # 0: time stands still while the backlog drains; 1.0: a poll interval per batch
+        return now[0]
+
+    service = f"orders-probe-{int(tick)}"
+    client = to_audit(audit)
+    relay = CountingRelay(
+        service=service,
+        db=orders_db,
+        outbox=outbox,
+        client=client,
+        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
+        batch_size=10,
+        poll_seconds=0.5,
+        clock=clock,
+    )
+    relay.refreshed_at = []
+    relay.start()
+    try:
+        for _ in range(200):
+            if relay.delivered == 45 and len(relay.refreshed_at) >= len(expected):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+        await client.aclose()
+    assert len(await chain_rows(database)) == 45
+    # Counted after the first full batch, then not again until the backlog was gone (or time had passed).
+    assert sorted(set(relay.refreshed_at)) == expected
+    assert relay.refreshed_at[: len(expected)] == expected
+    assert REGISTRY.get_sample_value("comptoir_outbox_pending_events", {"service": service}) == 0
+    assert REGISTRY.get_sample_value("comptoir_outbox_oldest_pending_seconds", {"service": service}) == 0
+
+
+class Counting(httpx.AsyncBaseTransport):
+    """The real audit app behind a transport that notes each body's size and fails the POST numbered
+    ``fail_at`` (counting from 1) with a 503, once."""
+
+    def __init__(self, app: object, fail_at: int | None = None) -> None:
+        self.inner = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        self.sizes: list[int] = []
+        self.fail_at = fail_at
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        self.sizes.append(len(body))
+        if len(self.sizes) == self.fail_at:
+            self.fail_at = None
+            return httpx.Response(503, request=request)
+        return await self.inner.handle_async_request(request)
+
+
+def test_bodies_hold_every_payload_in_order_within_the_size() -> None:
+    payloads = [json.dumps({"n": i, "pad": "x" * (i * 37 % 500)}).encode() for i in range(200)]
+    payloads.insert(50, json.dumps({"n": "big", "pad": "y" * 5000}).encode())
+    split = bodies(payloads, 2000)
+    assert len(split) > 10
+    events = [event for body in split for event in json.loads(body)["events"]]
+    assert events == [json.loads(p) for p in payloads]
+    assert all(len(body) <= 2000 for body in split if b'"big"' not in body)
+    assert [body for body in split if b'"big"' in body] == [b'{"events":[' + payloads[50] + b"]}"]
+    assert bodies([], 2000) == []
+
+
+async def test_a_batch_larger_than_a_body_is_sent_in_parts_and_a_failed_part_resends_the_batch_once(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    for i in range(25):
+        async with orders_db.sessionmaker() as session, session.begin():
+            event = AuditEvent(service="orders", action="orders.order.updated", new_values={"note": f"{i} " * 300})
+            await record(session, outbox, event)
+    transport = Counting(audit.app, fail_at=3)
+    client = HttpxTransport(httpx.AsyncClient(transport=transport, base_url="http://audit"))
+    relay = OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=client,
+        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
+        batch_size=25,
+        max_body_bytes=6000,
+    )
+    try:
+        # The third part is refused: the batch stays pending (the parts before it are in the chain).
+        assert await relay.deliver_once() == 0
+        assert len(transport.sizes) == 3
+        stored_first = len(await chain_rows(database))
+        assert 0 < stored_first < 25
+        admin = await database.admin()
+        try:
+            await admin.execute(f"UPDATE orders.{TABLE} SET next_attempt_at = now()")
+        finally:
+            await admin.close()
+        transport.sizes.clear()
+        assert await relay.deliver_once() == 25
+    finally:
+        await client.aclose()
+    assert len(transport.sizes) >= 4
+    assert all(size <= 6000 for size in transport.sizes)
+    rows = await chain_rows(database)
+    assert len(rows) == 25
+    assert {r["id"] for r in rows} == {r.id for r in await outbox_rows(orders_db, outbox)}
     assert (await audit.verify())["ok"] is True
