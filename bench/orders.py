@@ -260,7 +260,14 @@ def main() -> None:
             procs.append(proc)
             wait_healthy(url[name], proc, log)
         asyncio.run(
-            run(issuer, url, admin_url, work, dict(zip(("inventory", "orders", "gateway"), procs, strict=True)))
+            run(
+                issuer,
+                url,
+                admin_url,
+                work,
+                dict(zip(("inventory", "orders", "gateway"), procs, strict=True)),
+                embedded.pgdata,
+            )
         )
     finally:
         for proc in reversed(procs):
@@ -294,29 +301,28 @@ async def batch_totals(orders_url: str) -> dict[str, tuple[float, float]]:
     return {kind: (pair[0], pair[1]) for kind, pair in totals.items()}
 
 
-def postgres_cpu_seconds() -> float:
-    """Every PostgreSQL process's CPU, ended backends included (they are the postmaster's children)."""
-    total = 0.0
+def postgres_cpu_seconds(pgdata: Path) -> float:
+    """CPU of this benchmark's PostgreSQL only: its postmaster, its live backends and the ended ones (the
+    postmaster's reaped children), not that of other servers on the machine (other test runs)."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    total = cpu_seconds(postmaster, children=True)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            text = stat.read_text()
-        except OSError:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == postmaster:
+                total += cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError):
             continue
-        if "(postgres)" in text or "(postmaster)" in text:
-            pid = int(stat.parent.name)
-            parent = int(text.rsplit(")", 1)[1].split()[1])
-            is_postmaster = not Path(f"/proc/{parent}/stat").exists() or "(postgres)" not in Path(
-                f"/proc/{parent}/stat"
-            ).read_text(errors="replace")
-            try:
-                total += cpu_seconds(pid, children=is_postmaster)
-            except OSError:
-                continue
     return total
 
 
 async def run(
-    issuer: Issuer, url: dict[str, str], admin_url: str, work: Path, procs: dict[str, subprocess.Popen[bytes]]
+    issuer: Issuer,
+    url: dict[str, str],
+    admin_url: str,
+    work: Path,
+    procs: dict[str, subprocess.Popen[bytes]],
+    pgdata: Path,
 ) -> None:
     gateway = url["gateway"]
     staff = {"Authorization": f"Bearer {issuer.access('staff')}"}
@@ -353,12 +359,12 @@ async def run(
     tps = await asyncio.to_thread(pgbench, admin_url, work, SECONDS, BUYERS)
     hot = await new_product(10_000_000)
     before = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
-    before["postgres"], before["bench"] = postgres_cpu_seconds(), cpu_seconds(os.getpid())
+    before["postgres"], before["bench"] = postgres_cpu_seconds(pgdata), cpu_seconds(os.getpid())
     batches_before = await batch_totals(url["orders"])
     statuses, elapsed = await hammer(buy(hot), seconds=SECONDS, workers=BUYERS)
     orders_per_second = statuses[201] / elapsed
     after = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
-    after["postgres"], after["bench"] = postgres_cpu_seconds(), cpu_seconds(os.getpid())
+    after["postgres"], after["bench"] = postgres_cpu_seconds(pgdata), cpu_seconds(os.getpid())
     cost = {name: (after[name] - before[name]) * 1000 / max(statuses[201], 1) for name in after}
     batches_after = await batch_totals(url["orders"])
     batch_mean = {}

@@ -11,15 +11,14 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.app import lifespan_state
 from common.clock import Clock
-from common.db import SessionDep
+from common.db import Database, SessionDep
 from common.state import state_of
 from services.inventory.config import Settings
 from services.inventory.repository import ProductRepository
-from services.inventory.reservations import ReservationService
+from services.inventory.reservations import ReservationService, Reserver
 from services.inventory.service import CatalogueReader, CatalogueService, ImageService, ImageStore, StockService
 from services.inventory.sweeper import ReservationSweeper
 
@@ -64,17 +63,17 @@ async def _images(state: State, session: SessionDep) -> ImageService:
     )
 
 
-def reservations_in(state: InventoryState, session: AsyncSession) -> ReservationService:
-    """The reservation service on ``session``, with the configured reservation lifetime and lock wait."""
-    return ReservationService(
-        session,
+def reserver_in(state: InventoryState, db: Database) -> Reserver:
+    """Reserve calls on ``db``, with the configured reservation lifetime and lock wait."""
+    return Reserver(
+        db,
         ttl=timedelta(seconds=state.settings.reservation_ttl_seconds),
         lock_timeout_ms=state.settings.lock_timeout_ms,
     )
 
 
-async def _reservations(state: State, session: SessionDep) -> ReservationService:
-    return reservations_in(state, session)
+async def _reservations(request: Request, state: State, session: SessionDep) -> ReservationService:
+    return ReservationService(session, reserver_in(state, state_of(request).db))
 
 
 async def _now(state: State) -> datetime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -14,8 +15,8 @@ from common.fastpath import direct_route
 from common.security import require_service
 from common.state import state_of
 from common.tokens import Claims
-from services.inventory.deps import InventoryState, Now, Reservations, reservations_in
-from services.inventory.reservations import ReserveAsk
+from services.inventory.deps import InventoryState, Now, Reservations, reserver_in
+from services.inventory.reservations import ReserveAsk, Reserver
 from services.inventory.schemas import (
     ReservationBatch,
     ReservationBatchResults,
@@ -26,6 +27,11 @@ from services.inventory.schemas import (
 OrdersOnly = Annotated[Claims, Depends(require_service("orders"))]
 
 router = APIRouter(prefix="/internal/reservations", tags=["internal"])
+# The batch route on a router of its own, included before every other (services.inventory.main): FastAPI
+# tries the routes in order, and this one is called once per batch of orders under load (matching it past
+# the catalogue's routes cost more than the batch's own checks). Its path is literal, so no other route
+# can shadow it or be shadowed by it.
+batch_router = APIRouter(prefix="/internal/reservations", tags=["internal"])
 
 
 @router.put(
@@ -59,11 +65,12 @@ async def reserve(
 async def reserve_batch(
     data: ReservationBatch, request: Request, reservations: Reservations, now: Now, _caller: OrdersOnly
 ) -> Response:
-    """Several reserves in one call and one transaction (orders sends the reservations that arrive while
-    its previous call is in flight). Each result carries the status and body the single `PUT` would
-    have answered for that reservation; each reservation is all or nothing on its own."""
+    return await _reserve_batch(data, request, reservations.reserver, now)
+
+
+async def _reserve_batch(data: ReservationBatch, request: Request, reserver: Reserver, now: datetime) -> Response:
     asks = [ReserveAsk(entry.reservation_id, entry.items) for entry in data.reservations]
-    outcomes = await reservations.reserve_many(asks, now)
+    outcomes = await reserver.reserve_many(asks, now)
     results = []
     for ask, outcome in zip(asks, outcomes, strict=True):
         status, body = outcome.answer(request.scope)
@@ -77,19 +84,19 @@ _orders_only = require_service("orders")
 async def _reserve_batch_directly(request: Request) -> Response | None:
     """``reserve_batch`` for a valid batch without FastAPI's per-request work (``common.fastpath``): one
     call per batch of orders. None for any other body, which FastAPI's path then answers. The checks and
-    the transaction are those of the dependencies: the service token, then one session committed before
-    the answer is sent (rolled back when anything raises)."""
+    the transaction are those of the dependency's path: the service token, then the reserve statements'
+    one transaction (``services.inventory.reservations.Reserver``, no ORM session), committed before the
+    answer is sent and rolled back when anything raises."""
     try:
         data = ReservationBatch.model_validate_json(await request.body())
     except Exception:  # noqa: BLE001 - invalid, or unreadable (the client left): FastAPI's path answers it
         return None
-    caller = await _orders_only(request)
+    await _orders_only(request)
     state = lifespan_state(request, "inventory", InventoryState)
-    async with state_of(request).db.sessionmaker() as session, session.begin():
-        return await reserve_batch(data, request, reservations_in(state, session), state.clock(), caller)
+    return await _reserve_batch(data, request, reserver_in(state, state_of(request).db), state.clock())
 
 
-router.add_api_route(
+batch_router.add_api_route(
     "/batch",
     reserve_batch,
     methods=["POST"],

@@ -16,6 +16,7 @@ from common.tokens import KeySource
 from services.inventory.config import IMAGE_UPLOAD_PATH, MULTIPART_OVERHEAD_BYTES, Settings
 from services.inventory.deps import InventoryState
 from services.inventory.etag import CatalogueETags
+from services.inventory.internal_router import batch_router
 from services.inventory.internal_router import router as internal_router
 from services.inventory.models import outbox
 from services.inventory.router import router
@@ -56,7 +57,7 @@ def create_app(
         name="inventory",
         settings=settings,
         key_source=key_source,
-        routers=[router, internal_router],
+        routers=[batch_router, router, internal_router],
         lifespan_hook=lifespan,
         outbox=outbox,
         body_limits=[(IMAGE_UPLOAD_PATH, settings.image_max_bytes + MULTIPART_OVERHEAD_BYTES)],

@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload, undefer
 
-from common.db import columns, driver_of, escape_like
+from common.db import Database, columns, escape_like
 from services.inventory.models import (
     Product,
     ProductImage,
@@ -262,6 +262,18 @@ class ReserveStatements:
         )
 
 
+@asynccontextmanager
+async def reserving(db: Database) -> AsyncIterator[ReserveStatements]:
+    """One transaction for the reserve statements on a pooled connection's asyncpg driver, no ORM session.
+
+    It commits when the block ends and rolls back when it raises. Database errors leave as SQLAlchemy's
+    ``DBAPIError`` (``Database.autocommit``), so that the error handler maps them as usual (a lock timeout
+    is a 503).
+    """
+    async with db.autocommit() as driver, driver.transaction():
+        yield ReserveStatements(driver)
+
+
 class ReservationRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -280,17 +292,6 @@ class ReservationRepository:
             .execution_options(populate_existing=True)
         )
         return (await self.session.scalars(stmt)).one_or_none()
-
-    @asynccontextmanager
-    async def reserving(self) -> AsyncIterator[ReserveStatements]:
-        """One transaction on the session's asyncpg driver connection for the reserve statements.
-
-        It commits when the block ends and rolls back when it raises. Database errors are re-raised as
-        SQLAlchemy's ``DBAPIError`` so that the error handler maps them as usual (a lock timeout is a 503).
-        """
-        conn = await self.session.connection()
-        async with driver_of(conn) as driver, driver.transaction():
-            yield ReserveStatements(driver)
 
     async def get(self, reservation_id: uuid.UUID) -> Reservation | None:
         stmt = select(Reservation).where(Reservation.id == reservation_id).options(selectinload(Reservation.items))

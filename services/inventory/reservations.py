@@ -2,6 +2,11 @@
 
 Locking order, the same everywhere: the reservation row first, then the product rows in product-id
 order. Two transactions therefore never wait on each other in a cycle, and nothing deadlocks.
+
+Reserving (``Reserver``) runs on a pooled connection of its own, its statements straight on the asyncpg
+driver in one transaction, with no ORM session: the session's begin, connection, commit and close were a
+sixth of inventory's CPU per reservation batch. A session is opened only to read a reservation back for a
+replay (an id asked for again).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Scope
 
+from common.db import Database
 from common.errors import ServiceError, error_body
 from common.idempotency import request_hash
 from services.inventory.errors import (
@@ -30,7 +36,13 @@ from services.inventory.models import (
     ReservationStatus,
     StockMovement,
 )
-from services.inventory.repository import HeldLine, ProductRepository, ReservationRepository, ReserveStatements
+from services.inventory.repository import (
+    HeldLine,
+    ProductRepository,
+    ReservationRepository,
+    ReserveStatements,
+    reserving,
+)
 from services.inventory.schemas import ReservationRead, ReservedItem, ReserveItem, ShortItem
 from services.inventory.service import set_lock_timeout
 
@@ -85,11 +97,11 @@ def _short(short: list[ShortItem]) -> InsufficientStock:
     )
 
 
-class ReservationService:
-    def __init__(self, session: AsyncSession, *, ttl: timedelta, lock_timeout_ms: int) -> None:
-        self.session = session
-        self.products = ProductRepository(session)
-        self.reservations = ReservationRepository(session)
+class Reserver:
+    """Reserve calls: each batch in one transaction on a pooled connection of its own (no ORM session)."""
+
+    def __init__(self, db: Database, *, ttl: timedelta, lock_timeout_ms: int) -> None:
+        self.db = db
         self.ttl = ttl
         self.lock_timeout_ms = lock_timeout_ms
 
@@ -106,7 +118,7 @@ class ReservationService:
             first.setdefault(ask.reservation_id, number)
         expires_at = now + self.ttl
         outcomes: dict[int, ReserveOutcome] = {}
-        async with self.reservations.reserving() as statements:
+        async with reserving(self.db) as statements:
             claimed = await statements.claim(
                 [(rid, digests[number]) for rid, number in first.items()],
                 expires_at,
@@ -197,7 +209,9 @@ class ReservationService:
         return outcomes
 
     async def _replay(self, ask: ReserveAsk, digest: str, now: datetime) -> ReserveOutcome:
-        existing = await self.reservations.get(ask.reservation_id)
+        # Read back in a session of its own, closed before anything else: never two connections at once.
+        async with self.db.sessionmaker() as session:
+            existing = await ReservationRepository(session).get(ask.reservation_id)
         if existing is None:
             # A repeat, in the same batch, of an ask whose claim was taken back (unknown products): it is
             # asked afresh, and answered the same way.
@@ -214,6 +228,23 @@ class ReservationService:
             rejected = existing.rejection or {}
             return ReserveOutcome(error=_short([ShortItem.model_validate(s) for s in rejected.get("short_items", [])]))
         return ReserveOutcome(reservation=read_of(existing))
+
+
+class ReservationService:
+    def __init__(self, session: AsyncSession, reserver: Reserver) -> None:
+        self.session = session
+        self.products = ProductRepository(session)
+        self.reservations = ReservationRepository(session)
+        self.reserver = reserver
+        self.ttl = reserver.ttl
+        self.lock_timeout_ms = reserver.lock_timeout_ms
+
+    async def reserve(self, reservation_id: uuid.UUID, items: list[ReserveItem], now: datetime) -> ReserveOutcome:
+        """``Reserver.reserve``: in a transaction of its own, committed before this session's."""
+        return await self.reserver.reserve(reservation_id, items, now)
+
+    async def reserve_many(self, asks: Sequence[ReserveAsk], now: datetime) -> list[ReserveOutcome]:
+        return await self.reserver.reserve_many(asks, now)
 
     async def get(self, reservation_id: uuid.UUID) -> ReservationRead:
         reservation = await self.reservations.get(reservation_id)

@@ -11,7 +11,7 @@ import structlog
 from common.db import Database
 from common.tasks import BackgroundLoop
 from services.inventory.repository import ReservationRepository
-from services.inventory.reservations import ReservationService
+from services.inventory.reservations import ReservationService, Reserver
 
 log = structlog.get_logger("comptoir.inventory.sweeper")
 
@@ -49,7 +49,9 @@ class ReservationSweeper(BackgroundLoop):
                 # One transaction per reservation: a failure (or a lock held by a commit) skips just that one.
                 try:
                     async with self.db.sessionmaker() as session, session.begin():
-                        service = ReservationService(session, ttl=self.ttl, lock_timeout_ms=self.lock_timeout_ms)
+                        service = ReservationService(
+                            session, Reserver(self.db, ttl=self.ttl, lock_timeout_ms=self.lock_timeout_ms)
+                        )
                         if await service.expire(reservation_id, now):
                             done += 1
                 except Exception as exc:  # logged; the next sweep retries it

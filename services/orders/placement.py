@@ -37,7 +37,7 @@ from services.orders.errors import (
 from services.orders.metrics import BATCH_SIZE
 from services.orders.models import MAX_TOTAL_XAF, Status
 from services.orders.repository import Claim, OrderRepository, Placement, claim_batch, placed_batch
-from services.orders.rules import Freed, Held, once_let_go, order_event, read_of
+from services.orders.rules import Freed, Held, created_event, once_let_go, read_of
 from services.orders.schemas import OrderCreate, OrderItemRead, OrderRead, Reservation
 
 log = structlog.get_logger("comptoir.orders")
@@ -198,13 +198,7 @@ class Placements:
         except Exception:
             await self._abandon(order_id, attempt, release=reservation.reservation_id, request_id=request_id)
             raise
-        event = order_event(
-            actor,
-            "orders.order.created",
-            order_id,
-            None,
-            {"status": Status.pending, "total_xaf": total, "lines": len(lines)},
-        )
+        event = created_event(actor, order_id, total, len(lines))
         # Only the attempt that still owns the placement may complete it (the sweeper may have taken over).
         placed = await self.placements.submit(Placement(order_id, attempt, total, reservation.expires_at, lines, event))
         if placed is None:

@@ -5,7 +5,6 @@ Queries only: nothing here decides anything, and the session's owner commits.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,9 +15,9 @@ from sqlalchemy import ColumnElement, delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from common.audit import AuditEvent, outbox_payload
 from common.db import Database, columns
 from services.orders.models import Order, Status
+from services.orders.rules import OutboxEvent
 
 # Placing an order runs two single-statement transactions, written once here and sent straight to the
 # pooled connection's asyncpg driver in autocommit (a lone statement is its own transaction): no
@@ -101,7 +100,7 @@ class Placement:
     total: int
     expires_at: datetime | None
     lines: list[dict[str, Any]]
-    event: AuditEvent
+    event: OutboxEvent
 
 
 async def claim_batch(db: Database, claims: list[Claim]) -> list[bool]:
@@ -118,10 +117,6 @@ async def claim_batch(db: Database, claims: list[Claim]) -> list[bool]:
 async def placed_batch(db: Database, placements: list[Placement]) -> list[asyncpg.Record | None]:
     """Each placement's order row (id, user_id, created_at, updated_at), or None where it lost its claim."""
     lines = [{"order_id": p.order_id, **line} for p in placements for line in p.lines]
-    events = [
-        {"id": p.event.id, "order_id": p.order_id, "at": p.event.occurred_at, "payload": outbox_payload(p.event)}
-        for p in placements
-    ]
     async with db.autocommit() as conn:
         rows = await conn.fetch(
             _PLACED,
@@ -137,8 +132,10 @@ async def placed_batch(db: Database, placements: list[Placement]) -> list[asyncp
                 "unit_price_xaf",
                 "line_total_xaf",
             ),
-            *columns(events, "id", "order_id", "at"),
-            [json.dumps(e["payload"]) for e in events],
+            [p.event.id for p in placements],
+            [p.order_id for p in placements],
+            [p.event.occurred_at for p in placements],
+            [p.event.payload for p in placements],
         )
     placed = {row["id"]: row for row in rows}
     return [placed.get(p.order_id) for p in placements]
