@@ -23,9 +23,8 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.orders import cpu_seconds
 from bench.results import record
-from bench.system import comptoir_run
+from bench.system import comptoir_run, cpu_seconds, postgres_cpu_seconds, service_pids
 from comptoir.embedded import SUPERUSER, libpq_url
 
 EVENTS_PER_SERVICE = int(os.environ.get("BENCH_AUDIT_EVENTS", "3000"))
@@ -34,39 +33,9 @@ EMITTERS = ("auth", "inventory", "orders")
 MEASURED = ("audit", *EMITTERS)
 
 
-def service_pids(ports: dict[str, int]) -> dict[str, int]:
-    """The process id of each service ``comptoir run`` started (``comptoir.serve NAME ... --port PORT``)."""
-    found: dict[str, int] = {}
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"comptoir.serve" not in argv or b"--port" not in argv:
-            continue
-        name = argv[argv.index(b"comptoir.serve") + 1].decode()
-        if name in ports and argv[argv.index(b"--port") + 1].decode() == str(ports[name]):
-            found[name] = int(cmdline.parent.name)
-    return found
-
-
-def postgres_cpu(postmaster: int) -> float:
-    """This cluster's PostgreSQL CPU: the postmaster with its ended children, and its live children (other
-    clusters on the machine, such as tests running beside the benchmark, are not counted)."""
-    total = cpu_seconds(postmaster, children=True)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == postmaster:
-                total += cpu_seconds(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return total
-
-
-def cpu_snapshot(pids: dict[str, int], postmaster: int) -> dict[str, float]:
+def cpu_snapshot(pids: dict[str, int], pgdata: Path) -> dict[str, float]:
     snapshot = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    snapshot["postgres"] = postgres_cpu(postmaster)
+    snapshot["postgres"] = postgres_cpu_seconds(pgdata)
     return snapshot
 
 
@@ -130,17 +99,17 @@ async def lags(url: str) -> list[float]:
         await conn.close()
 
 
-def one_round(url: str, pids: dict[str, int], postmaster: int, chained_before: int) -> tuple[float, dict[str, float]]:
+def one_round(url: str, pids: dict[str, int], pgdata: Path, chained_before: int) -> tuple[float, dict[str, float]]:
     """Emit the events, wait until all are chained: (seconds, CPU seconds per process)."""
     total = EVENTS_PER_SERVICE * len(EMITTERS)
     started = asyncio.run(emit(url))
-    cpu_before = cpu_snapshot(pids, postmaster)  # after the emitting transaction: its own cost is not the relays'
+    cpu_before = cpu_snapshot(pids, pgdata)  # after the emitting transaction: its own cost is not the relays'
     while asyncio.run(chained(url)) < chained_before + total:
         if time.perf_counter() - started > 600:
             raise SystemExit("events were not delivered within 10 minutes")
         time.sleep(0.05)
     elapsed = time.perf_counter() - started
-    cpu_after = cpu_snapshot(pids, postmaster)
+    cpu_after = cpu_snapshot(pids, pgdata)
     return elapsed, {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
 
 
@@ -150,11 +119,11 @@ def main() -> None:
         creds = json.loads((work / "secrets" / "postgres.json").read_text())
         url = libpq_url(SUPERUSER, creds["superuser_password"], work / "pg")
         pids = service_pids(ports)
-        postmaster = int((work / "pg" / "postmaster.pid").read_text().split()[0])
+        pgdata = work / "pg"
         total = EVENTS_PER_SERVICE * len(EMITTERS)
         rounds = []
         for number in range(ROUNDS):
-            rounds.append(one_round(url, pids, postmaster, number * total))
+            rounds.append(one_round(url, pids, pgdata, number * total))
         lag = asyncio.run(lags(url))
         verify_started = time.perf_counter()
         verdict = subprocess.run(

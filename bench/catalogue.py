@@ -29,9 +29,9 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from bench.orders import Issuer, cpu_seconds, stand_in_environment, stand_in_for_auth_and_audit, wait_healthy
+from bench.orders import Issuer, stand_in_environment, stand_in_for_auth_and_audit, wait_healthy
 from bench.results import record
-from bench.system import free_port
+from bench.system import cpu_seconds, free_port, postgres_cpu_seconds
 from comptoir.config import RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import migrate, to_asyncpg_dsn
@@ -102,21 +102,6 @@ async def seed(admin_url: str) -> list[uuid.UUID]:
     finally:
         await conn.close()
     return ids
-
-
-def postgres_cpu_seconds(pgdata: Path) -> float:
-    """CPU of this benchmark's PostgreSQL only (its postmaster, its live backends and the ended ones), not
-    that of other servers on the machine."""
-    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    total = cpu_seconds(postmaster, children=True)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if parent == postmaster:
-                total += cpu_seconds(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 async def reads(base: str, path: str, headers: dict[str, str], count: int) -> Counter[int]:

@@ -39,10 +39,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.catalogue import postgres_cpu_seconds
-from bench.orders import cpu_seconds
 from bench.results import record
-from bench.system import comptoir_run, service_pids, thread_cpu_seconds
+from bench.system import comptoir_run, cpu_seconds, postgres_cpu_seconds, service_pids, thread_cpu_seconds
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "20"))
 LOGIN_CLIENTS = int(os.environ.get("BENCH_LOGIN_CLIENTS", "32"))

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
 from bench.results import record
-from bench.system import free_port
+from bench.system import cpu_seconds, free_port, postgres_cpu_seconds
 from comptoir.config import RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import migrate, to_asyncpg_dsn
@@ -283,14 +283,6 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def cpu_seconds(pid: int, *, children: bool = False) -> float:
-    """User + system CPU time of a process (Linux /proc), to see where an order's cost goes; with
-    ``children``, also that of its exited, reaped children."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 async def batch_totals(orders_url: str) -> dict[str, tuple[float, float]]:
     """Orders' batch-size histograms (sum, count) by batch kind, from its /metrics."""
     async with aiohttp.ClientSession() as session, session.get(orders_url + "/metrics") as answer:
@@ -299,21 +291,6 @@ async def batch_totals(orders_url: str) -> dict[str, tuple[float, float]]:
     for part, kind, value in re.findall(r'^comptoir_orders_batch_size_(sum|count)\{batch="(\w+)"\} (\S+)$', text, re.M):
         totals.setdefault(kind, [0.0, 0.0])[0 if part == "sum" else 1] = float(value)
     return {kind: (pair[0], pair[1]) for kind, pair in totals.items()}
-
-
-def postgres_cpu_seconds(pgdata: Path) -> float:
-    """CPU of this benchmark's PostgreSQL only: its postmaster, its live backends and the ended ones (the
-    postmaster's reaped children), not that of other servers on the machine (other test runs)."""
-    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    total = cpu_seconds(postmaster, children=True)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if parent == postmaster:
-                total += cpu_seconds(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 async def run(

@@ -32,6 +32,29 @@ def service_pids(ports: dict[str, int]) -> dict[str, int]:
     return found
 
 
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU time of a process (Linux /proc); with ``children``, also that of its exited,
+    reaped children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(pgdata: Path) -> float:
+    """CPU of this benchmark's PostgreSQL only: its postmaster, its live backends and the ended ones (the
+    postmaster's reaped children), not that of other servers on the machine (other test runs)."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    total = cpu_seconds(postmaster, children=True)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == postmaster:
+                total += cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def thread_cpu_seconds(pid: int, prefix: str) -> float:
     """User + system CPU time of the threads of ``pid`` whose name starts with ``prefix``."""
     total = 0
