@@ -133,7 +133,12 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
-    logging.getLogger("uvicorn.access").disabled = True  # our access log is redacted and structured
+    # Our access log is redacted and structured. uvicorn formats its own access line's arguments on every
+    # response whenever its logger has a handler anywhere up the tree, even a disabled logger's: with no
+    # handler reachable it skips that work.
+    access = logging.getLogger("uvicorn.access")
+    access.disabled = True
+    access.propagate = False
     # Client libraries log every outgoing URL at INFO, ids of people included (GDPR calls): warnings only.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -105,3 +106,24 @@ def test_paths_naming_a_person_are_logged_as_their_template(monkeypatch: pytest.
         configure_logging(level="INFO", fmt="json", service="tests")
     assert "4b1d2c3e-user-secret-id" not in buffer.getvalue()
     assert "/internal/users/{user_id}/erase" in buffer.getvalue()
+
+
+def test_uvicorn_builds_no_access_line_of_its_own() -> None:
+    """uvicorn formats its access line's arguments for every response when its access logger reaches a
+    handler, disabled or not; ours is the structured one (common.middleware)."""
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    configure_logging(level="INFO", fmt="json", service="test")
+
+    async def app(_scope: object, _receive: object, _send: object) -> None:
+        return None
+
+    config = Config(app=app, log_config=None, access_log=True)
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        assert HttpToolsProtocol(config, ServerState(), app_state={}, _loop=loop).access_log is False
+    finally:
+        loop.close()
