@@ -6,7 +6,10 @@ redaction step cannot be bypassed by logging through the standard library.
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import functools
+import json
 import logging
 import re
 import sys
@@ -127,6 +130,8 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", service: str = 
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    global _access_lines
+    _access_lines = _AccessLines(handler, service) if fmt == "json" else None
     root.setLevel(level.upper())
     # uvicorn installs its own handlers; send its records through ours instead.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
@@ -165,3 +170,76 @@ def _add_service(service: str) -> Any:
         return event_dict
 
     return processor
+
+
+ACCESS_LOGGER = "comptoir.access"
+_access_logger = logging.getLogger(ACCESS_LOGGER)
+_access_structlog = structlog.get_logger(ACCESS_LOGGER)
+
+
+class _AccessLines:
+    """The access log's line, one per request, written straight to the handler's stream.
+
+    The same JSON line the general pipeline makes (the same keys in the same order, the request's context
+    variables, the same redaction), without its dozen processors and ``LogRecord``: measured on the gateway,
+    that pipeline cost more CPU per request than all the rest of its work. The stream is flushed once per
+    turn of the event loop rather than after every line (outside a loop, at once)."""
+
+    def __init__(self, handler: logging.Handler, service: str) -> None:
+        self.handler = handler
+        self.service = service
+        self.flush_pending = False
+
+    def write(self, event: dict[str, Any]) -> None:
+        event["event"] = "http.request"
+        for key, value in structlog.contextvars.get_contextvars().items():
+            event.setdefault(key, value)
+        event["level"] = "info"
+        event["logger"] = ACCESS_LOGGER
+        event["timestamp"] = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+        event.setdefault("service", self.service)
+        line = json.dumps(_redact_processor(None, "info", event), default=str) + "\n"
+        handler = self.handler
+        handler.acquire()
+        try:
+            handler.stream.write(line)  # type: ignore[attr-defined]
+        finally:
+            handler.release()
+        if not self.flush_pending:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                handler.flush()
+                return
+            self.flush_pending = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_pending = False
+        self.handler.flush()
+
+
+_access_lines: _AccessLines | None = None
+
+
+def access_logged() -> bool:
+    """Whether the access log is on (``INFO``): checked before building a line, so that below it costs nothing."""
+    return _access_logger.isEnabledFor(logging.INFO)
+
+
+def log_access(**fields: Any) -> None:
+    """One ``http.request`` line of the access log (``comptoir.access``, level INFO).
+
+    The direct writer is used while the logging set up by ``configure_logging`` is the only destination
+    (JSON, one handler); anything else (console format, a handler a test or a library added) gets the line
+    through the general pipeline, as any other."""
+    lines = _access_lines
+    if (
+        lines is not None
+        and logging.root.handlers == [lines.handler]
+        and not _access_logger.handlers
+        and _access_logger.propagate
+    ):
+        lines.write(fields)
+    else:
+        _access_structlog.info("http.request", **fields)

@@ -6,7 +6,6 @@ They sit *outside* Starlette's ServerErrorMiddleware (see ``common.app``), so 50
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -17,6 +16,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import problem_response
+from common.logging import access_logged, log_access
 from common.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -85,11 +85,6 @@ class RequestContextMiddleware:
         self.security = security
         self.quiet_paths = frozenset(quiet_paths)
         self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._access_logger = logging.getLogger("comptoir.access")
-
-    def _access_logged(self) -> bool:
-        # Checked before building the event: below INFO the access log costs nothing per request.
-        return self._access_logger.isEnabledFor(logging.INFO)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,9 +139,8 @@ class RequestContextMiddleware:
                     self._metric_children[key] = children
             children[0].inc()
             children[1].observe(elapsed)
-            if (status >= 400 or scope.get("path") not in self.quiet_paths) and self._access_logged():
-                access_log.info(
-                    "http.request",
+            if (status >= 400 or scope.get("path") not in self.quiet_paths) and access_logged():
+                log_access(
                     method=method,
                     # A path that names a person (GDPR export/erasure) is logged as its template.
                     path=template if "{user_id}" in template else scope.get("path"),

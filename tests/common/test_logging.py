@@ -127,3 +127,77 @@ def test_uvicorn_builds_no_access_line_of_its_own() -> None:
         assert HttpToolsProtocol(config, ServerState(), app_state={}, _loop=loop).access_log is False
     finally:
         loop.close()
+
+
+def test_the_access_line_is_the_pipelines_line_written_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access log's direct writer makes the very line the general pipeline would (same keys, same
+    order, the request's context, the same redaction), and is the one used under configure_logging."""
+    import common.logging as logs
+
+    class Flushes(io.StringIO):
+        flushed = 0
+
+        def flush(self) -> None:
+            Flushes.flushed += 1
+
+    buffer = Flushes()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    configure_logging(level="INFO", fmt="json", service="probe")
+    fields = {
+        "method": "GET",
+        "path": "/api/v1/things/eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJzb21lb25lIn0.c2lnbmF0dXJl",
+        "route": "/api/v1/things/*",
+        "status": 200,
+        "duration_ms": 1.25,
+        "client": "192.0.2.1",
+    }
+
+    class Refuses:
+        def info(self, *_args: object, **_kwargs: object) -> None:
+            raise AssertionError("the direct writer should have been used")
+
+    async def direct() -> None:
+        structlog.contextvars.bind_contextvars(request_id="req-abcdef12", tenant="shop-1")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(logs, "_access_structlog", Refuses())
+            logs.log_access(**fields)
+            logs.log_access(**fields)
+        assert Flushes.flushed == 0  # once, at the end of this turn of the loop
+        await asyncio.sleep(0)
+        assert Flushes.flushed == 1
+        structlog.get_logger("comptoir.access").info("http.request", **fields)  # the general pipeline
+
+    try:
+        asyncio.run(direct())
+    finally:
+        configure_logging(level="INFO", fmt="json", service="tests")
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert line.pop("timestamp").endswith("Z")
+    assert list(lines[0].items()) == list(lines[2].items())
+    assert lines[0]["request_id"] == "req-abcdef12"
+    assert lines[0]["tenant"] == "shop-1"
+    assert lines[0]["service"] == "probe"
+    assert "eyJzdWIi" not in buffer.getvalue()
+
+
+def test_an_added_handler_gets_the_access_line_through_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.logging as logs
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    configure_logging(level="INFO", fmt="json", service="probe")
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    extra = Collect()
+    logging.getLogger().addHandler(extra)
+    try:
+        logs.log_access(method="GET", path="/x", route="/x", status=200, duration_ms=1.0, client="192.0.2.1")
+    finally:
+        logging.getLogger().removeHandler(extra)
+        configure_logging(level="INFO", fmt="json", service="tests")
+    assert [record.name for record in records] == ["comptoir.access"]
