@@ -201,3 +201,32 @@ def test_an_added_handler_gets_the_access_line_through_the_pipeline(monkeypatch:
         logging.getLogger().removeHandler(extra)
         configure_logging(level="INFO", fmt="json", service="tests")
     assert [record.name for record in records] == ["comptoir.access"]
+
+
+def test_the_quick_secret_check_agrees_with_the_expression() -> None:
+    import random
+
+    from common.logging import _TRIGGER, _triggered
+
+    chosen = random.Random(19)
+    alphabet = "abcdeIJKLMNOPrsty='\" /.:-_0123456789ſıİKé"
+    samples = ["", "GET", "/api/v1/products", "Bearer x", "BASIC y", "eYj", "a=b", "Baſic z", "bearer", "basıc"]
+    for _ in range(20_000):
+        text = "".join(chosen.choice(alphabet) for _ in range(chosen.randint(0, 14)))
+        samples += [text, text + "BeArEr", "bAsIc" + text, text + "EYj", text.upper()]
+    for text in samples:
+        assert _triggered(text) == (_TRIGGER.search(text) is not None), text
+
+
+@pytest.mark.parametrize(
+    "now", [1_765_000_000.0, 1_765_000_000.25, 1_765_000_000.000001, 1_765_003_599.5, 951_782_400.75]
+)
+def test_the_access_lines_timestamp_is_the_time_stampers(now: float) -> None:
+    import datetime
+
+    from common.logging import _AccessLines
+
+    expected = datetime.datetime.fromtimestamp(now, tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+    lines = _AccessLines(logging.Handler(), "probe", clock=lambda: now)
+    assert lines.timestamp() == expected
+    assert lines.timestamp() == expected  # the second time from the date and time it kept
