@@ -94,3 +94,7 @@ _.otp_codes
 _.otp_sends
 _.mfa_challenges
 _.anonymised
+
+# uvicorn's request cycle reads these (gateway/server.py sets them as uvicorn's own writer does).
+_.waiting_for_100_continue
+_.__class__

@@ -2,7 +2,8 @@
 
 One run, same machine, same tiny upstream. The gateway does its real work on every request: an EdDSA
 access token (verified once, then served from the verified-token cache), the revocation check, a rate
-limit (memory storage), CORS/header hygiene, then a pooled aiohttp forward. nginx and wrk come from
+limit (memory storage), CORS/header hygiene, then a forward through its own pooled httptools client. The
+access log is off (``LOG_LEVEL=WARNING``), as nginx's is. nginx and wrk come from
 Debian packages (installed here when missing).
 
 Each row also gives its server's CPU per request under load (user + system time of the process and its

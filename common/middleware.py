@@ -6,11 +6,9 @@ They sit *outside* Starlette's ServerErrorMiddleware (see ``common.app``), so 50
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +16,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import problem_response
+from common.logging import access_logged, log_access
 from common.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -27,6 +26,10 @@ access_log = structlog.get_logger("comptoir.access")
 
 # Probes and pollers: successful requests to these paths are counted in metrics but not logged.
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics", "/internal/revocations")
+
+
+# The first hex digit of a UUID's variant field, its top two bits set to 10 (RFC 9562).
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 class _RequestIds:
@@ -46,9 +49,12 @@ class _RequestIds:
     def __call__(self) -> str:
         if self._offset >= len(self._buffer):
             self._buffer, self._offset = os.urandom(16 * self._BATCH), 0
-        chunk = self._buffer[self._offset : self._offset + 16]
-        self._offset += 16
-        return str(uuid.UUID(bytes=chunk, version=4))
+        offset = self._offset
+        self._offset = offset + 16
+        # The hex of a version 4 UUID, written directly (uuid.UUID's constructor checks cost more than this):
+        # the version nibble is 4 and the variant's two top bits are 10.
+        h = self._buffer[offset : offset + 16].hex()
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 new_request_id = _RequestIds()
@@ -64,16 +70,21 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 class RequestContextMiddleware:
     """Request id (echo a well-formed one, else a new UUID), structured access log and metrics."""
 
-    def __init__(self, app: ASGIApp, *, service: str, quiet_paths: Iterable[str] = QUIET_PATHS) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        service: str,
+        quiet_paths: Iterable[str] = QUIET_PATHS,
+        security: SecurityHeaders | None = None,
+    ) -> None:
         self.app = app
         self.service = service
+        # ``standard_stack`` hands the security headers to this layer: one pass over the answer's headers
+        # instead of a second middleware that copies them again.
+        self.security = security
         self.quiet_paths = frozenset(quiet_paths)
         self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._access_logger = logging.getLogger("comptoir.access")
-
-    def _access_logged(self) -> bool:
-        # Checked before building the event: below INFO the access log costs nothing per request.
-        return self._access_logger.isEnabledFor(logging.INFO)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,14 +97,19 @@ class RequestContextMiddleware:
         status = 500
         started = time.perf_counter()
 
+        security = self.security
+
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 scope["comptoir.response_started"] = True
-                headers = [(k, v) for k, v in message.get("headers", ()) if k != REQUEST_ID_HEADER]
-                headers.append((REQUEST_ID_HEADER, rid_bytes))
-                message["headers"] = headers
+                if security is not None:
+                    message["headers"] = security.apply(message.get("headers", ()), rid_bytes)
+                else:
+                    headers = [(k, v) for k, v in message.get("headers", ()) if k != REQUEST_ID_HEADER]
+                    headers.append((REQUEST_ID_HEADER, rid_bytes))
+                    message["headers"] = headers
             await send(message)
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -123,9 +139,8 @@ class RequestContextMiddleware:
                     self._metric_children[key] = children
             children[0].inc()
             children[1].observe(elapsed)
-            if (status >= 400 or scope.get("path") not in self.quiet_paths) and self._access_logged():
-                access_log.info(
-                    "http.request",
+            if (status >= 400 or scope.get("path") not in self.quiet_paths) and access_logged():
+                log_access(
                     method=method,
                     # A path that names a person (GDPR export/erasure) is logged as its template.
                     path=template if "{user_id}" in template else scope.get("path"),
@@ -163,8 +178,8 @@ def security_headers(*, hsts_seconds: int | None) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-class SecurityHeadersMiddleware:
-    """Adds the security headers to every response and removes any ``Server`` header.
+class SecurityHeaders:
+    """The security headers every answer carries, and no ``Server`` header.
 
     ``Cache-Control: no-store`` is the default; a route that serves cacheable public data (images,
     catalogue) sets its own ``Cache-Control`` and keeps it.
@@ -173,31 +188,43 @@ class SecurityHeadersMiddleware:
     # A route may declare these itself (public images are embeddable cross-origin); the rest are forced.
     OVERRIDABLE = frozenset({b"cross-origin-resource-policy"})
 
-    def __init__(self, app: ASGIApp, *, hsts_seconds: int | None = None) -> None:
-        self.app = app
+    def __init__(self, *, hsts_seconds: int | None = None) -> None:
         self.headers = security_headers(hsts_seconds=hsts_seconds)
         self.forced = frozenset(name for name, _ in self.headers if name not in self.OVERRIDABLE) | {b"server"}
         self.defaults = [(name, value) for name, value in self.headers if name in self.OVERRIDABLE]
         self.always = [(name, value) for name, value in self.headers if name not in self.OVERRIDABLE]
+        self._watched = self.OVERRIDABLE | {b"cache-control"}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def apply(self, raw: Iterable[tuple[bytes, bytes]], request_id: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """The answer's headers, names lower-cased, with the forced ones replaced, the defaults added when the
+        answer has none of its own and, when given, ``request_id`` as the one ``X-Request-ID``."""
+        forced, watched = self.forced, self._watched
+        headers: list[tuple[bytes, bytes]] = []
+        present: set[bytes] | None = None
+        for name, value in raw:
+            name = name.lower()
+            if name in forced or (request_id is not None and name == REQUEST_ID_HEADER):
+                continue
+            if name in watched:
+                if present is None:
+                    present = set()
+                present.add(name)
+            headers.append((name, value))
+        if request_id is not None:
+            headers.append((REQUEST_ID_HEADER, request_id))
+        headers.extend(self.always)
+        if present is None:
+            headers.extend(self.defaults)
+            headers.append((b"cache-control", b"no-store"))
+        else:
+            headers.extend((name, value) for name, value in self.defaults if name not in present)
+            if b"cache-control" not in present:
+                headers.append((b"cache-control", b"no-store"))
+        return headers
 
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                raw = message.get("headers", ())
-                headers = [(k.lower(), v) for k, v in raw if k.lower() not in self.forced]
-                present = {k for k, _ in headers}
-                headers.extend(self.always)
-                headers.extend((k, v) for k, v in self.defaults if k not in present)
-                if b"cache-control" not in present:
-                    headers.append((b"cache-control", b"no-store"))
-                message["headers"] = headers
-            await send(message)
 
-        await self.app(scope, receive, send_wrapper)
+# HTTP versions whose request bodies are announced by Content-Length or Transfer-Encoding (not HTTP/2 or 3).
+_FRAMED_BY_HEADERS = frozenset({"1.0", "1.1"})
 
 
 class BodyLimitMiddleware:
@@ -223,8 +250,19 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared: bytes | None = None
+        streamed = False
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                if declared is None:
+                    declared = value
+            elif key == b"transfer-encoding":
+                streamed = True
+        if declared is None and not streamed and scope.get("http_version") in _FRAMED_BY_HEADERS:
+            # HTTP/1.x: a request with neither header has no body (RFC 9112, 6.3), so there is nothing to count.
+            await self.app(scope, receive, send)
+            return
         limit = self.limit_for(scope["path"])
-        declared = header(scope, b"content-length")
         if declared is not None:
             try:
                 too_large = int(declared) > limit
@@ -325,8 +363,8 @@ def standard_stack(
     multipart_paths: str | None = None,
     content_type_check: bool = True,
 ) -> Any:
-    """Wrap ``app`` in the standard middlewares, outermost first: headers, context, size, type."""
+    """Wrap ``app`` in the standard middlewares, outermost first: context and headers, size, type."""
     inner: ASGIApp = ContentTypeMiddleware(app, multipart_paths=multipart_paths) if content_type_check else app
     inner = BodyLimitMiddleware(inner, default=max_body_bytes, limits=body_limits)
-    inner = RequestContextMiddleware(inner, service=service)
-    return SecurityHeadersMiddleware(inner, hsts_seconds=hsts_seconds)
+    # The security headers are applied by the request-context layer, in the same pass as the request id.
+    return RequestContextMiddleware(inner, service=service, security=SecurityHeaders(hsts_seconds=hsts_seconds))

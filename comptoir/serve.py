@@ -91,6 +91,12 @@ def _workers(process: str) -> int:
         return 1  # the app factory names the invalid setting in one line
 
 
+def _gateway_protocol() -> Any:
+    from gateway.server import GatewayHttpProtocol
+
+    return GatewayHttpProtocol
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="comptoir.serve")
     parser.add_argument("process", choices=sorted(FACTORIES))
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=10,
         loop="uvloop",
-        http="httptools",
+        # The gateway writes each answer's head and body in one system call (gateway.server).
+        http=_gateway_protocol() if args.process == "gateway" else "httptools",
     )
 
 

@@ -1,17 +1,23 @@
-"""Rate limits (``limits`` library): per client IP when anonymous, per user when authenticated, plus
-tighter per-route limits. Memory storage by default; Redis when ``REDIS_URL`` is set, so that several
-gateway replicas share the counters.
+"""Rate limits (fixed windows, limits parsed and keyed by the ``limits`` library): per client IP when
+anonymous, per user when authenticated, plus tighter per-route limits. In this process's memory by default;
+Redis when ``REDIS_URL`` is set, so that several gateway workers and replicas share the counters.
+
+The check runs on every request, so both storages are the gateway's own (``MemoryCounters`` here,
+``RedisCounters``): ``limits``' memory storage took an ``asyncio.Lock`` and started a new expiry task on
+every hit (measured: about a sixth of the gateway's CPU per request); the keys stay ``limits``' own.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import NamedTuple
 
 import structlog
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import RedisStorage, Storage
+from limits.limits import safe_string
 from prometheus_client import Counter
 
 from gateway.config import GatewaySettings
@@ -29,8 +35,7 @@ class LimitStorageUnavailable(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     limit: int
     remaining: int
@@ -59,9 +64,57 @@ def parse_route_limits(spec: str) -> dict[tuple[str, str], RateLimitItem]:
     return rules
 
 
-def make_storage(redis_url: str) -> Storage | RedisCounters:
+class MemoryCounters:
+    """Fixed-window counters in this process's memory: the three calls ``RateLimits`` makes, without awaiting
+    anything. A window starts with its first hit and lasts ``expiry`` seconds, as in ``limits``' storages.
+    Expired windows are dropped whenever the table has doubled since the last sweep (never a live one: that
+    would hand its client a fresh allowance)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, *, sweep_size: int = 1024) -> None:
+        self.clock = clock
+        self._windows: dict[str, list[float]] = {}  # key -> [count, expires at]
+        self._sweep_size = self._sweep_at = sweep_size
+
+    async def incr(self, key: str, expiry: int) -> int:
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is None or window[1] <= now:
+            if len(self._windows) >= self._sweep_at:
+                self._sweep(now)
+            window = self._windows[key] = [0, now + expiry]
+        window[0] += 1
+        return int(window[0])
+
+    async def get(self, key: str) -> int:
+        window = self._windows.get(key)
+        return int(window[0]) if window is not None and window[1] > self.clock() else 0
+
+    async def get_expiry(self, key: str) -> float:
+        window = self._windows.get(key)
+        return window[1] if window is not None else self.clock()
+
+    async def check(self) -> bool:
+        return True
+
+    def _sweep(self, now: float) -> None:
+        self._windows = {key: window for key, window in self._windows.items() if window[1] > now}
+        self._sweep_at = max(self._sweep_size, 2 * len(self._windows))
+
+
+def key_prefix_suffix(item: RateLimitItem, scope: str) -> tuple[str, str]:
+    """``item.key_for(scope, identity) == prefix + identity + suffix`` for any ``str`` identity, without
+    rebuilding the key from its parts on every request."""
+    prefix = "/".join([item.namespace, safe_string(scope), ""])
+    suffix = "/".join(["", str(item.amount), str(item.multiples), item.GRANULARITY.name])
+    return prefix, suffix
+
+
+Counters = Storage | RedisCounters | MemoryCounters
+
+
+def make_storage(redis_url: str) -> Counters:
     if not redis_url:
-        return MemoryStorage()
+        return MemoryCounters()
     scheme, sep, rest = redis_url.partition("://")
     if scheme in ("redis", "rediss"):
         return RedisCounters(redis_url)  # the same keys, at a tenth of redis-py's CPU per call
@@ -69,7 +122,7 @@ def make_storage(redis_url: str) -> Storage | RedisCounters:
 
 
 class RateLimits:
-    def __init__(self, settings: GatewaySettings, storage: Storage | RedisCounters | None = None) -> None:
+    def __init__(self, settings: GatewaySettings, storage: Counters | None = None) -> None:
         self.enabled = settings.rate_limits_enabled
         self.storage = storage or make_storage(settings.redis_url)
         # Fixed windows: the window's end, once known, is remembered so that a hit costs one storage call
@@ -78,34 +131,43 @@ class RateLimits:
         self.anonymous = parse(settings.anonymous_rate_limit)
         self.authenticated = parse(settings.authenticated_rate_limit)
         self.routes = parse_route_limits(settings.route_rate_limits)
+        self._keys: dict[tuple[RateLimitItem, str], tuple[str, str]] = {}
+        self._global_rule = {
+            flag: (item, *key_prefix_suffix(item, "all"))
+            for flag, item in ((True, self.authenticated), (False, self.anonymous))
+        }
+        self._limited_all = RATE_LIMITED.labels("all")
 
     async def check(self, method: str, path: str, identity: str, *, authenticated: bool) -> Decision | None:
         """Count this request; the most restrictive applicable limit decides. None when disabled."""
         if not self.enabled:
             return None
-        rules = [(self.authenticated if authenticated else self.anonymous, "all")]
-        route_item = self.routes.get((method, path))
-        if route_item is not None:
-            rules.append((route_item, f"{method} {path}"))
-        decisions = []
+        item, prefix, suffix = self._global_rule[authenticated]
+        route_item = self.routes.get((method, path)) if self.routes else None
         try:
-            for item, scope in rules:
-                decision = await self._hit(item, scope, identity)
-                decisions.append(decision)
+            decision = await self._hit(item, prefix + identity + suffix)
+            if route_item is None:  # the common case: one limit applies
                 if not decision.allowed:
-                    break
+                    self._limited_all.inc()
+                return decision
+            decisions = [decision]
+            if decision.allowed:
+                scope = f"{method} {path}"
+                parts = self._keys.get((route_item, scope))
+                if parts is None:
+                    parts = self._keys[(route_item, scope)] = key_prefix_suffix(route_item, scope)
+                decisions.append(await self._hit(route_item, parts[0] + identity + parts[1]))
         except Exception as exc:  # the storage library raises its driver's errors
             log.error("gateway.rate_limit_storage_unavailable", error=type(exc).__name__)
             STORAGE_ERRORS.inc()
             raise LimitStorageUnavailable from exc
         denied = [d for d in decisions if not d.allowed]
         if denied:
-            RATE_LIMITED.labels(path if route_item is not None else "all").inc()
+            RATE_LIMITED.labels(path).inc()
             return denied[0]
         return min(decisions, key=lambda d: (d.remaining, -d.reset_seconds))
 
-    async def _hit(self, item: RateLimitItem, scope: str, identity: str) -> Decision:
-        key = item.key_for(scope, identity)
+    async def _hit(self, item: RateLimitItem, key: str) -> Decision:
         count = await self.storage.incr(key, item.get_expiry())
         now = time.time()
         reset_at = self._resets.get(key)

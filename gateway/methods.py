@@ -7,6 +7,8 @@ OpenAPI document by ``tests/gateway/test_openapi.py``; a path that is not in it 
 
 from __future__ import annotations
 
+import functools
+
 from starlette.types import Receive, Scope, Send
 
 from common.errors import problem_response
@@ -77,11 +79,22 @@ for _template, _methods in sorted(PUBLIC_METHODS.items(), key=lambda item: item[
 
 def allowed_methods(path: str) -> tuple[frozenset[str], str] | None:
     """The methods of the public path template ``path`` matches, and its ``Allow`` value; None if unknown."""
+    # Asked on every request: the answers for the paths asked most (short ones) are remembered.
+    return _remembered(path) if len(path) <= _REMEMBERED_LENGTH else _allowed_methods(path)
+
+
+_REMEMBERED_LENGTH = 200
+
+
+def _allowed_methods(path: str) -> tuple[frozenset[str], str] | None:
     parts = _segments(path)
     for template, allowed, header in _BY_LENGTH.get(len(parts), ()):
         if all(t == p or (t.startswith("{") and p) for t, p in zip(template, parts, strict=True)):
             return allowed, header
     return None
+
+
+_remembered = functools.lru_cache(maxsize=4096)(_allowed_methods)
 
 
 async def method_not_allowed(scope: Scope, receive: Receive, send: Send, allow: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from common.clientip import Network, resolve_client_ip
 from common.errors import problem_response
@@ -18,11 +18,13 @@ from gateway.cors import Cors
 from gateway.events import SecurityEvents
 from gateway.limits import LimitStorageUnavailable, RateLimits
 from gateway.methods import allowed_methods, method_not_allowed
-from gateway.proxy import Proxy
+from gateway.proxy import Proxy, with_headers
 from gateway.routes import Route, is_forbidden_path, is_public, match, route_table
 
 AUTH_PREFIX = "/api/v1/auth"
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+# The request headers the pipeline itself reads.
+_WANTED = frozenset({b"origin", b"authorization", b"x-forwarded-for", b"access-control-request-method"})
 
 
 class Pipeline:
@@ -51,10 +53,9 @@ class Pipeline:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        wanted = {b"origin", b"authorization", b"x-forwarded-for", b"access-control-request-method"}
         headers: dict[bytes, bytes] = {}
         for key, value in scope.get("headers", ()):
-            if key in wanted and key not in headers:
+            if key in _WANTED and key not in headers:
                 headers[key] = value
 
         route: Route | None = None
@@ -76,10 +77,7 @@ class Pipeline:
             if self.cors.allowed(origin):
                 extra.extend(self.cors.response_headers(origin))
 
-        async def send_with_extra(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
+        send_with_extra = with_headers(send, extra)
 
         # Before authentication and rate limiting: which methods a path has is the same answer for anyone.
         known = allowed_methods(path)
@@ -145,11 +143,13 @@ class Pipeline:
                 return
             if method not in _SAFE:
                 try:
-                    await self.proxy.forward(scope, receive, send_with_extra, route, client_ip)
+                    await self.proxy.forward(scope, receive, send, route, client_ip, extra)
                 finally:
                     self.cache.invalidate(route.prefix)
                 return
-        await self.proxy.forward(scope, receive, send_with_extra, route, client_ip)
+        # The extra headers go into the upstream's answer directly; ``send_with_extra`` adds them to the
+        # gateway's own answers (and to what the public cache records and serves, which it must not store).
+        await self.proxy.forward(scope, receive, send, route, client_ip, extra)
 
     def _event(self, scope: Scope, action: str, **details: Any) -> None:
         if self.events is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import structlog
 from prometheus_client import Counter, Gauge
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from common.errors import problem_response
 from common.upstream import BadResponse, ConnectFailed, PoolExhausted, UpstreamPool, UpstreamTimeout
@@ -61,6 +61,20 @@ GATEWAY_OWNED_PREFIXES = (
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date", b"x-request-id"}
 _CHUNK = 64 * 1024
+_UNAVAILABLE = "The upstream service is unavailable."
+
+
+def with_headers(send: Send, extra: list[tuple[bytes, bytes]] | None) -> Send:
+    """``send``, adding ``extra`` to the answer's headers (the list as it is when the answer starts)."""
+    if extra is None:
+        return send
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *extra]
+        await send(message)
+
+    return sending
 
 
 def _connection_listed(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
@@ -69,6 +83,12 @@ def _connection_listed(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
         if key == b"connection":
             listed.update(token.strip().lower() for token in value.split(b","))
     return listed
+
+
+def _dropped(always: frozenset[bytes], headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """``always`` and the headers a ``Connection`` header names (no new set when it names none)."""
+    listed = _connection_listed(headers)
+    return always | listed if listed else always
 
 
 class CircuitOpen(Exception):
@@ -224,7 +244,7 @@ class Proxy:
 
     def _request_headers(self, scope: Scope, client_ip: str | None) -> list[tuple[bytes, bytes]]:
         raw: list[tuple[bytes, bytes]] = scope.get("headers", ())
-        drop = _DROP_REQUEST | _connection_listed(raw)
+        drop = _dropped(_DROP_REQUEST, raw)
         out: list[tuple[bytes, bytes]] = []
         for key, value in raw:
             if key in drop or key.startswith(GATEWAY_OWNED_PREFIXES) or b"\r" in value or b"\n" in value:
@@ -238,7 +258,17 @@ class Proxy:
             out.append((b"x-request-id", request_id.encode("latin-1")))
         return out
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send, route: Route, client_ip: str | None) -> None:
+    async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: Route,
+        client_ip: str | None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Forward the request and stream the upstream's answer back. ``extra``: the gateway's own headers (CORS,
+        rate limits), added to the upstream's answer here, and to the gateway's own answer when it fails."""
         # The body is read whole before the circuit is asked: a client that goes away mid-body was never
         # admitted, so it can neither hold the half-open slot nor count against the upstream.
         body = await _read_body(receive)
@@ -257,28 +287,35 @@ class Proxy:
                 )
         except CircuitOpen as exc:
             retry = str(max(1, math.ceil(exc.retry_after)))
-            await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.", retry)
+            failed = with_headers(send, extra)
+            await self._fail(scope, receive, failed, 503, route, "The upstream service is unavailable.", retry)
             return
         except UpstreamTimeout:
-            await self._fail(scope, receive, send, 504, route, "The upstream service did not answer in time.")
+            failed = with_headers(send, extra)
+            await self._fail(scope, receive, failed, 504, route, "The upstream service did not answer in time.")
             return
         except (ConnectFailed, PoolExhausted):
-            await self._fail(scope, receive, send, 503, route, "The upstream service is unavailable.", "1")
+            await self._fail(scope, receive, with_headers(send, extra), 503, route, _UNAVAILABLE, "1")
             return
         except BadResponse:
             # Not transient as far as anyone can tell: no Retry-After, and the request is not sent again.
-            await self._fail(scope, receive, send, 502, route, "The upstream service gave an invalid answer.")
+            failed = with_headers(send, extra)
+            await self._fail(scope, receive, failed, 502, route, "The upstream service gave an invalid answer.")
             return
         try:
-            drop = _DROP_RESPONSE | _connection_listed(upstream.headers)
+            drop = _dropped(_DROP_RESPONSE, upstream.headers)
             headers = [(k, v) for k, v in upstream.headers if k not in drop]
             whole = upstream.body_if_complete()
             if whole is not None:
                 if scope["method"] != "HEAD" and not any(k == b"content-length" for k, _ in headers):
                     headers.append((b"content-length", str(len(whole)).encode("ascii")))  # it was chunked
+                if extra:
+                    headers.extend(extra)
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                 await send({"type": "http.response.body", "body": whole, "more_body": False})
                 return
+            if extra:
+                headers.extend(extra)
             await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
             try:
                 async for chunk in upstream.iter_chunks():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -41,12 +42,21 @@ _OBFUSCATED = re.compile(r"%|\\|//|(^|/)\.{1,2}(/|$)")
 
 
 def is_forbidden_path(path: str, raw_path: bytes | None) -> bool:
+    # Asked on every request: the answers for the paths asked most (short ones) are remembered.
+    if len(path) <= 200 and (raw_path is None or len(raw_path) <= 200):
+        return _forbidden_remembered(path, raw_path)
+    return _is_forbidden_path(path, raw_path)
+
+
+def _is_forbidden_path(path: str, raw_path: bytes | None) -> bool:
     raw = raw_path.decode("latin-1") if raw_path is not None else path
     for candidate in (raw, path):
         if _OBFUSCATED.search(candidate) or "internal" in candidate.lower().split("/"):
             return True
     return False
 
+
+_forbidden_remembered = functools.lru_cache(maxsize=4096)(_is_forbidden_path)
 
 _UUIDISH = r"[^/]+"
 # Routes that need no access token (a token that is present must still be valid).

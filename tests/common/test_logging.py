@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -105,3 +106,112 @@ def test_paths_naming_a_person_are_logged_as_their_template(monkeypatch: pytest.
         configure_logging(level="INFO", fmt="json", service="tests")
     assert "4b1d2c3e-user-secret-id" not in buffer.getvalue()
     assert "/internal/users/{user_id}/erase" in buffer.getvalue()
+
+
+def test_uvicorn_builds_no_access_line_of_its_own() -> None:
+    """uvicorn formats its access line's arguments for every response when its access logger reaches a
+    handler, disabled or not; ours is the structured one (common.middleware)."""
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    configure_logging(level="INFO", fmt="json", service="test")
+
+    async def app(_scope: object, _receive: object, _send: object) -> None:
+        return None
+
+    config = Config(app=app, log_config=None, access_log=True)
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        assert HttpToolsProtocol(config, ServerState(), app_state={}, _loop=loop).access_log is False
+    finally:
+        loop.close()
+
+
+def test_the_access_line_is_the_pipelines_line_written_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access log's direct writer makes the very line the general pipeline would (same keys, same
+    order, the request's context, the same redaction), and is the one used under configure_logging."""
+    import common.logging as logs
+
+    class Flushes(io.StringIO):
+        flushed = 0
+
+        def flush(self) -> None:
+            Flushes.flushed += 1
+
+    buffer = Flushes()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    configure_logging(level="INFO", fmt="json", service="probe")
+    fields = {
+        "method": "GET",
+        "path": "/api/v1/things/eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJzb21lb25lIn0.c2lnbmF0dXJl",
+        "route": "/api/v1/things/*",
+        "status": 200,
+        "duration_ms": 1.25,
+        "client": "192.0.2.1",
+    }
+
+    class Refuses:
+        def info(self, *_args: object, **_kwargs: object) -> None:
+            raise AssertionError("the direct writer should have been used")
+
+    async def direct() -> None:
+        structlog.contextvars.bind_contextvars(request_id="req-abcdef12", tenant="shop-1")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(logs, "_access_structlog", Refuses())
+            logs.log_access(**fields)
+            logs.log_access(**fields)
+        assert Flushes.flushed == 0  # once, at the end of this turn of the loop
+        await asyncio.sleep(0)
+        assert Flushes.flushed == 1
+        structlog.get_logger("comptoir.access").info("http.request", **fields)  # the general pipeline
+
+    try:
+        asyncio.run(direct())
+    finally:
+        configure_logging(level="INFO", fmt="json", service="tests")
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert line.pop("timestamp").endswith("Z")
+    assert list(lines[0].items()) == list(lines[2].items())
+    assert lines[0]["request_id"] == "req-abcdef12"
+    assert lines[0]["tenant"] == "shop-1"
+    assert lines[0]["service"] == "probe"
+    assert "eyJzdWIi" not in buffer.getvalue()
+
+
+def test_an_added_handler_gets_the_access_line_through_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.logging as logs
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    configure_logging(level="INFO", fmt="json", service="probe")
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    extra = Collect()
+    logging.getLogger().addHandler(extra)
+    try:
+        logs.log_access(method="GET", path="/x", route="/x", status=200, duration_ms=1.0, client="192.0.2.1")
+    finally:
+        logging.getLogger().removeHandler(extra)
+        configure_logging(level="INFO", fmt="json", service="tests")
+    assert [record.name for record in records] == ["comptoir.access"]
+
+
+@pytest.mark.parametrize(
+    "now", [1_765_000_000.0, 1_765_000_000.25, 1_765_000_000.000001, 1_765_003_599.5, 951_782_400.75]
+)
+def test_the_access_lines_timestamp_is_the_time_stampers(now: float) -> None:
+    import datetime
+
+    from common.logging import _AccessLines
+
+    expected = datetime.datetime.fromtimestamp(now, tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+    lines = _AccessLines(logging.Handler(), "probe", clock=lambda: now)
+    assert lines.timestamp() == expected
+    assert lines.timestamp() == expected  # the second time from the date and time it kept

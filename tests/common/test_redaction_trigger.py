@@ -36,6 +36,10 @@ def test_the_quick_test_agrees_with_the_trigger_pattern_on_every_string() -> Non
     samples = [str(uuid.uuid4()), str(uuid.uuid4()).upper(), "", "customer", "POST", "bench/1"]
     samples += ["".join(rng.choice(PIECES) for _ in range(rng.randrange(1, 5))) for _ in range(5000)]
     samples += ["".join(rng.choice(PIECES)[: rng.randrange(1, 7)] for _ in range(3)) for _ in range(5000)]
+    alphabet = "abcdeIJKLMNOPrsty='\" /.:-_0123456789ſıİKé"  # letters that fold to ASCII ones, too
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        samples += [text, text + "BeArEr", "bAsIc" + text, text + "EYj", text.upper()]
     for text in samples:
         assert _may_hold_secret(text) == (_TRIGGER.search(text) is not None), repr(text)
 

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.config import GatewaySettings
 from gateway.main import GatewayApp, create_app
+from gateway.server import GatewayHttpProtocol
 from tests.support.servers import Echo, ThreadedServer, serve
 from tests.support.tokens import TestIssuer
 
@@ -37,7 +38,7 @@ def running_gateway(upstream_url: str, issuer: TestIssuer, **overrides: Any) -> 
         "route_rate_limits": "",
     } | overrides
     app = create_app(GatewaySettings(**values), key_source=issuer.keys())
-    with serve(app) as server:
+    with serve(app, http=GatewayHttpProtocol) as server:  # the protocol comptoir.serve runs the gateway on
         yield server.url, app
 
 

@@ -266,3 +266,24 @@ def test_methods_a_path_has_still_go_through_authentication(gateway) -> None:  #
     assert_problem(httpx.post(url + "/api/v1/orders/abc/cancel"), 401)
     # A path the table does not know is forwarded as before (the upstream decides).
     assert_problem(httpx.request("TRACE", url + "/api/v1/products/a/b/c/d"), 401)
+
+
+def test_remembered_path_answers_depend_on_the_raw_path_and_the_method_too() -> None:
+    """The per-path answers the pipeline remembers: the same decoded path with another raw spelling is
+    judged on its own, and long paths (never remembered) get the same answers."""
+    from gateway.methods import allowed_methods
+    from gateway.routes import is_forbidden_path
+
+    for _ in range(2):  # the second round is answered from what the first remembered
+        assert is_forbidden_path("/api/v1/products/x", b"/api/v1/products/x") is False
+        assert is_forbidden_path("/api/v1/products/x", b"/api/v1/products/%78") is True
+        assert is_forbidden_path("/api/v1/internal/x", b"/api/v1/internal/x") is True
+        assert is_forbidden_path("/api/v1/products/x", None) is False
+        long_path = "/api/v1/products/" + "a" * 300
+        assert is_forbidden_path(long_path, long_path.encode()) is False
+        assert is_forbidden_path(long_path + "/../internal", None) is True
+        products = allowed_methods("/api/v1/products")
+        assert products is not None
+        assert products[0] == {"GET", "HEAD", "POST"}
+        assert allowed_methods(long_path) == allowed_methods("/api/v1/products/a")
+        assert allowed_methods("/api/v1/products/" + "a" * 300 + "/nope") is None

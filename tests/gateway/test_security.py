@@ -10,7 +10,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import assert_problem, assert_security_headers
+from tests.conftest import assert_problem, assert_security_headers, free_port
 from tests.gateway.conftest import running_gateway
 from tests.support.servers import echoed_headers
 from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer, bearer
@@ -301,3 +301,21 @@ def test_security_event_queue_is_bounded(gateway) -> None:  # noqa: ANN001
     finally:
         events.capacity = capacity
         events.queue.clear()
+
+
+def test_the_gateways_own_headers_reach_proxied_answers_and_its_failures_once(echo, issuer) -> None:  # noqa: ANN001
+    """CORS, Vary and RateLimit headers are added to the upstream's answer as it is forwarded, and to the
+    gateway's own answer when the upstream cannot be reached: each exactly once, with the security headers."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    with running_gateway(echo[1].url, issuer, cors_allowed_origins=ALLOWED, orders_url=closed) as (url, _):
+        token = bearer(issuer.access(role="customer"))
+        for path, status in ((PUBLIC, 200), (PROTECTED, 503)):
+            response = httpx.get(url + path, headers={"Origin": ALLOWED, **token})
+            assert response.status_code == status
+            for name in ("access-control-allow-origin", "ratelimit-limit", "ratelimit-remaining", "vary"):
+                assert len(response.headers.get_list(name)) == 1, (path, name)
+            assert response.headers["access-control-allow-origin"] == ALLOWED
+            assert response.headers["ratelimit-limit"] == "10000"
+            assert response.headers["vary"] == "Origin"
+            assert_security_headers(response)
+        assert response.headers["retry-after"] == "1"

@@ -16,7 +16,7 @@ from tests.conftest import free_port
 
 
 class ThreadedServer:
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, http: Any = "auto") -> None:
         self.port = port or free_port()
         config = uvicorn.Config(
             app,
@@ -28,6 +28,7 @@ class ThreadedServer:
             server_header=False,
             proxy_headers=False,
             loop="asyncio",
+            http=http,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -51,8 +52,9 @@ class ThreadedServer:
 
 
 @contextmanager
-def serve(app: Any, port: int | None = None) -> Iterator[ThreadedServer]:
-    server = ThreadedServer(app, port).start()
+def serve(app: Any, port: int | None = None, http: Any = "auto") -> Iterator[ThreadedServer]:
+    """``app`` on a real uvicorn server; ``http``: uvicorn's protocol (the gateway runs on its own)."""
+    server = ThreadedServer(app, port, http).start()
     try:
         yield server
     finally:

@@ -1,0 +1,138 @@
+"""uvicorn's httptools protocol with a leaner answer writer, for the gateway process (``comptoir.serve``).
+
+Every answer the gateway writes carries about twenty headers (the upstream's, the security headers, the rate
+limits), and uvicorn's writer checks each name and each value with its own regular expression, then writes the
+status line and headers in one ``write`` and the body in another: two system calls for one small answer.
+This writer makes the same checks with one search over all the names and one over all the values (the
+names are joined by ``-`` and the values by a tab, characters each check allows, so a search finds a
+forbidden byte exactly when one of the separate searches would), and holds the head until the body's first
+message so that both leave in one ``write``. A head whose body does not follow at once (a streamed answer
+still waiting for its first chunk) is written at the end of the event loop's current turn.
+
+Everything else is uvicorn's own: the request parsing, flow control, keep-alive, pipelining and the
+answers it checks (Content-Length against the body, chunked encoding, ``HEAD``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+
+class GatewayCycle(RequestResponseCycle):
+    """One request's answer: ``send`` as uvicorn's, the head written together with the body."""
+
+    _head: bytes | None = None
+    _loop: asyncio.AbstractEventLoop
+
+    def _flush_head(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if not self.disconnected and not self.transport.is_closing():
+                self.transport.write(head)
+
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{message['type']}'.")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            status_code = message["status"]
+            headers = self.default_headers + list(message.get("headers", []))
+            if self.access_log:
+                self.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d',
+                    get_client_addr(self.scope),
+                    self.scope["method"],
+                    get_path_with_query_string(self.scope),
+                    self.scope["http_version"],
+                    status_code,
+                )
+            if HEADER_RE.search(b"-".join([name for name, _ in headers])):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(b"\t".join([value for _, value in headers])):
+                raise RuntimeError("Invalid HTTP header value.")
+            content = [STATUS_LINE[status_code]]
+            has_connection_close = False
+            for name, value in headers:
+                name = name.lower()
+                if name == b"content-length" and self.chunked_encoding is None:
+                    self.expected_content_length = int(value.decode())
+                    self.chunked_encoding = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+                elif name == b"connection":
+                    if b"close" in [token.lower().strip() for token in value.split(b",")]:
+                        self.keep_alive = False
+                        has_connection_close = True
+                content += (name, b": ", value, b"\r\n")
+            if not self.keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+            if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status_code not in (204, 304):
+                self.chunked_encoding = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            self._head = b"".join(content)
+            # Written with the body's first message, or at the end of this turn of the loop if none comes.
+            self._loop.call_soon(self._flush_head)
+            return
+        if self.response_complete:
+            return
+        if message["type"] != "http.response.body":
+            raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            data = b""
+        elif self.chunked_encoding:
+            data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            if not more_body:
+                data += b"0\r\n\r\n"
+        else:
+            if len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= len(body)
+            data = body
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(head + data)
+        elif data:
+            self.transport.write(data)
+        if not more_body:
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, each request answered through a ``GatewayCycle``."""
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        # The request's task is created but has not run yet: it looks ``send`` up on the cycle when it starts.
+        if type(cycle) is RequestResponseCycle:
+            cycle.__class__ = GatewayCycle
+            # The protocol's loop: asyncio.get_running_loop() makes a getpid() system call each time.
+            cast(GatewayCycle, cycle)._loop = self.loop
