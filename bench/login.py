@@ -1,15 +1,15 @@
 """make bench-login: a login storm next to catalogue readers, against the PBKDF2 bound of this machine.
 
-One run of the whole system (``comptoir run`` on the embedded database, production hashing cost). First
-the bound: how many PBKDF2-SHA256 hashes per second this machine computes at the configured rounds with one
-thread per core and nothing else running. Then ``BENCH_LOGIN_CLIENTS`` clients log in over and over (each
-as its own registered user) through the gateway while ``BENCH_READERS`` clients read the public catalogue,
-for ``BENCH_SECONDS``. Printed: logins/s against the bound, login latency, catalogue reads/s and p99, and the
-auth process's own ``/healthz`` p99 during the storm (a hash on auth's event loop would show there first).
-Then where the CPU went: each process (auth's ``pbkdf2`` threads apart), this run's PostgreSQL and the
-benchmark's own client, in cores, and the hashing CPU per login against a hash's CPU in the bound. The
-client shares the two cores with the system it measures (a shop's clients do not), so the logins are also
-set against the bound on the cores the client left.
+One run of the whole system (``comptoir run`` on the embedded database, production hashing cost). First the
+bound: how many PBKDF2-SHA256 hashes per second this machine computes at the configured rounds with one
+thread per core and nothing else running (measured again after the storms; the higher figure is kept). Then
+``BENCH_LOGIN_CLIENTS`` clients log in over and over (each as its own registered user) through the gateway
+while ``BENCH_READERS`` clients read the public catalogue, for ``BENCH_SECONDS``. Printed: logins/s against
+the bound, login latency, catalogue reads/s and p99, and the auth process's own ``/healthz`` p99 during the
+storm (a hash on auth's event loop would show there first). Then where the CPU went: each process (auth's
+``pbkdf2`` threads apart), this run's PostgreSQL and the benchmark's own client, in cores, and the hashing
+CPU per login against a hash's CPU in the bound. The client shares the two cores with the system it measures
+(a shop's clients do not), so the logins are also set against the bound on the cores the client left.
 
 The storm runs twice. First the readers are paced, as a shop's readers are: each reads every
 ``BENCH_READ_INTERVAL_MS`` (default 50, so 32 readers ask for 640 pages/s, a busy shop). Then they read flat
@@ -269,15 +269,20 @@ async def storm(
 
 
 def main() -> None:
-    bound, cpu_per_hash = pbkdf2_bound()
+    before = pbkdf2_bound()
     work = Path(tempfile.mkdtemp(prefix="comptoir-bench-login-"))
     settings = {"GATEWAY_RATE_LIMITS_ENABLED": "false", "AUTH_PBKDF2_ROUNDS": str(ROUNDS)}
     with comptoir_run(work, **settings) as (ports, _env):
         runs = asyncio.run(storms(ports, CpuMeter(ports, work / "pg")))
+    after = pbkdf2_bound()
+    # This VM's speed moves within minutes: the bound is measured before and after the storms, and the
+    # faster of the two is the one the logins are held against.
+    bound, cpu_per_hash = max(before, after)
     print(
         f"\n{LOGIN_CLIENTS} clients logging in, {READERS} reading the catalogue, {SECONDS:.0f} s a run through the"
         f" gateway; PBKDF2-SHA256 at {ROUNDS:,} rounds, bound {bound:.2f} hashes/s ({cpu_per_hash * 1000:.0f} ms"
-        " of CPU a hash); one run each\n"
+        f" of CPU a hash; measured before and after the storms: {before[0]:.2f} and {after[0]:.2f}, the higher"
+        " kept); one run each\n"
     )
     print(
         "| readers | logins/s | vs bound | vs bound on the cores the client left | login p50 / p99 ms |"
