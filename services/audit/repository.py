@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from services.audit.chain import COLUMN_FIELDS
 from services.audit.models import Alert, Checkpoint, ErasedSubject, Event, Pseudonym
 
 # Every ingest (and erasure) holds this transaction-scoped lock: one writer at a time extends the
@@ -168,21 +169,7 @@ UNION ALL SELECT user_id, NULL, true FROM erased
 """
 
 # The columns of a stored event, in the order ChainWriter.insert takes each row's values.
-EVENT_COLUMNS = (
-    "sequence",
-    "id",
-    "occurred_at",
-    "recorded_at",
-    "service",
-    "action",
-    "actor_id",
-    "resource_type",
-    "resource_id",
-    "outcome",
-    "document",
-    "prev_hash",
-    "hash",
-)
+EVENT_COLUMNS = ("sequence", *COLUMN_FIELDS, "document", "prev_hash", "hash")
 
 
 @dataclass(frozen=True)

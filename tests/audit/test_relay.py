@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -48,6 +49,20 @@ class Down(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
+
+
+def orders_relay(
+    orders_db: Database, outbox: sa.Table, client: HttpxTransport, tokens: IssuerTokens, **options: Any
+) -> OutboxRelay:
+    """The orders service's relay of ``outbox`` to audit through ``client``."""
+    return OutboxRelay(
+        service="orders",
+        db=orders_db,
+        outbox=outbox,
+        client=client,
+        tokens=tokens,  # type: ignore[arg-type]
+        **options,
+    )
 
 
 @pytest.fixture
@@ -95,14 +110,8 @@ async def test_events_wait_while_audit_is_down_then_arrive_exactly_once(
                 AuditEvent(service="orders", action="orders.order.created", resource_type="order", resource_id=str(i)),
             )
     down = HttpxTransport(httpx.AsyncClient(transport=Down(), base_url="http://audit"))
-    relay = OutboxRelay(
-        service="orders",
-        db=orders_db,
-        outbox=outbox,
-        client=down,
-        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
-        batch_size=10,
-        max_backoff_seconds=600,
+    relay = orders_relay(
+        orders_db, outbox, down, IssuerTokens(audit.issuer, "orders"), batch_size=10, max_backoff_seconds=600
     )
 
     # Audit is down: every batch fails, nothing is lost, and the next attempt moves further out.
@@ -159,14 +168,8 @@ async def test_the_relay_loop_delivers_in_the_background(
     audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
 ) -> None:
     client = to_audit(audit)
-    relay = OutboxRelay(
-        service="orders",
-        db=orders_db,
-        outbox=outbox,
-        client=client,
-        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
-        batch_size=50,
-        poll_seconds=0.05,
+    relay = orders_relay(
+        orders_db, outbox, client, IssuerTokens(audit.issuer, "orders"), batch_size=50, poll_seconds=0.05
     )
     relay.start()
     try:
@@ -214,20 +217,8 @@ async def test_while_audit_hangs_no_row_is_locked_and_no_connection_waits_in_a_t
     await record_events(orders_db, outbox, 5)
     hung = Hung(audit.app)
     tokens = IssuerTokens(audit.issuer, "orders")
-    relay = OutboxRelay(
-        service="orders",
-        db=orders_db,
-        outbox=outbox,
-        client=to_audit(audit, hung),
-        tokens=tokens,  # type: ignore[arg-type]
-    )
-    other = OutboxRelay(
-        service="orders",
-        db=orders_db,
-        outbox=outbox,
-        client=to_audit(audit),
-        tokens=tokens,  # type: ignore[arg-type]
-    )
+    relay = orders_relay(orders_db, outbox, to_audit(audit, hung), tokens)
+    other = orders_relay(orders_db, outbox, to_audit(audit), tokens)
     sending = asyncio.create_task(relay.deliver_once())
     await hung.arrived.wait()  # the batch is on its way and audit sits on it
     admin = await database.admin()
@@ -265,24 +256,12 @@ async def test_a_batch_whose_relay_died_mid_send_is_sent_again_after_its_lease_a
 ) -> None:
     await record_events(orders_db, outbox, 8)
     tokens = IssuerTokens(audit.issuer, "orders")
-    dead = OutboxRelay(
-        service="orders",
-        db=orders_db,
-        outbox=outbox,
-        client=to_audit(audit),
-        tokens=tokens,  # type: ignore[arg-type]
-    )
+    dead = orders_relay(orders_db, outbox, to_audit(audit), tokens)
     # The relay claims and sends, audit stores the batch, and the relay dies before marking it delivered.
     batch = await dead.claim()
     await dead.send(batch)
     assert len(await chain_rows(database)) == 8
-    survivor = OutboxRelay(
-        service="orders",
-        db=orders_db,
-        outbox=outbox,
-        client=to_audit(audit),
-        tokens=tokens,  # type: ignore[arg-type]
-    )
+    survivor = orders_relay(orders_db, outbox, to_audit(audit), tokens)
     assert await survivor.deliver_once() == 0  # still leased to the dead relay
     admin = await database.admin()
     try:
@@ -308,8 +287,8 @@ class CountingRelay(OutboxRelay):
         return count
 
     async def refresh_metrics(self) -> None:
-        self.refreshed_at.append(self.delivered)
         await super().refresh_metrics()
+        self.refreshed_at.append(self.delivered)  # noted once the gauges are set, so the test waits for them
 
 
 @pytest.mark.parametrize(("tick", "expected"), [(0.0, [10, 45]), (1.0, [10, 20, 30, 40, 45])])
@@ -397,14 +376,8 @@ async def test_a_batch_larger_than_a_body_is_sent_in_parts_and_a_failed_part_res
             await record(session, outbox, event)
     transport = Counting(audit.app, fail_at=3)
     client = HttpxTransport(httpx.AsyncClient(transport=transport, base_url="http://audit"))
-    relay = OutboxRelay(
-        service="orders",
-        db=orders_db,
-        outbox=outbox,
-        client=client,
-        tokens=IssuerTokens(audit.issuer, "orders"),  # type: ignore[arg-type]
-        batch_size=25,
-        max_body_bytes=6000,
+    relay = orders_relay(
+        orders_db, outbox, client, IssuerTokens(audit.issuer, "orders"), batch_size=25, max_body_bytes=6000
     )
     try:
         # The third part is refused: the batch stays pending (the parts before it are in the chain).
