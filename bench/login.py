@@ -42,6 +42,7 @@ import uvloop
 
 from bench.results import record
 from bench.system import comptoir_run, cpu_seconds, postgres_cpu_seconds, service_pids, thread_cpu_seconds
+from common.http import PooledTransport, TransportError
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "20"))
 LOGIN_CLIENTS = int(os.environ.get("BENCH_LOGIN_CLIENTS", "32"))
@@ -89,57 +90,6 @@ class CpuMeter:
         spent["postgres"] = postgres_cpu_seconds(self.pgdata)
         spent["bench client"] = cpu_seconds(os.getpid())
         return spent
-
-
-class LeanGet:
-    """A reader's client: one keep-alive HTTP/1.1 connection asking for one path again and again.
-
-    The benchmark's client shares the machine with the system it measures, and every core it takes is
-    taken from the hashes: aiohttp spent about 400 µs of CPU a request here, this a fraction of that. It
-    reads what the gateway sends (``Content-Length`` or chunked) and reconnects after a
-    ``Connection: close`` or an error.
-    """
-
-    def __init__(self, port: int, path: str) -> None:
-        self.port = port
-        self.request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: application/json\r\n\r\n".encode()
-        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def get(self) -> int:
-        """The answer's status (its body read and dropped)."""
-        if self.streams is None:
-            self.streams = await asyncio.open_connection("127.0.0.1", self.port)
-        reader, writer = self.streams
-        try:
-            writer.write(self.request)
-            status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
-            length, chunked, close = 0, False, False
-            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                name, _, value = line.partition(b":")
-                name, value = name.strip().lower(), value.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"transfer-encoding":
-                    chunked = value == b"chunked"
-                elif name == b"connection":
-                    close = value == b"close"
-            if chunked:
-                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                    await reader.readexactly(size + 2)
-                await reader.readuntil(b"\r\n")
-            else:
-                await reader.readexactly(length)
-        except BaseException:
-            self.close()
-            raise
-        if close:
-            self.close()
-        return status
-
-    def close(self) -> None:
-        if self.streams is not None:
-            self.streams[1].close()
-            self.streams = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -222,24 +172,20 @@ async def storm(
 
     async def read(index: int) -> None:
         due = time.perf_counter() + read_interval * index / READERS  # paced readers start spread out
-        reader = LeanGet(ports["gateway"], "/api/v1/products?limit=20")
-        try:
-            while time.perf_counter() < stop:
-                if read_interval:
-                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                    due += read_interval
-                started = time.perf_counter()
-                try:
-                    status = await reader.get()
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    failures["read"] += 1
-                    continue
-                if status == 200:
-                    read_times.append(time.perf_counter() - started)
-                else:
-                    failures["read"] += 1
-        finally:
-            reader.close()
+        while time.perf_counter() < stop:
+            if read_interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                due += read_interval
+            started = time.perf_counter()
+            try:
+                answer = await readers.request("GET", "/api/v1/products?limit=20")
+            except TransportError:
+                failures["read"] += 1
+                continue
+            if answer.status == 200:
+                read_times.append(time.perf_counter() - started)
+            else:
+                failures["read"] += 1
 
     async def probe() -> None:
         # auth's own liveness answer: it waits only for auth's event loop, never for a hash.
@@ -250,8 +196,14 @@ async def storm(
             probe_times.append(time.perf_counter() - started)
             await asyncio.sleep(0.05)
 
+    # Readers use the services' own keep-alive client: the benchmark's client shares the machine with the
+    # system it measures, and aiohttp spent about 400 µs of CPU a read, taken from the hashes.
+    readers = PooledTransport(base, max_connections=READERS)
     started, cpu_before = time.perf_counter(), meter.read()
-    await asyncio.gather(*(login(*user) for user in users), *(read(i) for i in range(READERS)), probe())
+    try:
+        await asyncio.gather(*(login(*user) for user in users), *(read(i) for i in range(READERS)), probe())
+    finally:
+        await readers.aclose()
     elapsed, cpu_after = time.perf_counter() - started, meter.read()
     return {
         "cores": {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in cpu_after},
