@@ -4,6 +4,7 @@ same transaction as the change they describe (DESIGN.md, "Data and consistency")
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.clientip import Network, parse_networks, resolve_client_ip
 from common.clock import utcnow
+from common.db import driver_of
 from common.logging import is_secret_key, redact_text
 from common.state import state_of
 from common.tokens import Claims
@@ -186,5 +188,13 @@ def outbox_payload(event: AuditEvent) -> dict[str, Any]:
 
 async def record(session: AsyncSession, outbox: sa.Table, event: AuditEvent) -> None:
     """Add the event to the outbox in the caller's transaction (no change without its event)."""
-    payload = outbox_payload(event)
-    await session.execute(sa.insert(outbox).values(id=event.id, occurred_at=event.occurred_at, payload=payload))
+    payload = json.dumps(outbox_payload(event), separators=(",", ":"))
+    # On the driver: one of these goes with nearly every write, and the ORM's insert cost ten times the
+    # statement (measured in a login: ~0.6 ms of CPU against ~0.05).
+    async with driver_of(await session.connection()) as driver:
+        await driver.execute(
+            f"INSERT INTO {outbox.fullname} (id, occurred_at, payload) VALUES ($1, $2, $3::text::jsonb)",  # noqa: S608
+            event.id,
+            event.occurred_at,
+            payload,
+        )

@@ -120,7 +120,13 @@ async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
     every other (a lock or statement timeout is a 503); a connection left inside a transaction it did not
     start (a failed COMMIT or ROLLBACK) is invalidated, never handed back to the pool.
     """
-    driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+    adapter: Any = (await conn.get_raw_connection()).dbapi_connection
+    driver: asyncpg.Connection = adapter.driver_connection
+    if conn.in_transaction() and not driver.is_in_transaction() and adapter.isolation_level != "autocommit":
+        # SQLAlchemy sends BEGIN with the first statement it executes itself. A transaction whose first
+        # statement is hand-written is begun here, through the same adapter, which then commits it: without
+        # this, each statement would commit on its own and a row lock would end with its statement.
+        await adapter._start_transaction()
     outer = driver.is_in_transaction()
     try:
         yield driver

@@ -166,9 +166,9 @@ class Mfa:
     def required(self, user: User) -> bool:
         return user.role in self.settings.mfa_roles
 
-    async def needed(self, user: User) -> bool:
-        row = await self.totp(user.id)
-        return self.required(user) or (row is not None and row.confirmed_at is not None)
+    def needed_for(self, role: str, *, totp: bool) -> bool:
+        """A login of ``role`` needs a second factor: the role requires one, or the user confirmed one."""
+        return role in self.settings.mfa_roles or totp
 
     async def status(self, user: User) -> MfaStatus:
         row = await self.totp(user.id)

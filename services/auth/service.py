@@ -189,8 +189,9 @@ class AccountService:
         # One short transaction of its own finds the account and its device and counts the attempt:
         # the request's own connection is taken only once the password is right.
         async with self.rt.sessionmaker() as short, short.begin():
-            user = await UserRepository(short).by_email(email)
-            known = await DeviceTokens(short, self.rt).recognise(device_token, user.id if user else None)
+            account = await UserRepository(short).credentials(email)
+            user_id = account.id if account is not None else None
+            known = await DeviceTokens(short, self.rt).recognise(device_token, user_id)
             device = known.id_hash if known else None
             gate = await LoginThrottle(self.rt).enter_in(short, key, ctx.ip_key, device)
         if gate.blocked:
@@ -200,27 +201,32 @@ class AccountService:
                 "auth.login.throttled",
                 outcome="denied",
                 resource_type="user",
-                resource_id=str(user.id) if user else None,
+                resource_id=str(user_id) if user_id else None,
                 new_values={"retry_after": int(gate.retry_after), "scope": gate.scope},
             )
             await self.fail(LoginThrottled(gate.retry_after))
         # Unknown e-mail: a dummy hash is checked, so the answer takes as long as for a real account.
-        ok, new_hash = await self.checked(password, user.password_hash if user else None, key, device)
-        if not (ok and user is not None and user.is_active):
-            await self._login_failed(user, gate, reason="inactive" if ok else "bad_credentials")
+        ok, new_hash = await self.checked(password, account.password_hash if account else None, key, device)
+        if not (ok and account is not None and account.is_active):
+            await self._login_failed(user_id, gate, reason="inactive" if ok else "bad_credentials")
         # Lock the account row: concurrent logins of one user apply the session cap one at a time.
-        user = await self.users.get(user.id, lock=True)
-        if user is None:
+        signing_in = await self.users.lock_for_sign_in(account.id)
+        if signing_in is None:
             raise InvalidCredentials()
         await login_succeeded(self.db, self.rt, key, ctx.ip_key, device)
-        if new_hash:
-            user.password_hash = new_hash  # parameters changed since it was hashed: upgrade it now
+        if new_hash:  # parameters changed since it was hashed: upgrade it now
+            await self.users.set_password_hash(account.id, new_hash)
         mfa = Mfa(self.db, self.rt, ctx)
-        if await mfa.needed(user):
+        if mfa.needed_for(signing_in.role, totp=signing_in.totp):
             # The password was right: a second factor is asked for (committed with the counters cleared).
+            user = await self.users.get(account.id)
+            if user is None:
+                raise InvalidCredentials()
             await self.fail(await mfa.challenge(user))
-        token = await DeviceTokens(self.db, self.rt).remember(user.id, known, ctx)
-        pair = await self.start_session(user, known_device=known is not None, hash_upgraded=bool(new_hash))
+        token = await DeviceTokens(self.db, self.rt).remember(account.id, known, ctx)
+        pair = await self.start_session(
+            account.id, signing_in.role, known_device=known is not None, hash_upgraded=bool(new_hash)
+        )
         return LoginResponse(**pair.model_dump(), device_token=token)
 
     async def checked(self, password: str, stored: str | None, key: str, device: str | None) -> tuple[bool, str | None]:
@@ -232,12 +238,13 @@ class AccountService:
             await throttle_not_checked(self.rt, key, self.ctx.ip_key, device)
             raise
 
-    async def start_session(self, user: User, *, known_device: bool, hash_upgraded: bool = False) -> TokenPair:
-        """A new session for ``user`` (row locked by the caller), audited."""
+    async def start_session(
+        self, user_id: uuid.UUID, role: str, *, known_device: bool, hash_upgraded: bool = False
+    ) -> TokenPair:
+        """A new session for the user (row locked by the caller), audited."""
         ctx = self.ctx
-        user.last_login_at = self.rt.now()
-        session, pair, evicted = await self.sessions.start(user, ctx)
-        actor = ctx.as_actor(str(user.id), user.role)
+        sid, pair, evicted = await self.sessions.start(user_id, role, ctx)
+        actor = ctx.as_actor(str(user_id), role)
         for sid in evicted:
             await actor.audit(
                 self.db,
@@ -250,22 +257,22 @@ class AccountService:
             self.db,
             "auth.login.succeeded",
             resource_type="session",
-            resource_id=str(session.id),
+            resource_id=str(sid),
             new_values={"hash_upgraded": hash_upgraded, "known_device": known_device},
         )
         LOGINS.labels("succeeded").inc()
         return pair
 
-    async def _login_failed(self, user: User | None, gate: Gate, *, reason: str) -> NoReturn:
+    async def _login_failed(self, user_id: uuid.UUID | None, gate: Gate, *, reason: str) -> NoReturn:
         ctx = self.ctx
-        resource_id = str(user.id) if user else None
+        resource_id = str(user_id) if user_id else None
         await ctx.audit(
             self.db,
             "auth.login.failed",
             outcome="failure",
             resource_type="user",
             resource_id=resource_id,
-            new_values={"reason": reason, "known_account": user is not None, "failures": gate.failures},
+            new_values={"reason": reason, "known_account": user_id is not None, "failures": gate.failures},
         )
         if gate.retry_after:
             await ctx.audit(

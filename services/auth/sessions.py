@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.db import driver_of
 from services.auth.context import RequestContext, Runtime, sha256_hex
 from services.auth.errors import InvalidRefreshToken
 from services.auth.metrics import REFRESH_REUSE
@@ -19,6 +20,35 @@ from services.auth.repository import RefreshTokenRepository, RevocationRepositor
 from services.auth.schemas import TokenPair
 
 REFRESH_TOKEN_BYTES = 32  # 256 bits
+
+# A session started: the user's live sessions beyond the newest (cap - 1) revoked, the new one and its
+# refresh token inserted, the login time noted. The sessions evicted are returned, for the feed and audit.
+_START = """
+WITH beyond AS (
+    SELECT id FROM sessions
+    WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 AND idle_expires_at > $2
+    ORDER BY created_at DESC, id DESC
+    OFFSET $3
+),
+evicted AS (
+    UPDATE sessions AS s SET revoked_at = $2, revoked_reason = 'session_cap'
+    FROM beyond
+    WHERE s.id = beyond.id AND s.revoked_at IS NULL
+    RETURNING s.id, s.created_at, s.access_expires_at
+),
+started AS (
+    INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, idle_expires_at, access_expires_at, ip,
+                          user_agent)
+    VALUES ($4, $1, $2, $2, $5, $6, $7, $8, $9)
+),
+token AS (
+    INSERT INTO refresh_tokens (id, session_id, token_hash, created_at, expires_at) VALUES ($10, $4, $11, $2, $6)
+),
+signed_in AS (
+    UPDATE users SET last_login_at = $2 WHERE id = $1
+)
+SELECT id, access_expires_at FROM evicted ORDER BY created_at, id
+"""
 
 
 def seconds_until(moment: datetime, now: datetime) -> int:
@@ -51,30 +81,46 @@ class SessionManager:
             refresh_idle_expires_in=seconds_until(row.idle_expires_at, now),
         )
 
-    async def start(self, user: User, ctx: RequestContext) -> tuple[Session, TokenPair, list[uuid.UUID]]:
-        """A new session for ``user`` (whose row the caller has locked); the oldest ones beyond the cap go."""
+    async def start(
+        self, user_id: uuid.UUID, role: str, ctx: RequestContext
+    ) -> tuple[uuid.UUID, TokenPair, list[uuid.UUID]]:
+        """A new session for the user (whose row the caller has locked); the oldest ones beyond the cap go.
+
+        Returns the new session's id, its tokens and the ids of the sessions it evicted. One statement on
+        the driver: a login's other work is a few milliseconds, and the ORM's five statements and flushes
+        here cost ~5 ms of CPU on their own (measured).
+        """
         now = self.rt.now()
-        active = await self.sessions.active(user.id, now)
-        excess = len(active) - self.settings.max_sessions_per_user + 1
-        evicted = [s.id for s in active[:excess]] if excess > 0 else []
-        revoked = await self.sessions.revoke(evicted, now=now, reason="session_cap")
+        sid = uuid.uuid4()
+        access, exp = self.rt.issuer.access_token(user_id=str(user_id), role=role, sid=str(sid))
         expires = now + timedelta(seconds=self.settings.refresh_token_ttl_seconds)
-        row = await self.sessions.add(
-            Session(
-                id=uuid.uuid4(),
-                user_id=user.id,
-                created_at=now,
-                last_used_at=now,
-                expires_at=expires,
-                idle_expires_at=min(expires, now + timedelta(seconds=self.settings.refresh_idle_timeout_seconds)),
-                access_expires_at=now,
-                ip=ctx.ip,
-                user_agent=ctx.user_agent,
+        idle = min(expires, now + timedelta(seconds=self.settings.refresh_idle_timeout_seconds))
+        refresh = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+        async with driver_of(await self.db.connection()) as driver:
+            rows = await driver.fetch(
+                _START,
+                user_id,
+                now,
+                self.settings.max_sessions_per_user - 1,
+                sid,
+                expires,
+                idle,
+                max(now, datetime.fromtimestamp(exp, UTC)),
+                ctx.ip,
+                ctx.user_agent,
+                uuid.uuid4(),
+                sha256_hex(refresh),
             )
-        )
-        pair = await self._issue(row, user, now)
+        revoked = [(row["id"], row["access_expires_at"]) for row in rows]
         await self.publish(revoked, now)
-        return row, pair, [sid for sid, _ in revoked]
+        pair = TokenPair(
+            access_token=access,
+            refresh_token=refresh,
+            expires_in=self.settings.access_token_ttl_seconds,
+            refresh_expires_in=seconds_until(expires, now),
+            refresh_idle_expires_in=seconds_until(idle, now),
+        )
+        return sid, pair, [sid for sid, _ in revoked]
 
     async def refresh(self, token: str, ctx: RequestContext) -> TokenPair:
         """Rotate: the presented token is spent, a new pair is returned.

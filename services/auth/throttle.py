@@ -31,8 +31,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.context import Runtime, sha256_hex
-from services.auth.models import LoginFailure
-from services.auth.repository import LoginFailureRepository
+from services.auth.repository import Counter, LoginFailureRepository
 
 ACCOUNT = ""
 ANY_ACCOUNT = "*"
@@ -119,7 +118,7 @@ class LoginThrottle:
         exponent = min(failures - after, 32)
         return int(min(s.login_delay_base_seconds * 2**exponent, s.login_delay_max_seconds))
 
-    def _forget_old(self, row: LoginFailure, scope: str, now: datetime) -> None:
+    def _forget_old(self, row: Counter, scope: str, now: datetime) -> None:
         window = timedelta(seconds=self.settings.login_failure_window_seconds)
         if scope != "pair" and row.last_failure_at is not None and row.last_failure_at + window <= now:
             if row.locked_until is None or row.locked_until <= now:
@@ -143,7 +142,8 @@ class LoginThrottle:
 
     async def enter_keys(self, session: AsyncSession, keys: list[tuple[str, str]]) -> Gate:
         now = self.rt.now()
-        rows = await LoginFailureRepository(session).lock(keys)
+        repository = LoginFailureRepository(session)
+        rows = await repository.lock(keys)
         waits = {
             key: (row.locked_until - now).total_seconds()
             for key, row in rows.items()
@@ -161,6 +161,7 @@ class LoginThrottle:
             delay = self.delay_for(row.failures, scope)
             row.locked_until = now + timedelta(seconds=delay) if delay else None
             delays[key] = delay
+        await repository.save(rows)
         worst = max(delays, key=lambda k: delays[k])
         counted = rows[keys[0]].failures
         return Gate(blocked=False, retry_after=delays[worst], failures=counted, scope=scope_of(worst))

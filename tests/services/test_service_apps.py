@@ -145,3 +145,26 @@ async def test_hand_written_statements_fail_like_orm_ones_and_never_leak_a_trans
             assert await conn.fetchval("SELECT pg_backend_pid()") != first
     finally:
         await db.dispose()
+
+
+async def test_hand_written_statements_first_in_a_transaction_are_inside_it(database: DatabaseFixture) -> None:
+    """SQLAlchemy sends BEGIN with its own first statement: when the first is hand-written (a login's
+    counters are locked that way), ``driver_of`` begins the transaction, or each statement would commit on
+    its own and a row lock would end with its statement."""
+    from sqlalchemy import text
+
+    from common.db import Database, driver_of
+
+    db = Database(database.url("orders"), schema="orders", application_name="driver-test", pool_size=1, max_overflow=0)
+    try:
+        async with db.sessionmaker() as session, session.begin():
+            async with driver_of(await session.connection()) as driver:
+                assert driver.is_in_transaction()
+                first = await driver.fetchval("SELECT txid_current()")
+                second = await driver.fetchval("SELECT txid_current()")
+            third = (await session.execute(text("SELECT txid_current()"))).scalar_one()
+        assert first == second == third
+        async with db.autocommit() as driver:  # outside a transaction, each statement is its own
+            assert await driver.fetchval("SELECT txid_current()") != await driver.fetchval("SELECT txid_current()")
+    finally:
+        await db.dispose()
