@@ -222,10 +222,6 @@ class RevocationRepository:
                 [until for _, until in entries],
             )
 
-    async def after(self, seq: int, limit: int) -> list[Revocation]:
-        stmt = select(Revocation).where(Revocation.seq > seq).order_by(Revocation.seq).limit(limit)
-        return list((await self.session.scalars(stmt)).all())
-
     async def prune(self, before: datetime) -> None:
         await self.session.execute(delete(Revocation).where(Revocation.expires_at < before))
 

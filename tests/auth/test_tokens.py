@@ -214,6 +214,21 @@ async def test_the_feed_accepts_only_its_callers_and_audience(auth: AuthClient) 
     assert_problem(await auth.get("/internal/revocations", token, params={"after": -1}), 422)
 
 
+async def test_the_feed_checks_its_caller_before_its_query_on_either_path(auth: AuthClient) -> None:
+    """A plain ``after`` is served without FastAPI's per-request work; any other query by FastAPI: both
+    refuse a stranger before looking at the query, then answer a bad query with 422."""
+    token = (await ask(auth, "gateway", CLIENT_SECRETS["gateway"], "auth")).json()["access_token"]
+    bad = ("after=-1", "after=x", f"after={2**63}", "after=", "after=1%00")
+    for query in (*bad, "after=5", ""):
+        assert_problem(await auth.client.get(f"/internal/revocations?{query}"), 401)
+    for query in bad:
+        assert_problem(await auth.get(f"/internal/revocations?{query}", token), 422)
+    for query in (f"after={2**63 - 1}", "after=0", "", "after=1&after=2", "other=1"):
+        answer = await auth.get(f"/internal/revocations?{query}", token)
+        assert (answer.status_code, answer.json()) == (200, {"items": [], "has_more": False})
+        assert answer.headers["content-type"] == "application/json"
+
+
 async def test_expired_access_tokens_are_refused(auth: AuthClient) -> None:
     _, pair = await auth.user()
     auth.clock.advance(3600)
