@@ -44,6 +44,7 @@ expires_in
 refresh_expires_in
 refresh_idle_expires_in
 has_more
+seq  # the revocation feed's column and field (services/auth/internal_router.py reads it by name)
 generated_at
 phone_verifications
 password_resets
