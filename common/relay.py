@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import NamedTuple
 
 import sqlalchemy as sa
 import structlog
@@ -78,6 +78,46 @@ def bodies(payloads: list[bytes], max_bytes: int) -> list[bytes]:
     return out
 
 
+class Leased(NamedTuple):
+    """An outbox row leased for a send: the payload as the database's JSON text, sent as it is (decoding and
+    encoding it again was a tenth of the orders service's CPU under load)."""
+
+    id: uuid.UUID
+    payload: str
+    attempts: int
+    occurred_at: datetime
+
+
+class RelayStatements:
+    """The relay's statements on ``table`` (schema-qualified). Each is a whole unit of work on its own, so
+    they run on the driver outside any transaction: through SQLAlchemy sessions, the claim and the gauges
+    that every poll runs cost ~3 ms of CPU, twice a second in every emitting service, idle or not."""
+
+    def __init__(self, table: str) -> None:
+        self.claim = f"""
+            UPDATE {table} SET lease_expires_at = now() + make_interval(secs => $2)
+            WHERE id IN (
+                SELECT id FROM {table}
+                WHERE delivered_at IS NULL AND next_attempt_at <= now()
+                    AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                ORDER BY occurred_at, id
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id, payload::text, attempts, occurred_at
+        """  # noqa: S608 - the table's name is the service's own, never input
+        self.delivered = f"UPDATE {table} SET delivered_at = now(), lease_expires_at = NULL WHERE id = ANY($1::uuid[])"  # noqa: S608
+        self.failed = f"""
+            UPDATE {table}
+            SET attempts = attempts + 1, next_attempt_at = $2, lease_expires_at = NULL, last_error = $3
+            WHERE id = ANY($1::uuid[])
+        """  # noqa: S608
+        self.pending = f"""
+            SELECT count(*), min(occurred_at), count(*) FILTER (WHERE attempts >= $1)
+            FROM {table} WHERE delivered_at IS NULL
+        """  # noqa: S608
+
+
 class OutboxRelay(BackgroundLoop):
     def __init__(
         self,
@@ -111,47 +151,20 @@ class OutboxRelay(BackgroundLoop):
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self._metrics_due = float("-inf")
+        self._sql = RelayStatements(outbox.fullname)
 
     def wake(self) -> None:
         """Deliver now rather than at the next poll (after a commit that added events)."""
         self._wake.set()
 
-    async def claim(self) -> list[sa.Row[Any]]:
-        """Lease a batch of due rows and commit: from here on no lock is held, and no other relay takes
-        these rows until the lease runs out."""
-        table = self.outbox
-        now = sa.func.now()
-        due = (
-            sa.select(table.c.id)
-            .where(
-                table.c.delivered_at.is_(None),
-                table.c.next_attempt_at <= now,
-                sa.or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= now),
-            )
-            .order_by(table.c.occurred_at, table.c.id)
-            .limit(self.batch_size)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        async with self.db.sessionmaker() as session, session.begin():
-            rows = (
-                await session.execute(
-                    sa.update(table)
-                    .where(table.c.id.in_(due))
-                    .values(lease_expires_at=now + timedelta(seconds=self.lease_seconds))
-                    # The payload as the database's JSON text: it is sent as it is, never decoded and
-                    # encoded again (that was a tenth of the orders service's CPU under load).
-                    .returning(
-                        table.c.id,
-                        sa.cast(table.c.payload, sa.Text).label("payload"),
-                        table.c.attempts,
-                        table.c.occurred_at,
-                    )
-                )
-            ).all()
-        return sorted(rows, key=lambda row: (row.occurred_at, row.id))
+    async def claim(self) -> list[Leased]:
+        """Lease a batch of due rows: one statement, which commits on its own; from then on no lock is held,
+        and no other relay takes these rows until the lease runs out."""
+        async with self.db.autocommit() as driver:
+            rows = await driver.fetch(self._sql.claim, self.batch_size, self.lease_seconds)
+        return sorted((Leased(*row) for row in rows), key=lambda row: (row.occurred_at, row.id))
 
-    async def send(self, rows: list[sa.Row[Any]]) -> None:
+    async def send(self, rows: list[Leased]) -> None:
         """The batch in as few POSTs as its size allows (``bodies``), all within half the lease;
         ``DeliveryFailed`` or a transport error if not all were stored (then the whole batch is sent again
         later, and audit stores the events it already has once)."""
@@ -170,46 +183,30 @@ class OutboxRelay(BackgroundLoop):
         if not rows:
             return 0
         ids: list[uuid.UUID] = [row.id for row in rows]
-        table = self.outbox
         try:
             await self.send(rows)
         except Exception as exc:  # any failure: keep the events, retry later
             attempts = max(row.attempts for row in rows) + 1
             delay = backoff_seconds(attempts, self.max_backoff)
-            async with self.db.sessionmaker() as session, session.begin():
-                await session.execute(
-                    sa.update(table)
-                    .where(table.c.id.in_(ids))
-                    .values(
-                        attempts=table.c.attempts + 1,
-                        next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay),
-                        lease_expires_at=None,
-                        last_error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                    )
+            async with self.db.autocommit() as driver:
+                await driver.execute(
+                    self._sql.failed,
+                    ids,
+                    datetime.now(UTC) + timedelta(seconds=delay),
+                    f"{type(exc).__name__}: {str(exc)[:200]}",
                 )
             OUTBOX_FAILURES.labels(self.service).inc()
             level = log.error if attempts >= self.alert_after else log.warning
             level("audit.outbox.delivery_failed", attempts=attempts, events=len(ids), retry_in=round(delay, 1))
             return 0
-        async with self.db.sessionmaker() as session, session.begin():
-            await session.execute(
-                sa.update(table).where(table.c.id.in_(ids)).values(delivered_at=sa.func.now(), lease_expires_at=None)
-            )
+        async with self.db.autocommit() as driver:
+            await driver.execute(self._sql.delivered, ids)
         OUTBOX_DELIVERED.labels(self.service).inc(len(ids))
         return len(ids)
 
     async def refresh_metrics(self) -> None:
-        table = self.outbox
-        async with self.db.sessionmaker() as session:
-            pending, oldest, stuck = (
-                await session.execute(
-                    sa.select(
-                        sa.func.count(),
-                        sa.func.min(table.c.occurred_at),
-                        sa.func.count().filter(table.c.attempts >= self.alert_after),
-                    ).where(table.c.delivered_at.is_(None))
-                )
-            ).one()
+        async with self.db.autocommit() as driver:
+            pending, oldest, stuck = await driver.fetchrow(self._sql.pending, self.alert_after)
         OUTBOX_PENDING.labels(self.service).set(pending)
         OUTBOX_STUCK.labels(self.service).set(stuck)
         OUTBOX_LAG.labels(self.service).set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
