@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy import event, text
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -122,18 +123,29 @@ async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
     """
     adapter: Any = (await conn.get_raw_connection()).dbapi_connection
     driver: asyncpg.Connection = adapter.driver_connection
-    if conn.in_transaction() and not driver.is_in_transaction() and adapter.isolation_level != "autocommit":
-        # SQLAlchemy sends BEGIN with the first statement it executes itself. A transaction whose first
-        # statement is hand-written is begun here, through the same adapter, which then commits it: without
-        # this, each statement would commit on its own and a row lock would end with its statement.
-        await adapter._start_transaction()
-    outer = driver.is_in_transaction()
+    # SQLAlchemy sends BEGIN with the first statement it executes itself. A transaction whose first statement
+    # is hand-written is begun here, through the same adapter, which then commits it: without this, each
+    # statement would commit on its own and a row lock would end with its statement.
+    begin = conn.in_transaction() and not driver.is_in_transaction() and adapter.isolation_level != "autocommit"
+    outer = begin or driver.is_in_transaction()
+    invalidated = False
     try:
+        if begin:
+            await adapter._start_transaction()
         yield driver
     except asyncpg.PostgresError as exc:
-        raise DBAPIError(None, None, exc) from exc
+        if driver.is_closed():  # the server ended the connection (a restart, a failover)
+            invalidated = True
+            await conn.invalidate()
+        raise DBAPIError(None, None, exc, connection_invalidated=invalidated) from exc
+    except (asyncpg.InterfaceError, OSError, AsyncAdapt_asyncpg_dbapi.Error) as exc:
+        # The connection is gone (or was misused): it is dropped, never handed back to the pool, as the ORM
+        # drops a connection its statement found dead.
+        invalidated = True
+        await conn.invalidate()
+        raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
     finally:
-        if not outer and driver.is_in_transaction():
+        if not outer and not invalidated and driver.is_in_transaction():
             await conn.invalidate()
 
 

@@ -245,12 +245,12 @@ class AccountService:
         ctx = self.ctx
         sid, pair, evicted = await self.sessions.start(user_id, role, ctx)
         actor = ctx.as_actor(str(user_id), role)
-        for sid in evicted:
+        for gone in evicted:
             await actor.audit(
                 self.db,
                 "auth.session.revoked",
                 resource_type="session",
-                resource_id=str(sid),
+                resource_id=str(gone),
                 new_values={"reason": "session_cap"},
             )
         await actor.audit(

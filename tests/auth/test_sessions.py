@@ -194,6 +194,10 @@ async def test_the_sixth_session_evicts_the_oldest(auth: AuthClient) -> None:
     assert await revoked_sids(auth) == {sid_of(pairs[0]["access_token"])}
     evicted = await auth.events("auth.session.revoked")
     assert evicted[0]["new_values"] == {"reason": "session_cap"}
+    assert [e["resource_id"] for e in evicted] == [sid_of(pairs[0]["access_token"])]
+    # Each login's event names its own new session, the one that evicted another included.
+    succeeded = await auth.events("auth.login.succeeded")
+    assert [e["resource_id"] for e in succeeded] == [sid_of(p["access_token"]) for p in pairs]
 
 
 async def test_session_cap_is_a_setting(make_auth: MakeAuth) -> None:

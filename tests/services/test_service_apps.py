@@ -168,3 +168,41 @@ async def test_hand_written_statements_first_in_a_transaction_are_inside_it(data
             assert await driver.fetchval("SELECT txid_current()") != await driver.fetchval("SELECT txid_current()")
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("first", ["orm", "hand-written"])
+async def test_a_connection_found_dead_is_dropped_whichever_statement_finds_it(
+    database: DatabaseFixture, first: str
+) -> None:
+    """The server ends a pooled connection (a restart, a failover): the statement that finds it fails as
+    SQLAlchemy's DBAPIError, and the connection is dropped, so the next request gets a live one."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from common.db import Database, driver_of
+
+    db = Database(database.url("orders"), schema="orders", application_name="driver-test", pool_size=1, max_overflow=0)
+    killed: list[int] = []
+
+    async def a_statement_on_a_connection_the_server_ended() -> None:
+        async with db.sessionmaker() as session, session.begin():
+            conn = await session.connection()
+            killed.append((await conn.get_raw_connection()).dbapi_connection.driver_connection.get_server_pid())
+            admin = await database.admin()
+            try:
+                await admin.execute("SELECT pg_terminate_backend($1)", killed[0])
+            finally:
+                await admin.close()
+            if first == "orm":
+                await session.execute(text("SELECT 1"))
+            else:
+                async with driver_of(conn) as driver:
+                    await driver.fetchval("SELECT 1")
+
+    try:
+        with pytest.raises(DBAPIError):
+            await a_statement_on_a_connection_the_server_ended()
+        async with db.sessionmaker() as session:  # the pool's only connection: a new one
+            assert (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one() != killed[0]
+    finally:
+        await db.dispose()
