@@ -138,9 +138,10 @@ async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
             invalidated = True
             await conn.invalidate()
         raise DBAPIError(None, None, exc, connection_invalidated=invalidated) from exc
-    except (asyncpg.InterfaceError, OSError, AsyncAdapt_asyncpg_dbapi.Error) as exc:
-        # The connection is gone (or was misused): it is dropped, never handed back to the pool, as the ORM
-        # drops a connection its statement found dead.
+    except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, AsyncAdapt_asyncpg_dbapi.Error) as exc:
+        # The connection is gone, or its protocol state is broken (a server's termination notice arriving
+        # between two messages of a statement raises InternalClientError): it is dropped, never handed back to
+        # the pool, as the ORM drops a connection its statement found dead.
         invalidated = True
         await conn.invalidate()
         raise DBAPIError(None, None, exc, connection_invalidated=True) from exc

@@ -271,6 +271,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 # lock_not_available (lock_timeout), deadlock_detected, serialization_failure, query_canceled (statement_timeout)
 RETRYABLE_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57014"})
+# Besides class 08 (connection exception): the server shutting down, crashed, or not yet accepting.
+LOST_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -279,13 +281,31 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return state if isinstance(state, str) else None
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """The statement's connection was lost: the server restarted, failed over or ended it. The pool has
+    dropped it (``connection_invalidated``), so the same request sent again gets a live one."""
+    state = sqlstate_of(exc)
+    return bool(getattr(exc, "connection_invalidated", False)) or (
+        state is not None and (state.startswith("08") or state in LOST_CONNECTION_SQLSTATES)
+    )
+
+
 async def _database_error(request: Request, exc: Exception) -> Response:
-    """A busy database (lock or statement timeout, deadlock) is a 503 with Retry-After, never a hang or a 500."""
+    """A busy database (lock or statement timeout, deadlock) or a lost connection is a 503 with Retry-After,
+    never a hang or a 500."""
     state = sqlstate_of(exc)
     if state in RETRYABLE_SQLSTATES:
         log.warning("db.busy", sqlstate=state, path=request.url.path)
         return problem_response(
             503, scope=request.scope, detail="The data is busy; retry shortly.", headers={"Retry-After": "1"}
+        )
+    if connection_lost(exc):
+        log.warning("db.connection_lost", sqlstate=state, path=request.url.path)
+        return problem_response(
+            503,
+            scope=request.scope,
+            detail="The database connection was lost; retry shortly.",
+            headers={"Retry-After": "1"},
         )
     log.error("db.error", sqlstate=state, error=type(exc).__name__, path=request.url.path)
     return problem_response(500, scope=request.scope, detail="An unexpected error occurred.")

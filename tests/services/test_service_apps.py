@@ -114,7 +114,7 @@ async def test_a_pooled_connection_killed_while_idle_is_replaced(database: Datab
             async with db.engine.connect() as conn:
                 second = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
             assert second != first
-        else:  # not idle long enough to be pinged: the dead connection surfaces (as a retryable 503 in a request)
+        else:  # not idle long enough to be pinged: the dead connection surfaces (a 503 to retry: see below)
             with pytest.raises(DBAPIError):
                 async with db.engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
@@ -206,3 +206,30 @@ async def test_a_connection_found_dead_is_dropped_whichever_statement_finds_it(
             assert (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one() != killed[0]
     finally:
         await db.dispose()
+
+
+async def test_a_request_that_finds_its_connection_dead_gets_503_and_the_next_one_is_served(
+    database: DatabaseFixture,
+) -> None:
+    """The database restarted or failed over under a running service: the request whose statement finds
+    its pooled connection dead is answered 503 with Retry-After (not 500), and the retry is served."""
+    from services.inventory.config import Settings
+    from services.inventory.main import create_app
+
+    settings = Settings(database_url=database.url("inventory"), environment="test", db_pool_size=1, db_max_overflow=0)
+    # No sweeper: nothing but the requests below may take the pool's one connection.
+    async with running(create_app(settings, run_sweeper=False)) as client:
+        assert (await client.get("/api/v1/products")).status_code == 200
+        admin = await database.admin()
+        try:
+            ended = await admin.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'comptoir-inventory'"
+            )
+        finally:
+            await admin.close()
+        assert ended  # the service's pooled connection
+        lost = await client.get("/api/v1/products")
+        body = assert_problem(lost, 503)
+        assert lost.headers["retry-after"] == "1"
+        assert body["retry_after"] == 1
+        assert (await client.get("/api/v1/products")).status_code == 200
