@@ -155,11 +155,14 @@ def escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def columns(rows: Iterable[Any], *fields: str) -> list[list[Any]]:
+def columns(rows: Iterable[Any], *fields: str | int) -> list[list[Any]]:
     """Rows turned into one list per field, for statements that take arrays (``unnest($1::uuid[], ...)``):
-    a whole batch of rows in one statement. A row is a mapping (by key) or an object (by attribute)."""
+    a whole batch of rows in one statement. A field is a position (an int: a tuple's item), a mapping's key or
+    an object's attribute."""
     rows = list(rows)
-    return [[row[f] if isinstance(row, Mapping) else getattr(row, f) for row in rows] for f in fields]
+    return [
+        [row[f] if isinstance(f, int) or isinstance(row, Mapping) else getattr(row, f) for row in rows] for f in fields
+    ]
 
 
 def _note_checkin(_dbapi_connection: Any, record: Any) -> None:

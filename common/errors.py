@@ -294,18 +294,12 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     """A busy database (lock or statement timeout, deadlock) or a lost connection is a 503 with Retry-After,
     never a hang or a 500."""
     state = sqlstate_of(exc)
-    if state in RETRYABLE_SQLSTATES:
-        log.warning("db.busy", sqlstate=state, path=request.url.path)
+    busy = state in RETRYABLE_SQLSTATES
+    if busy or connection_lost(exc):
+        log.warning("db.busy" if busy else "db.connection_lost", sqlstate=state, path=request.url.path)
+        detail = "The data is busy" if busy else "The database connection was lost"
         return problem_response(
-            503, scope=request.scope, detail="The data is busy; retry shortly.", headers={"Retry-After": "1"}
-        )
-    if connection_lost(exc):
-        log.warning("db.connection_lost", sqlstate=state, path=request.url.path)
-        return problem_response(
-            503,
-            scope=request.scope,
-            detail="The database connection was lost; retry shortly.",
-            headers={"Retry-After": "1"},
+            503, scope=request.scope, detail=f"{detail}; retry shortly.", headers={"Retry-After": "1"}
         )
     log.error("db.error", sqlstate=state, error=type(exc).__name__, path=request.url.path)
     return problem_response(500, scope=request.scope, detail="An unexpected error occurred.")

@@ -163,12 +163,12 @@ class Mfa:
             stmt = stmt.with_for_update().execution_options(populate_existing=True)
         return (await self.db.scalars(stmt)).one_or_none()
 
-    def required(self, user: User) -> bool:
-        return user.role in self.settings.mfa_roles
+    def required(self, role: str) -> bool:
+        return role in self.settings.mfa_roles
 
     def needed_for(self, role: str, *, totp: bool) -> bool:
         """A login of ``role`` needs a second factor: the role requires one, or the user confirmed one."""
-        return role in self.settings.mfa_roles or totp
+        return self.required(role) or totp
 
     async def status(self, user: User) -> MfaStatus:
         row = await self.totp(user.id)
@@ -178,7 +178,7 @@ class Mfa:
         return MfaStatus(
             totp_enabled=row is not None and row.confirmed_at is not None,
             recovery_codes_left=int(left or 0),
-            required=self.required(user),
+            required=self.required(user.role),
         )
 
     async def _audit(self, user: User, action: str, *, outcome: Outcome = "success", **values: object) -> None:
@@ -306,7 +306,7 @@ class Mfa:
 
     async def disable(self, user: User, code: str) -> None:
         """After the caller checked the password."""
-        if self.required(user):
+        if self.required(user.role):
             raise MfaStateConflict("Your role requires a second factor: it cannot be disabled.")
         row = await self.totp(user.id, lock=True)
         if row is None or row.confirmed_at is None:

@@ -73,12 +73,15 @@ class SessionManager:
                 session_id=row.id, token_hash=sha256_hex(refresh), created_at=now, expires_at=row.idle_expires_at
             )
         )
+        return self._pair(access, refresh, row.expires_at, row.idle_expires_at, now)
+
+    def _pair(self, access: str, refresh: str, expires: datetime, idle: datetime, now: datetime) -> TokenPair:
         return TokenPair(
             access_token=access,
             refresh_token=refresh,
             expires_in=self.settings.access_token_ttl_seconds,
-            refresh_expires_in=seconds_until(row.expires_at, now),
-            refresh_idle_expires_in=seconds_until(row.idle_expires_at, now),
+            refresh_expires_in=seconds_until(expires, now),
+            refresh_idle_expires_in=seconds_until(idle, now),
         )
 
     async def start(
@@ -113,14 +116,7 @@ class SessionManager:
             )
         revoked = [(row["id"], row["access_expires_at"]) for row in rows]
         await self.publish(revoked, now)
-        pair = TokenPair(
-            access_token=access,
-            refresh_token=refresh,
-            expires_in=self.settings.access_token_ttl_seconds,
-            refresh_expires_in=seconds_until(expires, now),
-            refresh_idle_expires_in=seconds_until(idle, now),
-        )
-        return sid, pair, [sid for sid, _ in revoked]
+        return sid, self._pair(access, refresh, expires, idle, now), [gone for gone, _ in revoked]
 
     async def refresh(self, token: str, ctx: RequestContext) -> TokenPair:
         """Rotate: the presented token is spent, a new pair is returned.
