@@ -31,11 +31,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import aiohttp
 import asyncpg
 import jwt
+import uvloop
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
 from bench.results import record
 from bench.system import cpu_seconds, free_port, postgres_cpu_seconds
+from common.http import PooledTransport, TransportError
 from comptoir.config import RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import migrate, to_asyncpg_dsn
@@ -184,23 +186,28 @@ def pgbench(admin_url: str, work: Path, seconds: float, clients: int) -> float:
     return float(found.group(1))
 
 
-Request = Callable[[aiohttp.ClientSession, int], Awaitable[int]]
+Request = Callable[[PooledTransport, int], Awaitable[int]]
 
 
 async def hammer(
-    request: Request, *, seconds: float, workers: int, stop_after_409s: int = 0
+    base: str, request: Request, *, seconds: float, workers: int, stop_after_409s: int = 0
 ) -> tuple[Counter[int], float]:
-    """``workers`` loops sending requests until the time is up (or each saw ``stop_after_409s`` 409s in a row)."""
+    """``workers`` loops sending requests to ``base`` until the time is up (or each saw ``stop_after_409s``
+    409s in a row). The client is the services' own keep-alive one (``common.http.PooledTransport``), as in
+    bench-login: a third of aiohttp's CPU a request, which the measured processes share the cores with."""
     statuses: Counter[int] = Counter()
-    connector = aiohttp.TCPConnector(limit=workers)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    client = PooledTransport(base, max_connections=workers, timeout=30.0)
+    try:
         deadline = time.monotonic() + seconds
         started = time.monotonic()
 
         async def worker(index: int) -> None:
             refused = 0
             while time.monotonic() < deadline:
-                status = await request(session, index)
+                try:
+                    status = await request(client, index)
+                except TransportError:
+                    status = 0  # the connection failed: counted, never as an order
                 statuses[status] += 1
                 refused = refused + 1 if status == 409 else 0
                 if stop_after_409s and refused >= stop_after_409s:
@@ -208,6 +215,8 @@ async def hammer(
 
         await asyncio.gather(*(worker(i) for i in range(workers)))
         elapsed = time.monotonic() - started
+    finally:
+        await client.aclose()
     return statuses, elapsed
 
 
@@ -259,7 +268,7 @@ def main() -> None:
                 )
             procs.append(proc)
             wait_healthy(url[name], proc, log)
-        asyncio.run(
+        uvloop.run(  # the client costs the machine less on uvloop, as the services run
             run(
                 issuer,
                 url,
@@ -313,32 +322,27 @@ async def run(
                 return str((await answer.json())["id"])
 
     def buy(product_id: str) -> Request:
-        payload = {"items": [{"product_id": product_id, "quantity": 1}]}
+        payload = json.dumps({"items": [{"product_id": product_id, "quantity": 1}]}).encode()
 
-        async def request(session: aiohttp.ClientSession, index: int) -> int:
+        async def request(client: PooledTransport, index: int) -> int:
             headers = buyers[index] | {"Idempotency-Key": str(uuid.uuid4())}
-            async with session.post(gateway + "/api/v1/orders", json=payload, headers=headers) as answer:
-                await answer.read()
-                return answer.status
+            answer = await client.request("POST", "/api/v1/orders", json_bytes=payload, headers=headers)
+            return answer.status
 
         return request
 
-    def read(base: str) -> Request:
-        async def request(session: aiohttp.ClientSession, _index: int) -> int:
-            async with session.get(base + "/api/v1/products?limit=20") as answer:
-                await answer.read()
-                return answer.status
-
-        return request
+    async def read(client: PooledTransport, _index: int) -> int:
+        answer = await client.request("GET", "/api/v1/products?limit=20")
+        return answer.status
 
     hot = await new_product(10_000_000)
-    await hammer(buy(hot), seconds=2, workers=BUYERS)  # warm-up: pools, JIT'd paths, caches
+    await hammer(gateway, buy(hot), seconds=2, workers=BUYERS)  # warm-up: pools, JIT'd paths, caches
     tps = await asyncio.to_thread(pgbench, admin_url, work, SECONDS, BUYERS)
     hot = await new_product(10_000_000)
     before = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
     before["postgres"], before["bench"] = postgres_cpu_seconds(pgdata), cpu_seconds(os.getpid())
     batches_before = await batch_totals(url["orders"])
-    statuses, elapsed = await hammer(buy(hot), seconds=SECONDS, workers=BUYERS)
+    statuses, elapsed = await hammer(gateway, buy(hot), seconds=SECONDS, workers=BUYERS)
     orders_per_second = statuses[201] / elapsed
     after = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
     after["postgres"], after["bench"] = postgres_cpu_seconds(pgdata), cpu_seconds(os.getpid())
@@ -351,7 +355,7 @@ async def run(
         batch_mean[kind] = (total1 - total0) / max(count1 - count0, 1)
 
     scarce = await new_product(SELL_OUT_STOCK)
-    sold_out, _ = await hammer(buy(scarce), seconds=30, workers=BUYERS, stop_after_409s=5)
+    sold_out, _ = await hammer(gateway, buy(scarce), seconds=30, workers=BUYERS, stop_after_409s=5)
     conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
     try:
         on_hand, reserved = await conn.fetchrow(
@@ -373,7 +377,7 @@ async def run(
 
     reads: dict[str, float] = {}
     for name, base in (("gateway", gateway), ("direct", url["inventory"])):
-        got, took = await hammer(read(base), seconds=SECONDS / 2, workers=BUYERS)
+        got, took = await hammer(base, read, seconds=SECONDS / 2, workers=BUYERS)
         reads[name] = got[200] / took
 
     others = {status: n for status, n in statuses.items() if status != 201}
