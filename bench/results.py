@@ -27,7 +27,7 @@ def _shown(value: float, unit: str) -> str:
     if unit == "%":
         return f"{value:.0f} %"
     if unit in ("ms", "s"):
-        return f"{value:,.1f} {unit}"
+        return f"{value:,.2f} {unit}" if value < 10 else f"{value:,.1f} {unit}"
     return f"{value:,.0f} {unit}".rstrip()
 
 
