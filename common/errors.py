@@ -292,7 +292,7 @@ def connection_lost(exc: BaseException) -> bool:
 
 async def _database_error(request: Request, exc: Exception) -> Response:
     """A busy database (lock or statement timeout, deadlock) or a lost connection is a 503 with Retry-After,
-    never a hang or a 500."""
+    never a hang or a 500; a value it cannot take is a 400."""
     state = sqlstate_of(exc)
     busy = state in RETRYABLE_SQLSTATES
     if busy or connection_lost(exc):
@@ -300,6 +300,14 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         detail = "The data is busy" if busy else "The database connection was lost"
         return problem_response(
             503, scope=request.scope, detail=f"{detail}; retry shortly.", headers={"Retry-After": "1"}
+        )
+    if state is not None and state.startswith("22"):
+        # A data exception: a value the request carried that the database cannot hold or compare (a
+        # timestamp beyond its range, a NUL in text). Each input is checked before it gets here; this is
+        # the backstop for one that was not: the statement changed nothing, and it is the request's fault.
+        log.warning("db.data_exception", sqlstate=state, path=request.url.path)
+        return problem_response(
+            400, scope=request.scope, detail="A value in the request cannot be stored or compared; check its range."
         )
     log.error("db.error", sqlstate=state, error=type(exc).__name__, path=request.url.path)
     return problem_response(500, scope=request.scope, detail="An unexpected error occurred.")

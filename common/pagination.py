@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from fastapi import Query
@@ -19,6 +20,8 @@ R = TypeVar("R")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+BIGINT_MAX = 2**63 - 1
+_DIGITS = re.compile(r"^[0-9]{1,19}$")
 
 LimitParam = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size (1-200).")]
 # The pattern is the cursor's alphabet (unpadded base64url), said in the schema only: a string that is not
@@ -68,13 +71,19 @@ class TimeKeyed(Protocol):
 
 
 def time_key_after(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
-    """Where a newest-first page on (created_at, id) goes on: None for the first page, a 400 for a bad cursor."""
+    """Where a newest-first page on (created_at, id) goes on: None for the first page, a 400 for a bad cursor.
+
+    The cursors made here carry an instant with its offset; one without, or one that is no instant in UTC
+    (year 9999 at -12:00 is year 10000 there), is not one of them and never reaches the database."""
     if not cursor:
         return None
     created, ident = decode_cursor(cursor, 2)
     try:
-        return datetime.fromisoformat(created), uuid.UUID(ident)
-    except ValueError as exc:
+        instant = datetime.fromisoformat(created)
+        if instant.utcoffset() is None:
+            raise ValueError("no offset")
+        return instant.astimezone(UTC), uuid.UUID(ident)
+    except (ValueError, OverflowError) as exc:
         raise BadRequest("The cursor is not valid.") from exc
 
 
@@ -87,7 +96,8 @@ def number_before(cursor: str | None) -> int | None:
     if not cursor:
         return None
     (value,) = decode_cursor(cursor, 1)
-    if not value.isdigit() or len(value) > 19:
+    # ASCII digits only (str.isdigit also takes "²"), and within the database's BIGINT.
+    if not _DIGITS.match(value) or int(value) > BIGINT_MAX:
         raise BadRequest("The cursor is not valid.")
     return int(value)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from common.db import SessionDep
-from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
+from common.pagination import BIGINT_MAX, DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from services.audit.runtime import AlertsDep, AuditAdmin, Events, Runtime
 from services.audit.schemas import AlertRead, CheckpointRead, EventRead, VerifyResult
 from services.audit.service import Alerts, checkpoint_page
@@ -19,7 +19,9 @@ router = APIRouter(
     responses={403: {"description": "Not an admin (the denial is recorded in the audit chain)"}},
 )
 
-ShortText = Annotated[str | None, Query(max_length=256)]
+# Text filters are compared with stored text, which cannot hold NUL: a filter with one is a 422 here.
+NO_NUL = r"^[^\x00]*$"
+ShortText = Annotated[str | None, Query(max_length=256, pattern=NO_NUL)]
 
 
 @router.get("/events", response_model=Page[EventRead])
@@ -28,9 +30,13 @@ async def list_events(
     events: Events,
     rt: Runtime,
     claims: AuditAdmin,
-    actor_id: Annotated[str | None, Query(max_length=128, description="A user id, a pseudonym or a service.")] = None,
-    action: Annotated[str | None, Query(max_length=100, description="Exact dotted action name.")] = None,
-    resource_type: Annotated[str | None, Query(max_length=64)] = None,
+    actor_id: Annotated[
+        str | None, Query(max_length=128, pattern=NO_NUL, description="A user id, a pseudonym or a service.")
+    ] = None,
+    action: Annotated[
+        str | None, Query(max_length=100, pattern=NO_NUL, description="Exact dotted action name.")
+    ] = None,
+    resource_type: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
     resource_id: ShortText = None,
     since: Annotated[RFC3339 | None, Query(description="occurred_at at or after (RFC 3339).")] = None,
     until: Annotated[RFC3339 | None, Query(description="occurred_at strictly before (RFC 3339).")] = None,
@@ -122,7 +128,9 @@ async def list_alerts(
 
 
 @router.post("/alerts/{alert_id}/resolve", response_model=AlertRead)
-async def resolve_alert(alert_id: int, request: Request, rt: Runtime, claims: AuditAdmin) -> AlertRead:
+async def resolve_alert(
+    alert_id: Annotated[int, Path(ge=1, le=BIGINT_MAX)], request: Request, rt: Runtime, claims: AuditAdmin
+) -> AlertRead:
     """Close an alert once it has been dealt with."""
     async with rt.db.sessionmaker() as session, session.begin():
         alert = await Alerts(session).resolve(alert_id, by=claims.sub)

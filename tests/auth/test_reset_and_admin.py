@@ -8,6 +8,7 @@ import pytest
 
 from tests.auth.conftest import PASSWORD, AuthClient
 from tests.conftest import assert_problem
+from tests.support.cursors import FORGED_TIME_CURSORS
 from tests.support.tokens import bearer
 
 NEW_PASSWORD = "a fresh and long passphrase"
@@ -120,6 +121,8 @@ async def test_staff_list_users_with_pagination(auth: AuthClient) -> None:
     staff_only = (await auth.get("/api/v1/auth/admin/users", token, params={"role": "staff"})).json()
     assert [u["role"] for u in staff_only["items"]] == ["staff"]
     assert_problem(await auth.get("/api/v1/auth/admin/users", token, params={"cursor": "garbage"}), 400)
+    for forged in FORGED_TIME_CURSORS:
+        assert_problem(await auth.get("/api/v1/auth/admin/users", token, params={"cursor": forged}), 400)
 
 
 async def test_customers_cannot_list_users(auth: AuthClient) -> None:

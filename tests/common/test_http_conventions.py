@@ -7,11 +7,13 @@ import json
 import httpx
 import pytest
 from pydantic import BaseModel, Field
+from sqlalchemy import text
 
 from common.app import ComptoirAPI
+from common.db import Database
 from common.errors import Conflict
 from common.settings import CommonSettings, Environment
-from tests.conftest import assert_problem, assert_security_headers
+from tests.conftest import DatabaseFixture, assert_problem, assert_security_headers
 
 
 class Item(BaseModel):
@@ -171,3 +173,28 @@ async def test_cross_origin_resource_policy_stays_same_origin_unless_a_route_say
     client: httpx.AsyncClient,
 ) -> None:
     assert (await client.get("/healthz")).headers["cross-origin-resource-policy"] == "same-origin"
+
+
+async def test_a_value_the_database_cannot_take_is_a_400_that_echoes_nothing(database: DatabaseFixture) -> None:
+    """The backstop behind each input's own checks: a data exception (SQLSTATE class 22) raised by the
+    database for a request's value is the request's fault, answered 400, never 500."""
+    db = Database(database.url("inventory"), schema="inventory", application_name="probe", pool_size=1)
+    app = build_app()
+
+    @app.get("/echo")
+    async def echo(value: str) -> dict[str, str]:
+        async with db.sessionmaker() as session:
+            stored = (await session.execute(text("SELECT CAST(:value AS text)"), {"value": value})).scalar_one()
+        return {"value": stored}
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            assert (await client.get("/echo", params={"value": "savon"})).json() == {"value": "savon"}
+            response = await client.get("/echo", params={"value": "sav\x00on-secret"})
+            body = assert_problem(response, 400)
+            assert body["type"] == "urn:comptoir:problem:bad-request"
+            assert "secret" not in response.text
+            assert (await client.get("/echo", params={"value": "riz"})).json() == {"value": "riz"}
+    finally:
+        await db.dispose()

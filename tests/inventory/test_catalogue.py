@@ -9,6 +9,7 @@ import pytest
 from services.inventory.config import Settings
 from services.inventory.main import create_app
 from tests.conftest import DatabaseFixture, assert_problem, running
+from tests.support.cursors import FORGED_TIME_CURSORS
 
 # The rows below are written straight into the table, without ledger movements.
 LEDGER_CHECK = False
@@ -100,7 +101,7 @@ async def test_bad_limits_are_422(client, params) -> None:  # noqa: ANN001
     assert_problem(await client.get("/api/v1/products", params=params), 422)
 
 
-@pytest.mark.parametrize("cursor", ["not-a-cursor", "W10", "WyJ4IiwieSJd", "%%%"])
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "W10", "WyJ4IiwieSJd", "%%%", *FORGED_TIME_CURSORS])
 async def test_forged_cursors_are_400(client, cursor) -> None:  # noqa: ANN001
     assert_problem(await client.get("/api/v1/products", params={"cursor": cursor}), 400)
 

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import assert_problem
 from tests.orders.conftest import System
+from tests.support.cursors import FORGED_TIME_CURSORS
 
 ORDERS = "/api/v1/orders"
 
@@ -325,6 +326,8 @@ async def test_listing_pages_and_filters(system: System) -> None:
     assert [o["id"] for o in cancelled.json()["items"]] == [ids[0]]
     assert_problem(await system.orders.get(ORDERS, params={"status": "placing"}, headers=customer), 422)
     assert_problem(await system.orders.get(ORDERS, params={"cursor": "bogus"}, headers=customer), 400)
+    for forged in FORGED_TIME_CURSORS:
+        assert_problem(await system.orders.get(ORDERS, params={"cursor": forged}, headers=customer), 400)
 
 
 async def test_pending_orders_expire_and_release_stock(system: System) -> None:
