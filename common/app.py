@@ -70,6 +70,11 @@ class ComptoirAPI(FastAPI):
         # Straight to the middleware stack: FastAPI's own __call__ looks up an OpenTelemetry tracer
         # provider on every request, and Comptoir exports Prometheus metrics instead (measured: ~3 % of
         # the gateway's CPU per request).
+        if scope["method"] == "HEAD":
+            # Every GET route answers HEAD too (RFC 9110 §9.3.2), as the 405s' Allow headers say: routed,
+            # authorised, limited and answered as the GET, on a copy of the scope. The server still sees
+            # HEAD in its own and sends the head of the answer without its body.
+            scope = dict(scope, method="GET")
         if self.root_path:
             scope["root_path"] = self.root_path
         scope["app"] = self

@@ -388,7 +388,8 @@ def merge(documents: dict[str, dict[str, Any]], title: str = "Comptoir public AP
             "title": title,
             "version": "1",
             "description": "Every error is RFC 9457 `application/problem+json`. A method that a path does not "
-            "have is answered 405 with an `Allow` header, before any authentication.\n\n" + USER_DOCUMENTS,
+            "have is answered 405 with an `Allow` header, before any authentication. Every path with GET also "
+            "answers HEAD: the GET's status and headers, without a body.\n\n" + USER_DOCUMENTS,
         },
         "paths": paths,
         "components": {

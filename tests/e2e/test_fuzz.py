@@ -194,3 +194,27 @@ def test_every_check_passes(system: RunningSystem, role: str, tmp_path: Path) ->
         "the fuzzer's session ended during the run: the results above are not meaningful"
     )
     assert system.ledger_breaks() == []  # whatever the fuzzer bought, adjusted or cancelled
+
+
+def test_every_get_answers_head_with_its_head_and_no_body(system: RunningSystem) -> None:
+    """HEAD is what the 405s' Allow headers promise on every GET path: through the gateway and each real
+    service behind it, the same status and headers as the GET, and no body; a path without GET is a 405."""
+    gateway = system.url()
+    customer = {"Authorization": f"Bearer {user_token(system, 'customer')}"}
+    for path, headers in [
+        ("/api/v1/products", {}),
+        ("/api/v1/auth/me", customer),
+        ("/api/v1/orders", customer),
+        ("/api/v1/audit/events", customer),  # not an admin: the same 403 either way
+        ("/api/v1/orders", {}),  # the same 401 either way
+    ]:
+        got = httpx.get(gateway + path, headers=headers)
+        head = httpx.head(gateway + path, headers=headers)
+        assert head.status_code == got.status_code, (path, head.status_code, got.status_code)
+        assert head.content == b""
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["content-length"] == str(len(got.content)), path
+    refused = httpx.head(gateway + "/api/v1/auth/login")
+    assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
+    options = httpx.options(gateway + "/api/v1/orders")
+    assert (options.status_code, options.headers["allow"]) == (405, "GET, HEAD, POST")
