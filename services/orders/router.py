@@ -31,8 +31,11 @@ def _customer_id(claims: Claims) -> uuid.UUID:
     return user_id
 
 
-def checked_key(key: str | None) -> str:
-    """The Idempotency-Key header's value, or 400 when it is missing or malformed."""
+def checked_key(key: str | None, request: Request) -> str:
+    """The Idempotency-Key header's value, or 400 when it is missing or malformed, or sent more than once
+    (which one would be the key depends on the proxies on the way: some merge repeated headers, some not)."""
+    if len(request.headers.getlist("idempotency-key")) > 1:
+        raise IdempotencyKeyMissing("Send one Idempotency-Key header, not several.")
     if key is None or not key.strip():
         raise IdempotencyKeyMissing("Send an Idempotency-Key header with every POST /orders.")
     if not _KEY.match(key):
@@ -41,6 +44,7 @@ def checked_key(key: str | None) -> str:
 
 
 async def idempotency_key(
+    request: Request,
     key: Annotated[
         str | None,
         Header(
@@ -50,7 +54,7 @@ async def idempotency_key(
         ),
     ] = None,
 ) -> str:
-    return checked_key(key)
+    return checked_key(key, request)
 
 
 async def place_order(
@@ -88,7 +92,7 @@ async def _place_directly(request: Request) -> Response | None:
     except Exception:  # noqa: BLE001 - invalid, or unreadable (the client left): FastAPI's path answers it
         return None
     claims = await current_user(request)
-    key = checked_key(request.headers.get("idempotency-key"))
+    key = checked_key(request.headers.get("idempotency-key"), request)
     return await place_order(data, request, orders_of(request), request_id_of(request), claims, key)
 
 

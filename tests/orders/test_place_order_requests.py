@@ -177,3 +177,19 @@ def test_the_operation_is_documented_as_before(system: System) -> None:
     assert operation["responses"]["201"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/OrderRead"
     }
+
+
+async def test_two_idempotency_keys_are_a_400_on_either_path_and_place_nothing(system: System) -> None:
+    """Which of two keys would count depends on the proxies between (some merge repeated headers into
+    one "a, b" value, some pass both): neither is guessed, the request is refused."""
+    product = await system.product()
+    valid = json.dumps({"items": [line(product["id"])]}).encode()
+    invalid = json.dumps({"items": [line(product["id"], "1")]}).encode()  # FastAPI's own path
+    token = system.tokens.customer()
+    for body in (valid, invalid):
+        headers = [*token.items(), ("Content-Type", "application/json")]
+        headers += [("Idempotency-Key", "k1-A"), ("Idempotency-Key", "k2-B")]
+        problem = assert_problem(await system.orders.post(ORDERS, content=body, headers=headers), 400)
+        assert problem["detail"] == "Send one Idempotency-Key header, not several."
+    assert await order_count(system) == 0
+    assert (await post(system, valid, token | {"Idempotency-Key": "k2-B"})).status_code == 201
