@@ -10,9 +10,13 @@ from starlette.types import Scope
 
 
 def if_none_match_names(scope: Scope, etag: bytes) -> bool:
-    """True when the request's ``If-None-Match`` is ``*`` or lists ``etag`` (strong comparison)."""
+    """True when the request's ``If-None-Match`` is ``*`` or lists ``etag``, compared weakly as the RFC
+    requires for this header (``W/"x"`` names ``"x"``), over every ``If-None-Match`` line it sent."""
+    wanted = etag.removeprefix(b"W/")
     for name, value in scope.get("headers", ()):
         if name == b"if-none-match":
-            tags = [tag.strip() for tag in value.split(b",")]
-            return b"*" in tags or etag in tags
+            for tag in value.split(b","):
+                tag = tag.strip()
+                if tag == b"*" or tag.removeprefix(b"W/") == wanted:
+                    return True
     return False

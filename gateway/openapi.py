@@ -93,8 +93,13 @@ ETAG = {
     ("GET", "/api/v1/products/{product_id}"),
     ("GET", "/api/v1/products/{product_id}/images/{image_id}"),
 }
-# Catalogue reads answer a matching If-None-Match with 304 (inventory's validators, the gateway's cache).
-CONDITIONAL = {("GET", "/api/v1/products"), ("GET", "/api/v1/products/{product_id}")}
+# Catalogue reads and images answer a matching If-None-Match with 304 (inventory's validators, the gateway's
+# cache; an image's by its file's validator).
+CONDITIONAL = {
+    ("GET", "/api/v1/products"),
+    ("GET", "/api/v1/products/{product_id}"),
+    ("GET", "/api/v1/products/{product_id}/images/{image_id}"),
+}
 
 DESCRIPTIONS = {
     400: "Malformed request: the body is not JSON, a cursor is not one the server made, or a header is missing",

@@ -127,6 +127,12 @@ async def test_catalogue_answers_carry_a_strong_etag_and_revalidate_with_304(cli
         assert again.headers["etag"] == etag
         assert again.headers["cache-control"] == "public, max-age=1"
         assert (await client.get(path, headers={"If-None-Match": '"stale"'})).status_code == 200
+        # If-None-Match compares weakly (RFC 9110 §13.1.2): a weak copy of the tag names it too, and so does
+        # a tag on a second If-None-Match line.
+        assert (await client.get(path, headers={"If-None-Match": f"W/{etag}"})).status_code == 304
+        lines = [("If-None-Match", '"stale"'), ("If-None-Match", etag)]
+        assert (await client.get(path, headers=lines)).status_code == 304
+        assert (await client.get(path, headers={"If-None-Match": f'W/{etag[:-2]}"'})).status_code == 200
 
 
 async def test_inactive_or_missing_product_is_404(client, catalogue) -> None:  # noqa: ANN001

@@ -107,6 +107,11 @@ async def test_upload_and_serve_each_format(
     assert Image.open(io.BytesIO(served.content)).format == fmt
     listed = (await client.get(f"/api/v1/products/{product['id']}")).json()
     assert listed["image_urls"] == [image["url"]]
+    # Revalidation, as the API reference documents it for images: 304 with the validator and no body.
+    again = await client.get(image["url"], headers={"If-None-Match": served.headers["etag"]})
+    assert (again.status_code, again.content) == (304, b"")
+    assert again.headers["etag"] == served.headers["etag"]
+    assert again.headers["cache-control"] == "public, max-age=86400"
 
 
 async def test_exif_and_metadata_are_dropped(client: httpx.AsyncClient, tokens: Tokens, product: dict) -> None:
