@@ -23,6 +23,11 @@ from services.auth.service import AccountService
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
+# A wrong code in a well-formed request is a 400 (the API reference), like a wrong phone code.
+WRONG_MFA_CODE = (
+    "The code from the authenticator app, or the recovery code, is wrong (`wrong-mfa-code`), or the body is not JSON"
+)
+
 
 @router.post(
     "/login/mfa",
@@ -65,7 +70,7 @@ async def mfa_enrol(claims: CurrentUser, session: SessionDep, rt: RuntimeDep, re
     return await Mfa(session, rt, ctx).enrol(user)
 
 
-@router.post("/mfa/totp/confirm", response_model=RecoveryCodes)
+@router.post("/mfa/totp/confirm", response_model=RecoveryCodes, responses={400: {"description": WRONG_MFA_CODE}})
 async def mfa_confirm(
     body: CodeBody, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> RecoveryCodes:
@@ -75,7 +80,7 @@ async def mfa_confirm(
     return await Mfa(session, rt, ctx).confirm(user, body.code)
 
 
-@router.post("/mfa/recovery-codes", response_model=RecoveryCodes)
+@router.post("/mfa/recovery-codes", response_model=RecoveryCodes, responses={400: {"description": WRONG_MFA_CODE}})
 async def mfa_recovery_codes(
     body: CodeBody, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> RecoveryCodes:
@@ -85,7 +90,16 @@ async def mfa_recovery_codes(
     return await Mfa(session, rt, ctx).new_recovery_codes(user, body.code)
 
 
-@router.post("/mfa/totp/disable", status_code=status.HTTP_204_NO_CONTENT)
+@router.post(
+    "/mfa/totp/disable",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={
+        400: {
+            "description": "A wrong password or authenticator code (`wrong-password`, `wrong-mfa-code`), "
+            "or a body that is not JSON"
+        }
+    },
+)
 async def mfa_disable(
     body: MfaDisable, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> None:

@@ -43,6 +43,9 @@ from services.auth.service import AccountService
 log = structlog.get_logger("comptoir.auth")
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+
+# A wrong secret in a well-formed request is a 400 (the API reference), not a 401: the caller's token is good.
+WRONG_PASSWORD = "The current password is wrong (`wrong-password`), or the body is not JSON"  # noqa: S105 - a text
 well_known = APIRouter(tags=["auth"])
 
 NO_CONTENT = status.HTTP_204_NO_CONTENT
@@ -132,7 +135,16 @@ async def password_reset_request(
     return Accepted(detail=RESET_ACCEPTED)
 
 
-@router.post("/password-reset/confirm", status_code=NO_CONTENT)
+@router.post(
+    "/password-reset/confirm",
+    status_code=NO_CONTENT,
+    responses={
+        400: {
+            "description": "The reset token is unknown, used or expired (`invalid-reset-token`), "
+            "or the body is not JSON"
+        }
+    },
+)
 async def password_reset_confirm(body: ResetConfirm, session: SessionDep, rt: RuntimeDep, request: Request) -> None:
     """Set a new password with a reset token; every session ends."""
     await accounts(session, rt, request).confirm_reset(body.token, body.new_password)
@@ -203,7 +215,7 @@ async def update_me(
     return await accounts(session, rt, request).update_me(claims, body)
 
 
-@router.post("/me/password", status_code=NO_CONTENT)
+@router.post("/me/password", status_code=NO_CONTENT, responses={400: {"description": WRONG_PASSWORD}})
 async def change_password(
     body: PasswordChange, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> None:
@@ -226,7 +238,11 @@ async def otp_request(
     return Accepted(detail="A code has been sent to the phone number.")
 
 
-@router.post("/otp/verify", response_model=UserRead)
+@router.post(
+    "/otp/verify",
+    response_model=UserRead,
+    responses={400: {"description": "A wrong or expired code (`invalid-code`), or a body that is not JSON"}},
+)
 async def otp_verify(
     body: OtpVerify, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> UserRead:
@@ -240,7 +256,7 @@ async def export(claims: CurrentUser, session: SessionDep, rt: RuntimeDep, reque
     return await GdprService(session, rt, request_context(request)).export(claims)
 
 
-@router.delete("/me", status_code=NO_CONTENT)
+@router.delete("/me", status_code=NO_CONTENT, responses={400: {"description": WRONG_PASSWORD}})
 async def erase(
     body: AccountDeletion, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> None:
