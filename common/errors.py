@@ -208,7 +208,15 @@ class UnsupportedMediaType(ServiceError):
 
 
 class Unprocessable(ServiceError):
+    """422. Its problem document always lists ``errors`` (API reference): the raiser's own, or one entry at
+    ``loc`` (the class's, or the one given) saying what the detail says."""
+
     status, slug, title = 422, "validation-error", "Request validation failed"
+    loc: ClassVar[tuple[str | int, ...]] = ("body",)
+
+    def __init__(self, detail: str | None = None, *, loc: Sequence[str | int] | None = None, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.extra.setdefault("errors", [{"loc": list(self.loc if loc is None else loc), "msg": self.detail}])
 
 
 class TooManyRequests(ServiceError):

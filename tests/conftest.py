@@ -95,5 +95,8 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
     assert body["status"] == status
     assert {"type", "title", "detail", "request_id"} <= set(body)
     assert body["request_id"] == response.headers["x-request-id"]
+    if status == 422:  # the API reference: a 422 always says which input and why
+        assert body["errors"], body
+        assert all(set(error) == {"loc", "msg"} and error["loc"] for error in body["errors"]), body
     assert_security_headers(response)
     return dict(body)

@@ -9,11 +9,13 @@ class ForeignEvent(Forbidden):
 class BatchTooLarge(Unprocessable):
     slug = "batch-too-large"
     title = "Too many events in one batch"
+    loc = ("body", "events")
 
 
 class InvalidEvent(Unprocessable):
     slug = "invalid-event"
     title = "An event cannot be stored"
+    loc = ("body", "events")
 
 
 class ChainBusy(ServiceUnavailable):

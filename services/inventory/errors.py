@@ -45,6 +45,7 @@ class ReservationClosed(Conflict):
 class ReservationMismatch(Unprocessable):
     slug = "reservation-mismatch"
     title = "This reservation id was used with other items"
+    loc = ("body", "reservation_id")
 
 
 class UnknownProducts(Unprocessable):
@@ -70,3 +71,4 @@ class UnsupportedImageType(UnsupportedMediaType):
 class InvalidImage(Unprocessable):
     slug = "invalid-image"
     title = "The file is not a valid image"
+    loc = ("body", "file")

@@ -56,7 +56,7 @@ def _query(value: str | None) -> str | None:
     try:
         return check_printable(value, multiline=False)
     except ValueError as exc:
-        raise Unprocessable("The search text must not contain control characters.") from exc
+        raise Unprocessable("The search text must not contain control characters.", loc=("query", "q")) from exc
 
 
 @router.get("", response_model=Page[ProductRead])
@@ -171,7 +171,7 @@ async def _read_upload(request: Request, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ImageTooLarge(f"An image may be at most {max_bytes} bytes.")
     if not data:
-        raise Unprocessable("The file is empty.")
+        raise Unprocessable("The file is empty.", loc=("body", "file"))
     return data
 
 

@@ -197,7 +197,7 @@ class StockService:
                 extra={"on_hand": product.on_hand, "reserved": product.reserved, "available": product.available},
             )
         if on_hand > MAX_STOCK:
-            raise Unprocessable(f"On hand stock cannot exceed {MAX_STOCK} units.")
+            raise Unprocessable(f"On hand stock cannot exceed {MAX_STOCK} units.", loc=("body", "delta"))
         old_on_hand = product.on_hand
         product.on_hand = on_hand
         await self.products.add_movements(

@@ -14,6 +14,7 @@ class IdempotencyKeyMissing(BadRequest):
 class IdempotencyKeyReused(Unprocessable):
     slug = "idempotency-key-reused"
     title = "This Idempotency-Key was used with another request body"
+    loc = ("header", "Idempotency-Key")
 
 
 class IdempotentRequestInProgress(Conflict):
@@ -49,6 +50,7 @@ class OrderBusy(Conflict):
 class OrderTotalTooLarge(Unprocessable):
     slug = "order-total-too-large"
     title = "The order total is too large"
+    loc = ("body", "items")
 
 
 class InventoryUnavailable(ServiceUnavailable):

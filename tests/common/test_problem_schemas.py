@@ -31,8 +31,13 @@ def test_retry_after_is_repeated_in_the_body() -> None:
 
 
 def test_every_422_carries_errors() -> None:
-    bare = body_of(error_response(Unprocessable("Some products do not exist.")))
-    assert ValidationProblem.model_validate(bare).errors == []
+    # Raised without its own list, a 422 still says which input (the body, unless the raiser names one) and why.
+    bare = ValidationProblem.model_validate(body_of(error_response(Unprocessable("The file is empty."))))
+    assert [(e.loc, e.msg) for e in bare.errors] == [(["body"], "The file is empty.")]
+    placed = body_of(error_response(Unprocessable("Control characters.", loc=("query", "q"))))
+    assert [(e.loc, e.msg) for e in ValidationProblem.model_validate(placed).errors] == [
+        (["query", "q"], "Control characters.")
+    ]
     listed = body_of(
         error_response(
             Unprocessable("Bad.", extra={"errors": [{"loc": ["body", "items", 0], "msg": "Unknown product"}]})

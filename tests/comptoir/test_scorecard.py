@@ -313,10 +313,15 @@ async def _break(admin_url: str, *statements: str) -> None:
         await conn.close()
 
 
-def test_each_database_check_fails_on_a_database_that_breaks_it(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_each_database_check_fails_on_a_database_that_breaks_it(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.comptoir.test_backup import seed_and_sign, tamper
 
     data_dir = tmp_path_factory.mktemp("scorecard")
+    # The chain check reads this installation's keys from DATA_DIR: this one's, not whatever ./var holds
+    # where the tests happen to run (a developer's own `make run`).
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
     embedded = EmbeddedPostgres(data_dir)
     admin_url = embedded.start()
     try:

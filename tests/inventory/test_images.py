@@ -215,7 +215,8 @@ async def test_damaged_polyglot_or_oversized_images_are_422(
     client: httpx.AsyncClient, tokens: Tokens, product: dict, data: bytes
 ) -> None:
     response = await client.post(upload_url(product), files=files(data), headers=tokens.staff())
-    assert_problem(response, 422)
+    body = assert_problem(response, 422)
+    assert [error["loc"] for error in body["errors"]] == [["body", "file"]]  # type: ignore[union-attr]
     assert stored_files(client) == []
 
 

@@ -116,7 +116,8 @@ async def test_same_key_with_another_body_is_422(system: System) -> None:
     product = await system.product(stock=10)
     customer = system.tokens.customer()
     await system.place([(product["id"], 2)], customer=customer, key="order-123")
-    assert_problem(await system.place([(product["id"], 3)], customer=customer, key="order-123"), 422)
+    body = assert_problem(await system.place([(product["id"], 3)], customer=customer, key="order-123"), 422)
+    assert body["errors"] == [{"loc": ["header", "Idempotency-Key"], "msg": body["detail"]}]
     assert await system.stock(product["id"]) == {"on_hand": 10, "reserved": 2, "available": 8}
 
 
