@@ -22,9 +22,12 @@ log = structlog.get_logger("comptoir.security")
 
 
 def bearer_token(request: Request) -> str | None:
-    value = request.headers.get("authorization")
-    if value is None:
+    values = request.headers.getlist("authorization")
+    if not values:
         return None
+    if len(values) > 1:
+        raise Unauthorized("Send one Authorization header, not several.")
+    value = values[0]
     scheme, _, token = value.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or " " in token:

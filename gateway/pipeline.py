@@ -54,9 +54,17 @@ class Pipeline:
         path: str = scope["path"]
         method: str = scope["method"]
         headers: dict[bytes, bytes] = {}
+        credentials = 0
         for key, value in scope.get("headers", ()):
-            if key in _WANTED and key not in headers:
-                headers[key] = value
+            if key in _WANTED:
+                if key == b"authorization":
+                    credentials += 1
+                if key not in headers:
+                    headers[key] = value
+                elif key == b"x-forwarded-for":
+                    # Repeated lines are one list (RFC 9110 §5.3): a proxy may add its own line after the
+                    # client's, and the right-most hops are the ones that count.
+                    headers[key] += b", " + value
 
         route: Route | None = None
         if is_forbidden_path(path, scope.get("raw_path")):
@@ -92,6 +100,11 @@ class Pipeline:
 
         claims = None
         authorization = headers.get(b"authorization")
+        if credentials > 1:
+            # Which one counts would be a guess, and the service behind might guess differently.
+            self._event(scope, "gateway.token.rejected", reason="several authorization headers")
+            await self._unauthorized(scope, receive, send_with_extra, "Send one Authorization header, not several.")
+            return
         if authorization is not None:
             try:
                 claims = await self.auth.authenticate(authorization)

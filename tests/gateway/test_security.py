@@ -101,6 +101,17 @@ def test_malformed_authorization_is_401(gateway, header: str) -> None:  # noqa: 
     assert_401(httpx.get(gateway[0] + PROTECTED, headers={"Authorization": header}))
 
 
+@pytest.mark.parametrize("path", [PROTECTED, PUBLIC])
+def test_several_authorization_headers_are_401_whatever_their_order(gateway, issuer, path: str) -> None:  # noqa: ANN001
+    """Which of two credentials would count is a guess the service behind might make differently."""
+    valid = f"Bearer {issuer.access(role='customer')}"
+    for pair in ([valid, "Bearer junk"], ["Bearer junk", valid], [valid, valid]):
+        response = httpx.get(gateway[0] + path, headers=[("Authorization", value) for value in pair])
+        assert_401(response)
+        assert response.json()["detail"] == "Send one Authorization header, not several."
+    assert httpx.get(gateway[0] + path, headers={"Authorization": valid}).status_code == 200
+
+
 def test_revoked_session_is_refused(gateway, issuer) -> None:  # noqa: ANN001
     url, app = gateway
     token = issuer.access(sid="session-to-revoke")
@@ -133,6 +144,9 @@ def test_forwarded_for_is_believed_from_trusted_proxies_only(echo, issuer) -> No
             httpx.get(url + PUBLIC, headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.9, 10.1.2.3"}).json()
         )
         assert seen["x-forwarded-for"] == "198.51.100.9"  # right-most untrusted hop
+        # A proxy that adds its own line after the client's: the lines are one list, read from the right.
+        lines = [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "198.51.100.7, 10.1.2.3")]
+        assert echoed_headers(httpx.get(url + PUBLIC, headers=lines).json())["x-forwarded-for"] == "198.51.100.7"
         # each real client has its own bucket behind the proxy
         for client in ("198.51.100.1", "198.51.100.2"):
             codes = [httpx.get(url + PUBLIC, headers={"X-Forwarded-For": client}).status_code for _ in range(3)]

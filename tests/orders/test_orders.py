@@ -307,6 +307,12 @@ async def test_orders_need_a_user(system: System) -> None:
     assert_problem(await system.orders.post(ORDERS, json={"items": []}, headers={"Idempotency-Key": "k"}), 401)
     service = system.tokens.service("auth", "orders")
     assert_problem(await system.orders.get(ORDERS, headers=service), 401)
+    # Two credentials are one too many, in either order, even if both are good.
+    mine = system.tokens.customer()["Authorization"]
+    for pair in ([mine, "Bearer junk"], ["Bearer junk", mine], [mine, mine]):
+        twice = await system.orders.get(ORDERS, headers=[("Authorization", value) for value in pair])
+        assert assert_problem(twice, 401)["detail"] == "Send one Authorization header, not several."
+    assert (await system.orders.get(ORDERS, headers={"Authorization": mine})).status_code == 200
 
 
 async def test_listing_pages_and_filters(system: System) -> None:
