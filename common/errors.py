@@ -22,6 +22,8 @@ from starlette.types import Scope
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:comptoir:problem:"
+# The challenge of every 401, the gateway's and the services' alike (RFC 6750 §3).
+BEARER_CHALLENGE = 'Bearer realm="comptoir"'
 
 log = structlog.get_logger("comptoir.errors")
 
@@ -183,7 +185,7 @@ class Unauthorized(ServiceError):
     status, slug, title = 401, "unauthorized", "Authentication required"
 
     def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        kwargs.setdefault("headers", {"WWW-Authenticate": BEARER_CHALLENGE})
         super().__init__(detail, **kwargs)
 
 

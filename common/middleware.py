@@ -104,6 +104,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 scope["comptoir.response_started"] = True
+                if status in _WITHOUT_CONTENT:
+                    # No content, so no content type (FastAPI's JSON response class sets one on a 204).
+                    message["headers"] = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"content-type"]
                 if security is not None:
                     message["headers"] = security.apply(message.get("headers", ()), rid_bytes)
                 else:
@@ -150,6 +153,9 @@ class RequestContextMiddleware:
                     client=(scope.get("client") or ("", 0))[0],
                 )
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+_WITHOUT_CONTENT = frozenset({204, 304})
 
 
 def _response_started(scope: Scope) -> bool:

@@ -2,7 +2,8 @@
 
 The gateway answers it itself, before authentication and rate limiting: the answer depends only on the
 path template, never on who asks, so it reveals nothing. The table is checked against the services' real
-OpenAPI document by ``tests/gateway/test_openapi.py``; a path that is not in it is forwarded as before.
+OpenAPI document by ``tests/gateway/test_openapi.py``; a path that matches none of its templates is a 404,
+also before authentication (the API reference lists every path).
 """
 
 from __future__ import annotations

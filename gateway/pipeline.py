@@ -10,7 +10,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from common.clientip import Network, resolve_client_ip
-from common.errors import problem_response
+from common.errors import BEARER_CHALLENGE, problem_response
 from common.tokens import InvalidToken
 from gateway.auth import GatewayAuth
 from gateway.cache import PublicCache
@@ -89,7 +89,12 @@ class Pipeline:
 
         # Before authentication and rate limiting: which methods a path has is the same answer for anyone.
         known = allowed_methods(path)
-        if known is not None and method not in known[0]:
+        if known is None:
+            # No public path looks like this one (a typo, a trailing slash): the API reference lists them
+            # all, so saying so before authentication reveals nothing, and a client learns its mistake.
+            await problem_response(404, scope=scope, detail="No such resource.")(scope, receive, send_with_extra)
+            return
+        if method not in known[0]:
             await method_not_allowed(scope, receive, send_with_extra, known[1])
             return
 
@@ -180,9 +185,7 @@ class Pipeline:
         await send({"type": "http.response.body", "body": b""})
 
     async def _unauthorized(self, scope: Scope, receive: Receive, send: Send, detail: str) -> None:
-        response = problem_response(
-            401, scope=scope, detail=detail, headers={"WWW-Authenticate": 'Bearer realm="comptoir"'}
-        )
+        response = problem_response(401, scope=scope, detail=detail, headers={"WWW-Authenticate": BEARER_CHALLENGE})
         await response(scope, receive, send)
 
 

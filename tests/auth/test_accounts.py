@@ -127,7 +127,7 @@ async def test_login_does_not_tell_unknown_email_from_wrong_password(auth: AuthC
         body = assert_problem(response, 401)
         body.pop("request_id")
         bodies.append(body)
-        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.headers["www-authenticate"] == 'Bearer realm="comptoir"'
     assert all(body == bodies[0] for body in bodies)
 
 

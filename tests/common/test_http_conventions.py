@@ -42,6 +42,10 @@ def build_app(environment: Environment = Environment.test) -> ComptoirAPI:
     async def conflict() -> None:
         raise Conflict("That sku is taken.")
 
+    @app.delete("/items/{name}", status_code=204)
+    async def remove(name: str) -> None:
+        return None
+
     @app.get("/boom")
     async def boom() -> None:
         raise RuntimeError("secret database detail at /srv/app/db.py password=hunter2")
@@ -198,3 +202,11 @@ async def test_a_value_the_database_cannot_take_is_a_400_that_echoes_nothing(dat
             assert (await client.get("/echo", params={"value": "riz"})).json() == {"value": "riz"}
     finally:
         await db.dispose()
+
+
+async def test_an_answer_without_content_has_no_content_type(client: httpx.AsyncClient) -> None:
+    response = await client.delete("/items/soap")
+    assert (response.status_code, response.content) == (204, b"")
+    assert "content-type" not in response.headers
+    assert response.headers["cache-control"] == "no-store"
+    assert_security_headers(response)

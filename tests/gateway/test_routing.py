@@ -264,8 +264,26 @@ def test_methods_a_path_has_still_go_through_authentication(gateway) -> None:  #
     url, _ = gateway
     assert_problem(httpx.get(url + "/api/v1/auth/me"), 401)
     assert_problem(httpx.post(url + "/api/v1/orders/abc/cancel"), 401)
-    # A path the table does not know is forwarded as before (the upstream decides).
-    assert_problem(httpx.request("TRACE", url + "/api/v1/products/a/b/c/d"), 401)
+
+
+def test_a_path_no_operation_has_is_404_before_authentication(gateway, echo) -> None:  # noqa: ANN001
+    """A typo or a trailing slash under a public prefix: 404, to anyone, without reaching the upstream (the
+    API reference lists every path, so this reveals nothing)."""
+    url, _ = gateway
+    upstream, _ = echo
+    before = len(upstream.hits)
+    for method, path in [
+        ("TRACE", "/api/v1/products/a/b/c/d"),
+        ("GET", "/api/v1/products/"),
+        ("GET", "/api/v1/products/abc/def"),
+        ("GET", "/api/v1/auth/nope"),
+        ("POST", "/api/v1/orders/abc/refund"),
+    ]:
+        for headers in ({}, {"Authorization": "Bearer not.a.token"}):
+            response = httpx.request(method, url + path, headers=headers)
+            assert_problem(response, 404)
+            assert "www-authenticate" not in response.headers
+    assert len(upstream.hits) == before, "the upstream was reached"
 
 
 def test_remembered_path_answers_depend_on_the_raw_path_and_the_method_too() -> None:

@@ -62,7 +62,7 @@ async def test_checks_run_in_order_token_then_key_then_fields(system: System) ->
     for body in (invalid, valid):
         unauthenticated = await post(system, body, key)
         assert_problem(unauthenticated, 401)
-        assert unauthenticated.headers["www-authenticate"] == "Bearer"
+        assert unauthenticated.headers["www-authenticate"] == 'Bearer realm="comptoir"'
         assert_problem(await post(system, body, key | {"Authorization": "Bearer not-a-token"}), 401)
         service = system.tokens.service("inventory", "orders")
         assert_problem(await post(system, body, key | service), 401)
