@@ -16,8 +16,10 @@ answers it checks (Content-Length against the body, chunked encoding, ``HEAD``).
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, cast
 
+import structlog
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
     HEADER_VALUE_RE,
@@ -26,6 +28,11 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+from common.errors import PROBLEM_CONTENT_TYPE, problem_body
+from common.middleware import new_request_id, security_headers
+
+log = structlog.get_logger("comptoir.gateway")
 
 
 class GatewayCycle(RequestResponseCycle):
@@ -125,8 +132,35 @@ class GatewayCycle(RequestResponseCycle):
             self.on_response()
 
 
+# What a request the HTTP parser refuses is answered with, besides the problem document: the headers every
+# answer carries (HSTS aside: the protocol knows no settings; the TLS terminator in front adds it).
+_REFUSED_HEADERS = [*security_headers(hsts_seconds=None), (b"cache-control", b"no-store")]
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, each request answered through a ``GatewayCycle``."""
+
+    def send_400_response(self, msg: str) -> None:
+        """A request that is not HTTP/1.1 the parser can read (a bad method, raw bytes in the target, both
+        Content-Length and Transfer-Encoding, ...): 400 as ``application/problem+json``, like every other
+        error, not uvicorn's plain text; the parser's message stays in the log, and the connection closes."""
+        request_id = new_request_id()
+        body = json.dumps(
+            problem_body(400, detail="The request is not valid HTTP/1.1.", request_id=request_id),
+            separators=(",", ":"),
+        ).encode()
+        headers = [
+            *self.server_state.default_headers,
+            *_REFUSED_HEADERS,
+            (b"x-request-id", request_id.encode("ascii")),
+            (b"content-type", PROBLEM_CONTENT_TYPE.encode("ascii")),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"connection", b"close"),
+        ]
+        log.info("gateway.request.unparsable", reason=msg, request_id=request_id)
+        content = [STATUS_LINE[400], *(name + b": " + value + b"\r\n" for name, value in headers), b"\r\n", body]
+        self.transport.write(b"".join(content))
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from typing import Any
@@ -114,3 +115,31 @@ def test_a_header_that_would_split_the_answer_is_never_written() -> None:
             with socket.create_connection(("127.0.0.1", server.port), 5) as sock:
                 sock.sendall(request("GET", path))
                 assert read_until(sock, b"\r\n\r\n") == b""  # the connection is closed, nothing written
+
+
+def test_a_request_the_parser_refuses_gets_a_problem_document() -> None:
+    """Not HTTP the parser can read: 400 as application/problem+json with the usual headers, like every
+    other error, and the connection closes. The parser's own message is not sent."""
+    with serve(app, http=GatewayHttpProtocol) as server:
+        for raw in (
+            b"FOO /whole HTTP/1.1\r\nhost: test\r\n\r\n",  # not a method
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\nhost: test\r\n\r\n",  # raw bytes in the target
+            b"POST /whole HTTP/1.1\r\nhost: test\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\nabc",
+            b"POST /whole HTTP/1.1\r\nhost: test\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabc",
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), 5) as sock:
+                sock.sendall(raw)
+                answer = read_until(sock, b"\x00never")  # everything, until the server closes
+            head, _, body = answer.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            assert lines[0] == b"HTTP/1.1 400 Bad Request", raw
+            fields = dict(line.split(b": ", 1) for line in lines[1:])
+            assert fields[b"content-type"] == b"application/problem+json"
+            assert fields[b"connection"] == b"close"
+            assert fields[b"x-content-type-options"] == b"nosniff"
+            assert fields[b"cache-control"] == b"no-store"
+            assert int(fields[b"content-length"]) == len(body)
+            problem = json.loads(body)
+            assert (problem["status"], problem["type"]) == (400, "urn:comptoir:problem:bad-request")
+            assert problem["detail"] == "The request is not valid HTTP/1.1."
+            assert problem["request_id"] == fields[b"x-request-id"].decode()
