@@ -99,3 +99,5 @@ _.anonymised
 # uvicorn's request cycle reads these (gateway/server.py sets them as uvicorn's own writer does).
 _.waiting_for_100_continue
 _.__class__
+# uvicorn's protocol calls it when its HTTP parser refuses a request (gateway/server.py overrides it).
+_.send_400_response

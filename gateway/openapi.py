@@ -92,13 +92,17 @@ ETAG = {
     ("GET", "/api/v1/products"),
     ("GET", "/api/v1/products/{product_id}"),
     ("GET", "/api/v1/products/{product_id}/images/{image_id}"),
+    ("GET", "/api/v1/products/{product_id}/stock"),
+    ("GET", "/api/v1/products/{product_id}/stock-movements"),
 }
-# Catalogue reads and images answer a matching If-None-Match with 304 (inventory's validators, the gateway's
-# cache; an image's by its file's validator).
+# Catalogue and stock reads and images answer a matching If-None-Match with 304 (inventory's validators, the
+# gateway's cache; an image's by its file's validator).
 CONDITIONAL = {
     ("GET", "/api/v1/products"),
     ("GET", "/api/v1/products/{product_id}"),
     ("GET", "/api/v1/products/{product_id}/images/{image_id}"),
+    ("GET", "/api/v1/products/{product_id}/stock"),
+    ("GET", "/api/v1/products/{product_id}/stock-movements"),
 }
 
 DESCRIPTIONS = {
