@@ -150,6 +150,12 @@ async def driver_of(conn: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
             await conn.invalidate()
 
 
+# What PostgreSQL can hold: a BIGINT's largest value, and text without NUL (a query pattern for text
+# parameters compared with stored text).
+BIGINT_MAX = 2**63 - 1
+NO_NUL = r"^[^\x00]*$"
+
+
 def escape_like(text: str) -> str:
     """``text`` matched literally inside a LIKE pattern (with ``escape="\\"``): no wildcard from a user."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -7,12 +7,14 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel
 
+from common.clock import in_utc
+from common.db import BIGINT_MAX
 from common.errors import BadRequest
 
 T = TypeVar("T")
@@ -20,7 +22,6 @@ R = TypeVar("R")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
-BIGINT_MAX = 2**63 - 1
 _DIGITS = re.compile(r"^[0-9]{1,19}$")
 
 LimitParam = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size (1-200).")]
@@ -82,8 +83,8 @@ def time_key_after(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
         instant = datetime.fromisoformat(created)
         if instant.utcoffset() is None:
             raise ValueError("no offset")
-        return instant.astimezone(UTC), uuid.UUID(ident)
-    except (ValueError, OverflowError) as exc:
+        return in_utc(instant), uuid.UUID(ident)
+    except ValueError as exc:
         raise BadRequest("The cursor is not valid.") from exc
 
 

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 
-from common.db import SessionDep
-from common.pagination import BIGINT_MAX, DEFAULT_LIMIT, CursorParam, LimitParam, Page
+from common.db import BIGINT_MAX, NO_NUL, SessionDep
+from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from services.audit.runtime import AlertsDep, AuditAdmin, Events, Runtime
 from services.audit.schemas import AlertRead, CheckpointRead, EventRead, VerifyResult
 from services.audit.service import Alerts, checkpoint_page
@@ -20,7 +20,6 @@ router = APIRouter(
 )
 
 # Text filters are compared with stored text, which cannot hold NUL: a filter with one is a 422 here.
-NO_NUL = r"^[^\x00]*$"
 ShortText = Annotated[str | None, Query(max_length=256, pattern=NO_NUL)]
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator
+
+from common.clock import in_utc
 
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
@@ -20,13 +22,4 @@ def _rfc3339_only(value: Any) -> Any:
     return value
 
 
-def _in_utc(value: datetime) -> datetime:
-    """The same instant in UTC; one that has none there (9999-12-31T23:59:59-12:00 is in year 10000) is
-    refused here, not by the database."""
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("the timestamp is out of range") from None
-
-
-RFC3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only), AfterValidator(_in_utc)]
+RFC3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only), AfterValidator(in_utc)]

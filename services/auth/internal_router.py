@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from common.db import SessionDep
+from common.db import BIGINT_MAX, SessionDep
 from common.fastpath import direct_route
 from common.security import require_service
 from common.state import state_of
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/internal", tags=["internal"])
 
 FEED_PAGE = 500
 FEED_CALLERS = ("gateway", "inventory", "orders", "audit")
-MAX_SEQ = 2**63 - 1
+MAX_SEQ = BIGINT_MAX
 FEED = "SELECT seq, sid, expires_at FROM revocations WHERE seq > $1 ORDER BY seq LIMIT $2"
 _PLAIN_AFTER = re.compile(rb"after=([0-9]{1,19})")
 feed_caller = require_service(*FEED_CALLERS)

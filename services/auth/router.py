@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import structlog
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
-from common.db import SessionDep
+from common.db import NO_NUL, SessionDep
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import CurrentUser, RequireAdmin, RequireStaff
 from services.auth import browser
@@ -273,7 +273,7 @@ async def list_users(
     session: SessionDep,
     rt: RuntimeDep,
     request: Request,
-    q: Annotated[str | None, Query(max_length=100, pattern=r"^[^\x00]*$", description="Part of the e-mail.")] = None,
+    q: Annotated[str | None, Query(max_length=100, pattern=NO_NUL, description="Part of the e-mail.")] = None,
     role: Annotated[Literal["customer", "staff", "admin"] | None, Query()] = None,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,

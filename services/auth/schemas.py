@@ -10,6 +10,8 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.db import NO_NUL
+
 DEFAULT_REGION = "CM"
 # Password fields are bounded generously here; the policy gives the real limits with its reasons.
 PasswordField = Field(min_length=1, max_length=1024)
@@ -53,7 +55,7 @@ def _no_nul_in_schema(schema: dict[str, Any]) -> None:
     for prop in schema.get("properties", {}).values():
         for variant in [prop, *prop.get("anyOf", ())]:
             if variant.get("type") == "string" and "pattern" not in variant and "enum" not in variant:
-                variant["pattern"] = "^[^\\x00]*$"
+                variant["pattern"] = NO_NUL
 
 
 class Input(BaseModel):

@@ -159,10 +159,7 @@ async def _read_upload(request: Request, max_bytes: int) -> bytes:
     async with request.form(max_files=1, max_fields=4, max_part_size=4096) as form:
         upload = form.get("file")
         if any(name != "file" for name in form):
-            raise Unprocessable(
-                "Only the `file` part is accepted.",
-                extra={"errors": [{"loc": ["body"], "msg": "Only the `file` part is accepted."}]},
-            )
+            raise Unprocessable("Only the `file` part is accepted.")  # errors: at ["body"], saying the same
         if not isinstance(upload, UploadFile):
             raise Unprocessable(
                 "The `file` part is missing.", extra={"errors": [{"loc": ["body", "file"], "msg": "Field required"}]}
