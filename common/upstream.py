@@ -340,6 +340,10 @@ class UpstreamPool:
             conn.close()
             self.discard(conn)
             return
+        # Reading stops at the high-water mark, and the read that crossed it may also have completed the
+        # answer: taken whole (``body_if_complete``), nothing resumed it. A connection goes back reading, or
+        # the next answer on it would sit unread in the socket until its deadline.
+        conn.maybe_resume(0)
         conn.reused = True
         conn.idle_since = time.monotonic()
         self.idle.append(conn)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -334,3 +335,50 @@ async def test_a_connection_misused_raises_named_errors_not_asserts() -> None:
         conn.on_body(b"stray")
     with pytest.raises(ConnectFailed, match="closed"):
         conn.send(b"GET", b"GET / HTTP/1.1\r\n\r\n", b"", 1.0)
+
+
+async def test_an_answer_that_arrived_whole_while_reading_was_paused_leaves_a_reading_connection() -> None:
+    """The whole answer lands in the client's socket at once and crosses the high-water mark in the read
+    that completes it: the client stops reading with nothing left to read. Taking that body whole must
+    still hand the connection back reading, or the next request on it waits for an answer that sits unread
+    in the socket (seen as auth's 504s after a large `/me/export` in the long fuzz)."""
+    size = 300 * 1024  # more than the high-water mark, delivered in two of asyncio's 256 KiB reads
+    big = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"z" * size
+    listener = socket.create_server(("127.0.0.1", 0))
+    all_sent = threading.Event()
+
+    def serve_three() -> None:  # blocking, on its own thread, so it can write while the client's loop is held
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        with conn, conn.makefile("rb") as requests:
+            for answer in (OK, big, OK):
+                while requests.readline() not in (b"\r\n", b""):
+                    pass
+                conn.sendall(answer)
+                if answer is big:
+                    all_sent.set()
+
+    server = threading.Thread(target=serve_three, daemon=True)
+    server.start()
+    pool = UpstreamPool("127.0.0.1", listener.getsockname()[1], size=1, connect_timeout=2.0, read_timeout=2.0)
+    try:
+        assert await fetch(pool) == (200, b"hello")  # the connection, now pooled and idle
+        (conn,) = pool.idle
+        assert conn.transport is not None
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        # Hold the loop (the request is written before it yields) until every byte of the answer is in the
+        # client's socket buffer, so the client reads it in as few reads as it can.
+        asyncio.get_running_loop().call_soon(all_sent.wait, 10)
+        response, conn = await pool.request(b"GET", b"/x", [], b"")
+        while not response.complete and conn.transport.is_reading():
+            await asyncio.sleep(0)
+        assert response.complete, "the client stopped reading before the answer was whole: nothing to prove"
+        assert not conn.transport.is_reading()  # the state that used to leak into the pool
+        assert response.body_if_complete() == b"z" * size
+        pool.release(conn)
+        assert conn.transport.is_reading()
+        assert await fetch(pool) == (200, b"hello")
+    finally:
+        await pool.close()
+        listener.close()
+        server.join(5)
