@@ -10,8 +10,11 @@ stops everything and prints that error, which names what to fix. The banner with
 from __future__ import annotations
 
 import collections
+import errno
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +23,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from comptoir.clients import client_env
 from comptoir.config import PROCESSES, RunSettings
@@ -33,6 +38,7 @@ STOP_GRACE_SECONDS = 15.0
 # status and last line of error output, will not get better by itself.
 MAX_IDENTICAL_START_FAILURES = 3
 HEALTH_TIMEOUT_SECONDS = 1.0
+LOCK_FILE = "run.lock"
 
 
 def say(message: str) -> None:
@@ -81,6 +87,46 @@ class Child:
         if self._reader is not None:
             self._reader.join(timeout=2)
         return self.stderr_tail[-1] if self.stderr_tail else "no error output"
+
+
+def hold_data_dir(data_dir: Path) -> IO[str] | str:
+    """An exclusive lock on ``DATA_DIR`` for as long as the returned file stays open (the kernel lets go
+    when the process ends, however it ends), or the holder's description when another run has it."""
+    handle = (data_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            handle.close()
+            raise
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        return f"pid {holder}" if holder.isdigit() else "another process"
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def ports_in_use(settings: RunSettings) -> list[str]:
+    """The children's ports that cannot be bound on ``BIND_HOST`` right now, each named by its setting."""
+    busy = []
+    for process in PROCESSES:
+        port = settings.port_of(process)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            settings.bind_host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                busy.append(f"{port} ({process.upper()}_PORT)")
+    return busy
 
 
 def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]:
@@ -146,6 +192,25 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = hold_data_dir(settings.data_dir)
+        if isinstance(lock, str):
+            self.say(
+                f"{settings.data_dir.resolve()} (DATA_DIR) is in use by another `comptoir run` ({lock}): stop that "
+                "one first, or give this one its own DATA_DIR"
+            )
+            return 2
+        with lock:
+            busy = ports_in_use(settings)
+            if busy:
+                ports, them = ("ports", "them") if len(busy) > 1 else ("port", "it")
+                self.say(
+                    f"{ports} {', '.join(busy)} on {settings.bind_host} in use by another program: stop {them}, "
+                    "or set the named setting to a free port"
+                )
+                return 2
+            return self._run(settings)
+
+    def _run(self, settings: RunSettings) -> int:
         try:
             if settings.database_url:
                 admin_url = settings.database_url

@@ -8,6 +8,7 @@ answers 200 only once a file exists, or processes that refuse to start like a re
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import httpx
 import pytest
 
 from comptoir.config import PROCESSES, RunSettings
-from comptoir.supervisor import MAX_IDENTICAL_START_FAILURES, Child, Supervisor
+from comptoir.supervisor import MAX_IDENTICAL_START_FAILURES, Child, Supervisor, hold_data_dir
 from tests.conftest import free_port
 
 FAKE = Path(__file__).with_name("fake_process.py")
@@ -166,3 +167,41 @@ def test_comptoir_run_in_production_from_the_env_example_stops_and_names_the_che
     assert "refusing to start" in line
     assert "CMP-W010" in line
     assert "Traceback" not in result.stderr
+
+
+def comptoir_run(data_dir: Path, ports: dict[str, int]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env |= {"DATA_DIR": str(data_dir)} | {f"{process.upper()}_PORT": str(port) for process, port in ports.items()}
+    return subprocess.run(
+        [sys.executable, "-m", "comptoir.cli", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_second_run_on_a_data_dir_in_use_is_refused_before_it_touches_anything(tmp_path: Path) -> None:
+    """The DATA_DIR lock of a run (held here, as a first `comptoir run` holds it): a second run used to join
+    the first one's database, start children that failed on its ports, and then stop its PostgreSQL."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lock = hold_data_dir(data)
+    assert not isinstance(lock, str)
+    with lock:
+        result = comptoir_run(data, {process: free_port() for process in PROCESSES})
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    assert f"{data} (DATA_DIR) is in use by another `comptoir run` (pid {os.getpid()})" in line
+    assert not (data / "pg").exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_whose_port_another_program_holds_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    """Another program on the gateway's port used to answer the supervisor's /healthz, so "ready" was printed
+    while every child failed to bind; and the lock is let go when a run ends, so the next one may start."""
+    ports = {process: free_port() for process in PROCESSES}
+    with socket.create_server(("127.0.0.1", ports["gateway"])):
+        result = comptoir_run(tmp_path / "data", ports)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    assert f"port {ports['gateway']} (GATEWAY_PORT) on 127.0.0.1 in use by another program" in line
+    assert "ready" not in result.stdout
+    assert not (tmp_path / "data" / "pg").exists()
+    assert not isinstance(hold_data_dir(tmp_path / "data"), str)
