@@ -7,6 +7,7 @@ problem body comes from an exception's message unless the exception is one of ou
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar
@@ -300,17 +301,30 @@ def connection_lost(exc: BaseException) -> bool:
     )
 
 
+def database_refused(exc: BaseException) -> bool:
+    """The database would not give the service a connection: its credentials were refused (class 28), its
+    database does not exist (3D000), or the server is out of connections or memory (class 53). Nothing the
+    request did; the service is unavailable until the database or an operator mends it."""
+    state = sqlstate_of(exc)
+    return state is not None and (state[:2] in ("28", "53") or state == "3D000")
+
+
+def _unavailable(request: Request, detail: str) -> Response:
+    return problem_response(503, scope=request.scope, detail=f"{detail}; retry shortly.", headers={"Retry-After": "1"})
+
+
 async def _database_error(request: Request, exc: Exception) -> Response:
-    """A busy database (lock or statement timeout, deadlock) or a lost connection is a 503 with Retry-After,
-    never a hang or a 500; a value it cannot take is a 400."""
+    """A busy database (lock or statement timeout, deadlock), a lost connection or a database that refuses
+    connections is a 503 with Retry-After, never a hang or a 500; a value it cannot take is a 400."""
     state = sqlstate_of(exc)
     busy = state in RETRYABLE_SQLSTATES
     if busy or connection_lost(exc):
         log.warning("db.busy" if busy else "db.connection_lost", sqlstate=state, path=request.url.path)
-        detail = "The data is busy" if busy else "The database connection was lost"
-        return problem_response(
-            503, scope=request.scope, detail=f"{detail}; retry shortly.", headers={"Retry-After": "1"}
-        )
+        return _unavailable(request, "The data is busy" if busy else "The database connection was lost")
+    if database_refused(exc):
+        # An operator's matter (a changed password, a dropped database, max_connections): logged as an error.
+        log.error("db.refused", sqlstate=state, path=request.url.path)
+        return _unavailable(request, "The database is unavailable")
     if state is not None and state.startswith("22"):
         # A data exception: a value the request carried that the database cannot hold or compare (a
         # timestamp beyond its range, a NUL in text). Each input is checked before it gets here; this is
@@ -321,6 +335,16 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         )
     log.error("db.error", sqlstate=state, error=type(exc).__name__, path=request.url.path)
     return problem_response(500, scope=request.scope, detail="An unexpected error occurred.")
+
+
+async def _os_error(request: Request, exc: OSError) -> Response:
+    """A peer the service needs could not be reached at all (the database refusing or dropping the TCP
+    connection before any SQL, a name that does not resolve, a connect that timed out): 503, as when it is
+    busy. Any other ``OSError`` (a file, a disk) is the service's own fault, answered as one."""
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+        log.error("backend.unreachable", error=type(exc).__name__, detail=str(exc), path=request.url.path)
+        return _unavailable(request, "A service this one depends on is unreachable")
+    return await _unhandled(request, exc)
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
@@ -336,4 +360,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.exception_handler(StarletteHTTPException)(_http_error)
     app.exception_handler(RequestValidationError)(_validation_error)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.exception_handler(OSError)(_os_error)
     app.add_exception_handler(Exception, _unhandled)

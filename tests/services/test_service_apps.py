@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import DatabaseFixture, assert_problem, assert_security_headers, running
+from tests.conftest import DatabaseFixture, assert_problem, assert_security_headers, free_port, running
 
 SERVICES = ["auth", "inventory", "orders", "audit"]
 
@@ -233,3 +234,24 @@ async def test_a_request_that_finds_its_connection_dead_gets_503_and_the_next_on
         assert lost.headers["retry-after"] == "1"
         assert body["retry_after"] == 1
         assert (await client.get("/api/v1/products")).status_code == 200
+
+
+@pytest.mark.parametrize("how", ["credentials refused", "nobody listening"])
+async def test_a_database_that_refuses_the_service_is_a_503_not_a_500(database: DatabaseFixture, how: str) -> None:
+    """A second installation reset the roles' passwords, or the database is down: every request that needs
+    it used to be a 500 (a DBAPIError with SQLSTATE 28P01; a bare ConnectionRefusedError from the pool)."""
+    from services.inventory.config import Settings
+    from services.inventory.main import create_app
+
+    url = database.url("inventory")
+    if how == "credentials refused":
+        password = urlsplit(url).password
+        url = url.replace(f":{password}@", ":not-the-password@")
+    else:
+        url = f"postgresql://comptoir_inventory:secret@127.0.0.1:{free_port()}/comptoir"
+    async with running(create_app(Settings(database_url=url, environment="test"), run_sweeper=False)) as client:
+        refused = await client.get("/api/v1/products")
+        body = assert_problem(refused, 503)
+        assert refused.headers["retry-after"] == "1"
+        assert body["retry_after"] == 1
+        assert (await client.get("/readyz")).status_code == 503
