@@ -1,4 +1,7 @@
-"""``GET /api/v1/health``: liveness of the gateway and of every service, as seen from the gateway."""
+"""``GET /api/v1/health``: whether the gateway and every service can serve, as seen from the gateway.
+
+Each service is asked for its readiness (``/readyz``: up, and its database answering), not only its
+liveness: a service whose database refuses it answers every request 503, and the system is not healthy."""
 
 from __future__ import annotations
 
@@ -19,20 +22,24 @@ ProcessState = Literal["ok", "failing", "unreachable"]
 
 
 class SystemHealth(BaseModel):
-    """200 with ``status: ok`` when every process answers, else 503 with ``status: degraded``."""
+    """200 with ``status: ok`` when every process is ready, else 503 with ``status: degraded``."""
 
     status: Literal["ok", "degraded"]
-    processes: dict[str, ProcessState] = Field(description="Every process by name (gateway, auth, ...).")
+    processes: dict[str, ProcessState] = Field(
+        description="Every process by name (gateway, auth, ...): `ok` (ready), `failing` (it answers, but is not "
+        "ready: its database is unreachable or refuses it) or `unreachable` (no answer)."
+    )
 
 
 @router.get(HEALTH_PATH)
 async def system_health(request: Request) -> JSONResponse:
-    """200 when every process answers its /healthz, else 503 naming the ones that do not."""
+    """200 when every service is ready (its /readyz: up, and its database answering), else 503 naming
+    the ones that are not."""
     proxy = request.app.proxy
 
     async def probe(name: str) -> tuple[str, ProcessState]:
         try:
-            status, _ = await proxy.fetch(name, "/healthz", timeout=2.0)
+            status, _ = await proxy.fetch(name, "/readyz", timeout=2.0)
         except (UpstreamError, TimeoutError):
             return name, "unreachable"
         return name, "ok" if status == 200 else "failing"
