@@ -8,7 +8,9 @@ give the superuser a generated password, create the ``comptoir`` database and sw
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,37 @@ _HBA = f"""{_HARDENED_MARK}
 # Only the unix socket under DATA_DIR is open (no TCP listener); every role needs its password.
 local   all             all                                     scram-sha-256
 """
+
+
+# pgserver stops the server when the last process that holds it lets go, and keeps the holders' pids here.
+_HOLDERS = ".handle_pids.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _forget_dead_holders(path: Path) -> None:
+    """Drop the pids of holders that died without letting go (``kill -9`` of ``comptoir run``): with them
+    still listed, the next run would join the server they left running and, on stopping, leave it running
+    too, since it never counts as the last holder."""
+    if not path.exists():
+        return
+    try:
+        holders = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(holders, list):
+        return
+    alive = [pid for pid in holders if isinstance(pid, int) and _alive(pid)]
+    if alive != holders:
+        path.write_text(json.dumps(alive), encoding="utf-8")
 
 
 def libpq_url(user: str, password: str, socket_dir: Path | str, database: str = DATABASE) -> str:
@@ -50,9 +83,11 @@ class EmbeddedPostgres:
         # pgserver picks its lock directory at import; without XDG_RUNTIME_DIR it warns and uses /tmp.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         logging.getLogger("pgserver").setLevel(logging.WARNING)
-        from pgserver.postgres_server import get_server
+        from pgserver.postgres_server import PostgresServer, get_server
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        with PostgresServer._lock:  # pgserver's own lock over its list of holders
+            _forget_dead_holders(self.pgdata / _HOLDERS)
         self._server = get_server(self.pgdata, cleanup_mode="stop")
         self.socket_dir = Path(self._server.get_postmaster_info().socket_dir)
         creds = load_json(self.credentials_file)

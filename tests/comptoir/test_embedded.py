@@ -1,0 +1,44 @@
+"""The embedded PostgreSQL's lifetime across runs: a run killed outright (``kill -9``) leaves its server
+running; the next run joins it, and when that run stops, the server must stop with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from comptoir.embedded import EmbeddedPostgres
+
+HOLD = (
+    "import sys, time; from pathlib import Path; from comptoir.embedded import EmbeddedPostgres; "
+    "EmbeddedPostgres(Path(sys.argv[1])).start(); print('up', flush=True); time.sleep(600)"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_server_left_by_a_killed_run_stops_with_the_next_run(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "up"
+    holder.kill()
+    holder.wait()
+    postmaster_pid = tmp_path / "pg" / "postmaster.pid"
+    postmaster = int(postmaster_pid.read_text().split()[0])
+    try:
+        assert _alive(postmaster)  # left running by the run that was killed
+        embedded = EmbeddedPostgres(tmp_path)
+        embedded.start()
+        embedded.stop()
+        assert not postmaster_pid.exists(), "the server outlived the run that said it stopped it"
+    finally:
+        if _alive(postmaster):
+            os.kill(postmaster, signal.SIGQUIT)
