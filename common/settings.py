@@ -7,11 +7,17 @@ are read without a prefix so that one variable configures all five processes.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from common.clientip import parse_networks
 
 
 class Environment(StrEnum):
@@ -23,6 +29,98 @@ class Environment(StrEnum):
 def unprefixed(name: str) -> AliasChoices:
     """Read a setting from an unprefixed variable (and accept the field name in code)."""
     return AliasChoices(name, name.lower())
+
+
+# The names `logging` and uvicorn both take.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def variable_names(settings_class: type[BaseSettings]) -> dict[str, str]:
+    """Field name (and every alias) -> the environment variable the operator sets for it."""
+    prefix = str(settings_class.model_config.get("env_prefix") or "")
+    names: dict[str, str] = {}
+    for name, field in settings_class.model_fields.items():
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+        first = next((c for c in choices if isinstance(c, str)), None)
+        variable = first or field.alias or f"{prefix}{name}".upper()
+        for key in (name, *(c for c in choices if isinstance(c, str))):
+            names[key] = variable
+    return names
+
+
+def _in_variables(text: str, names: dict[str, str]) -> str:
+    """A validator's message speaks of fields (``webhook_secret``); the operator knows the variable."""
+    fields = sorted((n for n in names if "_" in n and n.islower()), key=len, reverse=True)
+    if not fields:
+        return text
+    pattern = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, fields)) + r")(?![A-Za-z0-9_])")
+    return pattern.sub(lambda m: names[m.group(1)], text)
+
+
+_UNPARSABLE = re.compile(r'^error parsing value for field "(\w+)" from source "\w+"$')
+
+
+def _unparsable(message: str, names: dict[str, str]) -> str:
+    """pydantic-settings could not decode a list or mapping variable (it reads them as JSON)."""
+    found = _UNPARSABLE.match(message)
+    if found is None:
+        return _in_variables(message, names)
+    variable = names.get(found.group(1), found.group(1))
+    return f'{variable}: not valid JSON (lists and mappings are written as JSON: ["a", "b"], {{"k": "v"}})'
+
+
+def _naming_variables(settings_class: type[BaseSettings], exc: ValidationError) -> ValidationError:
+    """The same errors, located and worded by environment variable instead of field name (inputs hidden:
+    settings hold secrets)."""
+    names = variable_names(settings_class)
+    errors: list[Any] = []
+    for error in exc.errors():
+        loc = error["loc"]
+        first = names.get(str(loc[0]), str(loc[0])) if loc else None
+        errors.append(
+            {
+                "type": PydanticCustomError(error["type"], _in_variables(error["msg"], names)),
+                "loc": (first, *loc[1:]) if first is not None else (),
+                "input": error.get("input"),
+            }
+        )
+    return ValidationError.from_exception_data(exc.title, errors, hide_input=True)
+
+
+def describe_settings_error(exc: ValueError) -> str:
+    """One line for an operator: every invalid setting by its environment variable, and why."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split()) or type(exc).__name__
+    problems = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in error["loc"])
+        problems.append(message if not where or message.startswith(where) else f"{where}: {message}")
+    return "; ".join(problems)
+
+
+def check_networks(value: str) -> str:
+    """Comma-separated networks (CIDRs, or bare addresses), each of which must parse."""
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        try:
+            parse_networks(part)
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not a network: write CIDRs such as 10.0.0.2/32 or 192.0.2.0/24, comma-separated"
+            ) from None
+    return value
+
+
+def check_postgresql_url(value: str) -> str:
+    """Empty, or a PostgreSQL URL: another database's URL would only fail later, at the first connection."""
+    if not value:
+        return value
+    scheme = urlsplit(value).scheme.lower() if "://" in value else ""
+    if scheme.partition("+")[0] not in ("postgresql", "postgres"):
+        shown = f"{scheme}://" if scheme else "a value without a scheme"
+        raise ValueError(f"must be a postgresql:// URL (Comptoir runs on PostgreSQL >= 14), not {shown}")
+    return value
 
 
 class CommonSettings(BaseSettings):
@@ -51,6 +149,40 @@ class CommonSettings(BaseSettings):
     client_secret: str = Field("", repr=False)
     # How often the revocation feed is polled (the gateway must reject a revoked session within 1 s).
     revocation_poll_seconds: float = Field(0.25, gt=0, le=5)
+
+    def __init__(self, **values: Any) -> None:
+        # Errors name the environment variable to fix (AUTH_WEBHOOK_SECRET), not the field (webhook_secret).
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _naming_variables(type(self), exc) from None
+        except SettingsError as exc:
+            raise SettingsError(_unparsable(str(exc), variable_names(type(self)))) from exc
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
+
+    @field_validator("data_dir")
+    @classmethod
+    def _a_directory(cls, value: Path) -> Path:
+        """DATA_DIR is a directory, or can become one: no part of it is a file (checked, nothing created)."""
+        for path in (value, *value.parents):
+            try:
+                if not path.exists():
+                    continue
+                blocked = not path.is_dir()
+            except OSError:  # not ours to look at: whoever creates it will say why
+                break
+            if blocked:
+                where = "" if path == value else f" cannot be created: {path.absolute()}"
+                raise ValueError(f"DATA_DIR {value.absolute()}{where} is a file, not a directory")
+            break
+        return value
 
     @property
     def is_production(self) -> bool:
@@ -85,3 +217,13 @@ class ServiceSettings(CommonSettings):
     outbox_lease_seconds: float = Field(30.0, ge=2)
     # Peers whose X-Forwarded-For is believed: the gateway's addresses (loopback for `comptoir run`).
     gateway_networks: str = Field("127.0.0.1/32,::1/128")
+
+    @field_validator("gateway_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        return check_networks(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql(cls, value: str) -> str:
+        return check_postgresql_url(value)

@@ -7,7 +7,10 @@
   changed, reordered, dropped or truncated chunk is refused. The key (``BACKUP_ENCRYPTION_KEY``,
   urlsafe base64 of 32 bytes) is never written next to the backup.
 - Restore goes into an empty database: roles and schemas are provisioned first (``comptoir migrate``'s
-  code), the dump is restored, then the migrations run again (a no-op that re-asserts the grants).
+  code, with THIS installation's role names), each schema is restored as its owner role without the
+  dump's owners and ACLs (they name the source's roles), the source's extra grants are re-applied to
+  this installation's roles, then the migrations run again (a no-op that re-asserts the grants). A
+  restore that fails once it has begun is undone (the four schemas dropped), so it can be run again.
 - What verification needs travels with the data (format v2, a tar inside the sealed stream):
   ``database.dump``; the public half of every checkpoint key the installation trusts
   (``keys/trusted/<key id>.pub``); the checkpoint log kept outside the database
@@ -24,6 +27,7 @@ import binascii
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import tarfile
@@ -34,14 +38,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from comptoir.config import RunSettings
     from comptoir.progress import Progress
+    from comptoir.provision import ServiceRole
     from services.audit.config import Settings as AuditSettings
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from comptoir.config import SERVICES
+
+# The command line's interface (check_file and check_target run before any database is touched).
+__all__ = [
+    "CHUNK",
+    "BackupContents",
+    "BackupError",
+    "backup",
+    "check_file",
+    "check_target",
+    "load_key",
+    "restore",
+    "seal",
+    "unseal",
+]
 
 MAGIC_V1 = b"COMPTOIR-BACKUP\x00v1"
 MAGIC = b"COMPTOIR-BACKUP\x00v2"
@@ -130,14 +151,38 @@ def unseal(src: BinaryIO, dst: BinaryIO, key: bytes) -> bytes:
         index += 1
 
 
+def check_file(source: Path, key: bytes) -> None:
+    """Authenticate the whole backup file with ``key``, writing nothing: run before any database is
+    touched (or an embedded one is set up under a fresh DATA_DIR)."""
+    with open(source, "rb") as src, open(os.devnull, "wb") as sink:
+        unseal(src, sink, key)
+
+
+def _private_dir(directory: Path) -> None:
+    """``directory`` and each missing parent created mode 0700 (``mkdir(parents=True)`` would make the
+    parents 0755); existing directories are left as they are."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+        d.chmod(0o700)
+
+
 def _pg_tool(name: str) -> str:
-    """pg_dump/pg_restore: PG_BIN_DIR when set, else the ones pgserver ships (PostgreSQL 16)."""
+    """pg_dump/pg_restore: PG_BIN_DIR when set, else the ones pgserver ships (PostgreSQL 16).
+
+    pgserver's package is located, not imported: importing it picks a runtime directory through
+    platformdirs, which warns (twice, on stderr) where XDG_RUNTIME_DIR is unset, e.g. under cron with
+    DATABASE_URL, where the embedded server is not even used.
+    """
     custom = os.environ.get("PG_BIN_DIR")
     if custom:
         return str(Path(custom) / name)
-    from pgserver._commands import POSTGRES_BIN_PATH
+    import importlib.util
 
-    return str(POSTGRES_BIN_PATH / name)
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackupError(f"no {name}: install pgserver or set PG_BIN_DIR to PostgreSQL's bin directory")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
 
 
 @dataclass
@@ -168,6 +213,32 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o600) 
     tar.addfile(info, io.BytesIO(data))
 
 
+def check_target(out: Path, *, overwrite: bool = False) -> None:
+    """Refuse, before dumping anything, an ``--out`` that cannot or must not receive the backup."""
+    if out.is_dir():
+        raise BackupError(f"--out {out} is a directory: name the backup file, e.g. {out / 'shop.backup'}")
+    if not out.parent.is_dir():
+        raise BackupError(f"--out {out}: the directory {out.parent} does not exist")
+    if not overwrite and (out.exists() or out.is_symlink()):
+        raise BackupError(f"--out {out} already exists: choose another name (or --force to replace it)")
+
+
+def _publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Move the finished file into place; without ``overwrite`` never over a file that appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise BackupError(f"--out {out} already exists: choose another name (or --force to replace it)") from None
+    except OSError:  # a file system without hard links: check, then rename
+        check_target(out)
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
+
+
 def backup(
     admin_url: str,
     out: Path,
@@ -175,11 +246,17 @@ def backup(
     audit: AuditSettings,
     *,
     include_private_key: bool = False,
+    overwrite: bool = False,
     report: Progress | None = None,
 ) -> tuple[int, BackupContents]:
-    """Dump, bundle the checkpoint keys (public; private only if asked) and the checkpoint log, seal."""
+    """Dump, bundle the checkpoint keys (public; private only if asked) and the checkpoint log, seal.
+
+    An existing ``out`` is replaced only with ``overwrite``; nothing but ``out`` is left behind, even on
+    failure (the sealed stream is written to ``<out>.partial`` first and removed if anything goes wrong).
+    """
     from comptoir.provision import to_asyncpg_dsn
 
+    check_target(out, overwrite=overwrite)
     contents = BackupContents()
     with tempfile.TemporaryDirectory(prefix="comptoir-backup-") as work:
         dump = Path(work) / "dump"
@@ -221,9 +298,13 @@ def backup(
             report.update(0, bundle.stat().st_size)
         tmp = out.with_name(out.name + ".partial")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(bundle, "rb") as src, os.fdopen(fd, "wb") as dst:
-            seal(_Counting(src, report), dst, key)
-        os.replace(tmp, out)
+        try:
+            with open(bundle, "rb") as src, os.fdopen(fd, "wb") as dst:
+                seal(_Counting(src, report), dst, key)
+            _publish(tmp, out, overwrite=overwrite)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out.stat().st_size, contents
 
 
@@ -286,6 +367,7 @@ def _put_back_keys(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], au
     from services.audit.signing import append_log, load_key, read_log, write_trusted_key
 
     contents = BackupContents()
+    _private_dir(audit.checkpoint_trusted_dir)
 
     def read(name: str) -> bytes:
         handle = tar.extractfile(members[name])
@@ -306,12 +388,13 @@ def _put_back_keys(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], au
                 read(PRIVATE_KEY)
             )
         else:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _private_dir(path.parent)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(read(PRIVATE_KEY))
             contents.private_key = True
     if CHECKPOINT_LOG in members:
+        _private_dir(audit.checkpoint_log_path.parent)
         known = {entry.get("signature") for entry in read_log(audit.checkpoint_log_path)}
         for line in read(CHECKPOINT_LOG).decode().splitlines():
             try:
@@ -334,6 +417,149 @@ def _raw_private(pem: bytes) -> bytes:
     return private.private_bytes_raw()
 
 
+async def _drop_schemas(admin_url: str) -> None:
+    """Drop the four schemas and everything in them (only ever called on a database found empty)."""
+    import asyncpg
+
+    from comptoir.provision import ident, to_asyncpg_dsn
+
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        async with conn.transaction():
+            for schema in SERVICES:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {ident(schema)} CASCADE")
+    finally:
+        await conn.close()
+
+
+def _undo_on_failure(admin_url: str, step: Callable[[], object]) -> None:
+    """Run a step of the restore; if it fails, drop what was restored so that the database is empty again
+    (a retry would otherwise be refused as "not empty")."""
+    import asyncio
+
+    try:
+        step()
+    except BaseException as exc:
+        try:
+            asyncio.run(_drop_schemas(admin_url))
+        except Exception as cleanup:  # noqa: BLE001 - report both, the first one first
+            raise BackupError(
+                f"restore failed ({_one_line(exc)}) and undoing it failed too ({_one_line(cleanup)}): "
+                "drop schemas auth, inventory, orders and audit (DROP SCHEMA … CASCADE) before restoring again"
+            ) from exc
+        if not isinstance(exc, Exception):
+            raise
+        raise BackupError(
+            f"restore failed: {_one_line(exc)}; nothing was kept (schemas auth, inventory, orders and audit "
+            "were emptied again): fix the cause and run the restore again"
+        ) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error on one line (pg_restore's message spans several)."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())[:800] or type(exc).__name__
+
+
+_ACL_ENTRY = re.compile(r"^\d+; \d+ \d+ ACL (?P<schema>\S+) .* (?P<owner>\S+)$")
+_GRANT = re.compile(r'^(?P<head>(?:GRANT .+ TO|REVOKE .+ FROM)) (?P<grantee>"(?:[^"]|"")+"|[^\s";]+)(?P<tail>[^;]*);$')
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1].replace('""', '"') if name.startswith('"') else name
+
+
+def _acl_statements(dump: Path, schema: str, role: ServiceRole, work: Path) -> list[str]:
+    """The dump's GRANT/REVOKE on the objects of ``schema``, for this installation's roles.
+
+    The source's grants are what migrations granted beyond the default privileges (e.g. audit's UPDATE
+    on alerts), but they name the source's roles: its owner (the objects' owner in the dump) and runtime
+    role (the owner's name without ``_owner``) become this installation's; PUBLIC stays; any other
+    grantee is a role of the source server and is left out.
+    """
+    from comptoir.provision import ident
+
+    listing = _run_tool("pg_restore", "--list", str(dump)).decode(errors="replace").splitlines()
+    entries, owners = [], set()
+    for line in listing:
+        match = _ACL_ENTRY.match(line)
+        if match and match["schema"] == schema:
+            entries.append(line)
+            owners.add(match["owner"])
+    if not entries:
+        return []
+    chosen = work / f"acl-{schema}.list"
+    chosen.write_text("\n".join(entries) + "\n", encoding="utf-8")
+    script = _run_tool("pg_restore", f"--use-list={chosen}", "--file=-", str(dump)).decode(errors="replace")
+    mapping = {"PUBLIC": "PUBLIC"}
+    for owner in owners:
+        mapping[owner] = ident(role.owner)
+        if owner.endswith("_owner"):
+            mapping[owner.removesuffix("_owner")] = ident(role.user)
+    statements = []
+    for line in script.splitlines():
+        match = _GRANT.match(line.strip())
+        if match and (grantee := mapping.get(_unquote(match["grantee"]))):
+            statements.append(f"{match['head']} {grantee}{match['tail']}")
+    return statements
+
+
+def _run_tool(name: str, *args: str) -> bytes:
+    result = subprocess.run([_pg_tool(name), *args], capture_output=True, check=False)
+    if result.returncode != 0:
+        raise BackupError(f"{name} failed: " + result.stderr.decode(errors="replace")[-800:])
+    return result.stdout
+
+
+async def _apply_grants(admin_url: str, role: ServiceRole, statements: list[str]) -> None:
+    import asyncpg
+
+    from comptoir.provision import ident, to_asyncpg_dsn
+
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {ident(role.owner)}")
+            for statement in statements:
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def _restore_as_target(admin_url: str, dump: Path, roles: list[ServiceRole], work: Path) -> None:
+    """Restore each schema as THIS installation's owner role, whatever roles the source had.
+
+    The dump's owners and ACLs name the source's roles, which need not exist here: each schema is
+    restored without them (``--no-owner --no-acl``) under ``--role=<owner>``, so every object belongs
+    to the owner provisioning just created, and the default privileges it set grant the runtime role;
+    the source's extra grants are then applied with the role names mapped. The schemas themselves are
+    the ones provisioning made (emptied first: the database was checked to hold no rows). If anything
+    fails, the four schemas are dropped again so a retry finds an empty database.
+    """
+    import asyncio
+
+    from comptoir.provision import _provision, to_asyncpg_dsn
+
+    def restore_all() -> None:
+        asyncio.run(_drop_schemas(admin_url))  # leftovers without rows, e.g. tables of an earlier migrate
+        asyncio.run(_provision(admin_url, roles))
+        for role in roles:
+            _run_tool(
+                "pg_restore",
+                f"--schema={role.service}",
+                "--no-owner",
+                "--no-acl",
+                f"--role={role.owner}",
+                "--exit-on-error",
+                "--single-transaction",
+                "--no-password",
+                f"--dbname={to_asyncpg_dsn(admin_url)}",
+                str(dump),
+            )
+            asyncio.run(_apply_grants(admin_url, role, _acl_statements(dump, role.service, role, work)))
+
+    _undo_on_failure(admin_url, restore_all)
+
+
 def restore(
     admin_url: str,
     source: Path,
@@ -345,7 +571,7 @@ def restore(
     """Restore into an empty database and put the keys and the checkpoint log back under DATA_DIR."""
     import asyncio
 
-    from comptoir.provision import _provision, migrate, resolve_roles, to_asyncpg_dsn
+    from comptoir.provision import _provision, migrate, resolve_roles
 
     with tempfile.TemporaryDirectory(prefix="comptoir-restore-") as work:
         plain = Path(work) / "plain"
@@ -376,26 +602,11 @@ def restore(
             if report:
                 report.step("pg_restore")
             roles = resolve_roles(settings, admin_url)
-            asyncio.run(_provision(admin_url, roles))
-            result = subprocess.run(
-                [
-                    _pg_tool("pg_restore"),
-                    "--clean",
-                    "--if-exists",
-                    "--exit-on-error",
-                    "--single-transaction",
-                    "--no-password",
-                    f"--dbname={to_asyncpg_dsn(admin_url)}",
-                    str(dump),
-                ],
-                capture_output=True,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise BackupError("pg_restore failed: " + result.stderr.decode(errors="replace")[-800:])
+            asyncio.run(_provision(admin_url, roles))  # refuses roles another database uses, before any change
+            _restore_as_target(admin_url, dump, roles, Path(work))
             if report:
                 report.step("migrations")
-            migrate(settings, admin_url)
+            _undo_on_failure(admin_url, lambda: migrate(settings, admin_url))
             if tar is None:
                 return BackupContents()
             if report:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import difflib
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from common.deploychecks import Check, check, service_checks, strong_secret
+from common.settings import describe_settings_error
 from comptoir.config import PROCESSES, SERVICES, RunSettings
 
 SEVERITY_ORDER = {"FAIL": 0, "WARN": 1, "NOTE": 2, "PASS": 3, "N/A": 4}
@@ -67,7 +72,7 @@ def settings_checks(roles_urls: dict[str, str], run: RunSettings | None = None) 
         try:
             settings = _load(process)
         except ValueError as exc:  # pydantic's ValidationError and SettingsError are ValueErrors
-            unloadable.append(f"{process}: {str(exc).splitlines()[0]}")
+            unloadable.append(f"{process}: {describe_settings_error(exc)}")
             continue
         update: dict[str, Any] = {}
         if process != "gateway" and not settings.database_url and process in roles_urls:
@@ -653,25 +658,91 @@ BANDS = [
 EVIDENCE_FIELDS = ("by", "date", "reference")
 
 
+EVIDENCE_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+
+
 class EvidenceError(ValueError):
     pass
 
 
+def evidence_keys() -> frozenset[str]:
+    return frozenset(
+        item.proof.partition(":")[2]
+        for _, _, items in SCORECARD
+        for item in items
+        if item.proof.startswith("evidence:")
+    )
+
+
+def evidence_date(value: object) -> dt.date:
+    """A date written YYYY-MM-DD that has begun somewhere on Earth (ValueError says what is wrong)."""
+    text = str(value).strip()
+    if not EVIDENCE_DATE.match(text):
+        raise ValueError(f"date {text!r} is not YYYY-MM-DD")
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"date {text!r} is not a calendar date") from None
+    # UTC+14 is the earliest time zone: a later day has not begun anywhere yet.
+    if day > (dt.datetime.now(dt.UTC) + dt.timedelta(hours=14)).date():
+        raise ValueError(f"date {text} is in the future")
+    return day
+
+
+def _entry_problems(key: str, entry: object, known: frozenset[str]) -> list[str]:
+    if key not in known:
+        close = difflib.get_close_matches(key.replace("_", "-").lower(), sorted(known), n=1)
+        return [f"{key!r} is not an evidence key" + (f" (did you mean {close[0]!r}?)" if close else "")]
+    if not isinstance(entry, dict):
+        return [f"{key}: expected {{by, date, reference}} or {{not_applicable: reason}}"]
+    unknown = sorted(str(field) for field in entry if field not in (*EVIDENCE_FIELDS, "not_applicable"))
+    if unknown:
+        return [f"{key}: unknown field {', '.join(unknown)} (expected by, date, reference or not_applicable)"]
+    if "date" in entry and not entry.get("not_applicable"):
+        try:
+            evidence_date(entry["date"])
+        except ValueError as exc:
+            return [f"{key}: {exc}"]
+    return []
+
+
+def _read_evidence(raw: bytes) -> object:
+    """YAML (or JSON) without implicit timestamps: dates stay text, checked by ``evidence_date`` (so that
+    2026-13-45 is an error that names its key, not YAML's crash)."""
+    import yaml
+
+    class EvidenceLoader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, pattern) for tag, pattern in resolvers if tag != TIMESTAMP_TAG]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+
+    return yaml.load(raw, Loader=EvidenceLoader)  # noqa: S506 - a SafeLoader
+
+
 def load_evidence(path: Path | None) -> dict[str, dict[str, Any]]:
     """The operator's evidence file (JSON or YAML): ``key: {by, date, reference}`` per evidence key, or
-    ``key: {not_applicable: reason}`` for an item that does not concern this installation."""
+    ``key: {not_applicable: reason}`` for an item that does not concern this installation. Anything else
+    (an unknown key or field, a date that is not YYYY-MM-DD or is in the future) is refused, all of it in
+    one line."""
     if path is None:
         return {}
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise EvidenceError(f"cannot read the evidence file {path}: {exc}") from exc
+        data = _read_evidence(path.read_bytes())
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # an explicit !!timestamp can still be a ValueError
+        detail = " ".join(str(exc).split())
+        raise EvidenceError(f"cannot read the evidence file {path}: {detail}") from exc
     if data is None:
         return {}
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    if not isinstance(data, dict):
         raise EvidenceError(f"{path}: expected a mapping of evidence keys to {{by, date, reference}}")
+    known = evidence_keys()
+    problems = [problem for key, entry in data.items() for problem in _entry_problems(str(key), entry, known)]
+    if problems:
+        raise EvidenceError(f"{path}: " + "; ".join(problems))
     return {str(k): v for k, v in data.items()}
 
 
@@ -685,9 +756,9 @@ def _evidence_status(entry: dict[str, Any] | None) -> tuple[str, str]:
     if missing:
         return "EVIDENCE NEEDED", f"the entry lacks {', '.join(missing)}"
     try:
-        dt.date.fromisoformat(str(entry["date"]))
-    except ValueError:
-        return "EVIDENCE NEEDED", f"date {entry['date']!r} is not YYYY-MM-DD"
+        evidence_date(entry["date"])
+    except ValueError as exc:
+        return "EVIDENCE NEEDED", str(exc)
     return "PASS", f"{entry['reference']} ({entry['by']}, {entry['date']})"
 
 
@@ -703,7 +774,9 @@ def scorecard(checks: list[Check], evidence: dict[str, dict[str, Any]] | None = 
             if kind == "check":
                 found = by_id.get(target)
                 if found is None:
-                    status, detail = "FAIL", f"{target} did not run (no database?)"
+                    unloadable = by_id.get("CMP-W038")
+                    why = "settings that do not load: CMP-W038" if unloadable and not unloadable.ok else "no database?"
+                    status, detail = "FAIL", f"{target} did not run ({why})"
                 else:
                     status = "N/A" if not found.applies else ("PASS" if found.ok else "FAIL")
                     detail = target if found.ok or not found.applies else f"{target}: {found.problem}"
@@ -770,7 +843,10 @@ def run_deploy_check(
             roles = resolve_roles(settings, admin_url)
     try:
         checks += settings_checks({r.service: r.url for r in roles}, settings)
-        checks += asyncio.run(live_header_checks())
+        try:
+            checks += asyncio.run(live_header_checks())
+        except (ValidationError, SettingsError):  # the gateway's settings do not load: CMP-W038 names them
+            pass
         if admin_url:
             checks += asyncio.run(database_checks(admin_url, roles))
             checks.append(asyncio.run(audit_chain_check(admin_url)))

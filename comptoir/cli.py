@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,6 +126,7 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
 def cmd_purge(_args: argparse.Namespace) -> int:
     """Retention now (docs/privacy.md): what the auth service's daily purge does, as JSON counts."""
     import asyncio
+    import contextlib
     import json
 
     from comptoir.embedded import EmbeddedPostgres
@@ -135,9 +137,11 @@ def cmd_purge(_args: argparse.Namespace) -> int:
     settings = RunSettings()
     admin_url, embedded = _database_url(settings)
     try:
-        roles = migrate(settings, admin_url)
-        auth_url = next(role.url for role in roles if role.service == "auth")
-        report = asyncio.run(purge_now(AuthSettings(database_url=auth_url)))
+        # Migrations and the auth app log to standard output (a service's log stream); here that is the JSON's.
+        with contextlib.redirect_stdout(sys.stderr):
+            roles = migrate(settings, admin_url)
+            auth_url = next(role.url for role in roles if role.service == "auth")
+            report = asyncio.run(purge_now(AuthSettings(database_url=auth_url)))
     finally:
         if isinstance(embedded, EmbeddedPostgres):
             embedded.stop()
@@ -170,9 +174,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         from comptoir import live
 
-        report = live.live_check(args.live)
-        print(json.dumps(report, indent=2) if args.json else live.render(report))
-        return 0 if report["ok"] else 1
+        try:
+            report = live.live_check(args.live)
+        except live.Unreachable as exc:
+            print(f"comptoir check: {exc}", file=sys.stderr)
+            return 2
+        failing = live.failing_reasons(report, args.fail_under)
+        text = (
+            json.dumps(report | {"failing": failing}, indent=2) if args.json else live.render(report, args.fail_under)
+        )
+        print(text)
+        return 1 if failing else 0
     if not args.deploy:
         print("comptoir check: say what to check: --deploy or --live URL", file=sys.stderr)
         return 2
@@ -206,7 +218,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     settings = AuditSettings()
     if args.audit_command == "verify-archive":
-        result = admin.verify_archive(args.file, admin.trusted_for(settings))
+        try:
+            result = admin.verify_archive(args.file, admin.trusted_for(settings))
+        except admin.NotAnArchive as exc:
+            print(f"comptoir audit verify-archive: {exc}", file=sys.stderr)
+            return 1
         print(json.dumps(result, indent=2))
         return 0 if result["ok"] else 1
 
@@ -376,7 +392,7 @@ def _backup_key(command: str, settings: RunSettings) -> bytes:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from comptoir.backup import BackupError, backup, restore
+    from comptoir.backup import BackupError, backup, check_file, check_target, restore
     from comptoir.progress import progress
     from services.audit.config import Settings as AuditSettings
 
@@ -388,13 +404,27 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except BackupError as exc:
         print(f"comptoir {args.command}: {exc}", file=sys.stderr)
         return 2
+    try:
+        if args.command == "backup":
+            check_target(args.out, overwrite=args.force)
+        else:
+            check_file(args.file, key)  # a wrong key or an altered file: refused before any database is set up
+    except BackupError as exc:
+        print(f"comptoir {args.command}: {exc}", file=sys.stderr)
+        return 2 if args.command == "backup" else 1
     audit = AuditSettings()
     admin_url, embedded = _database_url(settings)
     try:
         if args.command == "backup":
             with progress("backup") as report:
                 size, contents = backup(
-                    admin_url, args.out, key, audit, include_private_key=args.include_private_key, report=report
+                    admin_url,
+                    args.out,
+                    key,
+                    audit,
+                    include_private_key=args.include_private_key,
+                    overwrite=args.force,
+                    report=report,
                 )
             print(f"encrypted backup of schemas auth, inventory, orders, audit: {args.out} ({size} bytes)")
             print(
@@ -470,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the audit checkpoint signing key (the public keys are always included)",
     )
+    backup.add_argument("--force", action="store_true", help="replace an existing --out file")
     restore = sub.add_parser("restore", help="restore an encrypted backup into an empty database")
     restore.add_argument("file", type=Path)
     check = sub.add_parser("check", help="deployment checks and the security scorecard")
@@ -543,6 +574,20 @@ def needs_system(args: argparse.Namespace) -> bool:
     return bool(args.command == "audit" and args.audit_command != "verify-archive")
 
 
+def data_dir_problem(exc: OSError) -> str | None:
+    """An OSError on DATA_DIR itself or on the way to it (a directory that cannot be created), said as such."""
+    if not exc.filename:
+        return None
+    try:
+        data_dir = RunSettings().data_dir.absolute()
+    except ValueError:
+        return None
+    where = Path(os.fsdecode(exc.filename)).absolute()
+    if where != data_dir and where not in data_dir.parents:
+        return None
+    return f"DATA_DIR {data_dir} cannot be created or used: {exc.strerror or exc}: {where}"
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run one command; an operator's mistake (settings, an unreachable or missing database, a file)
     ends with one line and a status, not a traceback."""
@@ -551,24 +596,26 @@ def run_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    from common.settings import describe_settings_error
+
     try:
         if needs_system(args):
             refused = refuse_without_system(args.command, RunSettings())
             if refused is not None:
                 return refused
         return COMMANDS[args.command](args)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
-        print(f"comptoir {args.command}: invalid settings: {problems}", file=sys.stderr)
-        return 2
-    except SettingsError as exc:
-        print(f"comptoir {args.command}: invalid settings: {exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(f"comptoir {args.command}: invalid settings: {describe_settings_error(exc)}", file=sys.stderr)
         return 2
     except (asyncpg.PostgresError, sqlalchemy.exc.SQLAlchemyError) as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         print(f"comptoir {args.command}: database error: {detail}", file=sys.stderr)
         return 1
     except OSError as exc:
+        data_dir = data_dir_problem(exc)
+        if data_dir is not None:
+            print(f"comptoir {args.command}: {data_dir}", file=sys.stderr)
+            return 2
         print(f"comptoir {args.command}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

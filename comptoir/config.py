@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from common.settings import CommonSettings, unprefixed
+from common.settings import CommonSettings, check_postgresql_url, unprefixed
 
 SERVICES = ("auth", "inventory", "orders", "audit")
 PROCESSES = ("gateway", *SERVICES)
@@ -27,6 +27,14 @@ class RunSettings(CommonSettings):
     audit_database_url: str = Field("", validation_alias=unprefixed("AUDIT_DATABASE_URL"))
     # Supervisor: the longest pause between restarts of a crashed process.
     restart_backoff_max_seconds: float = Field(30.0, gt=0, validation_alias=unprefixed("RESTART_BACKOFF_MAX_SECONDS"))
+
+    @field_validator(
+        "database_url", "auth_database_url", "inventory_database_url", "orders_database_url", "audit_database_url"
+    )
+    @classmethod
+    def _postgresql(cls, value: str) -> str:
+        # mysql://... would otherwise be tried as PostgreSQL on its default port, and fail far from its cause.
+        return check_postgresql_url(value)
 
     def port_of(self, process: str) -> int:
         return int(getattr(self, f"{process}_port"))

@@ -16,6 +16,8 @@ The lowest score over all the probed responses counts: error answers need the he
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -100,8 +102,27 @@ def score_response(label: str, response: httpx.Response, https: bool) -> Scored:
     return result
 
 
+class Unreachable(Exception):
+    """No answer to score: the URL is not an http(s) URL, or nothing answers there."""
+
+
 def live_check(base_url: str) -> dict[str, object]:
     base = base_url.rstrip("/")
+    try:
+        parts = urlsplit(base)
+        address = (parts.scheme, parts.hostname, parts.port)
+    except ValueError:  # a bracket left open, a port that is not a number
+        address = ("", None, None)
+    if address[0] not in ("http", "https") or not address[1]:
+        raise Unreachable(f"{base_url!r} is not a URL: give the gateway's http:// or https:// address")
+    try:
+        return _probe(base)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise Unreachable(f"no answer from {base}: {detail}") from exc
+
+
+def _probe(base: str) -> dict[str, object]:
     https = base.startswith("https://")
     probes: list[Scored] = []
     exposures: list[dict[str, object]] = []
@@ -144,10 +165,25 @@ def live_check(base_url: str) -> dict[str, object]:
     }
 
 
-def render(report: dict[str, object]) -> str:
+def failing_reasons(report: dict[str, object], fail_under: float | None = None) -> list[str]:
+    """Why the run fails: an exposed path, a score under A+ (100), and a score under ``--fail-under``."""
+    score = cast(int, report["score"])
+    exposures = cast(list[dict[str, object]], report["exposures"])
+    reasons = [f"{item['path']} is exposed ({item['status']})" for item in exposures if item["exposed"]]
+    if score < GRADES[0][0]:
+        reasons.append(f"score {score} is under {GRADES[0][0]} ({GRADES[0][1]})")
+    if fail_under is not None and score < fail_under:
+        reasons.append(f"score {score} is under --fail-under {fail_under:g}")
+    return reasons
+
+
+def render(report: dict[str, object], fail_under: float | None = None) -> str:
     lines = [f"{report['url']}: {report['score']} points, grade {report['grade']}"]
     for probe in report["probes"]:  # type: ignore[attr-defined]
         lines.append(f"  {probe['label']:<16} {probe['status']}  {probe['score']:>4}  " + "; ".join(probe["notes"]))
     for item in report["exposures"]:  # type: ignore[attr-defined]
         lines.append(f"  {'EXPOSED' if item['exposed'] else 'closed '} {item['status']} {item['path']}")
+    reasons = failing_reasons(report, fail_under)
+    verdict = f"FAILED ({len(reasons)}): " + "; ".join(reasons) if reasons else "OK: nothing internal is exposed"
+    lines.append(verdict)
     return "\n".join(lines)

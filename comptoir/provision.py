@@ -4,6 +4,11 @@ For each service ``svc``:
 - ``comptoir_svc_owner`` (NOLOGIN) owns schema ``svc`` and every object in it; migrations run as it;
 - ``comptoir_svc`` (LOGIN) is the runtime role: USAGE on its own schema, DML on its tables (the audit
   role gets SELECT and INSERT only), nothing on any other schema, no CREATE anywhere.
+
+Roles belong to the whole server: a role that another database of the server already uses (it owns
+objects or holds privileges there, per ``pg_shdepend``) is never created over or changed; provisioning
+refuses before changing anything (``RoleConflictError``), naming the settings that give this
+installation its own role names.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from urllib.parse import unquote
 import asyncpg
 from alembic import command
 from alembic.config import Config
+from pydantic_settings import SettingsError
 from sqlalchemy.engine import make_url
 
 import services
@@ -65,12 +71,46 @@ def with_credentials(admin_url: str, user: str, password: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def resolve_roles(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
-    """Each service's role: from ``<SVC>_DATABASE_URL`` when given, else generated and kept under DATA_DIR."""
+class RoleConflictError(SettingsError):
+    """A role this installation would create or change already serves another database of the server.
+
+    Roles are cluster-wide: setting its password here would lock the other installation out. It is a
+    settings error (the command line reports it in one line, exit status 2): this installation needs its
+    own role names.
+    """
+
+
+ROLE_NAME_SETTINGS = ", ".join(f"{svc.upper()}_DATABASE_URL" for svc in SERVICES)
+
+
+def resolve_roles(settings: RunSettings, admin_url: str, *, save: bool = True) -> list[ServiceRole]:
+    """Each service's role: from ``<SVC>_DATABASE_URL`` when given, else generated and kept under DATA_DIR.
+
+    With ``save=False`` a newly generated password is not written yet (``save_roles`` does it once the
+    database accepted the roles).
+    """
+    roles = _resolve(settings, admin_url)
+    if save:
+        save_roles(settings, roles)
+    return roles
+
+
+def save_roles(settings: RunSettings, roles: list[ServiceRole]) -> None:
+    """Keep the generated role names and passwords under DATA_DIR (services with an override are not kept)."""
     store = secrets_dir(settings.data_dir) / "database-roles.json"
     saved = load_json(store)
+    wanted = {
+        role.service: {"user": role.user, "password": role.password}
+        for role in roles
+        if not settings.service_url_override(role.service)
+    }
+    if any(saved.get(svc) != entry for svc, entry in wanted.items()):
+        write_private_json(store, saved | wanted)
+
+
+def _resolve(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
+    saved = load_json(secrets_dir(settings.data_dir) / "database-roles.json")
     roles = []
-    changed = False
     for svc in SERVICES:
         override = settings.service_url_override(svc)
         if override:
@@ -81,13 +121,8 @@ def resolve_roles(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
             entry = saved.get(svc) or {}
             user = entry.get("user") or f"comptoir_{svc}"
             password = entry.get("password") or new_password()
-            if entry != {"user": user, "password": password}:
-                saved[svc] = {"user": user, "password": password}
-                changed = True
             url = with_credentials(admin_url, user, password)
         roles.append(ServiceRole(svc, user, password, url))
-    if changed:
-        write_private_json(store, saved)
     return roles
 
 
@@ -98,6 +133,7 @@ async def _provision(admin_url: str, roles: list[ServiceRole]) -> None:
         async with conn.transaction():
             # One transaction-wide lock so two concurrent `comptoir migrate` runs serialise.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('comptoir.provision'))")
+            await _refuse_shared_roles(conn, database, roles)
             await conn.execute(f"REVOKE ALL ON DATABASE {ident(database)} FROM PUBLIC")
             await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
             for role in roles:
@@ -108,6 +144,51 @@ async def _provision(admin_url: str, roles: list[ServiceRole]) -> None:
 
 async def _role_exists(conn: asyncpg.Connection, name: str) -> bool:
     return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
+
+
+async def _roles_used_elsewhere(conn: asyncpg.Connection, names: list[str]) -> dict[str, list[str]]:
+    """role name -> the other databases of the server where it owns objects or holds privileges.
+
+    ``pg_shdepend`` records, for each role, the objects it owns or is granted something on: ``dbid`` is
+    the database of the object, or 0 for a shared object (then a database's own ACL or owner counts for
+    that database). A role known only to the current database is ours to change.
+    """
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT r.rolname, d.datname
+        FROM pg_shdepend s
+        JOIN pg_roles r ON r.oid = s.refobjid
+        JOIN pg_database d ON d.oid = CASE
+            WHEN s.dbid = 0 AND s.classid = 'pg_database'::regclass THEN s.objid ELSE s.dbid END
+        WHERE s.refclassid = 'pg_authid'::regclass
+          AND r.rolname = ANY($1::text[])
+          AND d.datname <> current_database()
+        ORDER BY r.rolname, d.datname
+        """,
+        names,
+    )
+    used: dict[str, list[str]] = {}
+    for row in rows:
+        used.setdefault(row["rolname"], []).append(row["datname"])
+    return used
+
+
+async def _refuse_shared_roles(conn: asyncpg.Connection, database: str, roles: list[ServiceRole]) -> None:
+    """Refuse, before changing anything, to take over a role that another database of the server uses."""
+    used = await _roles_used_elsewhere(conn, [name for role in roles for name in (role.owner, role.user)])
+    if not used:
+        return
+    by_database: dict[str, list[str]] = {}
+    for name, databases in used.items():
+        for other in databases:
+            by_database.setdefault(other, []).append(name)
+    where = "; ".join(f"{', '.join(names)} by database {other!r}" for other, names in by_database.items())
+    raise RoleConflictError(
+        f"roles already used on this server: {where}. Roles are shared by all databases of a server and "
+        f"changing them would lock that installation out: give this one (database {database!r}) its own role "
+        f"names with {ROLE_NAME_SETTINGS} (each URL's user is a runtime role, <user>_owner its owner role), "
+        f"e.g. AUTH_DATABASE_URL=postgresql://{database}_auth:PASSWORD@…/{database}; nothing was changed"
+    )
 
 
 async def _provision_one(conn: asyncpg.Connection, database: str, role: ServiceRole) -> None:
@@ -163,8 +244,9 @@ def alembic_config(service: str, admin_url: str, owner_role: str | None, runtime
 
 def migrate(settings: RunSettings, admin_url: str) -> list[ServiceRole]:
     """Create schemas and roles, apply every migration; idempotent. Returns the runtime roles."""
-    roles = resolve_roles(settings, admin_url)
+    roles = resolve_roles(settings, admin_url, save=False)
     asyncio.run(_provision(admin_url, roles))
+    save_roles(settings, roles)
     for role in roles:
         command.upgrade(alembic_config(role.service, admin_url, role.owner, role.user), "head")
     asyncio.run(_lock_version_tables(admin_url, roles))

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from common.deploychecks import UnsafeConfiguration
+from common.settings import describe_settings_error
 
 FACTORIES = {
     "gateway": "gateway.main:create_app",
@@ -46,14 +47,8 @@ def factory(process: str) -> Callable[[], Any]:
             return create()
         except UnsafeConfiguration as exc:
             refuse(process, str(exc).removeprefix("refusing to start "))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
-                for error in exc.errors()
-            )
-            refuse(process, f"invalid settings: {problems}")
-        except SettingsError as exc:
-            refuse(process, f"invalid settings: {exc}")
+        except (ValidationError, SettingsError) as exc:
+            refuse(process, f"invalid settings: {describe_settings_error(exc)}")
 
     return build
 

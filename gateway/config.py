@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import CommonSettings, Environment, unprefixed
+from common.settings import CommonSettings, Environment, check_networks, unprefixed
 
 IMAGE_UPLOAD_BYTES = 5 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -108,6 +108,11 @@ class GatewaySettings(CommonSettings):
             if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
                 raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        return check_networks(value)  # the error is located at TRUSTED_PROXIES (common.settings names variables)
 
     @field_validator("redis_url")
     @classmethod

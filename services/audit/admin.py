@@ -214,25 +214,54 @@ async def _archive_checkpoint(
     return CheckpointRead.model_validate(row)
 
 
+class NotAnArchive(ValueError):
+    """The file is not an archive at all: not UTF-8 text, or a line that is not a JSON object."""
+
+
+EVENT_FIELDS = ("prev_hash", "hash", "document")
+
+
+def _archive_lines(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The file's lines and each one's JSON object (NotAnArchive names the first that is not one)."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise NotAnArchive(f"{path} is not an audit archive: it is not UTF-8 text") from None
+    entries: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise NotAnArchive(f"{path} is not an audit archive: line {number} is not a JSON object")
+        entries.append(entry)
+    return lines, entries
+
+
 def verify_archive(path: Path, trusted: TrustedKeys) -> dict[str, Any]:
     """Check an archive file on its own: its chain, its digest and its signature."""
     problems: list[str] = []
     digest = hashlib.sha256()
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines, entries = _archive_lines(path)
     if not lines:
         return {"ok": False, "events": 0, "problems": ["the file is empty"]}
-    trailer = json.loads(lines[-1])
+    trailer = entries[-1]
     prev: str | None = None
     count = 0
-    for line in lines[:-1]:
+    for number, (line, entry) in enumerate(zip(lines[:-1], entries[:-1], strict=True), 1):
         digest.update((line + "\n").encode("utf-8"))
-        entry = json.loads(line)
-        if prev is not None and entry["prev_hash"] != prev:
-            problems.append(f"{entry['sequence']}: prev_hash is not the previous event's hash")
-        if chain_hash(entry["prev_hash"], entry["document"]) != entry["hash"]:
-            problems.append(f"{entry['sequence']}: hash does not match the event's content")
-        prev = entry["hash"]
         count += 1
+        if not all(isinstance(entry.get(name), str) for name in EVENT_FIELDS) or not entry["prev_hash"].isascii():
+            problems.append(f"line {number}: not an archived event (it needs {', '.join(EVENT_FIELDS)})")
+            prev = None
+            continue
+        sequence = entry.get("sequence", f"line {number}")
+        if prev is not None and entry["prev_hash"] != prev:
+            problems.append(f"{sequence}: prev_hash is not the previous event's hash")
+        if chain_hash(entry["prev_hash"], entry["document"]) != entry["hash"]:
+            problems.append(f"{sequence}: hash does not match the event's content")
+        prev = entry["hash"]
     signed = {
         k: trailer.get(k)
         for k in ("purpose", "first_sequence", "last_sequence", "events", "sha256", "head_hash", "signed_at")
@@ -242,11 +271,15 @@ def verify_archive(path: Path, trusted: TrustedKeys) -> dict[str, Any]:
     if signed["sha256"] != digest.hexdigest() or signed["events"] != count or signed["head_hash"] != prev:
         problems.append("the signed digest, count or head does not match the file")
     key_id = str(trailer.get("key_id"))
-    if key_id_of(unb64(str(trailer.get("public_key", "")))) != key_id or not trusted.verify(
+    try:
+        public_key_id = key_id_of(unb64(str(trailer.get("public_key", ""))))
+    except ValueError:  # not base64
+        public_key_id = None
+    if public_key_id != key_id or not trusted.verify(
         key_id, str(trailer.get("signature")), canonical_json(signed).encode("utf-8")
     ):
         problems.append("the signature is not valid under a trusted key")
-    first_prev = json.loads(lines[0])["prev_hash"] if len(lines) > 1 else None
+    first_prev = entries[0].get("prev_hash") if len(lines) > 1 else None
     return {
         "ok": not problems,
         "events": count,

@@ -138,10 +138,12 @@ async def test_comptoir_purge_runs_the_same_purge_on_demand(
     monkeypatch.setenv("DATA_DIR", str(database.data_dir))
     monkeypatch.setenv("AUTH_KEYS_DIR", str(tmp_path / "keys"))
     monkeypatch.setenv("AUTH_GDPR_SERVICES", "[]")
+    capsys.readouterr()  # what this test printed so far
     with pytest.raises(SystemExit) as exited:
         await asyncio.to_thread(main, ["purge"])
     assert exited.value.code == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Standard output is the JSON document alone (`comptoir purge | jq`); the auth app's log lines go to stderr.
+    report = json.loads(capsys.readouterr().out)
     assert report["otp_codes"] == 1
     assert report["anonymised"] == 0
     assert await count(auth, "otp_codes", user["id"]) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from comptoir.config import RunSettings
+from comptoir.config import SERVICES, RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import migrate, to_asyncpg_dsn
 from services.audit.config import Settings as AuditSettings
@@ -123,6 +123,11 @@ def test_tampered_truncated_or_foreign_backups_are_refused(installation) -> None
         assert result.returncode == 1, name
     wrong_key = env | {"BACKUP_ENCRYPTION_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode()}
     assert comptoir("restore", str(file), env=wrong_key).returncode == 1
+    # Onto another machine, with the wrong key: refused before an embedded database is set up there.
+    fresh = data_dir.parent / "fresh-machine"
+    elsewhere = {k: v for k, v in wrong_key.items() if not k.endswith("DATABASE_URL")} | {"DATA_DIR": str(fresh)}
+    assert comptoir("restore", str(file), env=elsewhere).returncode == 1
+    assert not (fresh / "pg").exists()
     weak = comptoir("backup", "--out", str(file), env=env | {"BACKUP_ENCRYPTION_KEY": "short"})
     assert weak.returncode == 2
 
@@ -271,3 +276,211 @@ def test_development_generates_and_keeps_a_backup_key_production_requires_one(in
     assert refused.returncode == 2
     assert "BACKUP_ENCRYPTION_KEY is required in production" in refused.stderr
     assert not (data_dir / "c.backup").exists()
+
+
+def _own_role_urls(admin_url: str, prefix: str) -> dict[str, str]:
+    """``<SVC>_DATABASE_URL`` for every service: the settings that give an installation its own role names."""
+    from sqlalchemy.engine import make_url
+
+    return {
+        f"{svc.upper()}_DATABASE_URL": make_url(admin_url)
+        .set(username=f"{prefix}_{svc}", password=f"{prefix}-{svc}-password-0123")
+        .render_as_string(hide_password=False)
+        for svc in SERVICES
+    }
+
+
+async def runtime_can_work(urls: dict[str, str], product_name: str) -> None:
+    """Each runtime role reads its schema, and writes where the service writes (the restored data included)."""
+    for service, url in urls.items():
+        conn = await asyncpg.connect(to_asyncpg_dsn(url))
+        try:
+            assert await conn.fetchval(f"SELECT count(*) FROM {service}.alembic_version") == 1  # noqa: S608
+            if service == "inventory":
+                assert await conn.fetchval("SELECT name FROM inventory.products WHERE sku = 'BKP-1'") == product_name
+                await conn.execute(
+                    "INSERT INTO inventory.products (id, sku, name, price_xaf) VALUES ($1, 'BKP-2', 'Karité', 900)",
+                    uuid.uuid4(),
+                )
+                await conn.execute("UPDATE inventory.products SET price_xaf = 800 WHERE sku = 'BKP-1'")
+            if service == "audit":
+                assert await conn.fetchval("SELECT count(*) FROM audit.events") == 5
+                # granted by a migration beyond the default privileges: must follow the restore
+                assert await conn.fetchval("SELECT has_table_privilege('audit.alerts', 'UPDATE')")
+                assert await conn.fetchval("SELECT has_table_privilege('audit.pseudonyms', 'DELETE')")
+                assert not await conn.fetchval("SELECT has_table_privilege('audit.events', 'UPDATE')")
+            if service == "auth":
+                assert await conn.fetchval("SELECT count(*) FROM auth.users") == 0
+        finally:
+            await conn.close()
+
+
+async def owners_of(admin_url: str) -> set[str]:
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT DISTINCT pg_get_userbyid(c.relowner) AS owner FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname IN ('auth', 'inventory', 'orders', 'audit')"
+        )
+        return {row["owner"] for row in rows}
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def renamed(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """An installation whose roles have non-default names (s2_*), set by the documented settings."""
+    data_dir = tmp_path_factory.mktemp("renamed")
+    embedded = EmbeddedPostgres(data_dir)
+    admin_url = embedded.start()
+    own = _own_role_urls(admin_url, "s2")
+    settings = RunSettings(data_dir=data_dir, database_url=admin_url, **{k.lower(): v for k, v in own.items()})  # type: ignore[arg-type]
+    roles = migrate(settings, admin_url)
+    assert roles[0].user == "s2_auth"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env |= {"DATA_DIR": str(data_dir), "DATABASE_URL": admin_url, "BACKUP_ENCRYPTION_KEY": KEY} | own
+    try:
+        yield admin_url, {r.service: r.url for r in roles}, env, data_dir
+    finally:
+        embedded.stop()
+
+
+def test_a_backup_restores_under_other_role_names(renamed, elsewhere) -> None:  # noqa: ANN001
+    admin_url, urls, env, data_dir = renamed
+    asyncio.run(seed(admin_url, urls["audit"], data_dir))
+    file = data_dir / "s2.backup"
+    made = comptoir("backup", "--out", str(file), env=env)
+    assert made.returncode == 0, made.stderr
+
+    # A fresh DATA_DIR with the default role names (comptoir_*): the source's s2_* roles do not exist there.
+    other_url, other_env, other_dir = elsewhere
+    restored = comptoir("restore", str(file), env=other_env)
+    assert restored.returncode == 0, restored.stderr
+    assert asyncio.run(owners_of(other_url)) == {f"comptoir_{svc}_owner" for svc in SERVICES}
+    roles = migrate(RunSettings(data_dir=other_dir, database_url=other_url), other_url)  # what `comptoir run` does
+    asyncio.run(runtime_can_work({r.service: r.url for r in roles}, "Savon de Marseille"))
+    assert oct((other_dir / "keys").stat().st_mode & 0o777) == "0o700"
+    assert oct((other_dir / "keys" / "trusted-checkpoint-keys").stat().st_mode & 0o777) == "0o700"
+    verdict = comptoir("audit", "verify", env=other_env)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+    # A new database on the source's own server, with roles of its own (s3_*).
+    shop3 = asyncio.run(create_database(admin_url, "shop3"))
+    own3 = _own_role_urls(shop3, "s3")
+    env3 = env | {"DATABASE_URL": shop3, "DATA_DIR": str(data_dir / "d3")} | own3
+    into_shop3 = comptoir("restore", str(file), env=env3)
+    assert into_shop3.returncode == 0, into_shop3.stderr
+    assert asyncio.run(owners_of(shop3)) == {f"s3_{svc}_owner" for svc in SERVICES}
+    asyncio.run(runtime_can_work({k.split("_")[0].lower(): v for k, v in own3.items()}, "Savon de Marseille"))
+    asyncio.run(runtime_can_work(urls, "Savon de Marseille"))  # the source still works, its data untouched
+
+
+async def create_database(admin_url: str, name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def test_a_restore_that_fails_midway_leaves_the_database_empty_for_a_retry(
+    installation,  # noqa: ANN001
+    elsewhere,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from comptoir import backup as backup_module
+    from comptoir.backup import BackupError, _schemas_in_use, restore
+
+    admin_url, urls, env, data_dir = installation
+    asyncio.run(seed(admin_url, urls["audit"], data_dir))
+    file = data_dir / "shop.backup"
+    assert comptoir("backup", "--out", str(file), env=env).returncode == 0
+    other_url, _, other_dir = elsewhere
+    settings = RunSettings(data_dir=other_dir, database_url=other_url)
+    audit = AuditSettings(data_dir=other_dir, environment="test")
+    real = backup_module._run_tool
+    restores = []
+
+    def failing_on_the_third_schema(name: str, *args: str) -> bytes:
+        if name == "pg_restore" and any(a.startswith("--dbname=") for a in args):
+            restores.append(args)
+            if len(restores) == 3:
+                raise BackupError("pg_restore failed: pg_restore: error: could not execute query: disk full")
+        return real(name, *args)
+
+    monkeypatch.setattr(backup_module, "_run_tool", failing_on_the_third_schema)
+    with pytest.raises(BackupError, match="emptied again"):
+        restore(other_url, file, base64.urlsafe_b64decode(KEY), settings, audit)
+    assert asyncio.run(_schemas_in_use(other_url)) == []  # the first two schemas' rows are gone too
+    monkeypatch.setattr(backup_module, "_run_tool", real)
+    restore(other_url, file, base64.urlsafe_b64decode(KEY), settings, audit)
+    assert asyncio.run(read_back(other_url)) == ("Savon de Marseille", 5)
+
+
+def test_backup_refuses_a_directory_or_an_existing_file_and_leaves_nothing_behind(installation) -> None:  # noqa: ANN001
+    admin_url, _, env, data_dir = installation
+    folder = data_dir / "backups"
+    folder.mkdir()
+    into_dir = comptoir("backup", "--out", str(folder), env=env)
+    assert into_dir.returncode == 2
+    (line,) = into_dir.stderr.strip().splitlines()
+    assert "is a directory" in line
+    assert not (data_dir / "backups.partial").exists()
+
+    file = folder / "shop.backup"
+    assert comptoir("backup", "--out", str(file), env=env).returncode == 0
+    kept = file.read_bytes()
+    again = comptoir("backup", "--out", str(file), env=env)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    assert file.read_bytes() == kept
+    assert sorted(p.name for p in folder.iterdir()) == ["shop.backup"]
+    assert comptoir("backup", "--out", str(file), "--force", env=env).returncode == 0
+    assert file.read_bytes() != kept  # replaced (each backup is sealed with a fresh nonce)
+    assert sorted(p.name for p in folder.iterdir()) == ["shop.backup"]
+
+
+def test_a_failed_encryption_leaves_no_partial_file(installation, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from comptoir import backup as backup_module
+
+    admin_url, _, _, data_dir = installation
+
+    def broken_seal(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backup_module, "seal", broken_seal)
+    out = data_dir / "full-disk.backup"
+    with pytest.raises(OSError, match="No space"):
+        backup_module.backup(
+            admin_url, out, base64.urlsafe_b64decode(KEY), AuditSettings(data_dir=data_dir, environment="test")
+        )
+    assert not out.exists()
+    assert not (data_dir / "full-disk.backup.partial").exists()
+
+
+def test_the_file_and_key_are_checked_without_a_database(installation) -> None:  # noqa: ANN001
+    """``check_file`` needs no database: the command line runs it before it sets up an embedded one."""
+    from comptoir.backup import BackupError, check_file
+
+    _, _, env, data_dir = installation
+    file = data_dir / "shop.backup"
+    assert comptoir("backup", "--out", str(file), env=env).returncode == 0
+    with pytest.raises(BackupError, match="key is wrong"):
+        check_file(file, os.urandom(32))
+    check_file(file, base64.urlsafe_b64decode(KEY))
+
+
+def test_backup_and_restore_with_database_url_print_no_platformdirs_warning(installation, elsewhere) -> None:  # noqa: ANN001
+    _, _, env, data_dir = installation
+    no_runtime_dir = {k: v for k, v in env.items() if k != "XDG_RUNTIME_DIR"}
+    file = data_dir / "quiet.backup"
+    made = comptoir("backup", "--out", str(file), env=no_runtime_dir)
+    assert made.returncode == 0, made.stderr
+    assert "Warning" not in made.stderr, made.stderr
+    _, other_env, _ = elsewhere
+    restored = comptoir("restore", str(file), env={k: v for k, v in other_env.items() if k != "XDG_RUNTIME_DIR"})
+    assert restored.returncode == 0, restored.stderr
+    assert "Warning" not in restored.stderr, restored.stderr

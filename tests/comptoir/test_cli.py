@@ -77,7 +77,7 @@ def test_invalid_settings_are_named_not_a_traceback(tmp_path: Path) -> None:
     env = base_env() | {"DATA_DIR": str(tmp_path / "x"), "AUTH_PBKDF2_ROUNDS": "many"}
     result = comptoir("keys", "rotate", env=env | {"DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db"}, cwd=tmp_path)
     assert result.returncode == 2
-    assert "pbkdf2_rounds" in result.stderr
+    assert "AUTH_PBKDF2_ROUNDS" in result.stderr
     assert "Traceback" not in result.stderr
 
 
