@@ -508,7 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--live", metavar="URL", help="score a running gateway's headers and exposure")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this")
-    check.add_argument("--no-database", action="store_true", help="skip the checks that need the database")
+    check.add_argument(
+        "--no-database",
+        action="store_true",
+        help="do not connect to the database: its checks are reported as not run, which fails them",
+    )
     check.add_argument(
         "--evidence", type=Path, default=None, help="operator evidence (YAML/JSON: key -> by, date, reference)"
     )

@@ -30,7 +30,9 @@ PORTS = {"gateway": 8000, "auth": 8001, "inventory": 8002, "orders": 8003, "audi
 APP_SERVICES = list(PORTS)
 UPSTREAMS = [name for name in APP_SERVICES if name != "gateway"]
 INFRA_SERVICES = ["postgres", "redis"]
-IMAGE_SERVICES = [*APP_SERVICES, "migrate"]
+# One-shot tools (profile "tools"): `docker compose run --rm check` runs the deploy checks.
+TOOLS = ["check"]
+IMAGE_SERVICES = [*APP_SERVICES, "migrate", *TOOLS]
 LONG_RUNNING = [*INFRA_SERVICES, *APP_SERVICES]
 DB_PASSWORDS = {name: f"{name.upper()}_DB_PASSWORD" for name in UPSTREAMS}
 SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
@@ -113,7 +115,7 @@ def environment_of(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_compose_file_parses_and_declares_every_process(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {*INFRA_SERVICES, "migrate", *APP_SERVICES}
+    assert set(services) == {*INFRA_SERVICES, "migrate", *APP_SERVICES, *TOOLS}
 
 
 def test_only_the_gateway_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
@@ -214,7 +216,7 @@ def test_each_database_password_reaches_only_the_containers_that_need_it(
         assert "env_file" not in service, name
         env = " ".join(environment_of(service).values())
         passwords = {var for var in [*DB_PASSWORDS.values(), "POSTGRES_PASSWORD"] if "${" + var in env}
-        if name in ("migrate", "postgres"):
+        if name in ("migrate", "postgres", *TOOLS):
             continue
         assert passwords == ({DB_PASSWORDS[name]} if name in DB_PASSWORDS else set()), name
 
@@ -299,7 +301,7 @@ def test_env_file_is_never_committed_nor_sent_to_the_builder() -> None:
 # ---------------------------------------------------------------- rendered: what each container really gets
 
 # The process each container runs, and the settings classes that process reads.
-PROCESS_OF = {"migrate": "migrate", **{name: name for name in APP_SERVICES}}
+PROCESS_OF = {"migrate": "migrate", "check": "check", **{name: name for name in APP_SERVICES}}
 # Read by asyncpg itself (the CA of the database server's certificate), not by a settings class.
 LIBPQ_VARIABLES = {"PGSSLROOTCERT"}
 
@@ -312,8 +314,10 @@ def _settings_classes(process: str) -> list[type[Any]]:
     from services.inventory.config import Settings as InventorySettings
     from services.orders.config import Settings as OrdersSettings
 
+    every = [RunSettings, GatewaySettings, AuthSettings, InventorySettings, OrdersSettings, AuditSettings]
     return {
         "migrate": [RunSettings],
+        "check": every,
         "gateway": [GatewaySettings],
         "auth": [AuthSettings],
         "inventory": [InventorySettings],
@@ -409,6 +413,8 @@ def test_each_container_gets_only_settings_its_process_reads(production: dict[st
 
 def test_secrets_reach_only_the_process_that_uses_them(production: dict[str, dict[str, str]]) -> None:
     for name, env in production.items():
+        if name in TOOLS:
+            continue  # the check tool sees every process's settings (its own test)
         secret_names = {key for key in env if key.endswith(("_CLIENT_SECRET", "SERVICE_CLIENTS", "WEBHOOK_SECRET"))}
         expected = set() if name == "migrate" else {f"{name.upper()}_CLIENT_SECRET"}
         if name == "auth":
@@ -483,3 +489,23 @@ def test_the_development_env_example_works_for_make_run(tmp_path: Path, monkeypa
     for process in APP_SERVICES:
         app = build_app(process, env)
         assert app is not None, process
+
+
+def test_the_check_tool_sees_every_process_settings_and_is_never_started_by_up(
+    services: dict[str, dict[str, Any]], production: dict[str, dict[str, str]]
+) -> None:
+    """`comptoir check --deploy` checks all five processes' settings: in one application container it sees
+    only that container's, and fails on the others' secrets. The check tool gets the union (through the
+    same anchors, so a setting added to a container reaches it too), the superuser URL for the database
+    checks and the backup key; a tool, it runs only when asked (`docker compose run --rm check`)."""
+    check = services["check"]
+    assert check["profiles"] == ["tools"]
+    assert check["restart"] == "no"
+    assert check["command"] == ["comptoir", "check", "--deploy"]
+    assert "ports" not in check
+    assert check["depends_on"]["postgres"]["condition"] == "service_healthy"
+    union: dict[str, str] = {}
+    for name in ["migrate", *APP_SERVICES]:
+        union |= {key: value for key, value in production[name].items() if key != "DATA_DIR"}
+    tool = {key: value for key, value in production["check"].items() if key != "DATA_DIR"}
+    assert tool == union | {"BACKUP_ENCRYPTION_KEY": tool["BACKUP_ENCRYPTION_KEY"]}
