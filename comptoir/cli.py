@@ -487,6 +487,17 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _days(text: str) -> int:
+    """A number of days, 0 or more (argparse answers anything else with a usage line and status 2)."""
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"{days} days: give 0 (keep everything) or more")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comptoir", description="Comptoir commerce backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -535,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = checkpoints_sub.add_parser("export", help="print every checkpoint as a JSON line with its public key")
     export.add_argument("--output", type=Path, default=None, help="write to this file instead of standard output")
     archive = audit_sub.add_parser("archive", help="retention: archive old events to a signed file, then drop them")
-    archive.add_argument("--older-than-days", type=int, default=None, help="default: AUDIT_RETENTION_DAYS (0 = keep)")
+    archive.add_argument("--older-than-days", type=_days, default=None, help="default: AUDIT_RETENTION_DAYS (0 = keep)")
     archive.add_argument("--output-dir", type=Path, default=None, help="default: DATA_DIR/audit/archive")
     verify_archive = audit_sub.add_parser("verify-archive", help="check an archive file's chain and signature")
     verify_archive.add_argument("file", type=Path)

@@ -321,3 +321,15 @@ def test_a_data_dir_that_cannot_be_created_is_named(
     line = one_line(err)
     assert line.startswith(f"comptoir migrate: DATA_DIR {data_dir} cannot be created")
     assert "No such file or directory" in line
+
+
+# ---- audit archive ----
+
+
+@pytest.mark.parametrize("days", ["-3", "ten"])
+def test_archiving_a_negative_or_wordy_age_is_a_usage_error(days: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--older-than-days -3` used to read as "retention is off" and exit 0, as if nothing were wrong."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["audit", "archive", "--older-than-days", days])
+    assert exited.value.code == 2
+    assert "--older-than-days" in capsys.readouterr().err
