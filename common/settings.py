@@ -82,7 +82,7 @@ def _naming_variables(settings_class: type[BaseSettings], exc: ValidationError) 
             {
                 "type": PydanticCustomError(error["type"], _in_variables(error["msg"], names)),
                 "loc": (first, *loc[1:]) if first is not None else (),
-                "input": error.get("input"),
+                "input": None,  # settings hold secrets: never carried in the error
             }
         )
     return ValidationError.from_exception_data(exc.title, errors, hide_input=True)

@@ -571,7 +571,7 @@ def restore(
     """Restore into an empty database and put the keys and the checkpoint log back under DATA_DIR."""
     import asyncio
 
-    from comptoir.provision import _provision, migrate, resolve_roles
+    from comptoir.provision import _provision, migrate, resolve_roles, save_roles
 
     with tempfile.TemporaryDirectory(prefix="comptoir-restore-") as work:
         plain = Path(work) / "plain"
@@ -601,8 +601,9 @@ def restore(
                 raise BackupError(f"the database is not empty ({', '.join(in_use[:5])}): restore into an empty one")
             if report:
                 report.step("pg_restore")
-            roles = resolve_roles(settings, admin_url)
+            roles = resolve_roles(settings, admin_url, save=False)
             asyncio.run(_provision(admin_url, roles))  # refuses roles another database uses, before any change
+            save_roles(settings, roles)  # generated passwords are kept once the database accepted the roles
             _restore_as_target(admin_url, dump, roles, Path(work))
             if report:
                 report.step("migrations")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -181,7 +182,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 2
         failing = live.failing_reasons(report, args.fail_under)
         text = (
-            json.dumps(report | {"failing": failing}, indent=2) if args.json else live.render(report, args.fail_under)
+            json.dumps(report | {"ok": not failing, "failing": failing}, indent=2)
+            if args.json
+            else live.render(report, args.fail_under)
         )
         print(text)
         return 1 if failing else 0
@@ -598,8 +601,9 @@ def data_dir_problem(exc: OSError) -> str | None:
     except ValueError:
         return None
     where = Path(os.fsdecode(exc.filename)).absolute()
-    if where != data_dir and where not in data_dir.parents:
-        return None
+    creating = exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EROFS) and not data_dir.is_dir()
+    if where != data_dir and not (creating and where in data_dir.parents):
+        return None  # a file the command was given (a directory passed as a backup, say), not DATA_DIR
     return f"DATA_DIR {data_dir} cannot be created or used: {exc.strerror or exc}: {where}"
 
 

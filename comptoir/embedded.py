@@ -120,5 +120,9 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._server is not None:
+            from pgserver.postgres_server import PostgresServer
+
+            with PostgresServer._lock:  # a holder that died since this one joined must not keep the server up
+                _forget_dead_holders(self.pgdata / _HOLDERS)
             self._server.cleanup()
             self._server = None

@@ -111,22 +111,23 @@ def hold_data_dir(data_dir: Path) -> IO[str] | str:
 
 
 def ports_in_use(settings: RunSettings) -> list[str]:
-    """The children's ports that cannot be bound on ``BIND_HOST`` right now, each named by its setting."""
-    busy = []
+    """Each child's port that cannot be bound on ``BIND_HOST`` right now, named by its setting, and why
+    (bound as uvicorn binds: IPv6 for an address with a colon, else IPv4, with SO_REUSEADDR)."""
+    host = settings.bind_host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    refused = []
     for process in PROCESSES:
         port = settings.port_of(process)
-        family, kind, proto, _, address = socket.getaddrinfo(
-            settings.bind_host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
             try:
-                probe.bind(address)
+                probe.bind((host, port))
+            except socket.gaierror:
+                return [f"BIND_HOST {host!r} is not an address of this machine's (it does not resolve)"]
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                busy.append(f"{port} ({process.upper()}_PORT)")
-    return busy
+                why = "in use by another program" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                refused.append(f"{port} ({process.upper()}_PORT): {why}")
+    return refused
 
 
 def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]:
@@ -200,12 +201,11 @@ class Supervisor:
             )
             return 2
         with lock:
-            busy = ports_in_use(settings)
-            if busy:
-                ports, them = ("ports", "them") if len(busy) > 1 else ("port", "it")
+            refused = ports_in_use(settings)
+            if refused:
                 self.say(
-                    f"{ports} {', '.join(busy)} on {settings.bind_host} in use by another program: stop {them}, "
-                    "or set the named setting to a free port"
+                    f"cannot listen on {settings.bind_host} (BIND_HOST): {'; '.join(refused)}; free the port, or set "
+                    "the named setting to another port (or BIND_HOST to an address of this machine)"
                 )
                 return 2
             return self._run(settings)

@@ -17,6 +17,9 @@ from common.upstream import UpstreamError
 router = APIRouter(tags=["health"])
 
 HEALTH_PATH = "/api/v1/health"
+# Longer than a service's own readiness check waits for its database (2 s): a slow database makes the
+# service answer "not ready" (failing), not miss the probe (unreachable).
+PROBE_SECONDS = 3.5
 
 ProcessState = Literal["ok", "failing", "unreachable"]
 
@@ -39,7 +42,7 @@ async def system_health(request: Request) -> JSONResponse:
 
     async def probe(name: str) -> tuple[str, ProcessState]:
         try:
-            status, _ = await proxy.fetch(name, "/readyz", timeout=2.0)
+            status, _ = await proxy.fetch(name, "/readyz", timeout=PROBE_SECONDS)
         except (UpstreamError, TimeoutError):
             return name, "unreachable"
         return name, "ok" if status == 200 else "failing"

@@ -26,9 +26,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_server_left_by_a_killed_run_stops_with_the_next_run(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None
-    assert holder.stdout.readline().strip() == "up"
+    holder = _hold(tmp_path)
     holder.kill()
     holder.wait()
     postmaster_pid = tmp_path / "pg" / "postmaster.pid"
@@ -40,5 +38,49 @@ def test_a_server_left_by_a_killed_run_stops_with_the_next_run(tmp_path: Path) -
         embedded.stop()
         assert not postmaster_pid.exists(), "the server outlived the run that said it stopped it"
     finally:
+        if _alive(postmaster):
+            os.kill(postmaster, signal.SIGQUIT)
+
+
+def _hold(data_dir: Path) -> subprocess.Popen[str]:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(data_dir)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "up"
+    return holder
+
+
+def test_a_holder_that_dies_after_this_run_joined_does_not_keep_the_server_up(tmp_path: Path) -> None:
+    """`comptoir backup` joins the server of a running `comptoir run` and is killed outright; when the run
+    stops, the server stops with it."""
+    embedded = EmbeddedPostgres(tmp_path)
+    embedded.start()
+    postmaster_pid = tmp_path / "pg" / "postmaster.pid"
+    postmaster = int(postmaster_pid.read_text().split()[0])
+    try:
+        holder = _hold(tmp_path)
+        holder.kill()
+        holder.wait()
+        embedded.stop()
+        assert not postmaster_pid.exists()
+    finally:
+        if _alive(postmaster):
+            os.kill(postmaster, signal.SIGQUIT)
+
+
+def test_a_live_holder_keeps_the_server_when_another_one_stops(tmp_path: Path) -> None:
+    """Only dead holders are forgotten: a `comptoir migrate` that joins a running system and ends must not
+    stop the database under it."""
+    holder = _hold(tmp_path)
+    postmaster_pid = tmp_path / "pg" / "postmaster.pid"
+    postmaster = int(postmaster_pid.read_text().split()[0])
+    try:
+        embedded = EmbeddedPostgres(tmp_path)
+        embedded.start()
+        embedded.stop()
+        assert _alive(postmaster)
+        assert postmaster_pid.exists()
+    finally:
+        holder.kill()
+        holder.wait()
         if _alive(postmaster):
             os.kill(postmaster, signal.SIGQUIT)

@@ -197,6 +197,7 @@ def test_check_live_fails_under_fail_under(operator: pytest.MonkeyPatch, capsys:
         status, out, _ = comptoir(capsys, "check", "--live", gateway.url, "--fail-under", "200", "--json")
         assert status == 1
         assert json.loads(out)["failing"] == ["score 120 is under --fail-under 200"]
+        assert json.loads(out)["ok"] is False  # the verdict agrees with the status
 
 
 # ---- audit verify-archive ----
@@ -226,6 +227,22 @@ def test_verify_archive_reports_lines_that_are_not_events(
     status, out, _ = comptoir(capsys, "audit", "verify-archive", str(path))
     assert status == 1
     assert "line 1: not an archived event" in json.loads(out)["problems"][0]
+    # Event-shaped, but with a lone surrogate that no chain could have hashed.
+    path.write_text('{"prev_hash": "a", "hash": "b", "document": "\\ud800"}\n{"type": "signature"}\n')
+    status, out, err = comptoir(capsys, "audit", "verify-archive", str(path))
+    assert status == 1, err
+    assert "hash does not match" in json.loads(out)["problems"][0]
+
+
+def test_a_directory_given_as_a_file_is_not_called_a_data_dir_problem(
+    operator: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`comptoir audit verify-archive .` from the folder that holds DATA_DIR: the mistake is the argument."""
+    (tmp_path / "var").mkdir()
+    status, _, err = comptoir(capsys, "audit", "verify-archive", str(tmp_path))
+    assert status == 1
+    assert "DATA_DIR" not in one_line(err)
+    assert "Is a directory" in err
 
 
 # ---- settings errors name the environment variable ----

@@ -169,9 +169,10 @@ def test_comptoir_run_in_production_from_the_env_example_stops_and_names_the_che
     assert "Traceback" not in result.stderr
 
 
-def comptoir_run(data_dir: Path, ports: dict[str, int]) -> subprocess.CompletedProcess[str]:
+def comptoir_run(data_dir: Path, ports: dict[str, int], **settings: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
     env |= {"DATA_DIR": str(data_dir)} | {f"{process.upper()}_PORT": str(port) for process, port in ports.items()}
+    env |= settings
     return subprocess.run(
         [sys.executable, "-m", "comptoir.cli", "run"], env=env, capture_output=True, text=True, timeout=60
     )
@@ -201,7 +202,19 @@ def test_a_run_whose_port_another_program_holds_is_refused_naming_the_setting(tm
         result = comptoir_run(tmp_path / "data", ports)
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = result.stdout.strip().splitlines()
-    assert f"port {ports['gateway']} (GATEWAY_PORT) on 127.0.0.1 in use by another program" in line
+    assert f"cannot listen on 127.0.0.1 (BIND_HOST): {ports['gateway']} (GATEWAY_PORT): in use by another" in line
     assert "ready" not in result.stdout
     assert not (tmp_path / "data" / "pg").exists()
     assert not isinstance(hold_data_dir(tmp_path / "data"), str)
+
+
+def test_a_bind_host_that_is_not_this_machines_is_refused_naming_it(tmp_path: Path) -> None:
+    """192.0.2.1 (documentation range) is no address of this machine: one line naming BIND_HOST and each
+    port, not a bare "Cannot assign requested address"."""
+    ports = {process: free_port() for process in PROCESSES}
+    result = comptoir_run(tmp_path / "data", ports, BIND_HOST="192.0.2.1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    assert "cannot listen on 192.0.2.1 (BIND_HOST)" in line
+    assert f"{ports['auth']} (AUTH_PORT)" in line
+    assert not (tmp_path / "data" / "pg").exists()
