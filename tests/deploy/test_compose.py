@@ -508,4 +508,10 @@ def test_the_check_tool_sees_every_process_settings_and_is_never_started_by_up(
     for name in ["migrate", *APP_SERVICES]:
         union |= {key: value for key, value in production[name].items() if key != "DATA_DIR"}
     tool = {key: value for key, value in production["check"].items() if key != "DATA_DIR"}
-    assert tool == union | {"BACKUP_ENCRYPTION_KEY": tool["BACKUP_ENCRYPTION_KEY"]}
+    audit_files = {
+        "AUDIT_CHECKPOINT_KEY_FILE": "/audit-data/keys/audit-checkpoint.key",
+        "AUDIT_CHECKPOINT_LOG_FILE": "/audit-data/audit/checkpoints.jsonl",
+    }
+    assert tool == union | {"BACKUP_ENCRYPTION_KEY": tool["BACKUP_ENCRYPTION_KEY"]} | audit_files
+    # audit's volume, where its checkpoint key and log are, read-only: the check never writes there.
+    assert "audit-data:/audit-data:ro" in check["volumes"]

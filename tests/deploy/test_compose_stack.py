@@ -188,6 +188,10 @@ def stack(dotenv: dict[str, str], postgres: Postgres, tmp_path_factory: pytest.T
             for key, value in env.items():
                 if key.endswith("_GATEWAY_NETWORKS") and value == "172.30.0.0/24":
                     env[key] = "127.0.0.1/32"  # the backend network, where the gateway's connections come from
+                if value.startswith("/audit-data/"):
+                    env[key] = str(work / "audit") + value.removeprefix("/audit-data")  # audit's volume, mounted
+            if service == "audit":
+                env["AUDIT_CHECKPOINT_INTERVAL_SECONDS"] = "1"  # a signed checkpoint soon, for the deploy check
             return env | {"PATH": os.environ.get("PATH", ""), "HOME": str(work)}
 
         migrate = rendered["migrate"]["command"]
@@ -319,8 +323,18 @@ def test_the_check_tool_passes_the_deploy_check_against_the_rendered_stack(stack
         )
         return done.returncode, json.loads(done.stdout)["checks"]
 
+    # A signed checkpoint exists (audit signs the head every second here): the check must verify it with
+    # audit's own key and log, read from audit's volume, not call it "signed by a key not trusted here".
+    log = stack.work / "audit" / "audit" / "checkpoints.jsonl"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.read_text().strip()):
+        assert time.monotonic() < deadline, "audit signed no checkpoint"
+        time.sleep(0.2)
     status, checks = run_check("check")
     assert {item["id"] for item in checks} >= {"CMP-W002", "CMP-W024", "CMP-D001", "CMP-D003", "CMP-D007"}
+    (chain,) = [item for item in checks if item["id"] == "CMP-D004"]
+    assert chain["status"] == "PASS"
+    assert "not trusted" not in json.dumps(chain)
     assert [item["id"] for item in checks if item["status"] == "FAIL"] == []
     assert status == 0
     status, checks = run_check("auth")
