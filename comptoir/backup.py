@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,6 +49,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from comptoir.config import SERVICES
+
+_T = TypeVar("_T")
 
 # The command line's interface (check_file and check_target run before any database is touched).
 __all__ = [
@@ -432,13 +434,13 @@ async def _drop_schemas(admin_url: str) -> None:
         await conn.close()
 
 
-def _undo_on_failure(admin_url: str, step: Callable[[], object]) -> None:
-    """Run a step of the restore; if it fails, drop what was restored so that the database is empty again
-    (a retry would otherwise be refused as "not empty")."""
+def _undo_on_failure(admin_url: str, step: Callable[[], _T]) -> _T:
+    """Run a step of the restore and return what it returns; if it fails, drop what was restored so that
+    the database is empty again (a retry would otherwise be refused as "not empty")."""
     import asyncio
 
     try:
-        step()
+        return step()
     except BaseException as exc:
         try:
             asyncio.run(_drop_schemas(admin_url))
@@ -612,7 +614,7 @@ def restore(
                 return BackupContents()
             if report:
                 report.step("checkpoint keys and log")
-            return _put_back_keys(tar, members, audit)
+            return _undo_on_failure(admin_url, lambda: _put_back_keys(tar, members, audit))
         finally:
             if tar is not None:
                 tar.close()

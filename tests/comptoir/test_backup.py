@@ -416,6 +416,16 @@ def test_a_restore_that_fails_midway_leaves_the_database_empty_for_a_retry(
         restore(other_url, file, base64.urlsafe_b64decode(KEY), settings, audit)
     assert asyncio.run(_schemas_in_use(other_url)) == []  # the first two schemas' rows are gone too
     monkeypatch.setattr(backup_module, "_run_tool", real)
+
+    def full_disk(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    # The very last step, the checkpoint keys and log put back into DATA_DIR, is undone the same way.
+    monkeypatch.setattr(backup_module, "_put_back_keys", full_disk)
+    with pytest.raises(BackupError, match="emptied again"):
+        restore(other_url, file, base64.urlsafe_b64decode(KEY), settings, audit)
+    assert asyncio.run(_schemas_in_use(other_url)) == []
+    monkeypatch.undo()
     restore(other_url, file, base64.urlsafe_b64decode(KEY), settings, audit)
     assert asyncio.run(read_back(other_url)) == ("Savon de Marseille", 5)
 
