@@ -19,6 +19,7 @@ from comptoir.cli import build_parser, run_command
 from comptoir.config import RunSettings
 from gateway.config import GatewaySettings
 from tests.conftest import SECURITY_HEADERS, free_port
+from tests.support.servers import request_body
 from tests.support.servers import serve as serve_app
 
 UNREACHABLE_DATABASE = "postgresql://comptoir:secret@127.0.0.1:1/comptoir"
@@ -171,14 +172,8 @@ def test_check_live_without_an_answer_is_one_line_and_status_2(
 
 async def _a_well_kept_gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Every security header; the catalogue answers, nothing else does (120 points, nothing exposed)."""
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+    if await request_body(scope, receive, send) is None:
         return
-    more = True
-    while more:
-        more = (await receive()).get("more_body", False)
     status = 200 if scope["path"] == "/api/v1/products" else 404
     headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
     headers += [(b"permissions-policy", b"camera=()"), (b"content-type", b"application/json")]
@@ -188,6 +183,7 @@ async def _a_well_kept_gateway(scope: dict[str, Any], receive: Any, send: Any) -
 
 def test_check_live_fails_under_fail_under(operator: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     with serve_app(_a_well_kept_gateway) as gateway:
+        capsys.readouterr()  # the server's own start-up line, when an earlier test configured logging
         status, out, _ = comptoir(capsys, "check", "--live", gateway.url, "--fail-under", "120")
         assert status == 0, out
         assert out.splitlines()[0].endswith("120 points, grade A+")

@@ -13,7 +13,7 @@ import pytest
 from gateway.config import GatewaySettings
 from tests.conftest import assert_security_headers
 from tests.gateway.conftest import running_gateway
-from tests.support.servers import serve
+from tests.support.servers import request_body, serve
 from tests.support.tokens import TestIssuer, bearer
 
 
@@ -25,14 +25,8 @@ class Catalogue:
         self.hits: list[tuple[str, str, bool]] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await request_body(scope, receive, send) is None:
             return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
         signed_in = any(k == b"authorization" for k, _ in scope["headers"])
         self.hits.append((scope["method"], scope["path"], signed_in))
         if scope["method"] == "PATCH":

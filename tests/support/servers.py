@@ -61,6 +61,23 @@ def serve(app: Any, port: int | None = None, http: Any = "auto") -> Iterator[Thr
         server.stop()
 
 
+async def request_body(scope: Any, receive: Any, send: Any) -> bytes | None:
+    """For a hand-written ASGI test app: the lifespan protocol answered (None: nothing more to do), or the
+    request's whole body."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return None
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
 class Echo:
     """An upstream that answers with what it received. ``/slow`` waits, ``/stream`` sends 3 MiB chunked."""
 
@@ -68,20 +85,9 @@ class Echo:
         self.hits: list[str] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await request_body(scope, receive, send)
+        if body is None:
+            return
         path = scope["path"]
         self.hits.append(path)
         if path.endswith("/slow"):
