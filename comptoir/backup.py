@@ -264,11 +264,8 @@ def backup(
         dump = Path(work) / "dump"
         if report:
             report.step("pg_dump of schemas auth, inventory, orders, audit")
-        args = [_pg_tool("pg_dump"), "--format=custom", "--no-password", f"--file={dump}"]
-        args += [f"--schema={schema}" for schema in SERVICES]
-        result = subprocess.run([*args, to_asyncpg_dsn(admin_url)], capture_output=True, check=False)
-        if result.returncode != 0:
-            raise BackupError("pg_dump failed: " + result.stderr.decode(errors="replace")[-500:])
+        schemas = [f"--schema={schema}" for schema in SERVICES]
+        _run_tool("pg_dump", "--format=custom", "--no-password", f"--file={dump}", *schemas, to_asyncpg_dsn(admin_url))
         bundle = Path(work) / "bundle.tar"
         with tarfile.open(bundle, "w") as tar:
             public = _trusted_public_keys(audit)
@@ -470,7 +467,7 @@ def _unquote(name: str) -> str:
     return name[1:-1].replace('""', '"') if name.startswith('"') else name
 
 
-def _acl_statements(dump: Path, schema: str, role: ServiceRole, work: Path) -> list[str]:
+def _acl_statements(dump: Path, listing: list[str], schema: str, role: ServiceRole, work: Path) -> list[str]:
     """The dump's GRANT/REVOKE on the objects of ``schema``, for this installation's roles.
 
     The source's grants are what migrations granted beyond the default privileges (e.g. audit's UPDATE
@@ -480,7 +477,6 @@ def _acl_statements(dump: Path, schema: str, role: ServiceRole, work: Path) -> l
     """
     from comptoir.provision import ident
 
-    listing = _run_tool("pg_restore", "--list", str(dump)).decode(errors="replace").splitlines()
     entries, owners = [], set()
     for line in listing:
         match = _ACL_ENTRY.match(line)
@@ -544,6 +540,7 @@ def _restore_as_target(admin_url: str, dump: Path, roles: list[ServiceRole], wor
     def restore_all() -> None:
         asyncio.run(_drop_schemas(admin_url))  # leftovers without rows, e.g. tables of an earlier migrate
         asyncio.run(_provision(admin_url, roles))
+        listing = _run_tool("pg_restore", "--list", str(dump)).decode(errors="replace").splitlines()
         for role in roles:
             _run_tool(
                 "pg_restore",
@@ -557,7 +554,8 @@ def _restore_as_target(admin_url: str, dump: Path, roles: list[ServiceRole], wor
                 f"--dbname={to_asyncpg_dsn(admin_url)}",
                 str(dump),
             )
-            asyncio.run(_apply_grants(admin_url, role, _acl_statements(dump, role.service, role, work)))
+            grants = _acl_statements(dump, listing, role.service, role, work)
+            asyncio.run(_apply_grants(admin_url, role, grants))
 
     _undo_on_failure(admin_url, restore_all)
 
@@ -573,7 +571,7 @@ def restore(
     """Restore into an empty database and put the keys and the checkpoint log back under DATA_DIR."""
     import asyncio
 
-    from comptoir.provision import _provision, migrate, resolve_roles, save_roles
+    from comptoir.provision import migrate, refuse_shared_roles, resolve_roles, save_roles
 
     with tempfile.TemporaryDirectory(prefix="comptoir-restore-") as work:
         plain = Path(work) / "plain"
@@ -604,9 +602,9 @@ def restore(
             if report:
                 report.step("pg_restore")
             roles = resolve_roles(settings, admin_url, save=False)
-            asyncio.run(_provision(admin_url, roles))  # refuses roles another database uses, before any change
+            asyncio.run(refuse_shared_roles(admin_url, roles))  # roles another database uses: before any change
+            _restore_as_target(admin_url, dump, roles, Path(work))  # provisions the roles and schemas, once
             save_roles(settings, roles)  # generated passwords are kept once the database accepted the roles
-            _restore_as_target(admin_url, dump, roles, Path(work))
             if report:
                 report.step("migrations")
             _undo_on_failure(admin_url, lambda: migrate(settings, admin_url))

@@ -142,6 +142,15 @@ async def _provision(admin_url: str, roles: list[ServiceRole]) -> None:
         await conn.close()
 
 
+async def refuse_shared_roles(admin_url: str, roles: list[ServiceRole]) -> None:
+    """The check ``_provision`` starts with, alone and changing nothing (a restore asks it before it begins)."""
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        await _refuse_shared_roles(conn, await conn.fetchval("SELECT current_database()"), roles)
+    finally:
+        await conn.close()
+
+
 async def _role_exists(conn: asyncpg.Connection, name: str) -> bool:
     return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
 
