@@ -247,7 +247,12 @@ class Mfa:
 
     async def verify(self, user: User, row: MfaTotp, code: str, *, recovery: bool, purpose: str) -> Method:
         """Check a code under the per-user throttle; a wrong one is audited, committed and refused."""
-        wait = await self._gate(user)
+        return await self._checked(user, row, code, await self._gate(user), recovery=recovery, purpose=purpose)
+
+    async def _checked(
+        self, user: User, row: MfaTotp, code: str, wait: float, *, recovery: bool, purpose: str
+    ) -> Method:
+        """Check a code the throttle has let through; ``wait`` is what a wrong one starts."""
         method = await self._check(user, row, code, recovery=recovery)
         if method is None:
             await self._audit(user, "auth.mfa.failed", outcome="failure", purpose=purpose)
@@ -369,8 +374,10 @@ class Mfa:
         row = await self.totp(challenge.user_id, lock=True)
         if user is None or not user.is_active or row is None:
             raise InvalidMfaChallenge()
+        wait = await self._gate(user)
+        # Only a code that is checked uses one of the challenge's tries, not a 429 during a wait.
         challenge.attempts += 1
-        method = await self.verify(user, row, code, recovery=not challenge.enrol, purpose="login")
+        method = await self._checked(user, row, code, wait, recovery=not challenge.enrol, purpose="login")
         challenge.consumed_at = now
         codes = None
         if challenge.enrol:

@@ -139,6 +139,22 @@ async def test_wrong_codes_are_throttled_and_a_challenge_dies_after_five(auth: A
     assert_problem(await complete(auth, late["mfa_token"], code_at(secret, auth.clock.now)), 401)
 
 
+async def test_a_code_refused_with_429_during_a_wait_uses_none_of_the_challenges_tries(auth: AuthClient) -> None:
+    user, pair = await auth.user()
+    secret, _ = await enrol(auth, pair["access_token"])
+    first = challenge_of(await auth.login(user["email"]))
+    statuses = [(await complete(auth, first["mfa_token"], "000000")).status_code for _ in range(5)]
+    assert statuses == [401] * 4 + [429]
+    # The owner logs in again and their app keeps sending the right code while the wait runs.
+    second = challenge_of(await auth.login(user["email"]))
+    for _ in range(6):
+        waiting = await complete(auth, second["mfa_token"], code_at(secret, auth.clock.now))
+        assert_problem(waiting, 429)
+    auth.clock.advance(31)
+    done = await complete(auth, second["mfa_token"], code_at(secret, auth.clock.now))
+    assert done.status_code == 200, done.text
+
+
 async def test_disabling_needs_the_password_and_a_code(auth: AuthClient) -> None:
     user, pair = await auth.user()
     secret, _ = await enrol(auth, pair["access_token"])
