@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ KUBERNETES_VERSION = "1.31"
 PORTS = {"gateway": 8000, "auth": 8001, "inventory": 8002, "orders": 8003, "audit": 8004}
 PROCESSES = tuple(PORTS)
 SERVICES = PROCESSES[1:]
-COMPONENTS = (*PROCESSES, "migrate")
+COMPONENTS = (*PROCESSES, "migrate", "check")
 UID = 10001
 # A container listens on every interface of its own network namespace; the Service and NetworkPolicies
 # decide who reaches it.
@@ -83,6 +84,15 @@ EXPECTED_SECRET_KEYS = {
     "audit": {"AUDIT_DB_PASSWORD", "AUDIT_CLIENT_SECRET"},
     "migrate": {"POSTGRES_ADMIN_PASSWORD", *(f"{s.upper()}_DB_PASSWORD" for s in SERVICES)},
 }
+# The deploy check sees what every process sees (as docker compose's `check` tool does), the owner's
+# password (the database checks) and the backup key.
+EXPECTED_SECRET_KEYS["check"] = {
+    *(key for process in PROCESSES for key in EXPECTED_SECRET_KEYS[process]),
+    "POSTGRES_ADMIN_PASSWORD",
+    "BACKUP_ENCRYPTION_KEY",
+}
+# Who may hold the database owner's password.
+OWNER_COMPONENTS = {"migrate", "check"}
 
 # Who may open a connection to whom (DESIGN.md's processes; the table atop base/networkpolicies.yaml).
 INGRESS_CONTROLLER = "ingress-controller"
@@ -107,8 +117,8 @@ OUTSIDE_PODS = {
 }
 EXTERNAL_PORTS = {"postgres": 5432, "redis": 6379, "webhook": 443}
 EXPECTED_EXTERNAL = {
-    "dev": {("postgres", c) for c in (*SERVICES, "migrate")},
-    "prod": {("postgres", c) for c in (*SERVICES, "migrate")} | {("redis", "gateway"), ("webhook", "auth")},
+    "dev": {("postgres", c) for c in (*SERVICES, *OWNER_COMPONENTS)},
+    "prod": {("postgres", c) for c in (*SERVICES, *OWNER_COMPONENTS)} | {("redis", "gateway"), ("webhook", "auth")},
 }
 PLACEHOLDER_NETWORK = ipaddress.ip_network("192.0.2.0/24")
 
@@ -142,12 +152,17 @@ def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
     return copy.deepcopy(patch)
 
 
-def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+def pod_template(doc: dict[str, Any]) -> dict[str, Any] | None:
     if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-        return dict(doc["spec"]["template"]["spec"])
+        return dict(doc["spec"]["template"])
     if doc["kind"] == "CronJob":
-        return dict(doc["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+        return dict(doc["spec"]["jobTemplate"]["spec"]["template"])
     return None
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    template = pod_template(doc)
+    return None if template is None else dict(template["spec"])
 
 
 def containers_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -221,12 +236,11 @@ def of_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 
 def workloads(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(component, object, pod spec) of every Deployment and Job."""
+    """(component, object, pod spec) of every Deployment, Job and CronJob."""
     for doc in docs:
-        spec = pod_spec(doc)
-        if spec is not None:
-            component = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
-            yield component, doc, spec
+        template = pod_template(doc)
+        if template is not None:
+            yield template["metadata"]["labels"]["app.kubernetes.io/component"], doc, dict(template["spec"])
 
 
 def config_data(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -507,7 +521,7 @@ def test_each_workload_receives_only_its_own_secrets(docs: list[dict[str, Any]])
         for container in containers_of(spec):
             assert not [s for s in container.get("envFrom", []) if "secretRef" in s], component
             owner_secret = {r["name"] for r in secret_refs(container).values()} & {"comptoir-database-admin"}
-            assert not owner_secret or component == "migrate", "only the migration Job gets the owner's password"
+            assert not owner_secret or component in OWNER_COMPONENTS, "only migrate and check get the owner's password"
 
 
 def test_every_referenced_secret_is_provided_or_documented(docs: list[dict[str, Any]], overlay: str) -> None:
@@ -845,7 +859,7 @@ def _allowed(
 
 
 def _pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
-    return {component: doc["spec"]["template"]["metadata"]["labels"] for component, doc, _ in workloads(docs)}
+    return {component: dict(pod_template(doc) or {})["metadata"]["labels"] for component, doc, _ in workloads(docs)}
 
 
 def _own_namespace(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -948,3 +962,102 @@ def test_each_deployment_s_process_starts_from_exactly_its_environment(
         load_or_create_key(key)
         env["AUDIT_CHECKPOINT_KEY_FILE"] = str(key)
     assert build_app(process, env) is not None
+
+
+# ---------------------------------------------------------------- the deploy check
+
+
+def test_the_deploy_check_sees_what_every_process_sees(docs: list[dict[str, Any]], overlay: str) -> None:
+    """The CronJob comptoir-check runs `comptoir check --deploy` with every Deployment's environment (one
+    pod's own lacks the others' secrets and fails the check), the migration Job's owner URL and the
+    backup key; in prod it reads audit's checkpoint key from the same Secret as audit."""
+    cronjob = of_kind(docs, "CronJob")["comptoir-check"]
+    assert cronjob["spec"]["suspend"] is True, "it runs when the operator asks (README), not by surprise"
+    spec = pod_spec(cronjob) or {}
+    (check,) = containers_of(spec)
+    assert check["command"] == ["comptoir", "check", "--deploy"]
+    seen = environment(docs, check)
+    every: dict[str, str] = {}
+    for process in PROCESSES:
+        (container,) = of_kind(docs, "Deployment")[f"comptoir-{process}"]["spec"]["template"]["spec"]["containers"]
+        every.update(environment(docs, container))
+    extra = {"POSTGRES_ADMIN_PASSWORD", "DATABASE_URL", "BACKUP_ENCRYPTION_KEY"}
+    assert {name: value for name, value in seen.items() if name not in extra} == every
+    (migrate,) = of_kind(docs, "Job")["comptoir-migrate"]["spec"]["template"]["spec"]["containers"]
+    assert seen["DATABASE_URL"] == environment(docs, migrate)["DATABASE_URL"]
+    assert secret_refs(check)["BACKUP_ENCRYPTION_KEY"] == {
+        "name": "comptoir-backup",
+        "key": "BACKUP_ENCRYPTION_KEY",
+        "optional": True,
+    }
+    key_file = seen.get("AUDIT_CHECKPOINT_KEY_FILE")
+    assert bool(key_file) == (overlay == "prod")
+    if key_file:
+        audit = of_kind(docs, "Deployment")["comptoir-audit"]["spec"]["template"]["spec"]
+
+        def key_secret(pod: dict[str, Any]) -> str:
+            (container,) = pod["containers"]
+            (mount,) = [m for m in container["volumeMounts"] if key_file.startswith(m["mountPath"] + "/")]
+            assert mount.get("readOnly") is True
+            return str({v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]["secretName"])
+
+        assert key_secret(spec) == key_secret(audit)
+
+
+@pytest.mark.e2e
+def test_the_deploy_check_passes_after_the_migration_job_on_a_tls_database(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """prod, against a real PostgreSQL speaking TLS (verify-full): `comptoir migrate` from exactly the
+    migration Job's environment, then `comptoir check --deploy` from exactly the CronJob's: every check
+    passes, the database ones included. Mapped, and only that: the database's host, port and CA file to
+    this test's server, DATA_DIR (an emptyDir) and the checkpoint key's Secret volume to temporary paths."""
+    from services.audit.signing import load_or_create_key
+    from tests.support.tls_postgres import tls_postgres
+
+    docs = copy.deepcopy(rendered["prod"])
+    stand_in = _stand_in_secrets(docs, "prod")
+    values: dict[tuple[str, str], str | None] = {}
+
+    def supply(name: str, key: str) -> str | None:
+        if (name, key) not in values:
+            values[name, key] = stand_in(name, key)
+        return values[name, key]
+
+    config = of_kind(docs, "ConfigMap")["comptoir-config"]["data"]
+    admin_password = supply("comptoir-database-admin", "POSTGRES_ADMIN_PASSWORD")
+    assert admin_password
+    key = tmp_path / "checkpoint.key"
+    load_or_create_key(key)
+    comptoir = str(Path(sys.executable).with_name("comptoir"))
+
+    def run(container: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+        env = {name: str(value) for name, value in environment(docs, container, supply).items()}
+        env["DATA_DIR"] = str(tmp_path / "data")
+        if "AUDIT_CHECKPOINT_KEY_FILE" in env:
+            env["AUDIT_CHECKPOINT_KEY_FILE"] = str(key)
+        env["PATH"] = os.environ["PATH"]
+        return subprocess.run(
+            [comptoir, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+        )
+
+    def failing(done: subprocess.CompletedProcess[str]) -> list[str]:
+        return [item["id"] for item in json.loads(done.stdout)["checks"] if item["status"] == "FAIL"]
+
+    with tls_postgres(config["POSTGRES_ADMIN_USER"], admin_password, config["POSTGRES_DB"]) as server:
+        config |= {"POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(server.port), "PGSSLROOTCERT": str(server.ca)}
+        (migrate,) = of_kind(docs, "Job")["comptoir-migrate"]["spec"]["template"]["spec"]["containers"]
+        migrated = run(migrate, *migrate["command"][1:])
+        assert migrated.returncode == 0, migrated.stderr
+        (check,) = containers_of(pod_spec(of_kind(docs, "CronJob")["comptoir-check"]) or {})
+        done = run(check, *check["command"][1:], "--json")
+        checks = {item["id"]: item["status"] for item in json.loads(done.stdout)["checks"]}
+        must_pass = ("CMP-D001", "CMP-D003", "CMP-D004", "CMP-D007", "CMP-W024")
+        assert {name: checks[name] for name in must_pass} == dict.fromkeys(must_pass, "PASS")
+        assert failing(done) == [], done.stdout
+        assert done.returncode == 0, done.stderr
+        # The same command in one process's pod: the other processes' secrets are missing, and it fails.
+        (auth,) = of_kind(docs, "Deployment")["comptoir-auth"]["spec"]["template"]["spec"]["containers"]
+        alone = run(auth, *check["command"][1:], "--json")
+        assert alone.returncode == 1
+        assert "CMP-W002" in failing(alone)
