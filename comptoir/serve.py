@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import uvicorn
@@ -29,6 +30,8 @@ FACTORIES = {
 # ASGI messages), so the default ran a collection several times per request: measured, 15 % less CPU per
 # order in orders and inventory with 20,000. Reference cycles are still collected, only in larger batches.
 GC_GEN0_THRESHOLD = 20_000
+# The longest start-up failure line (an exception's message can be a page long).
+REASON_CHARS = 300
 
 
 def refuse(process: str, reason: str) -> NoReturn:
@@ -44,13 +47,44 @@ def factory(process: str) -> Callable[[], Any]:
 
     def build() -> Any:
         try:
-            return create()
+            return say_why_start_up_fails(process, create())
         except UnsafeConfiguration as exc:
             refuse(process, str(exc).removeprefix("refusing to start "))
         except (ValidationError, SettingsError) as exc:
             refuse(process, f"invalid settings: {describe_settings_error(exc)}")
 
     return build
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, shortened."""
+    message = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"
+
+
+def say_why_start_up_fails(process: str, app: Any) -> Any:
+    """Wrap the app's lifespan so that a start-up failure is also one line on stderr. uvicorn logs it only
+    through logging (JSON on stdout), and the supervisor reads stderr: it said "no error output"."""
+    router: Any = getattr(app, "router", None)
+    inner = getattr(router, "lifespan_context", None)
+    if inner is None:
+        return app
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application: Any) -> AsyncIterator[Any]:
+        started = False
+        try:
+            async with inner(application) as state:
+                started = True
+                yield state
+        except Exception as exc:
+            if not started:
+                print(f"comptoir {process}: could not start: {one_line(exc)}", file=sys.stderr, flush=True)  # noqa: T201
+            raise
+
+    router.lifespan_context = lifespan
+    return app
 
 
 def _larger_young_generation() -> None:

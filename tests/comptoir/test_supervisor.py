@@ -136,6 +136,30 @@ def test_identical_start_failures_stop_the_supervisor_with_the_reason(
     assert not any(line.startswith("ready") for line in out.lines)
 
 
+def test_a_process_whose_start_up_fails_is_stopped_with_its_error_not_no_error_output(
+    tmp_path: Path, running: list[Supervisor]
+) -> None:
+    """A real process whose lifespan fails (here: no database URL): uvicorn logs that only as JSON on
+    stdout, yet the supervisor's verdict names the error."""
+    s = settings(tmp_path)
+    out = Recorder()
+    supervisor = Supervisor(s, out=out)
+    running.append(supervisor)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env |= {"DATA_DIR": str(tmp_path / "data"), "ENVIRONMENT": "development"}
+    argv = [sys.executable, "-m", "comptoir.serve", "audit", "--port", str(s.audit_port)]
+    supervisor.children = [Child(name="audit", argv=argv, env=env)]
+    thread = start(supervisor)
+    thread.join(120)
+    assert not thread.is_alive(), out.lines
+    assert thread.result == [1]  # type: ignore[attr-defined]
+    verdict = out.lines[-1]
+    assert verdict.startswith(f"audit failed to start {MAX_IDENTICAL_START_FAILURES} times in a row"), verdict
+    assert verdict.endswith(
+        "Its error: comptoir audit: could not start: ValueError: no database URL configured for comptoir-audit"
+    ), verdict
+
+
 def test_different_failures_keep_restarting(tmp_path: Path, running: list[Supervisor]) -> None:
     """A crash that changes (here: a counter in the message) is not a configuration the operator must fix."""
     s = settings(tmp_path)
