@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import structlog
 from fastapi import FastAPI, Request
@@ -77,6 +77,9 @@ class ShortItem(BaseModel):
     product_id: uuid.UUID
     requested: int
     available: int
+    withdrawn: bool = Field(
+        False, description="The product is no longer sold (staff withdrew it): `available` is 0 for good."
+    )
 
 
 class OrderConflictProblem(Problem):
@@ -91,7 +94,48 @@ class RetryProblem(Problem):
     retry_after: Annotated[int, Field(ge=0)] = Field(0, description="Seconds to wait before retrying.")
 
 
-PROBLEM_MODELS: tuple[type[Problem], ...] = (Problem, ValidationProblem, OrderConflictProblem, RetryProblem)
+class MfaEnrolment(BaseModel):
+    secret: str = Field(description="The TOTP secret (base32), for entering by hand.")
+    provisioning_uri: str = Field(description="An otpauth:// URI, to show as a QR code.")
+
+
+class MfaRequiredProblem(Problem):
+    """401 on POST /auth/login. With type `...:mfa-required` the password was right and a second factor is
+    asked for: send a code with `mfa_token` to POST /auth/login/mfa. Any other 401 carries none of these."""
+
+    mfa_token: str | None = Field(None, description="Proves the password step; single use.")
+    expires_in: int | None = Field(None, description="Seconds the `mfa_token` stays valid.")
+    methods: list[Literal["totp", "recovery_code"]] | None = Field(None, description="What may be sent as `code`.")
+    enrolment: MfaEnrolment | None = Field(
+        None, description="Only when the role requires an authenticator and none is set up: set it up with this."
+    )
+
+
+class StockConflictProblem(Problem):
+    """409 on a stock adjustment that would leave fewer units on hand than are reserved: the stock now."""
+
+    on_hand: int | None = None
+    reserved: int | None = None
+    available: int | None = None
+
+
+class OrderTransitionProblem(Problem):
+    """409 on an order's cancel, confirm, ship or deliver that its status does not allow
+    (`...:transition-not-allowed`)."""
+
+    order_status: str | None = Field(None, description="The order's status now.")
+    requested_status: str | None = Field(None, description="The status asked for.")
+
+
+PROBLEM_MODELS: tuple[type[Problem], ...] = (
+    Problem,
+    ValidationProblem,
+    OrderConflictProblem,
+    RetryProblem,
+    MfaRequiredProblem,
+    StockConflictProblem,
+    OrderTransitionProblem,
+)
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> dict[str, int]:

@@ -146,6 +146,12 @@ def _problem_schema(method: str, path: str, status: int) -> str:
         return "ValidationProblem"
     if status == 409 and (method, path) == ("POST", "/api/v1/orders"):
         return "OrderConflictProblem"
+    if status == 401 and (method, path) == ("POST", "/api/v1/auth/login"):
+        return "MfaRequiredProblem"
+    if status == 409 and (method, path) == ("POST", "/api/v1/products/{product_id}/stock-adjustments"):
+        return "StockConflictProblem"
+    if status == 409 and method == "POST" and path.startswith("/api/v1/orders/{order_id}/"):
+        return "OrderTransitionProblem"
     if status in (429, 503):
         return "RetryProblem"
     return "Problem"

@@ -157,7 +157,12 @@ class Reserver:
                 outcomes[number] = ReserveOutcome(error=error)
                 continue
             short = [
-                ShortItem(product_id=item.product_id, requested=item.quantity, available=available[item.product_id])
+                ShortItem(
+                    product_id=item.product_id,
+                    requested=item.quantity,
+                    available=available[item.product_id],
+                    withdrawn=not products[item.product_id]["is_active"],
+                )
                 for item in ask.items
                 if available[item.product_id] < item.quantity
             ]

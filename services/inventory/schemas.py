@@ -255,3 +255,4 @@ class ShortItem(Schema):
     product_id: uuid.UUID
     requested: int
     available: int
+    withdrawn: bool = False  # inactive: not sold any more, rather than out of stock

@@ -105,8 +105,8 @@ router.add_api_route(
     responses={
         400: {"description": "Idempotency-Key header missing or malformed"},
         409: {
-            "description": "Some items lack stock (`short_items`, nothing reserved), or the first request with "
-            "this key is still running"
+            "description": "Some items lack stock (`short_items`, nothing reserved; `withdrawn: true` for a "
+            "product no longer sold), or the first request with this key is still running"
         },
         422: {
             "description": "Invalid body, unknown product, duplicate product lines, or the key reused with another body"

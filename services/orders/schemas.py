@@ -102,3 +102,4 @@ class ShortLine(BaseModel):
     product_id: uuid.UUID
     requested: int
     available: int
+    withdrawn: bool = False

@@ -59,6 +59,12 @@ def test_every_error_is_a_typed_problem_and_every_answer_declares_its_headers(do
             expected = {"422": "ValidationProblem", "429": "RetryProblem", "503": "RetryProblem"}.get(code, "Problem")
             if (method, path, code) == ("POST", "/api/v1/orders", "409"):
                 expected = "OrderConflictProblem"
+            if (method, path, code) == ("POST", "/api/v1/auth/login", "401"):
+                expected = "MfaRequiredProblem"
+            if (method, path, code) == ("POST", "/api/v1/products/{product_id}/stock-adjustments", "409"):
+                expected = "StockConflictProblem"
+            if method == "POST" and path.startswith("/api/v1/orders/{order_id}/") and code == "409":
+                expected = "OrderTransitionProblem"
             assert schema_of(response) == expected, (method, path, code)
         if path == "/api/v1/health":
             continue

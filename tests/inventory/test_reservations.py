@@ -58,7 +58,7 @@ async def test_reserve_is_all_or_nothing(client: httpx.AsyncClient, tokens: Toke
     rice = await create_product(client, tokens, stock=1)
     response = await reserve(client, tokens, [(soap["id"], 2), (rice["id"], 2)])
     body = assert_problem(response, 409)
-    assert body["short_items"] == [{"product_id": rice["id"], "requested": 2, "available": 1}]
+    assert body["short_items"] == [{"product_id": rice["id"], "requested": 2, "available": 1, "withdrawn": False}]
     assert tuple(await stock_row(database, soap["id"])) == (5, 0, 5)
     assert tuple(await stock_row(database, rice["id"])) == (1, 0, 1)
 
@@ -67,7 +67,8 @@ async def test_inactive_products_cannot_be_reserved(client: httpx.AsyncClient, t
     product = await create_product(client, tokens, stock=5)
     await client.patch(f"/api/v1/products/{product['id']}", json={"is_active": False}, headers=tokens.staff())
     body = assert_problem(await reserve(client, tokens, [(product["id"], 1)]), 409)
-    assert body["short_items"] == [{"product_id": product["id"], "requested": 1, "available": 0}]
+    # Told apart from sold out: it will not come back in stock.
+    assert body["short_items"] == [{"product_id": product["id"], "requested": 1, "available": 0, "withdrawn": True}]
 
 
 async def test_unknown_products_are_422_and_the_id_stays_usable(client: httpx.AsyncClient, tokens: Tokens) -> None:
@@ -348,9 +349,13 @@ async def test_a_batch_serves_its_reservations_in_order_each_all_or_nothing(
     ]
     results = await reserve_batch(client, tokens, asks)
     assert [r["status"] for r in results] == [201, 409, 201, 409]
-    assert results[1]["body"]["short_items"] == [{"product_id": soap["id"], "requested": 2, "available": 1}]
+    assert results[1]["body"]["short_items"] == [
+        {"product_id": soap["id"], "requested": 2, "available": 1, "withdrawn": False}
+    ]
     assert results[1]["body"]["type"] == "urn:comptoir:problem:insufficient-stock"
-    assert results[3]["body"]["short_items"] == [{"product_id": soap["id"], "requested": 1, "available": 0}]
+    assert results[3]["body"]["short_items"] == [
+        {"product_id": soap["id"], "requested": 1, "available": 0, "withdrawn": False}
+    ]
     held = results[2]["body"]
     assert held["status"] == "held"
     assert [(i["name"], i["quantity"], i["unit_price_xaf"]) for i in held["items"]] == [

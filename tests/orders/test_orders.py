@@ -135,7 +135,7 @@ async def test_insufficient_stock_is_409_and_nothing_stays_reserved(system: Syst
     customer = system.tokens.customer()
     response = await system.place([(soap["id"], 2), (rice["id"], 3)], customer=customer, key="k")
     body = assert_problem(response, 409)
-    assert body["short_items"] == [{"product_id": rice["id"], "requested": 3, "available": 1}]
+    assert body["short_items"] == [{"product_id": rice["id"], "requested": 3, "available": 1, "withdrawn": False}]
     assert await system.stock(soap["id"]) == {"on_hand": 10, "reserved": 0, "available": 10}
     assert await order_rows(system) == 0
     # The key was not used up: after a restock the same request succeeds.
@@ -154,7 +154,10 @@ async def test_unknown_and_inactive_products(system: System) -> None:
     await system.inventory.patch(
         f"/api/v1/products/{product['id']}", json={"is_active": False}, headers=system.tokens.staff()
     )
-    assert_problem(await system.place([(product["id"], 1)]), 409)
+    withdrawn = assert_problem(await system.place([(product["id"], 1)]), 409)
+    assert withdrawn["short_items"] == [
+        {"product_id": product["id"], "requested": 1, "available": 0, "withdrawn": True}
+    ]
     assert await order_rows(system) == 0
 
 

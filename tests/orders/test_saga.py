@@ -141,7 +141,9 @@ async def test_reserves_that_arrive_while_a_call_is_out_go_together(start_system
             if response.status_code == 201:
                 assert response.json()["total_xaf"] == 700
             else:
-                assert response.json()["short_items"] == [{"product_id": product["id"], "requested": 1, "available": 0}]
+                assert response.json()["short_items"] == [
+                    {"product_id": product["id"], "requested": 1, "available": 0, "withdrawn": False}
+                ]
         assert await system.stock(product["id"]) == {"on_hand": 4, "reserved": 4, "available": 0}
         assert len(await rows(system)) == 4
 
