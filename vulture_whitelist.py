@@ -71,6 +71,9 @@ _.probing
 # Fields of pydantic models in the public contract: read by the serialiser and by clients.
 _.msg  # common.errors.FieldError
 _.short_items  # common.errors.OrderConflictProblem
+_.order_status  # common.errors.OrderTransitionProblem
+_.requested_status
+_.withdrawn  # the short items of inventory's and orders' 409s
 _.kty  # services.auth.schemas (JWK)
 _.crv
 _.use
