@@ -7,6 +7,7 @@ problem body comes from an exception's message unless the exception is one of ou
 
 from __future__ import annotations
 
+import re
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
@@ -232,6 +233,23 @@ class Unauthorized(ServiceError):
     def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("headers", {"WWW-Authenticate": BEARER_CHALLENGE})
         super().__init__(detail, **kwargs)
+
+
+_CHALLENGE_TEXT = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+
+
+def rejected_token_challenge(description: str) -> str:
+    """RFC 6750 §3.1: a token was sent and is refused (malformed, invalid, expired, revoked, or its account
+    gone): the client refreshes, or signs in again. A request without one gets the bare challenge."""
+    text = _CHALLENGE_TEXT.sub("", description)
+    return f'{BEARER_CHALLENGE}, error="invalid_token", error_description="{text}"'
+
+
+class TokenRejected(Unauthorized):
+    """401 for an access token that was sent and cannot be used."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": rejected_token_challenge(detail)})
 
 
 class Forbidden(ServiceError):

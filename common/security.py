@@ -14,7 +14,7 @@ from typing import Annotated
 import structlog
 from fastapi import Depends, Request
 
-from common.errors import Forbidden, Unauthorized
+from common.errors import Forbidden, TokenRejected, Unauthorized
 from common.state import state_of
 from common.tokens import Claims, InvalidToken, TokenVerifier
 
@@ -26,12 +26,12 @@ def bearer_token(request: Request) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise Unauthorized("Send one Authorization header, not several.")
+        raise TokenRejected("Send one Authorization header, not several.")
     value = values[0]
     scheme, _, token = value.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or " " in token:
-        raise Unauthorized("The Authorization header must be 'Bearer <token>'.")
+        raise TokenRejected("The Authorization header must be 'Bearer <token>'.")
     return token
 
 
@@ -43,14 +43,14 @@ async def _verify(request: Request, verifier: TokenVerifier) -> Claims:
         return await verifier.verify(token)
     except InvalidToken as exc:
         log.info("security.token_rejected", reason=exc.reason, path=request.url.path)
-        raise Unauthorized("The access token is invalid or expired.") from exc
+        raise TokenRejected("The access token is invalid or expired.") from exc
 
 
 async def current_user(request: Request) -> Claims:
     state = state_of(request)
     claims = await _verify(request, state.access_verifier)
     if await state.is_revoked(claims):
-        raise Unauthorized("The session has been revoked.")
+        raise TokenRejected("The session has been revoked.")
     request.state.principal = claims
     return claims
 

@@ -71,7 +71,12 @@ def _body_of(content: dict[str, Any]) -> str:
 
 
 def _operation(lines: list[str], method: str, path: str, op: dict[str, Any]) -> None:
-    auth = "bearer token" if op.get("security") else "none (a token that is sent must be valid)"
+    if op.get("security"):
+        auth = "bearer token"
+    elif "401" in op.get("responses", {}):
+        auth = "none (a token that is sent must be valid)"
+    else:
+        auth = "none (an Authorization header is ignored)"
     lines += [f"### {method.upper()} `{path}`", "", _cell(op.get("description") or op.get("summary", "")), ""]
     lines.append(f"- Authentication: {auth}")
     for parameter in op.get("parameters", []):

@@ -123,7 +123,12 @@ HEADERS: dict[str, dict[str, Any]] = {
     "RateLimit-Remaining": {"description": "Requests left in the current window.", "schema": {"type": "integer"}},
     "RateLimit-Reset": {"description": "Seconds until the window resets.", "schema": {"type": "integer"}},
     "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}},
-    "WWW-Authenticate": {"description": "The bearer challenge.", "schema": {"type": "string"}},
+    "WWW-Authenticate": {
+        "description": 'The bearer challenge: `Bearer realm="comptoir"`, with `error="invalid_token"` (RFC 6750) when '
+        "an access token was sent and refused (malformed, invalid, expired, revoked, or its account gone): refresh "
+        "the session, or sign in again if that fails.",
+        "schema": {"type": "string"},
+    },
     "Location": {"description": "The path of the created resource.", "schema": {"type": "string"}},
     "Cache-Control": {
         "description": "`no-store` unless the answer may be cached (public catalogue, images).",

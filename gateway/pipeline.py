@@ -10,7 +10,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from common.clientip import Network, resolve_client_ip
-from common.errors import BEARER_CHALLENGE, problem_response
+from common.errors import BEARER_CHALLENGE, problem_response, rejected_token_challenge
 from common.tokens import InvalidToken
 from gateway.auth import GatewayAuth
 from gateway.cache import PublicCache
@@ -108,14 +108,18 @@ class Pipeline:
         if credentials > 1:
             # Which one counts would be a guess, and the service behind might guess differently.
             self._event(scope, "gateway.token.rejected", reason="several authorization headers")
-            await self._unauthorized(scope, receive, send_with_extra, "Send one Authorization header, not several.")
+            await self._unauthorized(
+                scope, receive, send_with_extra, "Send one Authorization header, not several.", True
+            )
             return
         if authorization is not None:
             try:
                 claims = await self.auth.authenticate(authorization)
             except InvalidToken as exc:
                 self._event(scope, "gateway.token.rejected", reason=exc.reason)
-                await self._unauthorized(scope, receive, send_with_extra, "The access token is invalid or expired.")
+                await self._unauthorized(
+                    scope, receive, send_with_extra, "The access token is invalid or expired.", True
+                )
                 return
         elif not is_public(method, path):
             await self._unauthorized(scope, receive, send_with_extra, "Authentication required.")
@@ -184,8 +188,12 @@ class Pipeline:
         await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    async def _unauthorized(self, scope: Scope, receive: Receive, send: Send, detail: str) -> None:
-        response = problem_response(401, scope=scope, detail=detail, headers={"WWW-Authenticate": BEARER_CHALLENGE})
+    async def _unauthorized(
+        self, scope: Scope, receive: Receive, send: Send, detail: str, rejected: bool = False
+    ) -> None:
+        """401; ``rejected``: a credential was sent and is refused, which the challenge says (RFC 6750)."""
+        challenge = rejected_token_challenge(detail) if rejected else BEARER_CHALLENGE
+        response = problem_response(401, scope=scope, detail=detail, headers={"WWW-Authenticate": challenge})
         await response(scope, receive, send)
 
 

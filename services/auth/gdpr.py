@@ -21,7 +21,7 @@ import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.errors import Unauthorized
+from common.errors import TokenRejected
 from common.http import forward_headers
 from common.tokens import Claims
 from services.auth.consent import consent_document
@@ -161,7 +161,7 @@ class GdprService:
             await self.accounts.fail(exc)
         locked = await self.accounts.current_user(claims, lock=True)
         if locked.email is None:  # erased by a concurrent request
-            raise Unauthorized("The account is not available.")
+            raise TokenRejected("The account is not available.")
         await anonymise(self.accounts, locked, action="auth.user.erased", services=results)
 
 

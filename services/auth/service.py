@@ -11,7 +11,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.errors import ServiceError, Unauthorized
+from common.errors import ServiceError, TokenRejected
 from common.pagination import Page, page_of, time_key, time_key_after
 from common.tokens import Claims
 from services.auth.context import RequestContext, Runtime, sha256_hex
@@ -95,13 +95,13 @@ class AccountService:
         user = await self.users.get(uuid.UUID(claims.sub), lock=lock)
         if user is None or not user.is_active:
             # A valid token of an account that is gone or disabled (its sessions are revoked too).
-            raise Unauthorized("The account is not available.")
+            raise TokenRejected("The account is not available.")
         return user
 
     async def verify_with_throttle(self, user: User, password: str, purpose: str) -> None:
         """Re-authentication of a signed-in user (password change, erasure), under the login throttle."""
         if user.email is None:  # an erased account has no e-mail and cannot sign in
-            raise Unauthorized("The account is not available.")
+            raise TokenRejected("The account is not available.")
         key = account_key(user.email)
         ctx = self.ctx
         self.rt.hasher.admit()  # before the attempt is counted: a refusal for want of capacity changes nothing

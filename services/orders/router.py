@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from common.audit import Actor
-from common.errors import Forbidden, Unauthorized
+from common.errors import Forbidden, TokenRejected
 from common.fastpath import direct_route
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import CurrentUser, RequireStaff, current_user
@@ -27,7 +27,7 @@ _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 def _customer_id(claims: Claims) -> uuid.UUID:
     user_id = user_id_of(claims)
     if user_id is None:
-        raise Unauthorized("The access token does not name a user.")
+        raise TokenRejected("The access token does not name a user.")
     return user_id
 
 

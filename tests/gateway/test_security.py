@@ -33,9 +33,14 @@ def hs256(claims: dict, secret: bytes, kid: str) -> str:
     return signing_input + "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
 
 
-def assert_401(response: httpx.Response) -> None:
-    assert_problem(response, 401)
-    assert response.headers["www-authenticate"].startswith("Bearer")
+def assert_401(response: httpx.Response, *, rejected: bool = True) -> None:
+    """A 401 whose challenge says (RFC 6750) whether a token was sent and refused: refresh or sign in again."""
+    body = assert_problem(response, 401)
+    challenge = response.headers["www-authenticate"]
+    if rejected:
+        assert challenge == f'Bearer realm="comptoir", error="invalid_token", error_description="{body["detail"]}"'
+    else:
+        assert challenge == 'Bearer realm="comptoir"'
 
 
 def test_valid_token_is_forwarded_with_the_original_header(gateway, issuer) -> None:  # noqa: ANN001
@@ -46,8 +51,8 @@ def test_valid_token_is_forwarded_with_the_original_header(gateway, issuer) -> N
 
 
 def test_protected_route_without_token_is_401(gateway) -> None:  # noqa: ANN001
-    assert_401(httpx.get(gateway[0] + PROTECTED))
-    assert_401(httpx.post(gateway[0] + "/api/v1/auth/logout", json={}))
+    assert_401(httpx.get(gateway[0] + PROTECTED), rejected=False)
+    assert_401(httpx.post(gateway[0] + "/api/v1/auth/logout", json={}), rejected=False)
 
 
 def test_public_routes_need_no_token(gateway) -> None:  # noqa: ANN001

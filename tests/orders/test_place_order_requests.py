@@ -63,9 +63,14 @@ async def test_checks_run_in_order_token_then_key_then_fields(system: System) ->
         unauthenticated = await post(system, body, key)
         assert_problem(unauthenticated, 401)
         assert unauthenticated.headers["www-authenticate"] == 'Bearer realm="comptoir"'
-        assert_problem(await post(system, body, key | {"Authorization": "Bearer not-a-token"}), 401)
+        # A token sent and refused says so in its challenge (RFC 6750), on the direct path and FastAPI's.
+        forged = await post(system, body, key | {"Authorization": "Bearer not-a-token"})
+        assert_problem(forged, 401)
+        assert 'error="invalid_token"' in forged.headers["www-authenticate"]
         service = system.tokens.service("inventory", "orders")
-        assert_problem(await post(system, body, key | service), 401)
+        not_a_user = await post(system, body, key | service)
+        assert_problem(not_a_user, 401)
+        assert 'error="invalid_token"' in not_a_user.headers["www-authenticate"]
         for bad_key in ({}, {"Idempotency-Key": " "}, {"Idempotency-Key": "has space"}):
             problem = assert_problem(await post(system, body, system.tokens.customer() | bad_key), 400)
             assert "Idempotency-Key" in str(problem["detail"])
