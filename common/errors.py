@@ -292,12 +292,19 @@ class ServiceUnavailable(ServiceError):
     status, slug, title = 503, "service-unavailable", "Service unavailable"
 
 
+# What pydantic puts before the message of a validator's own ValueError or assertion.
+_VALIDATOR_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
 def _validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Location and message only: the offending input is never echoed (it may be a password)."""
     out = []
     for err in errors:
         loc = [part for part in err.get("loc", ()) if isinstance(part, str | int)]
-        out.append({"loc": loc, "msg": str(err.get("msg", "invalid value"))})
+        msg = str(err.get("msg", "invalid value"))
+        for prefix in _VALIDATOR_PREFIXES:
+            msg = msg.removeprefix(prefix)
+        out.append({"loc": loc, "msg": msg})
     return out
 
 

@@ -36,14 +36,21 @@ def lookup_email(value: str) -> str:
         return value.strip().lower()
 
 
+# Numbers a text message reaches (a Cameroonian landline, a toll-free or premium number cannot get a code).
+SMS_CAPABLE = frozenset({phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE})
+
+
 def normalise_phone(value: str) -> str:
-    """E.164, parsed with Cameroon as the default region; anything else is a ValueError."""
+    """E.164, parsed with Cameroon as the default region, a number that takes text messages (any country's
+    mobile); anything else is a ValueError."""
     try:
         number = phonenumbers.parse(value, DEFAULT_REGION)
     except phonenumbers.NumberParseException as exc:
         raise ValueError("not a phone number") from exc
     if not phonenumbers.is_valid_number(number):
         raise ValueError("not a valid phone number")
+    if phonenumbers.number_type(number) not in SMS_CAPABLE:
+        raise ValueError("not a mobile number: verification codes are sent by SMS")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
@@ -78,7 +85,12 @@ class RegisterRequest(Input):
     email: str = Field(min_length=3, max_length=320, json_schema_extra={"format": "email"})
     password: str = NewPasswordField
     full_name: str | None = Field(None, max_length=200)
-    phone: str | None = Field(None, max_length=40)
+    phone: str | None = Field(
+        None,
+        max_length=40,
+        description="A mobile number (it gets the verification codes by SMS): Cameroonian in any usual form "
+        "(6 71 23 45 67) or international (+33 6 12 34 56 78); stored in E.164.",
+    )
     accept_terms: bool = Field(
         strict=True, description="Must be true: the user accepts the terms and the privacy policy."
     )
@@ -173,7 +185,12 @@ class UserUpdate(Input):
     """What a user may change about themselves: nothing else is accepted (422)."""
 
     full_name: str | None = Field(None, max_length=200)
-    phone: str | None = Field(None, max_length=40)
+    phone: str | None = Field(
+        None,
+        max_length=40,
+        description="A mobile number (it gets the verification codes by SMS): Cameroonian in any usual form "
+        "(6 71 23 45 67) or international (+33 6 12 34 56 78); stored in E.164.",
+    )
 
     @field_validator("phone")
     @classmethod
@@ -192,7 +209,12 @@ class PasswordChange(Input):
 
 
 class OtpRequest(Input):
-    phone: str | None = Field(None, max_length=40)
+    phone: str | None = Field(
+        None,
+        max_length=40,
+        description="A mobile number (it gets the verification codes by SMS): Cameroonian in any usual form "
+        "(6 71 23 45 67) or international (+33 6 12 34 56 78); stored in E.164.",
+    )
 
     @field_validator("phone")
     @classmethod

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.money import PriceXAF
 from services.orders.models import MAX_LINES, MAX_QUANTITY
@@ -35,14 +35,18 @@ class OrderCreate(Schema):
         ),
     ]
 
-    @model_validator(mode="after")
-    def one_line_per_product(self) -> OrderCreate:
-        seen: set[uuid.UUID] = set()
-        for item in self.items:
-            if item.product_id in seen:
-                raise ValueError(f"product {item.product_id} appears on more than one line")
-            seen.add(item.product_id)
-        return self
+    @field_validator("items")
+    @classmethod
+    def one_line_per_product(cls, items: list[OrderLineIn]) -> list[OrderLineIn]:
+        first: dict[uuid.UUID, int] = {}
+        for number, item in enumerate(items):
+            if item.product_id in first:
+                raise ValueError(
+                    f"line {number} repeats the product of line {first[item.product_id]}: "
+                    "send one line with the total quantity"
+                )
+            first[item.product_id] = number
+        return items
 
 
 class OrderItemRead(Schema):

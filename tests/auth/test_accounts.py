@@ -34,6 +34,28 @@ async def test_register_returns_a_customer_with_normalised_email_and_phone(auth:
     assert stored[0]["password_hash"].startswith("$pbkdf2-sha256$1000$")
 
 
+@pytest.mark.parametrize(
+    ("phone", "msg"),
+    [
+        ("12345", "not a valid phone number"),
+        ("2 22 23 45 67", "not a mobile number: verification codes are sent by SMS"),  # a Cameroonian landline
+        ("phone me", "not a phone number"),
+    ],
+)
+async def test_a_phone_that_cannot_get_a_text_message_is_refused_saying_why(
+    auth: AuthClient, phone: str, msg: str
+) -> None:
+    body = {"email": f"p{abs(hash(phone))}@example.cm", "password": PASSWORD, "phone": phone} | CONSENT
+    problem = assert_problem(await auth.client.post("/api/v1/auth/register", json=body), 422)
+    # The validator's own words, without pydantic's "Value error, " and without the input.
+    assert problem["errors"] == [{"loc": ["body", "phone"], "msg": msg}]
+
+
+async def test_a_mobile_number_of_any_country_is_accepted(auth: AuthClient) -> None:
+    user = await auth.register(phone="+33 6 12 34 56 78")
+    assert user["phone"] == "+33612345678"
+
+
 async def test_email_is_unique_whatever_its_case(auth: AuthClient) -> None:
     await auth.register("kofi@example.cm")
     response = await auth.client.post(
