@@ -59,8 +59,8 @@ class InvalidRefreshToken(Unauthorized):
     slug = "invalid-refresh-token"
     title = "Invalid refresh token"
 
-    def __init__(self) -> None:
-        super().__init__("The refresh token is invalid, expired or already used.")
+    def __init__(self, detail: str = "The refresh token is invalid, expired or already used.") -> None:
+        super().__init__(detail)
 
 
 class EmailTaken(Conflict):

@@ -13,6 +13,7 @@ from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import CurrentUser, RequireAdmin, RequireStaff
 from services.auth import browser
 from services.auth.context import RequestContext, Runtime, RuntimeDep, request_context
+from services.auth.errors import InvalidRefreshToken
 from services.auth.gdpr import GdprService
 from services.auth.messages import Message, MessageSender
 from services.auth.mfa import MfaChallengeProblem
@@ -109,7 +110,9 @@ async def login(
 @router.post(
     "/token/refresh",
     response_model=RefreshResponse,
-    responses={403: {"description": "Cookie mode: bad Origin or CSRF token"}},
+    responses={
+        403: {"description": "Cookie mode: bad Origin or CSRF token"},
+    },
 )
 async def refresh(
     session: SessionDep, rt: RuntimeDep, request: Request, response: Response, body: RefreshRequest | None = None
@@ -120,6 +123,10 @@ async def refresh(
     if body is not None and body.refresh_token is not None:
         pair = await accounts(session, rt, request).refresh(body.refresh_token)
         return RefreshResponse(**pair.model_dump())
+    if browser.REFRESH_COOKIE not in request.cookies:
+        # Neither mode (an app that sent no token, or a browser whose cookie has expired): nothing to check
+        # the origin of, and nothing to refresh.
+        raise InvalidRefreshToken("No refresh token was sent (nor a session cookie): sign in again.")
     token = browser.check_cookie_request(request, rt.settings)
     pair = await accounts(session, rt, request).refresh(token)
     csrf = browser.set_session(response, pair, rt.settings)

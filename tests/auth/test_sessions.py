@@ -106,6 +106,15 @@ async def test_unknown_and_expired_refresh_tokens_are_401(auth: AuthClient) -> N
     assert_problem(await auth.refresh(pair["refresh_token"]), 401)
 
 
+async def test_a_refresh_without_a_token_or_a_session_cookie_is_401_not_a_csrf_refusal(auth: AuthClient) -> None:
+    """An app that forgot its token (or a browser whose cookie expired): sign in again, no talk of origins."""
+    for body in ({}, {"refresh_token": None}, None):
+        refused = await auth.client.post("/api/v1/auth/token/refresh", json=body)
+        problem = assert_problem(refused, 401)
+        assert problem["type"] == "urn:comptoir:problem:invalid-refresh-token"
+        assert problem["detail"] == "No refresh token was sent (nor a session cookie): sign in again."
+
+
 async def test_refresh_tokens_die_at_the_absolute_lifetime(auth: AuthClient) -> None:
     _, pair = await auth.user()
     token = pair["refresh_token"]
