@@ -403,7 +403,11 @@ def merge(documents: dict[str, dict[str, Any]], title: str = "Comptoir public AP
             "version": "1",
             "description": "Every error is RFC 9457 `application/problem+json`. A method that a path does not "
             "have is answered 405 with an `Allow` header, before any authentication. Every path with GET also "
-            "answers HEAD: the GET's status and headers, without a body.\n\n" + USER_DOCUMENTS,
+            "answers HEAD: the GET's status and headers, without a body. Anonymous catalogue answers are "
+            "`Cache-Control: public, max-age=1` and may come from the gateway's shared cache "
+            "(`GATEWAY_PUBLIC_CACHE_SECONDS`, 0.5 s): a catalogue write through the gateway shows at once, but a "
+            "product's `available` may lag an order or a cancellation by up to that long. Answers to requests "
+            "with credentials are never shared.\n\n" + USER_DOCUMENTS,
         },
         "paths": paths,
         "components": {

@@ -33,7 +33,8 @@ class DeviceNotFound(NotFound):
 
 @router.get("/me/devices", response_model=Page[DeviceRead])
 async def list_devices(claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request) -> Page[DeviceRead]:
-    """Devices that signed in to the caller's account and are still known, most recently seen first."""
+    """Devices that signed in to the caller's account and are still known, most recently seen first, all in
+    one page (`next_cursor` is always null)."""
     user = await AccountService(session, rt, request_context(request)).current_user(claims)
     rows = [d for d in await DeviceRepository(session).of(user.id) if d.revoked_at is None]
     rows.sort(key=lambda d: d.last_seen_at, reverse=True)

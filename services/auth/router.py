@@ -196,7 +196,8 @@ async def logout_all(claims: CurrentUser, session: SessionDep, rt: RuntimeDep, r
 async def list_sessions(
     claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> Page[SessionRead]:
-    """The caller's active sessions, newest first."""
+    """The caller's active sessions, newest first, all in one page (at most `AUTH_MAX_SESSIONS_PER_USER`, 5 by
+    default; `next_cursor` is always null)."""
     return await accounts(session, rt, request).list_sessions(claims)
 
 

@@ -129,7 +129,7 @@ async def list_orders(
     """Orders, newest first: a customer's own, or everyone's for staff."""
     viewer = Viewer.of(claims)
     if user_id is not None and not viewer.staff:
-        raise Forbidden("Only staff may list another customer's orders.")
+        raise Forbidden("Only staff may filter orders by user_id: a customer's list holds only their own.")
     return await orders.page(viewer, limit=limit, cursor=cursor, status=status, user_id=user_id)
 
 
