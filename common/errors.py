@@ -26,6 +26,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:comptoir:problem:"
 # The challenge of every 401, the gateway's and the services' alike (RFC 6750 §3).
 BEARER_CHALLENGE = 'Bearer realm="comptoir"'
+NO_SUCH_RESOURCE = "No such resource."
 
 log = structlog.get_logger("comptoir.errors")
 
@@ -333,6 +334,8 @@ async def _service_error(request: Request, exc: ServiceError) -> Response:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else None
+    if exc.status_code == 404 and detail == "Not Found":  # the router's own words: say it as every 404 does
+        detail = NO_SUCH_RESOURCE
     # Framework messages such as "Not Found" are safe; anything else is replaced by the title.
     return problem_response(exc.status_code, scope=request.scope, detail=detail, headers=exc.headers)
 

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from common.clientip import Network, resolve_client_ip
-from common.errors import BEARER_CHALLENGE, problem_response, rejected_token_challenge
+from common.errors import BEARER_CHALLENGE, NO_SUCH_RESOURCE, problem_response, rejected_token_challenge
 from common.tokens import InvalidToken
 from gateway.auth import GatewayAuth
 from gateway.cache import PublicCache
@@ -72,7 +72,7 @@ class Pipeline:
         else:
             route = match(self.routes, path)
         if route is None:
-            await problem_response(404, scope=scope, detail="No such resource.")(scope, receive, send)
+            await problem_response(404, scope=scope, detail=NO_SUCH_RESOURCE)(scope, receive, send)
             return
         scope["comptoir.route"] = route.prefix + "/*"
 
@@ -92,7 +92,7 @@ class Pipeline:
         if known is None:
             # No public path looks like this one (a typo, a trailing slash): the API reference lists them
             # all, so saying so before authentication reveals nothing, and a client learns its mistake.
-            await problem_response(404, scope=scope, detail="No such resource.")(scope, receive, send_with_extra)
+            await problem_response(404, scope=scope, detail=NO_SUCH_RESOURCE)(scope, receive, send_with_extra)
             return
         if method not in known[0]:
             await method_not_allowed(scope, receive, send_with_extra, known[1])
