@@ -89,7 +89,7 @@ async def test_checks_run_in_order_token_then_key_then_fields(system: System) ->
         ([{"product_id": "PID", "quantity": True}], ["body", "items", 0, "quantity"]),
         ([{"product_id": "PID"}], ["body", "items", 0, "quantity"]),
         ([], ["body", "items"]),
-        ([{"product_id": "PID", "quantity": 1}, {"product_id": "PID", "quantity": 2}], ["body"]),
+        ([{"product_id": "PID", "quantity": 1}, {"product_id": "PID", "quantity": 2}], ["body", "items"]),
     ],
 )
 async def test_invalid_fields_are_422_with_their_location(
