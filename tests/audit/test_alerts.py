@@ -93,3 +93,15 @@ async def test_token_reuse_and_role_changes_raise_alerts(audit: AuditClient) -> 
     assert len(await audit.alerts(status="all")) == 2
     assert (await audit.http.post("/api/v1/audit/alerts/999999/resolve", headers=audit.admin())).status_code == 404
     assert (await audit.events(action="audit.alert.resolved"))[0]["actor_user_id"] == audit.admin_id
+
+
+async def test_an_alert_that_keeps_repeating_keeps_counting(audit: AuditClient) -> None:
+    """The upsert of an open alert runs again and again on the same pooled connection: PostgreSQL's generic
+    plan of the prepared statement (from the sixth run on it) must still match the partial unique index."""
+    reuse = {"outcome": "denied", "actor_id": str(uuid.uuid4()), "resource_type": "session"}
+    session = str(uuid.uuid4())
+    before = {a["id"] for a in await audit.alerts()}
+    for _ in range(20):
+        await audit.send("auth", [event("auth", "auth.token.reuse_detected", resource_id=session, **reuse)])
+    (alert,) = [a for a in await audit.alerts() if a["id"] not in before]
+    assert alert["occurrences"] == 20
