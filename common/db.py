@@ -8,6 +8,7 @@ transaction that commits when the endpoint returns and rolls back when it raises
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -35,6 +36,18 @@ def async_url(url: str | URL) -> URL:
     if "sslmode" in query:
         query["ssl"] = query.pop("sslmode")
     return parsed.set(drivername="postgresql+asyncpg", query=query)
+
+
+def _connect_or_unreachable(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """The driver's own connect, with a server that is not there said as one. Over a Unix socket (the
+    embedded server, a cloud SQL proxy) a stopped server is a missing socket file: FileNotFoundError, which
+    would be answered as the service's own fault (500) instead of an unreachable database (503)."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except (ConnectionError, TimeoutError, socket.gaierror):
+        raise
+    except OSError as exc:
+        raise ConnectionRefusedError(exc.errno, f"the database cannot be reached: {exc.strerror or exc}") from exc
 
 
 class Database:
@@ -75,6 +88,7 @@ class Database:
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self.ping_after_idle_seconds = ping_after_idle_seconds
+        event.listen(self.engine.sync_engine, "do_connect", _connect_or_unreachable)
         event.listen(self.engine.sync_engine.pool, "checkin", _note_checkin)
         event.listen(self.engine.sync_engine.pool, "checkout", self._ping_if_idle)
 

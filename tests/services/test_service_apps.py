@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -236,10 +237,13 @@ async def test_a_request_that_finds_its_connection_dead_gets_503_and_the_next_on
         assert (await client.get("/api/v1/products")).status_code == 200
 
 
-@pytest.mark.parametrize("how", ["credentials refused", "nobody listening"])
-async def test_a_database_that_refuses_the_service_is_a_503_not_a_500(database: DatabaseFixture, how: str) -> None:
+@pytest.mark.parametrize("how", ["credentials refused", "nobody listening", "no socket file"])
+async def test_a_database_that_refuses_the_service_is_a_503_not_a_500(
+    database: DatabaseFixture, how: str, tmp_path: Path
+) -> None:
     """A second installation reset the roles' passwords, or the database is down: every request that needs
-    it used to be a 500 (a DBAPIError with SQLSTATE 28P01; a bare ConnectionRefusedError from the pool)."""
+    it used to be a 500 (a DBAPIError with SQLSTATE 28P01; a bare ConnectionRefusedError from the pool; a
+    FileNotFoundError when a server reached over a Unix socket, as the embedded one is, is stopped)."""
     from services.inventory.config import Settings
     from services.inventory.main import create_app
 
@@ -247,8 +251,10 @@ async def test_a_database_that_refuses_the_service_is_a_503_not_a_500(database: 
     if how == "credentials refused":
         password = urlsplit(url).password
         url = url.replace(f":{password}@", ":not-the-password@")
-    else:
+    elif how == "nobody listening":
         url = f"postgresql://comptoir_inventory:secret@127.0.0.1:{free_port()}/comptoir"
+    else:
+        url = f"postgresql://comptoir_inventory:secret@/comptoir?host={tmp_path}"
     async with running(create_app(Settings(database_url=url, environment="test"), run_sweeper=False)) as client:
         refused = await client.get("/api/v1/products")
         body = assert_problem(refused, 503)
