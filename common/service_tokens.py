@@ -10,26 +10,38 @@ from common.errors import ServiceUnavailable
 from common.http import Transport, TransportError
 
 TOKEN_PATH = "/internal/token"  # noqa: S105 - a URL path
+# A cached token is used past its renewal time only while at least this much of its lifetime is left.
+STILL_VALID_SECONDS = 5.0
 
 
 class CachedServiceTokens:
     """Service tokens per audience, each reused until ``refresh_margin_seconds`` before it expires.
 
     A subclass says how a token is obtained (``_obtain``: the token and its lifetime in seconds); callers
-    that wait for the same audience share one request.
+    that wait for the same audience share one request. When renewing fails (auth down or hung), a token
+    that has not expired yet is still used, and for ``retry_pause_seconds`` nobody waits on auth again:
+    callers get that token, or at once the failure, instead of queueing one slow request after another.
     """
 
-    def __init__(self, *, clock: Callable[[], float], refresh_margin_seconds: float) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float], refresh_margin_seconds: float, retry_pause_seconds: float = 5.0
+    ) -> None:
         self.clock = clock
         self.margin = refresh_margin_seconds
+        self.retry_pause = retry_pause_seconds
         self._cache: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # audience -> (retry not before, why)
 
-    def _cached(self, audience: str) -> str | None:
+    def _cached(self, audience: str, margin: float | None = None) -> str | None:
         cached = self._cache.get(audience)
-        if cached and cached[1] - self.margin > self.clock():
+        if cached and cached[1] - (self.margin if margin is None else margin) > self.clock():
             return cached[0]
         return None
+
+    def _unexpired(self, audience: str) -> str | None:
+        """A token still inside its lifetime (with a little room for the call it goes with)."""
+        return self._cached(audience, margin=STILL_VALID_SECONDS)
 
     async def _obtain(self, audience: str) -> tuple[str, float]:
         raise NotImplementedError
@@ -38,13 +50,35 @@ class CachedServiceTokens:
         token = self._cached(audience)
         if token is not None:
             return token
-        async with self._locks.setdefault(audience, asyncio.Lock()):
+        failed = self._failed.get(audience)
+        if failed is not None and self.clock() < failed[0]:
+            return self._unexpired_or(audience, failed[1])
+        lock = self._locks.setdefault(audience, asyncio.Lock())
+        if lock.locked() and (token := self._unexpired(audience)) is not None:
+            return token  # a renewal is in flight: the token it replaces still works meanwhile
+        async with lock:
             token = self._cached(audience)
             if token is not None:
                 return token
-            token, lifetime = await self._obtain(audience)
+            failed = self._failed.get(audience)
+            if failed is not None and self.clock() < failed[0]:
+                return self._unexpired_or(audience, failed[1])
+            try:
+                token, lifetime = await self._obtain(audience)
+            except ServiceUnavailable as exc:
+                self._failed[audience] = (self.clock() + self.retry_pause, exc.detail)
+                if self._unexpired(audience) is None:
+                    raise
+                return self._unexpired_or(audience, exc.detail)
+            self._failed.pop(audience, None)
             self._cache[audience] = (token, self.clock() + lifetime)
             return token
+
+    def _unexpired_or(self, audience: str, failure: str) -> str:
+        token = self._unexpired(audience)
+        if token is None:
+            raise ServiceUnavailable(failure)
+        return token
 
     async def headers_for(self, audience: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {await self.token_for(audience)}"}
@@ -52,6 +86,7 @@ class CachedServiceTokens:
     def forget(self, audience: str) -> None:
         """Drop a cached token the callee refused (rotated keys, revoked client)."""
         self._cache.pop(audience, None)
+        self._failed.pop(audience, None)
 
 
 class ServiceTokenClient(CachedServiceTokens):

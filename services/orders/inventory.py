@@ -12,6 +12,7 @@ At low load a reserve goes out at once, alone; under load the batches grow with 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class InventoryClient:
         tokens: Callable[[], TokenSource],
         *,
         attempts: int = 3,
+        budget_seconds: float = 10.0,
         backoff_seconds: float = 0.1,
         batch_size: int = 100,
         batches_in_flight: int = 2,
@@ -102,6 +104,7 @@ class InventoryClient:
         self.client = client
         self.tokens = tokens  # read at call time: the token source may be replaced after start-up
         self.attempts = attempts
+        self.budget = budget_seconds
         self.backoff = backoff_seconds
         self.reserves: Batcher[_Reserve, tuple[int, dict[str, Any]]] = Batcher(
             self._reserve_batch,
@@ -116,7 +119,15 @@ class InventoryClient:
     async def _call(self, method: str, path: str, *, json: Any = None, request_id: str | None) -> Answer:
         call = _Call(method, path, json, request_id)
         try:
-            return await retried(lambda: self._try(call), _Retryable, attempts=self.attempts, first_wait=self.backoff)
+            async with asyncio.timeout(self.budget):
+                return await retried(
+                    lambda: self._try(call), _Retryable, attempts=self.attempts, first_wait=self.backoff
+                )
+        except TimeoutError:
+            log.warning("orders.inventory.out_of_time", path=path, attempts=call.attempt, budget=self.budget)
+            raise InventoryUnavailable(
+                "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}
+            ) from None
         except _Retryable:
             raise InventoryUnavailable(
                 "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}

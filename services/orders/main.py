@@ -53,6 +53,7 @@ def create_app(
             client,
             tokens,
             attempts=settings.inventory_attempts,
+            budget_seconds=settings.inventory_budget_seconds,
             batch_size=settings.reserve_batch_size,
             batches_in_flight=settings.reserve_batches_in_flight,
         )

@@ -69,7 +69,10 @@ async def place_order(
 
     Each product may appear on one line only (duplicate lines are rejected, not merged). The order is
     `pending` until staff confirm it; it expires (stock released) at `expires_at`. A repeat with the
-    same Idempotency-Key and body answers with the same order and `Idempotent-Replayed: true`.
+    same Idempotency-Key and body answers with the same order and `Idempotent-Replayed: true`; while the
+    first request with the key still runs, a repeat waits for it (up to 10 s, then 409 with `Retry-After`).
+    A key whose request placed no order (409 for stock, 422, 503) keeps nothing: sent again, it places
+    the order if it can then. Use a new key for each order the user asks for.
     """
     order, replayed = await orders.place(
         _customer_id(claims), key, data, Actor.of(request, claims), request_id=request_id

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from common.audit import Actor
-from common.errors import BadRequest
+from common.errors import BadRequest, ServiceUnavailable
 from common.idempotency import request_hash
 from common.money import MAX_PRICE_XAF, PriceXAF, price_range
 from common.pagination import encode_cursor, number_before, page_of, time_key, time_key_after
@@ -104,6 +104,60 @@ async def test_service_tokens_are_shared_cached_and_renewed_before_they_expire()
     tokens.forget("inventory")
     assert await tokens.token_for("inventory") == "token-3"
     assert tokens.obtained == ["inventory"] * 3
+
+
+class Down(CachedServiceTokens):
+    """A token source whose auth service can be taken down."""
+
+    def __init__(self, clock: list[float]) -> None:
+        super().__init__(clock=lambda: clock[0], refresh_margin_seconds=30, retry_pause_seconds=5)
+        self.up = True
+        self.asked = 0
+
+    async def _obtain(self, audience: str) -> tuple[str, float]:
+        self.asked += 1
+        if not self.up:
+            raise ServiceUnavailable("Could not obtain a service token from the auth service.")
+        return f"token-{self.asked}", 300.0
+
+
+async def test_while_auth_is_down_an_unexpired_token_is_used_and_nobody_queues_on_auth() -> None:
+    now = [1000.0]
+    tokens = Down(now)
+    assert await tokens.token_for("inventory") == "token-1"
+    tokens.up = False
+    now[0] += 280  # 20 s left: due for renewal, which fails; the token still works
+    assert await tokens.token_for("inventory") == "token-1"
+    assert tokens.asked == 2
+    # For the pause, the other callers get the token without waiting on auth again.
+    assert await asyncio.gather(*(tokens.token_for("inventory") for _ in range(5))) == ["token-1"] * 5
+    assert tokens.asked == 2
+    now[0] += 5  # the pause is over: one more try
+    assert await tokens.token_for("inventory") == "token-1"
+    assert tokens.asked == 3
+    now[0] += 12  # 3 s left: too little to use it; the failure is told, then at once during the pause
+    with pytest.raises(ServiceUnavailable):
+        await tokens.token_for("inventory")
+    with pytest.raises(ServiceUnavailable):
+        await tokens.token_for("inventory")
+    assert tokens.asked == 4
+    tokens.up = True
+    now[0] += 5
+    assert await tokens.token_for("inventory") == "token-5"
+
+
+async def test_callers_do_not_wait_for_a_renewal_while_the_token_it_replaces_still_works() -> None:
+    now = [1000.0]
+    tokens = Counting(now)
+    tokens.gate.set()
+    assert await tokens.token_for("inventory") == "token-1"
+    tokens.gate.clear()  # auth hangs
+    now[0] += 280  # due for renewal
+    renewal = asyncio.create_task(tokens.token_for("inventory"))
+    await asyncio.sleep(0)
+    assert await tokens.token_for("inventory") == "token-1"  # not queued behind the hung renewal
+    tokens.gate.set()
+    assert await renewal == "token-2"
 
 
 def test_an_actor_saved_with_an_intent_comes_back_the_same() -> None:

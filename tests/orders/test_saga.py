@@ -78,6 +78,23 @@ async def rows(system: System, sql: str = "SELECT * FROM orders.orders") -> list
         await admin.close()
 
 
+async def test_a_hung_inventory_is_a_503_within_the_budget_not_a_wait_past_the_gateways_deadline(
+    start_system: Callable[..., Any],
+) -> None:
+    """Each try may wait its whole timeout (5 s, 3 tries): all of them together stop at the budget."""
+    context, net = await start_flaky(start_system, inventory_budget_seconds=0.5)
+    async with context as system:
+        net.inner = httpx.ASGITransport(app=system.inventory_app)
+        product = await system.product(stock=5)
+        net.hold_before["reserve"] = asyncio.Event()  # inventory takes the call and never answers
+        started = time.monotonic()
+        response = await system.place([(product["id"], 2)], customer=system.tokens.customer(), key="k-hung")
+        assert time.monotonic() - started < 5
+        assert_problem(response, 503)
+        assert response.headers["retry-after"] == "2"
+        assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 0, "available": 5}
+
+
 async def test_inventory_down_means_503_and_no_order(start_system: Callable[..., Any]) -> None:
     context, net = await start_flaky(start_system)
     async with context as system:
