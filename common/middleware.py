@@ -359,6 +359,36 @@ def _has_body(scope: Scope) -> bool:
     return header(scope, b"transfer-encoding") is not None
 
 
+# The gateway's deadline for a forwarded request (epoch seconds), so that a service does not run a request
+# the gateway has already answered 504 (it sat unread while the service was stopped, hung or starved).
+DEADLINE_HEADER = b"x-comptoir-deadline"
+# How far the gateway's and a service's clocks may differ (NTP keeps hosts far closer).
+DEADLINE_TOLERANCE_SECONDS = 2.0
+
+
+class DeadlineMiddleware:
+    """A request whose gateway deadline has passed is not run: nobody waits for its answer any more, and
+    its effects would surprise the client that retried (a refresh token rotated twice looks stolen)."""
+
+    def __init__(self, app: ASGIApp, *, clock: Any = time.time) -> None:
+        self.app = app
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = header(scope, DEADLINE_HEADER) if scope["type"] == "http" else None
+        if raw is not None:
+            try:
+                late = self.clock() - float(raw)
+            except ValueError:
+                late = 0.0
+            if late > DEADLINE_TOLERANCE_SECONDS:
+                access_log.warning("http.deadline_passed", path=scope.get("path"), late_seconds=round(late, 3))
+                detail = "The gateway stopped waiting for this request before it was handled; it was not run."
+                await problem_response(504, scope=scope, detail=detail)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def standard_stack(
     app: ASGIApp,
     *,
@@ -369,8 +399,11 @@ def standard_stack(
     multipart_paths: str | None = None,
     content_type_check: bool = True,
 ) -> Any:
-    """Wrap ``app`` in the standard middlewares, outermost first: context and headers, size, type."""
+    """Wrap ``app`` in the standard middlewares, outermost first: context and headers, (behind the gateway)
+    the request's deadline, size, type."""
     inner: ASGIApp = ContentTypeMiddleware(app, multipart_paths=multipart_paths) if content_type_check else app
     inner = BodyLimitMiddleware(inner, default=max_body_bytes, limits=body_limits)
+    if service != "gateway":
+        inner = DeadlineMiddleware(inner)
     # The security headers are applied by the request-context layer, in the same pass as the request id.
     return RequestContextMiddleware(inner, service=service, security=SecurityHeaders(hsts_seconds=hsts_seconds))

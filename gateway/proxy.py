@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import Message, Receive, Scope, Send
 
 from common.errors import problem_response
+from common.middleware import DEADLINE_HEADER
 from common.upstream import BadResponse, ConnectFailed, PoolExhausted, UpstreamPool, UpstreamTimeout
 from gateway.config import GatewaySettings
 from gateway.routes import Route, upstream_urls
@@ -256,6 +257,8 @@ class Proxy:
         request_id = scope.get("state", {}).get("request_id")
         if request_id:
             out.append((b"x-request-id", request_id.encode("latin-1")))
+        deadline = time.time() + self.settings.upstream_deadline_seconds
+        out.append((DEADLINE_HEADER, b"%.3f" % deadline))
         return out
 
     async def forward(

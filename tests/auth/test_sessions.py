@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -113,6 +114,20 @@ async def test_a_refresh_without_a_token_or_a_session_cookie_is_401_not_a_csrf_r
         problem = assert_problem(refused, 401)
         assert problem["type"] == "urn:comptoir:problem:invalid-refresh-token"
         assert problem["detail"] == "No refresh token was sent (nor a session cookie): sign in again."
+
+
+async def test_a_refresh_the_gateway_gave_up_on_is_not_run_so_the_clients_retry_is_no_reuse(auth: AuthClient) -> None:
+    """auth stopped (or starved) while the gateway's deadline ran out: the gateway answered 504 and the
+    client retries with the token it holds. The late request must not rotate it behind the client's back."""
+    _, pair = await auth.user()
+    late = {"X-Comptoir-Deadline": "%.3f" % (time.time() - 30)}
+    abandoned = await auth.client.post(
+        "/api/v1/auth/token/refresh", json={"refresh_token": pair["refresh_token"]}, headers=late
+    )
+    assert_problem(abandoned, 504)
+    retried = await auth.refresh(pair["refresh_token"])
+    assert retried.status_code == 200, retried.text
+    assert await auth.events("auth.token.reuse_detected") == []
 
 
 async def test_refresh_tokens_die_at_the_absolute_lifetime(auth: AuthClient) -> None:

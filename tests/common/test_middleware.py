@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
-from common.middleware import SecurityHeaders, new_request_id, security_headers, standard_stack
+from common.middleware import (
+    DEADLINE_TOLERANCE_SECONDS,
+    SecurityHeaders,
+    new_request_id,
+    security_headers,
+    standard_stack,
+)
 
 
 def http_scope(*, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None, version: str = "1.1") -> Scope:
@@ -131,3 +138,28 @@ def test_a_chunked_http1_body_over_the_limit_is_413() -> None:
     headers = [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")]
     sent = run(stack(answering([])), http_scope(method="POST", headers=headers), [b"x" * 60, b"x" * 60])
     assert sent[0]["status"] == 413
+
+
+def test_a_request_whose_gateway_deadline_has_passed_is_not_run() -> None:
+    ran: list[bool] = []
+    inner = answering([(b"content-type", b"application/json")])
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        ran.append(True)
+        await inner(scope, receive, send)
+
+    def status_with(deadline: bytes | None) -> int:
+        headers = [(b"x-comptoir-deadline", deadline)] if deadline is not None else []
+        return int(run(stack(app), http_scope(method="POST", headers=headers))[0]["status"])
+
+    now = time.time()
+    late = "%.3f" % (now - DEADLINE_TOLERANCE_SECONDS - 5)
+    assert status_with(late.encode()) == 504
+    assert ran == []
+    # Within the clocks' tolerance, ahead, garbage or absent: run.
+    for deadline in (b"%.3f" % (now - 0.5), b"%.3f" % (now + 15), b"soon", None):
+        assert status_with(deadline) == 200, deadline
+    assert len(ran) == 4
+    # The gateway's own stack ignores the header: a client may not refuse its own requests through it.
+    gateway = standard_stack(app, service="gateway", hsts_seconds=None, max_body_bytes=100)
+    assert run(gateway, http_scope(headers=[(b"x-comptoir-deadline", late.encode())]))[0]["status"] == 200

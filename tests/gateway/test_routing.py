@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -100,6 +101,16 @@ def test_gateway_owned_and_hop_by_hop_headers_are_stripped(gateway) -> None:  # 
     assert "keep-alive" not in response.headers
     assert "server" not in response.headers
     assert_security_headers(response)
+
+
+def test_each_forwarded_request_carries_the_gateways_deadline_never_the_clients(gateway) -> None:  # noqa: ANN001
+    url, app = gateway
+    before = time.time()
+    response = httpx.get(url + "/api/v1/products", headers={"X-Comptoir-Deadline": "1"})
+    after = time.time()
+    deadline = float(echoed_headers(response.json())["x-comptoir-deadline"])
+    budget = app.state.settings.upstream_deadline_seconds
+    assert before + budget - 0.01 <= deadline <= after + budget + 0.01
 
 
 def test_client_request_id_is_forwarded(gateway) -> None:  # noqa: ANN001
