@@ -89,6 +89,18 @@ class Response:
         self._buffered = 0
         return body
 
+    async def whole_within(self, limit: int) -> bytes | None:
+        """The whole body, waited for, when it is at most ``limit`` bytes (at most the high-water mark, where
+        reading stops); None for a longer one, whose chunks stay buffered for ``iter_chunks``."""
+        limit = min(limit, _HIGH_WATER)
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            if self._buffered > limit:
+                return None
+            await self._conn.wait(self, self._timeout)
+        return self.body_if_complete() if self._buffered <= limit else None
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         while True:
             while self._chunks:

@@ -63,6 +63,10 @@ _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date", b"x-request-id"}
 _CHUNK = 64 * 1024
 _UNAVAILABLE = "The upstream service is unavailable."
+_TOO_SLOW = "The upstream service did not answer in time."
+_INVALID = "The upstream service gave an invalid answer."
+# Answers up to this size are read whole before the client gets them (larger ones stream): see forward.
+BUFFERED_ANSWER_BYTES = 256 * 1024
 
 
 def with_headers(send: Send, extra: list[tuple[bytes, bytes]] | None) -> Send:
@@ -295,7 +299,7 @@ class Proxy:
             return
         except UpstreamTimeout:
             failed = with_headers(send, extra)
-            await self._fail(scope, receive, failed, 504, route, "The upstream service did not answer in time.")
+            await self._fail(scope, receive, failed, 504, route, _TOO_SLOW)
             return
         except (ConnectFailed, PoolExhausted):
             await self._fail(scope, receive, with_headers(send, extra), 503, route, _UNAVAILABLE, "1")
@@ -303,13 +307,25 @@ class Proxy:
         except BadResponse:
             # Not transient as far as anyone can tell: no Retry-After, and the request is not sent again.
             failed = with_headers(send, extra)
-            await self._fail(scope, receive, failed, 502, route, "The upstream service gave an invalid answer.")
+            await self._fail(scope, receive, failed, 502, route, _INVALID)
             return
+        released = False
         try:
             drop = _dropped(_DROP_RESPONSE, upstream.headers)
             headers = [(k, v) for k, v in upstream.headers if k not in drop]
-            whole = upstream.body_if_complete()
+            try:
+                whole = upstream.body_if_complete()
+                if whole is None:
+                    whole = await upstream.whole_within(BUFFERED_ANSWER_BYTES)
+            except (UpstreamTimeout, BadResponse) as exc:
+                status, detail = (504, _TOO_SLOW) if isinstance(exc, UpstreamTimeout) else (502, _INVALID)
+                await self._fail(scope, receive, with_headers(send, extra), status, route, detail)
+                return
             if whole is not None:
+                # Given back before the client is written to: a client that does not read its answers
+                # (or reads them slowly) holds its own socket, never one of the upstream's connections.
+                pool.release(conn)
+                released = True
                 if scope["method"] != "HEAD" and not any(k == b"content-length" for k, _ in headers):
                     headers.append((b"content-length", str(len(whole)).encode("ascii")))  # it was chunked
                 if extra:
@@ -330,7 +346,8 @@ class Proxy:
                 raise
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            pool.release(conn)
+            if not released:
+                pool.release(conn)
 
     async def _fail(
         self,

@@ -125,6 +125,34 @@ def test_large_responses_stream(gateway) -> None:  # noqa: ANN001
     assert total == 48 * 65536
 
 
+def test_clients_that_never_read_their_answers_hold_no_upstream_connection(echo, issuer) -> None:  # noqa: ANN001
+    """Pipelined GETs of large pages from clients that never read: once their sockets are full, each such
+    connection used to keep one of the upstream's pooled connections for as long as it lasted."""
+    upstream, server = echo
+    settings = {"upstream_pool_size": 2, "upstream_connect_timeout_seconds": 1}
+    with running_gateway(server.url, issuer, **settings) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        hogs = []
+        for _ in range(3):
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.connect(("127.0.0.1", port))
+            hog.sendall(b"GET /api/v1/products/page HTTP/1.1\r\nHost: x\r\n\r\n" * 60)
+            hogs.append(hog)
+        try:
+            # Until the gateway has stopped asking for more pages: every hog's socket is full.
+            seen, deadline = -1, time.monotonic() + 30
+            while seen != len(upstream.hits) and time.monotonic() < deadline:
+                seen = len(upstream.hits)
+                time.sleep(0.5)
+            assert seen < 3 * 60, "the hogs were not held up"
+            response = httpx.get(url + "/api/v1/products", timeout=10)
+            assert response.status_code == 200, response.text
+        finally:
+            for hog in hogs:
+                hog.close()
+
+
 def test_oversized_json_is_413_before_reaching_the_upstream(gateway, echo) -> None:  # noqa: ANN001
     upstream, _ = echo
     before = len(upstream.hits)

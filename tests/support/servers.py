@@ -79,7 +79,8 @@ async def request_body(scope: Any, receive: Any, send: Any) -> bytes | None:
 
 
 class Echo:
-    """An upstream that answers with what it received. ``/slow`` waits, ``/stream`` sends 3 MiB chunked."""
+    """An upstream that answers with what it received. ``/slow`` waits, ``/stream`` sends 3 MiB chunked,
+    ``/page`` sends a 200 KiB JSON answer (a large catalogue page)."""
 
     def __init__(self) -> None:
         self.hits: list[str] = []
@@ -103,6 +104,13 @@ class Echo:
             for _ in range(48):
                 await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
+            return
+        if path.endswith("/page"):
+            page = json.dumps({"items": ["x" * 1000] * 200}).encode()
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": page})
             return
         payload = json.dumps(
             {
