@@ -138,7 +138,51 @@ _REFUSED_HEADERS = [*security_headers(hsts_seconds=None), (b"cache-control", b"n
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, each request answered through a ``GatewayCycle``."""
+    """uvicorn's httptools protocol, each request answered through a ``GatewayCycle``, with two deadlines
+    uvicorn does not have: a request's line and headers must arrive within ``header_timeout`` of the
+    connection opening (or of the request's first byte), and its body may not pause for longer than
+    ``body_idle_timeout``. Without them a client that trickles a byte now and then (slowloris) held its
+    connection, and a file descriptor, for ever."""
+
+    header_timeout = 10.0
+    body_idle_timeout = 10.0
+    _slow_timer: asyncio.TimerHandle | None = None
+
+    def _arm(self, seconds: float, what: str) -> None:
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+        self._slow_timer = self.loop.call_later(seconds, self._too_slow, what)
+
+    def _disarm(self) -> None:
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+
+    def _too_slow(self, what: str) -> None:
+        self._slow_timer = None
+        if not self.transport.is_closing():
+            log.info("gateway.client.too_slow", waiting_for=what)
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.header_timeout, "headers")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm(self.header_timeout, "headers")
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._arm(self.body_idle_timeout, "body")
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         """A request that is not HTTP/1.1 the parser can read (a bad method, raw bytes in the target, both
@@ -163,6 +207,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
+        # The body's first bytes are due like any later ones (a request without a body completes at once).
+        self._arm(self.body_idle_timeout, "body")
         super().on_headers_complete()
         cycle = self.cycle
         # The request's task is created but has not run yet: it looks ``send`` up on the cycle when it starts.

@@ -26,7 +26,9 @@ def echo() -> Iterator[tuple[Echo, ThreadedServer]]:
 
 
 @contextmanager
-def running_gateway(upstream_url: str, issuer: TestIssuer, **overrides: Any) -> Iterator[tuple[str, GatewayApp]]:
+def running_gateway(
+    upstream_url: str, issuer: TestIssuer, *, protocol: Any = GatewayHttpProtocol, **overrides: Any
+) -> Iterator[tuple[str, GatewayApp]]:
     values: dict[str, Any] = {
         "environment": "test",
         "auth_url": upstream_url,
@@ -38,7 +40,7 @@ def running_gateway(upstream_url: str, issuer: TestIssuer, **overrides: Any) -> 
         "route_rate_limits": "",
     } | overrides
     app = create_app(GatewaySettings(**values), key_source=issuer.keys())
-    with serve(app, http=GatewayHttpProtocol) as server:  # the protocol comptoir.serve runs the gateway on
+    with serve(app, http=protocol) as server:  # the protocol comptoir.serve runs the gateway on
         yield server.url, app
 
 

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from gateway.server import GatewayHttpProtocol
 from tests.conftest import assert_problem, assert_security_headers, free_port
 from tests.gateway.conftest import running_gateway
 from tests.support.servers import echoed_headers, raw_request
@@ -151,6 +152,45 @@ def test_clients_that_never_read_their_answers_hold_no_upstream_connection(echo,
         finally:
             for hog in hogs:
                 hog.close()
+
+
+class Impatient(GatewayHttpProtocol):
+    header_timeout = 0.5
+    body_idle_timeout = 0.5
+
+
+def closed_by_the_gateway(sock: socket.socket) -> bytes:
+    """What the gateway sent before it closed the connection (the test's own limit: 10 s)."""
+    sock.settimeout(10)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connects and says nothing
+        b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{",  # a body that stops
+    ],
+)
+def test_a_client_that_trickles_its_request_is_disconnected(echo, issuer, sent: bytes) -> None:  # noqa: ANN001
+    upstream, server = echo
+    before = len(upstream.hits)
+    with running_gateway(server.url, issuer, protocol=Impatient) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(sent)
+            assert closed_by_the_gateway(slow) == b""
+        # A prompt client on a kept-alive connection is not hurried between its requests.
+        with socket.create_connection(("127.0.0.1", port)) as prompt:
+            for _ in range(2):
+                prompt.sendall(b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert prompt.recv(65536).startswith(b"HTTP/1.1 200")
+    assert len(upstream.hits) == before + 2
 
 
 def test_oversized_json_is_413_before_reaching_the_upstream(gateway, echo) -> None:  # noqa: ANN001
