@@ -18,20 +18,17 @@ class CachedServiceTokens:
     """Service tokens per audience, each reused until ``refresh_margin_seconds`` before it expires.
 
     A subclass says how a token is obtained (``_obtain``: the token and its lifetime in seconds); callers
-    that wait for the same audience share one request. When renewing fails (auth down or hung), a token
-    that has not expired yet is still used, and for ``retry_pause_seconds`` nobody waits on auth again:
-    callers get that token, or at once the failure, instead of queueing one slow request after another.
+    that wait for the same audience share one request, and its outcome: when it fails (auth down or
+    hung), those that queued behind it get the failure at once instead of each waiting on auth in turn.
+    While a renewal is out or has failed, a token that has not expired yet is still used.
     """
 
-    def __init__(
-        self, *, clock: Callable[[], float], refresh_margin_seconds: float, retry_pause_seconds: float = 5.0
-    ) -> None:
+    def __init__(self, *, clock: Callable[[], float], refresh_margin_seconds: float) -> None:
         self.clock = clock
         self.margin = refresh_margin_seconds
-        self.retry_pause = retry_pause_seconds
         self._cache: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # audience -> (retry not before, why)
+        self._failures: dict[str, tuple[int, str]] = {}  # audience -> (failed requests so far, the last why)
 
     def _cached(self, audience: str, margin: float | None = None) -> str | None:
         cached = self._cache.get(audience)
@@ -50,27 +47,24 @@ class CachedServiceTokens:
         token = self._cached(audience)
         if token is not None:
             return token
-        failed = self._failed.get(audience)
-        if failed is not None and self.clock() < failed[0]:
-            return self._unexpired_or(audience, failed[1])
         lock = self._locks.setdefault(audience, asyncio.Lock())
         if lock.locked() and (token := self._unexpired(audience)) is not None:
-            return token  # a renewal is in flight: the token it replaces still works meanwhile
+            return token  # a renewal is out: the token it replaces still works meanwhile
+        failed_before, _ = self._failures.get(audience, (0, ""))
         async with lock:
             token = self._cached(audience)
             if token is not None:
                 return token
-            failed = self._failed.get(audience)
-            if failed is not None and self.clock() < failed[0]:
-                return self._unexpired_or(audience, failed[1])
+            failed, why = self._failures.get(audience, (0, ""))
+            if failed > failed_before:  # the request this caller waited for failed: its outcome is ours
+                return self._unexpired_or(audience, why)
             try:
                 token, lifetime = await self._obtain(audience)
             except ServiceUnavailable as exc:
-                self._failed[audience] = (self.clock() + self.retry_pause, exc.detail)
+                self._failures[audience] = (failed + 1, exc.detail)
                 if self._unexpired(audience) is None:
                     raise
                 return self._unexpired_or(audience, exc.detail)
-            self._failed.pop(audience, None)
             self._cache[audience] = (token, self.clock() + lifetime)
             return token
 
@@ -86,7 +80,6 @@ class CachedServiceTokens:
     def forget(self, audience: str) -> None:
         """Drop a cached token the callee refused (rotated keys, revoked client)."""
         self._cache.pop(audience, None)
-        self._failed.pop(audience, None)
 
 
 class ServiceTokenClient(CachedServiceTokens):

@@ -107,43 +107,52 @@ async def test_service_tokens_are_shared_cached_and_renewed_before_they_expire()
 
 
 class Down(CachedServiceTokens):
-    """A token source whose auth service can be taken down."""
+    """A token source whose auth service can be taken down, or hung until ``answer`` is set."""
 
     def __init__(self, clock: list[float]) -> None:
-        super().__init__(clock=lambda: clock[0], refresh_margin_seconds=30, retry_pause_seconds=5)
+        super().__init__(clock=lambda: clock[0], refresh_margin_seconds=30)
         self.up = True
         self.asked = 0
+        self.answer = asyncio.Event()
+        self.answer.set()
 
     async def _obtain(self, audience: str) -> tuple[str, float]:
         self.asked += 1
+        await self.answer.wait()
         if not self.up:
             raise ServiceUnavailable("Could not obtain a service token from the auth service.")
         return f"token-{self.asked}", 300.0
 
 
-async def test_while_auth_is_down_an_unexpired_token_is_used_and_nobody_queues_on_auth() -> None:
+async def test_while_auth_is_down_an_unexpired_token_is_used_and_then_the_failure_is_told() -> None:
     now = [1000.0]
     tokens = Down(now)
     assert await tokens.token_for("inventory") == "token-1"
     tokens.up = False
     now[0] += 280  # 20 s left: due for renewal, which fails; the token still works
     assert await tokens.token_for("inventory") == "token-1"
-    assert tokens.asked == 2
-    # For the pause, the other callers get the token without waiting on auth again.
-    assert await asyncio.gather(*(tokens.token_for("inventory") for _ in range(5))) == ["token-1"] * 5
-    assert tokens.asked == 2
-    now[0] += 5  # the pause is over: one more try
-    assert await tokens.token_for("inventory") == "token-1"
+    assert await tokens.token_for("inventory") == "token-1"  # each later call tries auth again
     assert tokens.asked == 3
-    now[0] += 12  # 3 s left: too little to use it; the failure is told, then at once during the pause
+    now[0] += 17  # 3 s left: too little to use it
     with pytest.raises(ServiceUnavailable):
         await tokens.token_for("inventory")
-    with pytest.raises(ServiceUnavailable):
-        await tokens.token_for("inventory")
-    assert tokens.asked == 4
-    tokens.up = True
-    now[0] += 5
+    tokens.up = True  # auth is back: the very next call gets a token (no pause after a failure)
     assert await tokens.token_for("inventory") == "token-5"
+
+
+async def test_callers_queued_behind_a_failing_request_share_its_failure() -> None:
+    """auth hung and no usable token: one request waits on auth, not each caller in turn."""
+    tokens = Down([1000.0])
+    tokens.up = False
+    tokens.answer.clear()
+    callers = [asyncio.create_task(tokens.token_for("orders")) for _ in range(5)]
+    await asyncio.sleep(0)
+    tokens.answer.set()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(outcome, ServiceUnavailable) for outcome in outcomes)
+    assert tokens.asked == 1
+    tokens.up = True
+    assert await tokens.token_for("orders") == "token-2"
 
 
 async def test_callers_do_not_wait_for_a_renewal_while_the_token_it_replaces_still_works() -> None:
