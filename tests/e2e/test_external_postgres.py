@@ -63,6 +63,12 @@ def _as_user(user: str | None, argv: list[str]) -> list[str]:
     return ["runuser", "-u", user, "--", *argv] if user else argv
 
 
+def _stop_cluster(user: str | None, bindir: Path, pgdata: Path) -> None:
+    """A fast shutdown of a throwaway cluster (whatever state it is in)."""
+    stop = [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"]
+    subprocess.run(_as_user(user, stop), capture_output=True, timeout=60, check=False)
+
+
 def _run(argv: list[str], timeout: float = 60) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, f"{argv[:6]} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -150,12 +156,7 @@ async def server() -> AsyncIterator[ExternalServer]:
         yield ExternalServer(f"postgresql://admin:{password}@127.0.0.1:{port}/shop", "127.0.0.1", port, "shop")
     finally:
         if started:
-            subprocess.run(
-                _as_user(user, [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"]),
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
+            _stop_cluster(user, bindir, pgdata)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import free_port
-from tests.e2e.test_external_postgres import _as_user, _postgres_bin, _run, _unprivileged_user
+from tests.e2e.test_external_postgres import _as_user, _postgres_bin, _run, _stop_cluster, _unprivileged_user
 
 
 @dataclass
@@ -112,10 +111,5 @@ def tls_postgres(superuser: str, password: str, database: str) -> Iterator[Postg
         yield Postgres(port, tls / "ca.crt")
     finally:
         if started:
-            subprocess.run(
-                _as_user(user, [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"]),
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
+            _stop_cluster(user, bindir, pgdata)
         shutil.rmtree(base, ignore_errors=True)
