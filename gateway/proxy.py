@@ -4,11 +4,15 @@ Measured on this machine (DESIGN.md, README): a pooled aiohttp session is ~5x fa
 and the gateway's own httptools client (``common.upstream``) cheaper again, so the gateway speaks HTTP
 through that one client only: the forwarding here, its own small calls (``Proxy.fetch``: aggregated
 health, OpenAPI) over the same pools, and JWKS, revocations, service tokens and security events over
-``common.http.PooledTransport``. Answers are streamed back chunk by chunk, never buffered whole.
+``common.http.PooledTransport``. An answer of up to ``BUFFERED_ANSWER_BYTES`` is read whole and its upstream
+connection given back before the client is written to (a client that does not read holds only its own
+socket); a larger one is streamed back chunk by chunk.
 
 Failures and what the client is told (README, "Upstream failures"):
 - circuit open, connection refused or timed out, own pool full: 503 with ``Retry-After`` (transient);
-- no status line within the request's deadline (``upstream_deadline_seconds``): 504;
+- no status line within the request's deadline (``upstream_deadline_seconds``): 504; a buffered answer's
+  body that stops (504) or breaks (502) before the head is sent: the same, without counting against the
+  circuit;
 - an answer that is not HTTP/1.1, a connection cut mid-answer, a TLS handshake refused: 502 without
   ``Retry-After``, and never sent again (it would not heal, or the request may have been applied).
 """
