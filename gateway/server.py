@@ -138,15 +138,20 @@ _REFUSED_HEADERS = [*security_headers(hsts_seconds=None), (b"cache-control", b"n
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, each request answered through a ``GatewayCycle``, with two deadlines
-    uvicorn does not have: a request's line and headers must arrive within ``header_timeout`` of the
-    connection opening (or of the request's first byte), and its body may not pause for longer than
-    ``body_idle_timeout``. Without them a client that trickles a byte now and then (slowloris) held its
-    connection, and a file descriptor, for ever."""
+    """uvicorn's httptools protocol, each request answered through a ``GatewayCycle``, with deadlines
+    uvicorn does not have (slowloris): a request's line and headers must arrive within ``header_timeout``
+    of the connection opening, of the request's first byte, or of any byte sent between requests; its
+    body may not pause for longer than ``body_idle_timeout`` nor take more than ``body_timeout`` in all.
+    Time the gateway itself is not reading (a pipelined request waiting behind the one being answered)
+    does not count. Without them a client that trickled a byte now and then held its connection, and a
+    file descriptor, for ever."""
 
     header_timeout = 10.0
     body_idle_timeout = 10.0
+    body_timeout = 120.0
     _slow_timer: asyncio.TimerHandle | None = None
+    _in_message = False
+    _body_due = 0.0
 
     def _arm(self, seconds: float, what: str) -> None:
         if self._slow_timer is not None:
@@ -158,11 +163,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._slow_timer.cancel()
             self._slow_timer = None
 
+    def _arm_body(self) -> None:
+        self._arm(max(0.0, min(self.body_idle_timeout, self._body_due - self.loop.time())), "body")
+
     def _too_slow(self, what: str) -> None:
         self._slow_timer = None
-        if not self.transport.is_closing():
-            log.info("gateway.client.too_slow", waiting_for=what)
-            self.transport.close()
+        if self.transport.is_closing():
+            return
+        if self.flow is not None and self.flow.read_paused:
+            # Not the client's delay: the gateway has stopped reading until the answer ahead is sent.
+            self._body_due += self.body_idle_timeout
+            self._arm(self.body_idle_timeout, what)
+            return
+        log.info("gateway.client.too_slow", waiting_for=what)
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -172,15 +186,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if not self._in_message and self._slow_timer is None:
+            # Bytes between requests (a blank line, the start of the next one): the next request's
+            # headers are due from now, whatever the parser makes of them.
+            self._arm(self.header_timeout, "headers")
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_message = True
         self._arm(self.header_timeout, "headers")
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
-        self._arm(self.body_idle_timeout, "body")
+        self._arm_body()
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         self._disarm()
         super().on_message_complete()
 
@@ -208,7 +231,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         # The body's first bytes are due like any later ones (a request without a body completes at once).
-        self._arm(self.body_idle_timeout, "body")
+        self._body_due = self.loop.time() + self.body_timeout
+        self._arm_body()
         super().on_headers_complete()
         cycle = self.cycle
         # The request's task is created but has not run yet: it looks ``send`` up on the cycle when it starts.

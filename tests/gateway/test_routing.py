@@ -109,7 +109,8 @@ def test_each_forwarded_request_carries_the_gateways_deadline_never_the_clients(
     before = time.time()
     response = httpx.get(url + "/api/v1/products", headers={"X-Comptoir-Deadline": "1"})
     after = time.time()
-    deadline = float(echoed_headers(response.json())["x-comptoir-deadline"])
+    (sent,) = [value for name, value in response.json()["headers"] if name == "x-comptoir-deadline"]
+    deadline = float(sent)
     budget = app.state.settings.upstream_deadline_seconds
     assert before + budget - 0.01 <= deadline <= after + budget + 0.01
 
@@ -157,6 +158,7 @@ def test_clients_that_never_read_their_answers_hold_no_upstream_connection(echo,
 class Impatient(GatewayHttpProtocol):
     header_timeout = 0.5
     body_idle_timeout = 0.5
+    body_timeout = 1.5
 
 
 def closed_by_the_gateway(sock: socket.socket) -> bytes:
@@ -168,13 +170,17 @@ def closed_by_the_gateway(sock: socket.socket) -> bytes:
     return received
 
 
+GET = b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n\r\n"
+LOGIN_HEAD = b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
 @pytest.mark.parametrize(
     "sent",
     [
         b"",  # connects and says nothing
         b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n",  # headers never finished
-        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n{",  # a body that stops
+        LOGIN_HEAD + b"Content-Length: 100\r\n\r\n{",  # a body that stops
+        GET + b"\r\n",  # one answered request, then a blank line and nothing
     ],
 )
 def test_a_client_that_trickles_its_request_is_disconnected(echo, issuer, sent: bytes) -> None:  # noqa: ANN001
@@ -184,13 +190,52 @@ def test_a_client_that_trickles_its_request_is_disconnected(echo, issuer, sent: 
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as slow:
             slow.sendall(sent)
-            assert closed_by_the_gateway(slow) == b""
+            received = closed_by_the_gateway(slow)
+            assert received == b"" or (received.startswith(b"HTTP/1.1 200") and sent.startswith(GET))
         # A prompt client on a kept-alive connection is not hurried between its requests.
         with socket.create_connection(("127.0.0.1", port)) as prompt:
             for _ in range(2):
-                prompt.sendall(b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n\r\n")
+                prompt.sendall(GET)
                 assert prompt.recv(65536).startswith(b"HTTP/1.1 200")
-    assert len(upstream.hits) == before + 2
+    assert len(upstream.hits) == before + 2 + sent.startswith(GET)
+
+
+def test_a_body_that_never_stops_for_long_is_still_cut_at_its_total_deadline(echo, issuer) -> None:  # noqa: ANN001
+    with running_gateway(echo[1].url, issuer, protocol=Impatient) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(LOGIN_HEAD + b"Content-Length: 1000\r\n\r\n")
+            started, cut = time.monotonic(), False
+            for _ in range(100):  # a byte every 0.2 s: never a pause of 0.5 s, 20 s in all
+                try:
+                    slow.sendall(b" ")
+                except (BrokenPipeError, ConnectionResetError):  # the gateway has closed the connection
+                    cut = True
+                    break
+                time.sleep(0.2)
+            assert cut
+            assert time.monotonic() - started < 10
+
+
+def test_a_pipelined_request_is_not_cut_while_the_gateway_is_not_reading_it(echo, issuer) -> None:  # noqa: ANN001
+    """Behind a slow answer (3 s) the gateway stops reading; the pipelined body waiting in the socket is
+    not late for it, and neither answer is cut."""
+    with running_gateway(echo[1].url, issuer, protocol=Impatient) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(
+                b"GET /api/v1/products/slow HTTP/1.1\r\nHost: x\r\n\r\n" + LOGIN_HEAD + b"Content-Length: 2\r\n\r\n{"
+            )
+            time.sleep(0.3)  # the rest of the body in a later packet, after the gateway paused reading
+            client.sendall(b"}")
+            client.settimeout(10)
+            received = b""
+            while received.count(b"HTTP/1.1 ") < 2:
+                chunk = client.recv(65536)
+                assert chunk, f"closed after {received[:300]!r}"
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 201" in received
 
 
 def test_oversized_json_is_413_before_reaching_the_upstream(gateway, echo) -> None:  # noqa: ANN001
