@@ -9,6 +9,8 @@ the sweeper finishes or undoes if this request dies.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -89,6 +91,10 @@ def price_lines(data: OrderCreate, reservation: Reservation) -> tuple[list[dict[
     return lines, total
 
 
+# How long a failed placement's answer waits for the release of what it may hold (the rest is background).
+COMPENSATION_WAIT_SECONDS = 2.0
+
+
 class Placements:
     def __init__(self, db: Database, inventory: inv.InventoryClient, settings: Settings, clock: Clock) -> None:
         self.db = db
@@ -110,10 +116,22 @@ class Placements:
             observe=BATCH_SIZE.labels("placed").observe,
             isolate=_refused_for_its_data,
         )
+        # Releases of what failed placements may hold, going on after their requests were answered.
+        self.compensating: set[asyncio.Task[None]] = set()
+
+    def _compensated(self, task: asyncio.Task[None]) -> None:
+        self.compensating.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The placing timeout's recovery releases and removes it later.
+            log.error("orders.placement.abandon_failed", error=repr(task.exception()))
 
     async def close(self) -> None:
         await self.claims.close()
         await self.placements.close()
+        for task in list(self.compensating):
+            task.cancel()  # the placing timeout's recovery finishes what is left
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _claim_batch(self, claims: list[Claim]) -> list[bool]:
         return await claim_batch(self.db, claims)
@@ -139,7 +157,10 @@ class Placements:
         order_id, attempt, reservation_id = claimed.order_id, claimed.attempt, claimed.reservation_id
 
         try:
-            reservation = await self.inventory.reserve(reservation_id, data.items, request_id=request_id)
+            # The whole reserve, waiting for a place in a batch included: a hung inventory is this request's
+            # 503 before the gateway's deadline, not the gateway's 504 (which counts against orders).
+            async with asyncio.timeout(self.settings.inventory_budget_seconds):
+                reservation = await self.inventory.reserve(reservation_id, data.items, request_id=request_id)
         except inv.Rejected as exc:
             await self._abandon(order_id, attempt)
             raise InsufficientStock(
@@ -158,9 +179,16 @@ class Placements:
                     ]
                 },
             ) from None
-        except (inv.Closed, InventoryUnavailable):
+        except (inv.Closed, InventoryUnavailable, TimeoutError):
             # The reservation may exist (a lost answer): release it; inventory's expiry covers a failure here.
-            await self._abandon(order_id, attempt, release=reservation_id, request_id=request_id)
+            # Waited for only briefly: inventory is failing, and the client's answer is due before the
+            # gateway's deadline; the rest goes on in the background. The key stays claimed (a retry waits)
+            # until the release is done.
+            task = asyncio.create_task(self._abandon(order_id, attempt, release=reservation_id, request_id=request_id))
+            self.compensating.add(task)
+            task.add_done_callback(self._compensated)
+            with contextlib.suppress(Exception):  # a failure is logged by _compensated
+                await asyncio.wait_for(asyncio.shield(task), COMPENSATION_WAIT_SECONDS)
             raise InventoryUnavailable(
                 "Inventory is unavailable; the order was not placed. Retry shortly.", headers={"Retry-After": "2"}
             ) from None

@@ -86,7 +86,9 @@ async def test_a_hung_inventory_is_a_503_within_the_budget_not_a_wait_past_the_g
     async with context as system:
         net.inner = httpx.ASGITransport(app=system.inventory_app)
         product = await system.product(stock=5)
-        net.hold_before["reserve"] = asyncio.Event()  # inventory takes the call and never answers
+        # Inventory takes the calls and never answers: the reserve, and the release of what it may hold.
+        net.hold_before["reserve"] = asyncio.Event()
+        net.hold_before["release"] = asyncio.Event()
         started = time.monotonic()
         response = await system.place([(product["id"], 2)], customer=system.tokens.customer(), key="k-hung")
         assert time.monotonic() - started < 5
