@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -44,8 +45,8 @@ def _connect_or_unreachable(dialect: Any, _record: Any, cargs: Any, cparams: Any
     would be answered as the service's own fault (500) instead of an unreachable database (503)."""
     try:
         return dialect.connect(*cargs, **cparams)
-    except (ConnectionError, TimeoutError, socket.gaierror):
-        raise
+    except (ConnectionError, TimeoutError, socket.gaierror, ssl.SSLError):
+        raise  # already told apart (a refused certificate is a configuration to fix, not a retry)
     except OSError as exc:
         raise ConnectionRefusedError(exc.errno, f"the database cannot be reached: {exc.strerror or exc}") from exc
 

@@ -60,6 +60,9 @@ class CachedServiceTokens:
                 return self._unexpired_or(audience, why)
             try:
                 token, lifetime = await self._obtain(audience)
+            except asyncio.CancelledError:  # its caller ran out of time: so would the ones behind it
+                self._failures[audience] = (failed + 1, "The auth service did not answer in time.")
+                raise
             except ServiceUnavailable as exc:
                 self._failures[audience] = (failed + 1, exc.detail)
                 if self._unexpired(audience) is None:

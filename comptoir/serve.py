@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from common.deploychecks import UnsafeConfiguration
+from common.logging import redact_text
 from common.settings import describe_settings_error
 
 FACTORIES = {
@@ -32,6 +34,8 @@ FACTORIES = {
 GC_GEN0_THRESHOLD = 20_000
 # The longest start-up failure line (an exception's message can be a page long).
 REASON_CHARS = 300
+# The password in a URL (postgresql://user:password@host/...).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
 
 
 def refuse(process: str, reason: str) -> NoReturn:
@@ -57,8 +61,9 @@ def factory(process: str) -> Callable[[], Any]:
 
 
 def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line, shortened."""
-    message = " ".join(str(exc).split())
+    """``Type: message`` on one line, shortened, with what may be a secret (a URL's password) masked as the
+    logs mask it."""
+    message = _URL_PASSWORD.sub(r"\1***@", redact_text(" ".join(str(exc).split())))
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"
 

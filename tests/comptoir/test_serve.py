@@ -49,3 +49,13 @@ def test_several_gateway_workers_without_shared_limits_are_refused(monkeypatch: 
     monkeypatch.delenv("REDIS_URL", raising=False)
     with pytest.raises(ValidationError, match="GATEWAY_WORKERS=2 needs REDIS_URL"):
         GatewaySettings(environment="test")
+
+
+def test_a_start_up_failure_is_one_short_line_without_secrets() -> None:
+    reason = serve.one_line(ValueError("cannot reach postgresql://comptoir_auth:hunter2@db:5432/shop\n  (token=abc)"))
+    assert reason.startswith("ValueError: cannot reach postgresql://comptoir_auth:***@db:5432/shop (token=")
+    assert "hunter2" not in reason
+    assert "abc" not in reason
+    long = serve.one_line(ValueError("x" * 1000))
+    assert len(long) == serve.REASON_CHARS
+    assert long.endswith("…")
