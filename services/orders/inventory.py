@@ -123,15 +123,10 @@ class InventoryClient:
                 return await retried(
                     lambda: self._try(call), _Retryable, attempts=self.attempts, first_wait=self.backoff
                 )
-        except TimeoutError:
-            log.warning("orders.inventory.out_of_time", path=path, attempts=call.attempt, budget=self.budget)
-            raise InventoryUnavailable(
-                "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}
-            ) from None
-        except _Retryable:
-            raise InventoryUnavailable(
-                "Inventory is unavailable; try again shortly.", headers={"Retry-After": "2"}
-            ) from None
+        except (TimeoutError, _Retryable) as exc:
+            if isinstance(exc, TimeoutError):
+                log.warning("orders.inventory.out_of_time", path=path, attempts=call.attempt, budget=self.budget)
+            raise _unavailable(exc) from None
 
     async def _try(self, call: _Call) -> Answer:
         call.attempt += 1
