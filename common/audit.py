@@ -36,9 +36,9 @@ class AuditEvent(BaseModel):
     actor_id: str | None = None
     actor_role: str | None = None
     ip: str | None = None
-    user_agent: str | None = Field(None, max_length=512)
+    user_agent: str | None = None
     method: str | None = None
-    path: str | None = Field(None, max_length=512)
+    path: str | None = None
     request_id: str | None = None
     resource_type: str | None = None
     resource_id: str | None = None
@@ -180,9 +180,30 @@ def outbox_table(metadata: sa.MetaData) -> sa.Table:
     )
 
 
+# The longest text the audit service stores in each field (its ``EventIn``).
+STORED_LENGTHS = {
+    "actor_id": 128,
+    "actor_role": 32,
+    "ip": 64,
+    "user_agent": 512,
+    "method": 16,
+    "path": 512,
+    "request_id": 128,
+    "resource_type": 64,
+    "resource_id": 256,
+}
+
+
 def outbox_payload(event: AuditEvent) -> dict[str, Any]:
-    """What the outbox stores for an event (redacted), for callers that write the outbox row themselves."""
+    """What the outbox stores for an event: redacted, then each text cut to the length audit stores.
+    Cut after the redaction, which can make a text longer ("Bearer x" becomes "Bearer [REDACTED]"): an
+    event audit refuses would wait in the outbox for good, and a request must not fail because a value its
+    event quotes (a user agent, a path) is long."""
     payload: dict[str, Any] = scrub(event.model_dump(mode="json"))
+    for name, limit in STORED_LENGTHS.items():
+        value = payload.get(name)
+        if value is not None and len(value) > limit:
+            payload[name] = value[:limit]
     return payload
 
 

@@ -10,6 +10,12 @@ A process killed mid-send leaves its rows leased: they are due again when the le
 again; the audit service stores each event once (idempotent by event id), so the chain neither loses
 nor repeats one. After ``alert_after_attempts`` a batch stays pending, is counted in a metric and
 logged as an alert: a dead letter waiting for ``comptoir outbox replay``.
+
+A batch that audit refuses for what it holds (413, 422: an event it cannot store, an event from a newer
+sender, a batch over its size limits) is halved and each half sent again, down to the single events it
+refuses. Those, and only those, are set aside as dead letters at once; every other event is delivered in
+order. Without this, one such event at the head of the outbox would hold back every event behind it for
+good, since the oldest due rows are always claimed first.
 """
 
 from __future__ import annotations
@@ -54,6 +60,14 @@ def backoff_seconds(attempts: int, maximum: float) -> float:
 
 class DeliveryFailed(Exception):
     pass
+
+
+# What audit answers when the events themselves are the problem: the same body can never be stored.
+REFUSED_STATUSES = frozenset({413, 422})
+
+
+class EventsRefused(DeliveryFailed):
+    """Audit refused what the body holds (413, 422); sending it again as it is cannot succeed."""
 
 
 # The largest body one POST carries: half of what audit accepts by default (AUDIT_INGEST_MAX_BODY_BYTES,
@@ -109,7 +123,7 @@ class RelayStatements:
         self.delivered = f"UPDATE {table} SET delivered_at = now(), lease_expires_at = NULL WHERE id = ANY($1::uuid[])"  # noqa: S608
         self.failed = f"""
             UPDATE {table}
-            SET attempts = attempts + 1, next_attempt_at = $2, lease_expires_at = NULL, last_error = $3
+            SET attempts = GREATEST(attempts + 1, $2), next_attempt_at = $3, lease_expires_at = NULL, last_error = $4
             WHERE id = ANY($1::uuid[])
         """  # noqa: S608
         self.pending = f"""
@@ -165,44 +179,77 @@ class OutboxRelay(BackgroundLoop):
         return sorted((Leased(*row) for row in rows), key=lambda row: (row.occurred_at, row.id))
 
     async def send(self, rows: list[Leased]) -> None:
-        """The batch in as few POSTs as its size allows (``bodies``), all within half the lease;
-        ``DeliveryFailed`` or a transport error if not all were stored (then the whole batch is sent again
-        later, and audit stores the events it already has once)."""
-        async with asyncio.timeout(self.lease_seconds / 2):
-            headers = await self.tokens.headers_for("audit")
-            for body in bodies([row.payload.encode() for row in rows], self.max_body_bytes):
-                answer = await self.client.request("POST", EVENTS_PATH, json_bytes=body, headers=headers)
-                if answer.status == 401:
-                    self.tokens.forget("audit")
-                if not 200 <= answer.status < 300:
-                    raise DeliveryFailed(f"audit answered {answer.status}")
+        """The rows in as few POSTs as their size allows (``bodies``); ``EventsRefused`` when audit refuses
+        what a body holds, ``DeliveryFailed`` or a transport error for any other failure. Either way the
+        rows are sent again (audit stores the events it already has once)."""
+        headers = await self.tokens.headers_for("audit")
+        for body in bodies([row.payload.encode() for row in rows], self.max_body_bytes):
+            answer = await self.client.request("POST", EVENTS_PATH, json_bytes=body, headers=headers)
+            if answer.status == 401:
+                self.tokens.forget("audit")
+            if answer.status in REFUSED_STATUSES:
+                raise EventsRefused(f"audit answered {answer.status}: {answer.body[:300].decode(errors='replace')}")
+            if not 200 <= answer.status < 300:
+                raise DeliveryFailed(f"audit answered {answer.status}")
 
     async def deliver_once(self) -> int:
-        """One batch; returns how many events were delivered."""
+        """One batch, all within half the lease; returns how many events were delivered.
+
+        A refused part is halved and both halves sent, in order, until the events audit refuses are alone;
+        those are set aside (``set_aside``). Any other failure, or the time running out, keeps every
+        undelivered row of the batch for a later attempt (``retry_later``)."""
         rows = await self.claim()
-        if not rows:
-            return 0
-        ids: list[uuid.UUID] = [row.id for row in rows]
-        try:
-            await self.send(rows)
-        except Exception as exc:  # any failure: keep the events, retry later
-            attempts = max(row.attempts for row in rows) + 1
-            delay = backoff_seconds(attempts, self.max_backoff)
+        delivered = 0
+        parts = [rows] if rows else []
+        deadline = asyncio.get_running_loop().time() + self.lease_seconds / 2
+        while parts:
+            part = parts.pop(0)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.send(part)
+            except EventsRefused as exc:
+                if len(part) > 1:
+                    half = len(part) // 2
+                    parts[:0] = [part[:half], part[half:]]
+                else:
+                    await self.set_aside(part[0], exc)
+                continue
+            except Exception as exc:  # any other failure: keep the events, retry later
+                await self.retry_later([row for rows_left in (part, *parts) for row in rows_left], exc)
+                break
             async with self.db.autocommit() as driver:
-                await driver.execute(
-                    self._sql.failed,
-                    ids,
-                    datetime.now(UTC) + timedelta(seconds=delay),
-                    f"{type(exc).__name__}: {str(exc)[:200]}",
-                )
-            OUTBOX_FAILURES.labels(self.service).inc()
-            level = log.error if attempts >= self.alert_after else log.warning
-            level("audit.outbox.delivery_failed", attempts=attempts, events=len(ids), retry_in=round(delay, 1))
-            return 0
+                await driver.execute(self._sql.delivered, [row.id for row in part])
+            OUTBOX_DELIVERED.labels(self.service).inc(len(part))
+            delivered += len(part)
+        return delivered
+
+    async def retry_later(self, rows: list[Leased], exc: Exception) -> None:
+        attempts = max(row.attempts for row in rows) + 1
+        delay = backoff_seconds(attempts, self.max_backoff)
+        await self._failed(rows, 0, delay, exc)
+        OUTBOX_FAILURES.labels(self.service).inc()
+        level = log.error if attempts >= self.alert_after else log.warning
+        level("audit.outbox.delivery_failed", attempts=attempts, events=len(rows), retry_in=round(delay, 1))
+
+    async def set_aside(self, row: Leased, exc: EventsRefused) -> None:
+        """An event audit refuses on its own: a dead letter at once (counted as stuck, shown by ``comptoir
+        outbox status``), tried again only after the longest backoff (audit may have been upgraded by
+        then) or when an operator replays it."""
+        attempts = max(row.attempts + 1, self.alert_after)
+        await self._failed([row], attempts, self.max_backoff, exc)
+        OUTBOX_FAILURES.labels(self.service).inc()
+        log.error("audit.outbox.event_refused", event_id=str(row.id), attempts=attempts, error=str(exc)[:300])
+
+    async def _failed(self, rows: list[Leased], at_least: int, delay: float, exc: Exception) -> None:
+        """One more attempt on each row (and at least ``at_least``), the next one after ``delay``."""
         async with self.db.autocommit() as driver:
-            await driver.execute(self._sql.delivered, ids)
-        OUTBOX_DELIVERED.labels(self.service).inc(len(ids))
-        return len(ids)
+            await driver.execute(
+                self._sql.failed,
+                [row.id for row in rows],
+                at_least,
+                datetime.now(UTC) + timedelta(seconds=delay),
+                f"{type(exc).__name__}: {str(exc)[:300]}",
+            )
 
     async def refresh_metrics(self) -> None:
         async with self.db.autocommit() as driver:

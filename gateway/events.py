@@ -18,9 +18,9 @@ import structlog
 from prometheus_client import Counter
 from starlette.types import Scope
 
-from common.audit import AuditEvent, scrub
+from common.audit import AuditEvent, outbox_payload
 from common.http import Transport
-from common.relay import EVENTS_PATH, DeliveryFailed
+from common.relay import EVENTS_PATH, REFUSED_STATUSES, DeliveryFailed, EventsRefused
 from common.service_tokens import ServiceTokenClient
 from common.tasks import BackgroundLoop
 
@@ -29,6 +29,9 @@ log = structlog.get_logger("gateway.events")
 GATEWAY_EVENTS = Counter("comptoir_gateway_security_events_total", "Security events seen by the gateway.", ["action"])
 GATEWAY_EVENTS_DROPPED = Counter(
     "comptoir_gateway_security_events_dropped_total", "Security events dropped because the queue was full."
+)
+GATEWAY_EVENTS_REFUSED = Counter(
+    "comptoir_gateway_security_events_refused_total", "Security events the audit service refused (dropped)."
 )
 
 
@@ -70,9 +73,9 @@ class SecurityEvents(BackgroundLoop):
             actor_id=getattr(claims, "sub", None),
             actor_role=getattr(claims, "role", None),
             ip=scope.get("comptoir.client_ip") or (scope.get("client") or (None,))[0],
-            user_agent=(_header(scope, b"user-agent") or "")[:512] or None,
+            user_agent=_header(scope, b"user-agent") or None,
             method=scope.get("method"),
-            path=str(scope.get("path", ""))[:512],
+            path=str(scope.get("path", "")),
             request_id=scope.get("state", {}).get("request_id"),
             new_values=details or None,
             outcome="denied" if outcome == "denied" else "failure",
@@ -80,22 +83,47 @@ class SecurityEvents(BackgroundLoop):
         if len(self.queue) >= self.capacity:
             self.queue.popleft()
             GATEWAY_EVENTS_DROPPED.inc()
-        self.queue.append(scrub(event.model_dump(mode="json")))
+        self.queue.append(outbox_payload(event))
 
     async def flush(self) -> int:
-        """Send the oldest batch; returns how many events audit stored. A failure raises and keeps them queued."""
+        """Send the oldest batch; returns how many events audit took. A failure raises and keeps them queued.
+
+        A batch audit refuses for what it holds (413, 422: an event from a newer gateway, a batch over
+        ``AUDIT_MAX_BATCH_EVENTS``) is sent again one event at a time, and only the events refused alone are
+        dropped (logged and counted): otherwise one of them would hold back every event behind it."""
         if not self.queue:
             return 0
         batch = [self.queue[i] for i in range(min(self.batch_size, len(self.queue)))]
+        try:
+            await self._post(batch)
+        except EventsRefused:
+            sent = 0
+            for event in batch:
+                try:
+                    await self._post([event])
+                    sent += 1
+                except EventsRefused as exc:
+                    GATEWAY_EVENTS_REFUSED.inc()
+                    log.error("gateway.security_events.refused", action=event.get("action"), error=str(exc)[:300])
+                self._taken(event)
+            return sent
+        for event in batch:
+            self._taken(event)
+        return len(batch)
+
+    def _taken(self, event: dict[str, Any]) -> None:
+        if self.queue and self.queue[0] is event:  # unless the full queue has dropped it meanwhile
+            self.queue.popleft()
+
+    async def _post(self, events: list[dict[str, Any]]) -> None:
         headers = await self.tokens.headers_for("audit")
-        answer = await self.client.request("POST", EVENTS_PATH, json={"events": batch}, headers=headers)
+        answer = await self.client.request("POST", EVENTS_PATH, json={"events": events}, headers=headers)
         if answer.status == 401:
             self.tokens.forget("audit")
+        if answer.status in REFUSED_STATUSES:
+            raise EventsRefused(f"audit answered {answer.status}: {answer.body[:300].decode(errors='replace')}")
         if not 200 <= answer.status < 300:
             raise DeliveryFailed(f"audit answered {answer.status}")
-        for _ in batch:
-            self.queue.popleft()
-        return len(batch)
 
     async def _run(self) -> None:
         while True:

@@ -12,7 +12,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.audit import AuditEvent
+from common.audit import AuditEvent, outbox_payload
 from common.db import Database, driver_of
 from common.errors import RETRYABLE_SQLSTATES, sqlstate_of
 from common.logging import is_secret_key, redact_text
@@ -195,7 +195,7 @@ class AuditChain:
 
     async def record_own(self, event: AuditEvent) -> None:
         """The audit service's own events go straight into its chain (no outbox)."""
-        await self.append([event.model_dump(mode="json")])
+        await self.append([outbox_payload(event)])
 
     async def raise_alerts(self, raised: Sequence[Raised]) -> None:
         await raise_alerts(self.db, raised)

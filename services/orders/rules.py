@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from pydantic_core import to_jsonable_python
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.audit import Actor, AuditEvent, record
+from common.audit import STORED_LENGTHS, Actor, AuditEvent, record
 from common.clock import utcnow
 from common.logging import redact_text
 from common.retries import retried
@@ -57,8 +57,9 @@ class OutboxEvent:
     payload: str
 
 
-def _redacted(value: str | None) -> str | None:
-    return None if value is None else redact_text(value)
+def _stored(name: str, value: str | None) -> str | None:
+    """``value`` as ``outbox_payload`` stores it in the event's field ``name``: redacted, then cut."""
+    return None if value is None else redact_text(value)[: STORED_LENGTHS[name]]
 
 
 def created_event(actor: Actor, order_id: uuid.UUID, total: int, lines: int) -> OutboxEvent:
@@ -75,13 +76,13 @@ def created_event(actor: Actor, order_id: uuid.UUID, total: int, lines: int) -> 
         "occurred_at": to_jsonable_python(at),
         "service": SERVICE,
         "action": "orders.order.created",
-        "actor_id": _redacted(actor.id),
-        "actor_role": _redacted(actor.role),
-        "ip": _redacted(context.get("ip")),
-        "user_agent": _redacted(context.get("user_agent")),
-        "method": _redacted(context.get("method")),
-        "path": _redacted(context.get("path")),
-        "request_id": _redacted(context.get("request_id")),
+        "actor_id": _stored("actor_id", actor.id),
+        "actor_role": _stored("actor_role", actor.role),
+        "ip": _stored("ip", context.get("ip")),
+        "user_agent": _stored("user_agent", context.get("user_agent")),
+        "method": _stored("method", context.get("method")),
+        "path": _stored("path", context.get("path")),
+        "request_id": _stored("request_id", context.get("request_id")),
         "resource_type": "order",
         "resource_id": str(order_id),
         "old_values": None,

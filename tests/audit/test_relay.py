@@ -22,6 +22,7 @@ from common.db import Database
 from common.http import HttpxTransport
 from common.relay import OutboxRelay, bodies
 from comptoir.cli import outbox_replay, outbox_status
+from gateway.events import SecurityEvents
 from tests.audit.support import AuditClient, chain_rows
 from tests.conftest import DatabaseFixture
 from tests.support.tokens import TestIssuer, bearer
@@ -400,3 +401,137 @@ async def test_a_batch_larger_than_a_body_is_sent_in_parts_and_a_failed_part_res
     assert len(rows) == 25
     assert {r["id"] for r in rows} == {r.id for r in await outbox_rows(orders_db, outbox)}
     assert (await audit.verify())["ok"] is True
+
+
+async def poison(database: DatabaseFixture, index: int, change: str) -> None:
+    """Make the outbox's ``index``-th event (in order) one that audit refuses: ``change`` is a jsonb expression
+    applied to its payload."""
+    admin = await database.admin()
+    try:
+        await admin.execute(
+            f"UPDATE orders.{TABLE} SET payload = {change} WHERE id ="  # noqa: S608 - the test's own table
+            f" (SELECT id FROM orders.{TABLE} ORDER BY occurred_at, id OFFSET {index} LIMIT 1)"
+        )
+    finally:
+        await admin.close()
+
+
+async def make_due(database: DatabaseFixture) -> None:
+    admin = await database.admin()
+    try:
+        await admin.execute(f"UPDATE orders.{TABLE} SET next_attempt_at = now() WHERE delivered_at IS NULL")
+    finally:
+        await admin.close()
+
+
+# A newer sender's field, and a date the chain cannot hold: audit answers 422 to any batch holding either.
+NEWER_SENDER = 'payload || \'{"tenant": "north"}\'::jsonb'
+YEAR_999 = "jsonb_set(payload, '{occurred_at}', '\"0999-01-01T00:00:00+00:00\"')"
+
+
+async def test_events_audit_refuses_are_set_aside_alone_and_every_other_event_is_delivered_in_order(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    await record_events(orders_db, outbox, 40)
+    await poison(database, 3, NEWER_SENDER)
+    await poison(database, 31, YEAR_999)
+    order = [r.id for r in await outbox_rows(orders_db, outbox)]
+    refused = {order[3], order[31]}
+    transport = Counting(audit.app)
+    client = HttpxTransport(httpx.AsyncClient(transport=transport, base_url="http://audit"))
+    relay = orders_relay(orders_db, outbox, client, IssuerTokens(audit.issuer, "orders"), batch_size=50)
+    try:
+        # One claim: the refused batch is halved until the two events are alone; the other 38 arrive.
+        assert await relay.deliver_once() == 38
+        assert len(transport.sizes) <= 2 * 2 * 6 + 1  # halving, not one POST per event
+        rows = await chain_rows(database)
+        assert [r["id"] for r in rows] == [i for i in order if i not in refused]  # in the outbox's order
+        left = [r for r in await outbox_rows(orders_db, outbox) if r.delivered_at is None]
+        assert {r.id for r in left} == refused
+        assert all(r.attempts == relay.alert_after and "422" in r.last_error for r in left)
+        assert all((r.next_attempt_at - datetime.now(UTC)).total_seconds() > relay.max_backoff - 60 for r in left)
+        status = await outbox_status(database.admin_url, ["orders"], stuck_after=relay.alert_after, table=TABLE)
+        assert (status[0]["pending"], status[0]["stuck"]) == (2, 2)
+
+        # Set aside means not due: the next rounds send nothing, and new events are not held behind them.
+        transport.sizes.clear()
+        await record_events(orders_db, outbox, 5)
+        assert await relay.deliver_once() == 5
+        assert len(transport.sizes) == 1
+
+        # An operator's replay makes them due; audit still refuses them, and they are set aside again.
+        assert await outbox_replay(database.admin_url, "orders", stuck_after=relay.alert_after, table=TABLE) == 2
+        transport.sizes.clear()
+        assert await relay.deliver_once() == 0
+        assert len(transport.sizes) == 3
+        left = [r for r in await outbox_rows(orders_db, outbox) if r.delivered_at is None]
+        assert {r.id for r in left} == refused
+        assert all(r.attempts == relay.alert_after for r in left)
+    finally:
+        await client.aclose()
+    assert len(await chain_rows(database)) == 43
+    assert (await audit.verify())["ok"] is True
+
+
+async def test_a_failure_while_a_refused_batch_is_halved_keeps_every_undelivered_event_for_a_retry(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    await record_events(orders_db, outbox, 20)
+    await poison(database, 15, NEWER_SENDER)
+    # The whole batch is refused (422), then audit fails the first half with a 503: nothing is set aside,
+    # since nothing is known yet about which event audit refuses.
+    transport = Counting(audit.app, fail_at=2)
+    client = HttpxTransport(httpx.AsyncClient(transport=transport, base_url="http://audit"))
+    relay = orders_relay(orders_db, outbox, client, IssuerTokens(audit.issuer, "orders"), batch_size=50)
+    try:
+        assert await relay.deliver_once() == 0
+        assert len(transport.sizes) == 2
+        rows = await outbox_rows(orders_db, outbox)
+        assert all(r.delivered_at is None and r.attempts == 1 and "503" in r.last_error for r in rows)
+
+        await make_due(database)
+        assert await relay.deliver_once() == 19
+        left = [r for r in await outbox_rows(orders_db, outbox) if r.delivered_at is None]
+        assert len(left) == 1
+        assert left[0].attempts == relay.alert_after
+    finally:
+        await client.aclose()
+
+
+async def test_a_batch_over_audits_event_limit_is_halved_until_it_fits_and_nothing_is_set_aside(
+    audit: AuditClient, audit_settings: Any, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    audit_settings.max_batch_events = 6  # an operator lowered AUDIT_MAX_BATCH_EVENTS below the relay's batch
+    await record_events(orders_db, outbox, 25)
+    client = to_audit(audit)
+    relay = orders_relay(orders_db, outbox, client, IssuerTokens(audit.issuer, "orders"), batch_size=25)
+    try:
+        assert await relay.deliver_once() == 25
+    finally:
+        await client.aclose()
+    assert len(await chain_rows(database)) == 25
+    assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
+
+
+async def test_the_gateway_drops_only_the_security_events_audit_refuses_and_delivers_the_rest_in_order(
+    audit: AuditClient, audit_settings: Any, database: DatabaseFixture
+) -> None:
+    client = to_audit(audit)
+    events = SecurityEvents(client, IssuerTokens(audit.issuer, "gateway"))  # type: ignore[arg-type]
+    refused = REGISTRY.get_sample_value("comptoir_gateway_security_events_refused_total") or 0.0
+    try:
+        for i in range(6):
+            events.record({"method": "GET", "path": f"/internal/{i}", "headers": []}, "gateway.path.blocked")
+        events.queue[2]["tenant"] = "north"  # a newer gateway's field: audit refuses any batch holding it
+        assert await events.flush() == 5
+        assert not events.queue
+        # An operator lowered AUDIT_MAX_BATCH_EVENTS below the gateway's batch: every event still arrives.
+        audit_settings.max_batch_events = 2
+        for i in range(6, 9):
+            events.record({"method": "GET", "path": f"/internal/{i}", "headers": []}, "gateway.path.blocked")
+        assert await events.flush() == 3
+    finally:
+        await client.aclose()
+    stored = [json.loads(r["document"])["path"] for r in await chain_rows(database)]
+    assert stored == [f"/internal/{i}" for i in (0, 1, 3, 4, 5, 6, 7, 8)]
+    assert REGISTRY.get_sample_value("comptoir_gateway_security_events_refused_total") == refused + 1

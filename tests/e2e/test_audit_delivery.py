@@ -42,6 +42,14 @@ async def outbox_state(data_dir: Path) -> tuple[int, list[str], list[str]]:
         await conn.close()
 
 
+async def longest_user_agent(data_dir: Path) -> int:
+    conn = await asyncpg.connect(admin_url(data_dir))
+    try:
+        return int(await conn.fetchval("SELECT max(length(document::jsonb->>'user_agent')) FROM audit.events"))
+    finally:
+        await conn.close()
+
+
 LEASE_SECONDS = 10
 
 
@@ -96,10 +104,14 @@ def test_events_wait_while_audit_is_down_and_arrive_exactly_once(tmp_path: Path)
         try:
             emails = [f"outage-{uuid.uuid4().hex[:8]}@boutique.cm" for _ in range(4)]
             for email in emails:
+                # The first client's user agent is as long as audit stores, and its redaction makes it
+                # longer: audit refused that event, and every auth event behind it waited for good.
+                agent = {"User-Agent": "u" * 503 + " Bearer x"} if email == emails[0] else {}
                 assert (
                     httpx.post(
                         gateway + "/api/v1/auth/register",
                         json={"email": email, "password": PASSWORD} | CONSENT,
+                        headers=agent,
                     ).status_code
                     == 201
                 )
@@ -128,6 +140,7 @@ def test_events_wait_while_audit_is_down_and_arrive_exactly_once(tmp_path: Path)
             assert time.monotonic() < deadline, f"{pending} events still pending"
             time.sleep(0.5)
         assert len(stored) == len(set(stored))  # each event stored exactly once
+        assert asyncio.run(longest_user_agent(system.data_dir)) == 512
         assert set(sent) <= set(stored)
         verdict = subprocess.run(
             [sys.executable, "-m", "comptoir.cli", "audit", "verify"],

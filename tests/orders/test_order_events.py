@@ -41,6 +41,18 @@ ACTORS = [
             "request_id": f"basic {TOKEN}",
         },
     ),
+    # Texts at and past the lengths audit stores, some made longer by their redaction ("Bearer x").
+    Actor(
+        id="a" * 127 + " Bearer x",
+        role="r" * 40,
+        context={
+            "ip": "9" * 70,
+            "user_agent": "u" * 505 + " Bearer x",
+            "method": "M" * 17,
+            "path": "/" + "p" * 600,
+            "request_id": "q" * 128,
+        },
+    ),
     # Anonymous fields, a missing context, extra context keys the event model ignores.
     Actor(id=None, role=None, context={}),
     Actor(id="u", role="staff", context={"ip": "::1", "user_agent": None, "secret": "s", "unexpected": 1}),
