@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from common.state import state_of
 
@@ -67,6 +68,17 @@ class Database:
         if not url:
             raise ValueError(f"no database URL configured for {application_name}")
         self.schema = schema
+        self._connect_args = {
+            "timeout": connect_timeout,
+            "command_timeout": statement_timeout_ms / 1000 + 5,
+            "server_settings": {
+                "search_path": schema,
+                "statement_timeout": str(statement_timeout_ms),
+                "lock_timeout": "5000",
+                "idle_in_transaction_session_timeout": "60000",
+                "application_name": application_name,
+            },
+        }
         self.engine: AsyncEngine = create_async_engine(
             async_url(url),
             pool_size=pool_size,
@@ -75,17 +87,7 @@ class Database:
             # checkout, measured at 15 % of an order's CPU. Only a connection idle for a while is pinged.
             pool_pre_ping=False,
             pool_recycle=1800,
-            connect_args={
-                "timeout": connect_timeout,
-                "command_timeout": statement_timeout_ms / 1000 + 5,
-                "server_settings": {
-                    "search_path": schema,
-                    "statement_timeout": str(statement_timeout_ms),
-                    "lock_timeout": "5000",
-                    "idle_in_transaction_session_timeout": "60000",
-                    "application_name": application_name,
-                },
-            },
+            connect_args=self._connect_args,
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self.ping_after_idle_seconds = ping_after_idle_seconds
@@ -115,6 +117,19 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+    @asynccontextmanager
+    async def dedicated(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of its own, outside the pool and outside any transaction, for as long as the block
+        lasts: for what lives with a session (a session-level advisory lock), never a pooled connection
+        that another caller would get next."""
+        engine = create_async_engine(self.engine.url, poolclass=NullPool, connect_args=self._connect_args)
+        event.listen(engine.sync_engine, "do_connect", _connect_or_unreachable)
+        try:
+            async with engine.connect() as conn, driver_of(conn) as driver:
+                yield driver
+        finally:
+            await engine.dispose()
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[asyncpg.Connection]:

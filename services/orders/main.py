@@ -17,10 +17,14 @@ from services.orders.config import Settings
 from services.orders.deps import OrdersState
 from services.orders.internal_router import router as internal_router
 from services.orders.inventory import InventoryClient, TokenSource
+from services.orders.liveness import Liveness
 from services.orders.models import outbox
 from services.orders.router import router
 from services.orders.service import OrderService
 from services.orders.sweeper import OrderSweeper
+
+# How long a start waits for its liveness lock before it serves anyway (the database may be away).
+LIVENESS_WAIT_SECONDS = 5.0
 
 
 def create_app(
@@ -57,12 +61,16 @@ def create_app(
             batch_size=settings.reserve_batch_size,
             batches_in_flight=settings.reserve_batches_in_flight,
         )
-        service = OrderService(state.db, inventory, settings, clock)
+        liveness = Liveness(state.db)
+        service = OrderService(state.db, inventory, settings, clock, owner=lambda: liveness.instance)
         sweeper = OrderSweeper(service, interval=settings.sweep_interval_seconds)
         app.state.orders = OrdersState(service=service, inventory=inventory, sweeper=sweeper)
         try:
-            async with sweeper.alive(run_sweeper):
-                yield
+            async with liveness.alive():
+                # Placements begun before the lock is held have no owner (they wait for the placing timeout).
+                await liveness.wait_held(LIVENESS_WAIT_SECONDS)
+                async with sweeper.alive(run_sweeper):
+                    yield
         finally:
             await service.close()
             await inventory.close()

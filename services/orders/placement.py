@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -96,8 +97,16 @@ COMPENSATION_WAIT_SECONDS = 2.0
 
 
 class Placements:
-    def __init__(self, db: Database, inventory: inv.InventoryClient, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        inventory: inv.InventoryClient,
+        settings: Settings,
+        clock: Clock,
+        owner: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.db = db
+        self.owner = owner
         self.inventory = inventory
         self.settings = settings
         self.clock = clock
@@ -134,7 +143,7 @@ class Placements:
                 await task
 
     async def _claim_batch(self, claims: list[Claim]) -> list[bool]:
-        return await claim_batch(self.db, claims)
+        return await claim_batch(self.db, claims, self.owner())
 
     async def _placed_batch(self, placements: list[Placement]) -> list[asyncpg.Record | None]:
         return await placed_batch(self.db, placements)

@@ -18,6 +18,7 @@ from common.db import Database
 from services.orders import inventory as inv
 from services.orders.config import Settings
 from services.orders.errors import InventoryUnavailable, OrderExpired
+from services.orders.liveness import OWNER_GONE
 from services.orders.models import Order, Status, StockAction
 from services.orders.repository import OrderRepository
 from services.orders.rules import SYSTEM, close, start_action
@@ -59,7 +60,10 @@ class Reconciliation:
         orphan_cutoff = now - timedelta(seconds=self.settings.placing_timeout_seconds)
         stale_placing = (Order.status == Status.placing, Order.stock_action_since < orphan_cutoff)
         abandoned = (Order.status == Status.placing, Order.stock_action == StockAction.release)
-        for order_id in await self._ids(*stale_placing) + await self._ids(*abandoned):
+        # (A placing order always has a stock action: the partial index on actions finds them.)
+        owner_gone = (Order.status == Status.placing, Order.stock_action.is_not(None), OWNER_GONE)
+        orphans = await self._ids(*stale_placing) + await self._ids(*abandoned) + await self._ids(*owner_gone)
+        for order_id in dict.fromkeys(orphans):
             attempt = await self._take_over(order_id, Order.status == Status.placing, action=StockAction.release)
             if attempt is None:
                 continue

@@ -33,10 +33,10 @@ from services.orders.rules import OutboxEvent
 _CLAIM = """
 INSERT INTO orders (
     id, user_id, status, idempotency_key, request_hash, reservation_id, total_xaf, stock,
-    stock_action, stock_action_id, stock_action_since, stock_action_context
+    stock_action, stock_action_id, stock_action_since, stock_action_context, owner
 )
 SELECT v.id, v.user_id, 'placing', v.key, v.digest, v.reservation_id, 0, 'reserving',
-    'reserve', v.attempt, v.since, v.context::jsonb
+    'reserve', v.attempt, v.since, v.context::jsonb, $9::integer
 FROM unnest(
     $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::timestamptz[], $8::text[]
 ) WITH ORDINALITY AS v(id, user_id, key, digest, reservation_id, attempt, since, context, n)
@@ -103,12 +103,14 @@ class Placement:
     event: OutboxEvent
 
 
-async def claim_batch(db: Database, claims: list[Claim]) -> list[bool]:
-    """Whether each claim took its key (a key taken before, or by an earlier twin here, is not)."""
+async def claim_batch(db: Database, claims: list[Claim], owner: int | None) -> list[bool]:
+    """Whether each claim took its key (a key taken before, or by an earlier twin here, is not); ``owner`` is
+    this process's instance number while it holds its liveness lock (``services.orders.liveness``)."""
     async with db.autocommit() as conn:
         rows = await conn.fetch(
             _CLAIM,
             *columns(claims, "order_id", "user_id", "key", "digest", "reservation_id", "attempt", "since", "context"),
+            owner,
         )
     claimed = {row["id"] for row in rows}
     return [c.order_id in claimed for c in claims]

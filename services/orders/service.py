@@ -11,6 +11,7 @@ SQL lives in ``services.orders.repository``; what the parts share in ``services.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from common.audit import Actor
 from common.clock import Clock
@@ -30,9 +31,16 @@ from services.orders.transitions import Transitions
 
 
 class OrderService:
-    def __init__(self, db: Database, inventory: inv.InventoryClient, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        inventory: inv.InventoryClient,
+        settings: Settings,
+        clock: Clock,
+        owner: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.db = db
-        self.placement = Placements(db, inventory, settings, clock)
+        self.placement = Placements(db, inventory, settings, clock, owner)
         self.transitions = Transitions(db, inventory, settings, clock)
         self.reconciliation = Reconciliation(db, inventory, self.transitions, settings, clock)
         self.personal_data = PersonalData(db, clock)

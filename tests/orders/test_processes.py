@@ -303,7 +303,10 @@ async def test_orders_killed_between_reserve_and_record_is_reconciled_on_restart
     inventory.start()
     proxy = HangingProxy(inventory.url)
     with proxy.server() as link:
-        orders = Process("orders", free_port(), env | {"ORDERS_INVENTORY_URL": link.url}, tmp_path / "orders.log")
+        # No placing timeout to fall back on: the restarted process knows the placement's owner is gone because
+        # PostgreSQL dropped the dead process's lock (services.orders.liveness).
+        late = {"ORDERS_INVENTORY_URL": link.url, "ORDERS_PLACING_TIMEOUT_SECONDS": "3600"}
+        orders = Process("orders", free_port(), env | late, tmp_path / "orders.log")
         processes.append(orders)
         orders.start()
         product = new_product(inventory.url, tokens, stock=5)

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from services.orders.liveness import LOCK_CLASS
 from tests.conftest import assert_problem
 from tests.orders.conftest import System
 
@@ -282,22 +283,49 @@ async def test_orphaned_placements_are_released_by_the_reconciliation(system: Sy
     assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 0, "available": 5}
 
 
-async def insert_placing(system: System, order_id: uuid.UUID, reservation_id: uuid.UUID, *, age_seconds: float) -> None:
+async def insert_placing(
+    system: System, order_id: uuid.UUID, reservation_id: uuid.UUID, *, age_seconds: float, owner: int | None = None
+) -> None:
     admin = await system.database.admin()
     try:
         await admin.execute(
             "INSERT INTO orders.orders (id, user_id, status, idempotency_key, request_hash, reservation_id,"
-            " stock, stock_action, stock_action_id, stock_action_since)"
-            " VALUES ($1, $2, 'placing', 'crashed', $3, $4, 'reserving', 'reserve', $5, $6)",
+            " stock, stock_action, stock_action_id, stock_action_since, owner)"
+            " VALUES ($1, $2, 'placing', 'crashed', $3, $4, 'reserving', 'reserve', $5, $6, $7)",
             order_id,
             uuid.uuid4(),
             "0" * 64,
             reservation_id,
             uuid.uuid4(),
             system.clock.now - timedelta(seconds=age_seconds),
+            owner,
         )
     finally:
         await admin.close()
+
+
+async def test_a_placement_is_released_as_soon_as_no_process_holds_its_owners_lock(system: System) -> None:
+    """Its process died (PostgreSQL dropped the lock with the connection): no placing timeout to wait for. While
+    a process holds the lock, the placement is its own, however long it takes."""
+    product = await system.product(stock=5)
+    reservation_id, order_id = uuid.uuid4(), uuid.uuid4()
+    reserved = await system.inventory.put(
+        f"/internal/reservations/{reservation_id}",
+        json={"items": [{"product_id": product["id"], "quantity": 3}]},
+        headers=system.tokens.service("orders", "inventory"),
+    )
+    assert reserved.status_code == 201
+    await insert_placing(system, order_id, reservation_id, age_seconds=0, owner=4242)
+    holder = await system.database.admin()  # a live process holding that number
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_CLASS, 4242)
+        assert (await system.sweep())["orphans"] == 0
+        assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 3, "available": 2}
+    finally:
+        await holder.close()  # the process dies: its connection, and the lock, are gone
+    assert (await system.sweep())["orphans"] == 1
+    assert await rows(system) == []
+    assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 0, "available": 5}
 
 
 async def test_a_slow_placement_taken_over_by_the_reconciliation_is_fenced(start_system: Callable[..., Any]) -> None:
@@ -311,6 +339,9 @@ async def test_a_slow_placement_taken_over_by_the_reconciliation_is_fenced(start
         net.arrived["reserve"] = asyncio.Event()
         placing = asyncio.create_task(system.place([(product["id"], 2)]))
         await net.arrived["reserve"].wait()
+        [row] = await rows(system)
+        assert row["owner"] is not None  # this live process's lock: not taken over before the timeout
+        assert (await system.sweep())["orphans"] == 0
         system.clock.advance(61)
         assert (await system.sweep())["orphans"] == 1
         gate.set()
