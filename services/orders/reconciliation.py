@@ -8,10 +8,11 @@ rows are taken with SKIP LOCKED, so several replicas may sweep at once.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, or_
 
 from common.clock import Clock
 from common.db import Database
@@ -29,8 +30,15 @@ log = structlog.get_logger("comptoir.orders")
 
 class Reconciliation:
     def __init__(
-        self, db: Database, inventory: inv.InventoryClient, transitions: Transitions, settings: Settings, clock: Clock
+        self,
+        db: Database,
+        inventory: inv.InventoryClient,
+        transitions: Transitions,
+        settings: Settings,
+        clock: Clock,
+        owner: Callable[[], int | None] = lambda: None,
     ) -> None:
+        self.owner = owner
         self.db = db
         self.inventory = inventory
         self.transitions = transitions
@@ -49,7 +57,7 @@ class Reconciliation:
             order = await OrderRepository(session).lock_if(order_id, *conditions)
             if order is None:
                 return None
-            return start_action(order, action, None, self.clock())
+            return start_action(order, action, None, self.clock(), self.owner())
 
     async def sweep(self) -> dict[str, int]:
         """One pass: orphaned placements released, interrupted confirmations finished, owed releases made,
@@ -79,7 +87,11 @@ class Reconciliation:
             log.info("orders.placement.reconciled", order_id=str(order_id))
 
         stale_cutoff = now - timedelta(seconds=self.settings.stale_action_seconds)
-        stale_commit = (Order.stock_action == StockAction.commit, Order.stock_action_since < stale_cutoff)
+        # A confirmation whose process died is finished at once; a live one only after it went stale.
+        stale_commit = (
+            Order.stock_action == StockAction.commit,
+            or_(Order.stock_action_since < stale_cutoff, OWNER_GONE),
+        )
         for order_id in await self._ids(*stale_commit):
             attempt = await self._take_over(order_id, *stale_commit, action=StockAction.commit)
             if attempt is None:

@@ -128,18 +128,23 @@ def read_of(order: Order) -> OrderRead:
 # Durable stock intents
 
 
-def start_action(order: Order, action: StockAction, actor: Actor | None, now: datetime) -> uuid.UUID:
-    """Write down what inventory is owed, under a new attempt id (which fences any older attempt)."""
+def start_action(
+    order: Order, action: StockAction, actor: Actor | None, now: datetime, owner: int | None = None
+) -> uuid.UUID:
+    """Write down what inventory is owed, under a new attempt id (which fences any older attempt), and which
+    process is doing it (``owner``, its liveness lock's number: None when the action is only owed)."""
     attempt = uuid.uuid4()
     order.stock_action = action
     order.stock_action_id = attempt
     order.stock_action_since = now
+    order.owner = owner
     if actor is not None:
         order.stock_action_context = actor.save()
     return attempt
 
 
 def clear_action(order: Order) -> None:
+    order.owner = None
     order.stock_action = None
     order.stock_action_id = None
     order.stock_action_since = None

@@ -41,8 +41,8 @@ class OrderService:
     ) -> None:
         self.db = db
         self.placement = Placements(db, inventory, settings, clock, owner)
-        self.transitions = Transitions(db, inventory, settings, clock)
-        self.reconciliation = Reconciliation(db, inventory, self.transitions, settings, clock)
+        self.transitions = Transitions(db, inventory, settings, clock, owner)
+        self.reconciliation = Reconciliation(db, inventory, self.transitions, settings, clock, owner)
         self.personal_data = PersonalData(db, clock)
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ is talking to inventory.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,7 +53,15 @@ class _Commit:
 
 
 class Transitions:
-    def __init__(self, db: Database, inventory: inv.InventoryClient, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        inventory: inv.InventoryClient,
+        settings: Settings,
+        clock: Clock,
+        owner: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.owner = owner
         self.db = db
         self.inventory = inventory
         self.settings = settings
@@ -99,7 +108,7 @@ class Transitions:
                     extra={"order_status": order.status, "requested_status": str(target)},
                 )
             if target == Status.confirmed:
-                return _Commit(start_action(order, StockAction.commit, actor, self.clock()))
+                return _Commit(start_action(order, StockAction.commit, actor, self.clock(), self.owner()))
             if target in (Status.cancelled, Status.expired):
                 await close(session, order, target, actor, self.clock())
                 return "release"

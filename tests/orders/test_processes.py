@@ -351,7 +351,9 @@ async def test_orders_killed_during_a_confirmation_finishes_it_on_restart(
     processes: list[Process],
     inventory_committed: bool,
 ) -> None:
-    env = base_env(database, tmp_path, auth.url) | {"ORDERS_STALE_ACTION_SECONDS": "1"}
+    # No staleness to fall back on: the restarted process finishes the confirmation because PostgreSQL dropped
+    # the dead process's lock (services.orders.liveness).
+    env = base_env(database, tmp_path, auth.url) | {"ORDERS_STALE_ACTION_SECONDS": "3600"}
     inventory = Process("inventory", free_port(), env, tmp_path / "inventory.log")
     processes.append(inventory)
     inventory.start()
@@ -385,7 +387,7 @@ async def test_orders_killed_during_a_confirmation_finishes_it_on_restart(
         proxy.hang.clear()
         proxy.gate.set()
 
-        orders.start()  # the sweeper takes over the stale confirmation and finishes it
+        orders.start()  # the sweeper takes over the dead process's confirmation and finishes it
         admin = await database.admin()
         try:
             deadline = time.monotonic() + 20

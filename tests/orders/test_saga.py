@@ -402,6 +402,30 @@ async def test_an_interrupted_confirmation_is_finished_with_its_actor(system: Sy
     assert (payload["actor_id"], payload["ip"], payload["request_id"]) == ("staff-42", "198.51.100.9", "r-123")
 
 
+async def test_a_confirmation_is_finished_as_soon_as_no_process_holds_its_owners_lock(system: System) -> None:
+    product = await system.product(stock=5)
+    order = (await system.place([(product["id"], 2)])).json()
+    holder = await system.database.admin()  # the process confirming it, alive
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_CLASS, 777)
+        await holder.execute(
+            "UPDATE orders.orders SET stock_action = 'commit', stock_action_id = $2, stock_action_since = $3,"
+            " owner = 777 WHERE id = $1",
+            uuid.UUID(order["id"]),
+            uuid.uuid4(),
+            system.clock.now,
+        )
+        assert (await system.sweep())["confirmations"] == 0  # its own process is still at it
+    finally:
+        await holder.close()  # the process dies
+    assert (await system.sweep())["confirmations"] == 1
+    fetched = (await system.orders.get(f"{ORDERS}/{order['id']}", headers=system.tokens.staff())).json()
+    assert fetched["status"] == "confirmed"
+    assert await system.stock(product["id"]) == {"on_hand": 3, "reserved": 0, "available": 3}
+    [row] = await rows(system)
+    assert row["owner"] is None  # the action is done: no process owns anything of it
+
+
 async def test_reconciliation_runs_when_orders_starts(system: System) -> None:
     from services.orders.main import create_app
     from tests.conftest import running
