@@ -25,6 +25,8 @@ test
 
 # Settings read by name: RunSettings.port(process) and .database_url(service) use getattr (comptoir/config.py).
 inventory_port
+auth_port
+audit_port
 orders_port
 auth_database_url
 inventory_database_url

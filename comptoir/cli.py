@@ -132,17 +132,22 @@ def cmd_purge(_args: argparse.Namespace) -> int:
 
     from comptoir.embedded import EmbeddedPostgres
     from comptoir.provision import migrate
+    from comptoir.supervisor import AUTH_PEERS
     from services.auth.config import Settings as AuthSettings
     from services.auth.retention import purge_now
 
     settings = RunSettings()
+    # The services it asks to erase an account's data, where `comptoir run` puts them (unless set).
+    peers: dict[str, Any] = {
+        f"{peer}_url": settings.url_of(peer) for peer in AUTH_PEERS if f"AUTH_{peer.upper()}_URL" not in os.environ
+    }
     admin_url, embedded = _database_url(settings)
     try:
         # Migrations and the auth app log to standard output (a service's log stream); here that is the JSON's.
         with contextlib.redirect_stdout(sys.stderr):
             roles = migrate(settings, admin_url)
             auth_url = next(role.url for role in roles if role.service == "auth")
-            report = asyncio.run(purge_now(AuthSettings(database_url=auth_url)))
+            report = asyncio.run(purge_now(AuthSettings(database_url=auth_url, **peers)))
     finally:
         if isinstance(embedded, EmbeddedPostgres):
             embedded.stop()

@@ -39,6 +39,10 @@ class RunSettings(CommonSettings):
     def port_of(self, process: str) -> int:
         return int(getattr(self, f"{process}_port"))
 
+    def url_of(self, process: str) -> str:
+        """Where the other processes reach ``process`` on this machine (its chosen port)."""
+        return f"http://{self.connect_host}:{self.port_of(process)}"
+
     def service_url_override(self, service: str) -> str:
         return str(getattr(self, f"{service}_database_url"))
 

@@ -137,20 +137,19 @@ def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]
     for role in roles:
         env[f"{role.service.upper()}_DATABASE_URL"] = role.url
     for process in PROCESSES[1:]:
-        env[f"GATEWAY_{process.upper()}_URL"] = f"http://{settings.connect_host}:{settings.port_of(process)}"
-
-    def url(process: str) -> str:
-        return f"http://{settings.connect_host}:{settings.port_of(process)}"
-
+        env[f"GATEWAY_{process.upper()}_URL"] = settings.url_of(process)
     # Service-to-service peers (they default to the standard ports; the chosen ports win here).
-    env["AUTH_ORDERS_URL"] = url("orders")
-    env["AUTH_AUDIT_URL"] = url("audit")
-    env["AUTH_INVENTORY_URL"] = url("inventory")
-    env["ORDERS_INVENTORY_URL"] = url("inventory")
-    env["AUTH_INTERNAL_URL"] = f"http://{settings.connect_host}:{settings.auth_port}"
-    env["AUDIT_INTERNAL_URL"] = f"http://{settings.connect_host}:{settings.audit_port}"
+    for peer in AUTH_PEERS:
+        env[f"AUTH_{peer.upper()}_URL"] = settings.url_of(peer)
+    env["ORDERS_INVENTORY_URL"] = settings.url_of("inventory")
+    env["AUTH_INTERNAL_URL"] = settings.url_of("auth")
+    env["AUDIT_INTERNAL_URL"] = settings.url_of("audit")
     env.update(client_env(settings.data_dir))
     return env
+
+
+# The services auth calls (the GDPR export and erasure, retention's anonymisation).
+AUTH_PEERS = ("orders", "audit", "inventory")
 
 
 def build_children(settings: RunSettings, roles: list[ServiceRole]) -> list[Child]:

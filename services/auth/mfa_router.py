@@ -46,7 +46,9 @@ async def login_mfa(
     devices = DeviceTokens(session, rt)
     known = await devices.recognise(browser.device_token_of(request, body.device_token), user.id)
     device_token = await devices.remember(user.id, known, ctx)
-    pair = await AccountService(session, rt, ctx).start_session(user.id, user.role, known_device=known is not None)
+    pair = await AccountService(session, rt, ctx).start_session(
+        user.id, user.role, known_device=known is not None, mfa=True
+    )
     answer = MfaLoginResponse(**pair.model_dump(), device_token=device_token, recovery_codes=codes)
     finished = browser.finish_login(response, answer, rt.settings, body.session_mode)
     if not isinstance(finished, MfaLoginResponse):  # finish_login returns the answer it was given

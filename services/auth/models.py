@@ -84,6 +84,8 @@ class Session(Base):
     user_agent: Mapped[str | None] = mapped_column(String(512))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_reason: Mapped[str | None] = mapped_column(String(32))
+    # When the login that opened it passed a second factor; NULL if it did not (see SessionManager.refresh).
+    mfa_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class RefreshToken(Base):

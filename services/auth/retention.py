@@ -100,6 +100,8 @@ async def inactive_customers(rt: Runtime, now: datetime) -> list[uuid.UUID]:
         User.erased_at.is_(None),
         User.role == "customer",
         func.coalesce(User.last_login_at, User.created_at) < before,
+        # A session used since (a refresh) is activity too, whatever the sign-in time says.
+        ~select(Session.id).where(Session.user_id == User.id, Session.last_used_at >= before).exists(),
     )
     async with rt.sessionmaker() as db:
         return list((await db.scalars(stmt)).all())
@@ -117,9 +119,13 @@ async def anonymise_inactive(rt: Runtime, now: datetime, report: PurgeReport) ->
             continue
         async with rt.sessionmaker() as db, db.begin():
             user = await UserRepository(db).get(user_id, lock=True)
+            before = now - timedelta(days=rt.settings.inactive_account_days)
             last = None if user is None else (user.last_login_at or user.created_at)
-            if user is None or last is None or last >= now - timedelta(days=rt.settings.inactive_account_days):
+            if user is None or last is None or last >= before:
                 continue  # signed in meanwhile, or erased meanwhile
+            used = select(Session.id).where(Session.user_id == user_id, Session.last_used_at >= before).exists()
+            if await db.scalar(select(used)):
+                continue  # a session of theirs was refreshed meanwhile
             await anonymise(AccountService(db, rt, ctx), user, action="auth.user.anonymised", services=results)
             report.anonymised += 1
 
@@ -129,7 +135,10 @@ async def purge(rt: Runtime) -> PurgeReport:
     report = PurgeReport()
     await purge_expired(rt, now, report)
     await anonymise_inactive(rt, now, report)
-    log.info("auth.retention.purged", **report.as_dict())
+    counts = report.as_dict()
+    # Named so that the log's redaction (any key with "password" in it) does not hide a count.
+    counts["reset_links"] = counts.pop("password_resets")
+    log.info("auth.retention.purged", **counts)
     return report
 
 

@@ -239,11 +239,12 @@ class AccountService:
             raise
 
     async def start_session(
-        self, user_id: uuid.UUID, role: str, *, known_device: bool, hash_upgraded: bool = False
+        self, user_id: uuid.UUID, role: str, *, known_device: bool, hash_upgraded: bool = False, mfa: bool = False
     ) -> TokenPair:
-        """A new session for the user (row locked by the caller), audited."""
+        """A new session for the user (row locked by the caller), audited; ``mfa``: its login passed a second
+        factor."""
         ctx = self.ctx
-        sid, pair, evicted = await self.sessions.start(user_id, role, ctx)
+        sid, pair, evicted = await self.sessions.start(user_id, role, ctx, mfa=mfa)
         actor = ctx.as_actor(str(user_id), role)
         for gone in evicted:
             await actor.audit(

@@ -38,8 +38,8 @@ evicted AS (
 ),
 started AS (
     INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, idle_expires_at, access_expires_at, ip,
-                          user_agent)
-    VALUES ($4, $1, $2, $2, $5, $6, $7, $8, $9)
+                          user_agent, mfa_at)
+    VALUES ($4, $1, $2, $2, $5, $6, $7, $8, $9, CASE WHEN $12::boolean THEN $2 END)
 ),
 token AS (
     INSERT INTO refresh_tokens (id, session_id, token_hash, created_at, expires_at) VALUES ($10, $4, $11, $2, $6)
@@ -49,6 +49,11 @@ signed_in AS (
 )
 SELECT id, access_expires_at FROM evicted ORDER BY created_at, id
 """
+
+
+SECOND_FACTOR_NOW_REQUIRED = (
+    "This session was opened without the second factor the account's role requires: sign in again."
+)
 
 
 def seconds_until(moment: datetime, now: datetime) -> int:
@@ -85,9 +90,10 @@ class SessionManager:
         )
 
     async def start(
-        self, user_id: uuid.UUID, role: str, ctx: RequestContext
+        self, user_id: uuid.UUID, role: str, ctx: RequestContext, *, mfa: bool = False
     ) -> tuple[uuid.UUID, TokenPair, list[uuid.UUID]]:
         """A new session for the user (whose row the caller has locked); the oldest ones beyond the cap go.
+        ``mfa``: its login passed a second factor.
 
         Returns the new session's id, its tokens and the ids of the sessions it evicted. One statement on
         the driver: a login's other work is a few milliseconds, and the ORM's five statements and flushes
@@ -113,6 +119,7 @@ class SessionManager:
                 ctx.user_agent,
                 uuid.uuid4(),
                 sha256_hex(refresh),
+                mfa,
             )
         revoked = [(row["id"], row["access_expires_at"]) for row in rows]
         await self.publish(revoked, now)
@@ -159,6 +166,20 @@ class SessionManager:
         user = await UserRepository(self.db).get(session.user_id)
         if user is None or not user.is_active:
             raise InvalidRefreshToken()
+        if session.mfa_at is None and user.role in self.settings.mfa_roles:
+            # Opened before the role required a second factor (an upgrade, a change of setting): it ends here,
+            # and the user signs in again through one. Its access tokens are refused from now on too.
+            revoked = await self.sessions.revoke([session.id], now=now, reason="mfa_required")
+            await self.publish(revoked, now)
+            await actor.as_actor(str(user.id), user.role).audit(
+                self.db,
+                "auth.session.revoked",
+                resource_type="session",
+                resource_id=str(session.id),
+                new_values={"reason": "mfa_required"},
+            )
+            await self.db.commit()
+            raise InvalidRefreshToken(SECOND_FACTOR_NOW_REQUIRED)
         row.rotated_at = now
         session.last_used_at = now
         session.idle_expires_at = min(

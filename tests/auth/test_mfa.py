@@ -210,6 +210,36 @@ async def test_a_role_that_requires_mfa_enrols_at_its_first_login(make_auth: Mak
         assert (await auth.login(customer["email"])).status_code == 200
 
 
+async def test_a_session_opened_before_its_role_required_a_second_factor_ends_at_its_next_refresh(
+    make_auth: MakeAuth,
+) -> None:
+    async with make_auth() as auth:  # no role requires a second factor yet
+        user = await auth.register()
+        await auth.sql("UPDATE auth.users SET role = 'admin' WHERE id = $1", user["id"])
+        before = (await auth.login(user["email"])).json()
+        assert (await auth.get("/api/v1/auth/me", before["access_token"])).status_code == 200
+
+        # The operator requires it for admins (a setting, or an upgrade to a release that has second factors).
+        auth.app.state.auth.settings.mfa_required_roles = ["admin"]
+        refused = await auth.refresh(before["refresh_token"])
+        body = assert_problem(refused, 401)
+        assert body["type"] == "urn:comptoir:problem:invalid-refresh-token"
+        assert "second factor" in body["detail"]
+        # The session is over: its access token is refused too, and signing in asks for the second factor.
+        assert (await auth.get("/api/v1/auth/me", before["access_token"])).status_code == 401
+        [row] = await auth.sql("SELECT revoked_reason FROM auth.sessions WHERE user_id = $1", user["id"])
+        assert row["revoked_reason"] == "mfa_required"
+        assert [e["new_values"] for e in await auth.events("auth.session.revoked")] == [{"reason": "mfa_required"}]
+        challenge = challenge_of(await auth.login(user["email"]))
+        secret = challenge["enrolment"]["secret"]
+        done = await complete(auth, challenge["mfa_token"], code_at(secret, auth.clock.now))
+        assert done.status_code == 200, done.text
+
+        # A session opened through the second factor refreshes as before.
+        again = await auth.refresh(done.json()["refresh_token"])
+        assert again.status_code == 200, again.text
+
+
 def test_production_requires_mfa_for_admins_and_development_for_nobody() -> None:
     from services.auth.config import Settings
 

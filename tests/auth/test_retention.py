@@ -4,9 +4,11 @@ anonymised everywhere (the other services first); nothing younger than its perio
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -147,3 +149,75 @@ async def test_comptoir_purge_runs_the_same_purge_on_demand(
     assert report["otp_codes"] == 1
     assert report["anonymised"] == 0
     assert await count(auth, "otp_codes", user["id"]) == 0
+
+
+async def test_a_customer_whose_session_is_in_use_is_active_whenever_they_last_signed_in(make_auth: MakeAuth) -> None:
+    peers = FakePeers()
+    async with make_auth(
+        peer_transport=httpx.MockTransport(peers.handler), inactive_account_days=30, refresh_token_ttl_seconds=40 * DAY
+    ) as auth:
+        peers.app = auth.app
+        rt = auth.app.state.auth
+        user, pair = await auth.user()
+        refresh = pair["refresh_token"]
+        for _ in range(62):  # signed in once, then the app refreshes its session twice a day for a month
+            auth.clock.advance(DAY // 2)
+            answer = await auth.refresh(refresh)
+            assert answer.status_code == 200, answer.text
+            refresh = answer.json()["refresh_token"]
+        assert (await purge(rt)).anonymised == 0
+        assert peers.calls == []
+        assert (await auth.refresh(refresh)).status_code == 200
+
+        auth.clock.advance(31 * DAY)  # the session ended (40 days), and nothing since: inactive now
+        assert (await purge(rt)).anonymised == 1
+
+
+class Peer(http.server.BaseHTTPRequestHandler):
+    """A peer service's erase endpoint: notes the call and answers 204."""
+
+    calls: ClassVar[list[tuple[int, str]]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the handler's interface
+        Peer.calls.append((self.server.server_address[1], self.path))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+async def test_comptoir_purge_asks_the_peers_on_the_ports_comptoir_run_gives_them(
+    auth: AuthClient, database: DatabaseFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    user = await auth.register()
+    await auth.sql(
+        "UPDATE auth.users SET created_at = now() - interval '3 years', last_login_at = NULL WHERE id = $1", user["id"]
+    )
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Peer) for _ in range(2)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    orders_port, audit_port = (s.server_address[1] for s in servers)
+    Peer.calls.clear()
+    monkeypatch.setenv("DATABASE_URL", database.admin_url)
+    monkeypatch.setenv("DATA_DIR", str(database.data_dir))
+    monkeypatch.setenv("AUTH_KEYS_DIR", str(tmp_path / "keys"))
+    monkeypatch.setenv("ORDERS_PORT", str(orders_port))  # not the standard 8003 and 8004
+    monkeypatch.setenv("AUDIT_PORT", str(audit_port))
+    for name in ("AUTH_ORDERS_URL", "AUTH_AUDIT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            await asyncio.to_thread(main, ["purge"])
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert exited.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["anonymised"], report["postponed"]) == (1, [])
+    assert sorted(Peer.calls) == sorted(
+        [(orders_port, f"/internal/users/{user['id']}/erase"), (audit_port, f"/internal/users/{user['id']}/erase")]
+    )
