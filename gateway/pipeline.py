@@ -68,6 +68,9 @@ class Pipeline:
 
         route: Route | None = None
         if is_forbidden_path(path, scope.get("raw_path")):
+            allowed, send = await self._refusal_counted(scope, receive, send, method, path, headers)
+            if not allowed:
+                return
             self._event(scope, "gateway.path.blocked", reason="internal or obfuscated path")
         else:
             route = match(self.routes, path)
@@ -107,19 +110,25 @@ class Pipeline:
         authorization = headers.get(b"authorization")
         if credentials > 1:
             # Which one counts would be a guess, and the service behind might guess differently.
-            self._event(scope, "gateway.token.rejected", reason="several authorization headers")
-            await self._unauthorized(
-                scope, receive, send_with_extra, "Send one Authorization header, not several.", True
-            )
+            allowed, refused_send = await self._refusal_counted(scope, receive, send_with_extra, method, path, headers)
+            if allowed:
+                self._event(scope, "gateway.token.rejected", reason="several authorization headers")
+                await self._unauthorized(
+                    scope, receive, refused_send, "Send one Authorization header, not several.", True
+                )
             return
         if authorization is not None:
             try:
                 claims = await self.auth.authenticate(authorization)
             except InvalidToken as exc:
-                self._event(scope, "gateway.token.rejected", reason=exc.reason)
-                await self._unauthorized(
-                    scope, receive, send_with_extra, "The access token is invalid or expired.", True
+                allowed, refused_send = await self._refusal_counted(
+                    scope, receive, send_with_extra, method, path, headers
                 )
+                if allowed:
+                    self._event(scope, "gateway.token.rejected", reason=exc.reason)
+                    await self._unauthorized(
+                        scope, receive, refused_send, "The access token is invalid or expired.", True
+                    )
                 return
         elif not is_public(method, path):
             await self._unauthorized(scope, receive, send_with_extra, "Authentication required.")
@@ -172,6 +181,34 @@ class Pipeline:
         # The extra headers go into the upstream's answer directly; ``send_with_extra`` adds them to the
         # gateway's own answers (and to what the public cache records and serves, which it must not store).
         await self.proxy.forward(scope, receive, send, route, client_ip, extra)
+
+    async def _refusal_counted(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str, headers: dict[bytes, bytes]
+    ) -> tuple[bool, Send]:
+        """A request refused before rate limiting (a rejected token, a probe of a blocked path) counts against
+        its address's anonymous limit, as an anonymous request does, before its security event is recorded:
+        otherwise one address could put any number of events into the audit chain (thousands a second were
+        measured). Over the limit, it is answered 429 here with no event (False); else the ``send`` that adds
+        the limit's headers to the refusal."""
+        peer = scope["client"][0] if scope.get("client") else None
+        xff = headers.get(b"x-forwarded-for")
+        identity = f"ip:{resolve_client_ip(peer, xff.decode('latin-1') if xff else None, self.trusted)}"
+        try:
+            decision = await self.limits.check(method, path, identity, authenticated=False)
+        except LimitStorageUnavailable:
+            decision = None  # refusing anyway: the refusal stands, counted or not
+        if decision is None:
+            return True, send
+        limit_headers = decision.headers()
+        if not decision.allowed:
+            await problem_response(
+                429,
+                scope=scope,
+                detail="Too many requests; retry after the time in Retry-After.",
+                extra={"retry_after": max(1, decision.reset_seconds)},
+            )(scope, receive, with_headers(send, limit_headers))
+            return False, send
+        return True, with_headers(send, limit_headers)
 
     def _event(self, scope: Scope, action: str, **details: Any) -> None:
         if self.events is not None:

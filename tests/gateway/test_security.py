@@ -308,6 +308,43 @@ def test_security_events_are_recorded_without_secrets(gateway, issuer, echo) -> 
     assert forged not in json.dumps(list(events.queue))
 
 
+def test_refused_tokens_and_blocked_probes_count_against_the_address_and_record_no_event_past_its_limit(
+    echo,  # noqa: ANN001
+    issuer,  # noqa: ANN001
+) -> None:
+    """Before, they were answered ahead of rate limiting: one address put thousands of events a second into the
+    audit chain, with no limit ever reached."""
+    from tests.support.servers import raw_request
+
+    with running_gateway(echo[1].url, issuer, anonymous_rate_limit="3/hour") as (url, app):
+        events = app.state.security_events
+        events.queue.clear()
+        port = int(url.rsplit(":", 1)[1])
+        answers = [httpx.get(url + PROTECTED, headers=bearer(f"junk{i}")) for i in range(3)]
+        assert [a.status_code for a in answers] == [401, 401, 401]
+        assert [a.headers["ratelimit-remaining"] for a in answers] == ["2", "1", "0"]
+        over = [httpx.get(url + PROTECTED, headers=bearer(f"junk{i}")) for i in range(3, 8)]
+        assert [a.status_code for a in over] == [429] * 5
+        assert all(int(a.headers["retry-after"]) > 0 for a in over)
+        probe = raw_request(
+            port, b"GET /api/v1/products/..%2Finternal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert b" 429 " in probe.split(b"\r\n", 1)[0]
+        several = httpx.get(url + PUBLIC, headers=[("Authorization", "Bearer a"), ("Authorization", "Bearer b")])
+        assert several.status_code == 429
+        assert [e["action"] for e in events.queue] == ["gateway.token.rejected"] * 3
+        # A valid token is its user's own limit, not the address's.
+        assert httpx.get(url + PUBLIC, headers=bearer(issuer.access(role="customer"))).status_code == 200
+    with running_gateway(echo[1].url, issuer, anonymous_rate_limit="3/hour") as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        blocked = raw_request(
+            port, b"GET /api/v1/products/..%2Finternal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert b" 404 " in blocked.split(b"\r\n", 1)[0]
+        assert b"ratelimit-remaining: 2" in blocked.lower()
+        assert [e["action"] for e in app.state.security_events.queue] == ["gateway.path.blocked"]
+
+
 def test_security_event_queue_is_bounded(gateway) -> None:  # noqa: ANN001
     _, app = gateway
     events = app.state.security_events
