@@ -6,7 +6,9 @@ liveness: a service whose database refuses it answers every request 503, and the
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -34,11 +36,36 @@ class SystemHealth(BaseModel):
     )
 
 
+# One round of probes answers every health request for this long, and concurrent requests wait for the one
+# round under way: the path is public and not rate limited (monitors poll it), and each round costs a call
+# to every service and a query of every database, which a flood of requests would otherwise multiply.
+FRESH_SECONDS = 1.0
+
+
+class HealthCache:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = asyncio.Lock()
+        self._answer: SystemHealth | None = None
+        self._at = float("-inf")
+
+    async def get(self, probe: Callable[[], Awaitable[SystemHealth]]) -> SystemHealth:
+        async with self._lock:
+            if self._answer is None or self.clock() - self._at >= FRESH_SECONDS:
+                self._answer = await probe()
+                self._at = self.clock()
+            return self._answer
+
+
 @router.get(HEALTH_PATH)
 async def system_health(request: Request) -> JSONResponse:
     """200 when every service is ready (its /readyz: up, and its database answering), else 503 naming
-    the ones that are not."""
-    proxy = request.app.proxy
+    the ones that are not (as probed at most a second ago)."""
+    body = await request.app.health_cache.get(lambda: probe_all(request.app.proxy))
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.status == "ok" else 503)
+
+
+async def probe_all(proxy: Any) -> SystemHealth:
 
     async def probe(name: str) -> tuple[str, ProcessState]:
         try:
@@ -50,5 +77,4 @@ async def system_health(request: Request) -> JSONResponse:
     results = dict(await asyncio.gather(*(probe(name) for name in proxy.upstreams)))
     processes: dict[str, ProcessState] = {"gateway": "ok", **results}
     healthy = all(status == "ok" for status in processes.values())
-    body = SystemHealth(status="ok" if healthy else "degraded", processes=processes)
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if healthy else 503)
+    return SystemHealth(status="ok" if healthy else "degraded", processes=processes)

@@ -23,7 +23,7 @@ from gateway.checks import gateway_checks
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
 from gateway.cors import Cors
 from gateway.events import SecurityEvents
-from gateway.health import HEALTH_PATH
+from gateway.health import HEALTH_PATH, HealthCache
 from gateway.health import router as health_router
 from gateway.limits import RateLimits
 from gateway.openapi import OPENAPI_PATH, OpenAPICache
@@ -75,6 +75,7 @@ class GatewayApp(ComptoirAPI):
     proxy: Proxy
     pipeline: Pipeline
     openapi_cache: OpenAPICache
+    health_cache: HealthCache
 
     def build_middleware_stack(self) -> ASGIApp:
         own = FastAPI.build_middleware_stack(self)
@@ -151,6 +152,7 @@ def create_app(
     app.proxy = proxy
     app.pipeline = pipeline
     app.openapi_cache = OpenAPICache()
+    app.health_cache = HealthCache()
     app.state.settings = settings
     app.state.revocations = revocations
     app.state.service_tokens = service_tokens

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -49,3 +50,32 @@ def test_a_service_alive_but_not_ready_or_down_makes_the_system_degraded(issuer:
             health = httpx.get(url + "/api/v1/health")
             assert health.status_code == 200
             assert health.json()["status"] == "ok"
+
+
+def test_one_round_of_probes_answers_every_health_request_for_a_second(issuer: TestIssuer) -> None:
+    """The path is public and not rate limited: a flood of health requests must not become a flood of calls to
+    every service and its database."""
+    probes: list[str] = []
+
+    async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/readyz":
+            probes.append(scope["path"])
+        await _ready(scope, receive, send)
+
+    now = [1000.0]
+    with serve(counted) as ready, running_gateway(ready.url, issuer) as (url, app):
+        app.health_cache.clock = lambda: now[0]
+
+        async def flood() -> list[int]:
+            async with httpx.AsyncClient(base_url=url) as client:
+                answers = await asyncio.gather(*(client.get("/api/v1/health") for _ in range(20)))
+            return [a.status_code for a in answers]
+
+        assert asyncio.run(flood()) == [200] * 20
+        assert len(probes) == 4  # one round: auth, inventory, orders, audit
+        now[0] += 0.9
+        assert httpx.get(url + "/api/v1/health").status_code == 200
+        assert len(probes) == 4
+        now[0] += 0.2  # a second after the round: the next request probes again
+        assert httpx.get(url + "/api/v1/health").status_code == 200
+        assert len(probes) == 8
