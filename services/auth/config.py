@@ -100,8 +100,12 @@ class Settings(ServiceSettings):
     otp_ttl_seconds: int = Field(600, ge=60, le=3600)
     otp_max_attempts: int = Field(5, ge=1, le=20)
     otp_window_seconds: int = Field(600, ge=60)
-    otp_max_per_window: int = Field(3, ge=1, description="Sends per user and per phone in the window.")
-    otp_max_per_day: int = Field(10, ge=1, description="Sends per user and per phone in 24 h.")
+    otp_max_per_window: int = Field(3, ge=1, description="Sends per user in the window.")
+    otp_max_per_day: int = Field(10, ge=1, description="Sends per user in 24 h.")
+    # Sends to one number from every account together: twice a user's, so that one other account claiming
+    # the number cannot lock its owner out, while the number still cannot be flooded from many accounts.
+    otp_phone_max_per_window: int = Field(6, ge=1, description="Sends per phone number in the window.")
+    otp_phone_max_per_day: int = Field(20, ge=1, description="Sends per phone number in 24 h.")
     otp_ip_max_per_window: int = Field(10, ge=1, description="Sends per client IP in the window.")
     otp_ip_max_per_day: int = Field(30, ge=1, description="Sends per client IP in 24 h.")
     # Sends are counted in a Prometheus metric by this many leading characters of the E.164 number.
@@ -166,6 +170,8 @@ class Settings(ServiceSettings):
             raise ValueError("password_min_length is above password_max_length")
         if self.login_delay_base_seconds > self.login_delay_max_seconds:
             raise ValueError("login_delay_base_seconds is above login_delay_max_seconds")
+        if self.otp_phone_max_per_window < self.otp_max_per_window or self.otp_phone_max_per_day < self.otp_max_per_day:
+            raise ValueError("otp_phone_max_per_window/_per_day must be at least otp_max_per_window/_per_day")
         if self.otp_hmac_key and len(self.otp_hmac_key) < 32:
             raise ValueError("otp_hmac_key must be at least 32 characters")
         if self.message_sender == "webhook":

@@ -55,7 +55,7 @@ class OtpService:
         waits = []
         for times, per_window, per_day in (
             (await self.codes.sends_since(since, user_id=user.id), s.otp_max_per_window, s.otp_max_per_day),
-            (await self.codes.sends_since(since, phone=phone), s.otp_max_per_window, s.otp_max_per_day),
+            (await self.codes.sends_since(since, phone=phone), s.otp_phone_max_per_window, s.otp_phone_max_per_day),
             (await self.codes.sends_since(since, ip=self.ctx.ip_key), s.otp_ip_max_per_window, s.otp_ip_max_per_day),
         ):
             waits.append(wait_for(times, limit=per_window, period=window, now=now))

@@ -119,10 +119,20 @@ async def test_sends_are_capped_per_user_per_ten_minutes_and_per_day(auth: AuthC
 
 async def test_sends_are_capped_per_phone_across_accounts(auth: AuthClient) -> None:
     statuses = []
-    for _ in range(4):
+    for _ in range(7):
         _, pair = await auth.user(phone=PHONE)
         statuses.append((await request_code(auth, pair["access_token"])).status_code)
-    assert statuses == [202, 202, 202, 429]
+    assert statuses == [202] * 6 + [429]
+
+
+async def test_another_account_claiming_a_number_cannot_lock_its_owner_out(auth: AuthClient) -> None:
+    _, owner = await auth.user(phone=PHONE)
+    _, mallory = await auth.user()
+    claims = [(await request_code(auth, mallory["access_token"], phone=PHONE)).status_code for _ in range(4)]
+    assert claims == [202, 202, 202, 429]  # Mallory's own cap
+    assert (await request_code(auth, owner["access_token"])).status_code == 202
+    verified = await verify(auth, owner["access_token"], auth.last_code(PHONE))
+    assert verified.status_code == 200, verified.text
 
 
 async def test_sends_are_capped_per_client_ip(make_auth: MakeAuth) -> None:
