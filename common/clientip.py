@@ -45,3 +45,16 @@ def resolve_client_ip(peer: str | None, forwarded_for: str | None, trusted: Sequ
         if not any(parsed in network for network in trusted):
             return str(parsed)
     return str(_address(hops[0])) if hops else peer
+
+
+def throttle_key(address: str | None) -> str:
+    """What a per-address limit counts: an IPv4 address, or an IPv6 address's /64. One subscriber holds a
+    whole /64 (2^64 addresses), so counting its addresses one by one would give it a fresh budget per request."""
+    if address is None:
+        return "unknown"
+    parsed = _address(address)
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return address

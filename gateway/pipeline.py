@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from common.clientip import Network, resolve_client_ip
+from common.clientip import Network, resolve_client_ip, throttle_key
 from common.errors import BEARER_CHALLENGE, NO_SUCH_RESOURCE, problem_response, rejected_token_challenge
 from common.tokens import InvalidToken
 from gateway.auth import GatewayAuth
@@ -135,7 +135,7 @@ class Pipeline:
             return
         scope["comptoir.claims"] = claims
 
-        identity = f"user:{claims.sub}" if claims is not None else f"ip:{client_ip}"
+        identity = f"user:{claims.sub}" if claims is not None else f"ip:{throttle_key(client_ip)}"
         try:
             decision = await self.limits.check(method, path, identity, authenticated=claims is not None)
         except LimitStorageUnavailable:
@@ -192,7 +192,7 @@ class Pipeline:
         the limit's headers to the refusal."""
         peer = scope["client"][0] if scope.get("client") else None
         xff = headers.get(b"x-forwarded-for")
-        identity = f"ip:{resolve_client_ip(peer, xff.decode('latin-1') if xff else None, self.trusted)}"
+        identity = f"ip:{throttle_key(resolve_client_ip(peer, xff.decode('latin-1') if xff else None, self.trusted))}"
         try:
             decision = await self.limits.check(method, path, identity, authenticated=False)
         except LimitStorageUnavailable:

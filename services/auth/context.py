@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from common.app import lifespan_state
 from common.audit import Actor, Outcome, record, request_fields
+from common.clientip import throttle_key
 from common.tokens import Claims
 from services.auth.config import Settings
 from services.auth.keys import KeyStore, LocalServiceTokens, TokenIssuer
@@ -69,7 +70,8 @@ class RequestContext:
 
     @property
     def ip_key(self) -> str:
-        return self.ip or "unknown"
+        """The address that per-address throttles count (an IPv6 address's /64)."""
+        return throttle_key(self.ip)
 
     def as_actor(self, actor_id: str | None, actor_role: str | None) -> RequestContext:
         return replace(self, actor_id=actor_id, actor_role=actor_role)

@@ -156,6 +156,10 @@ def test_forwarded_for_is_believed_from_trusted_proxies_only(echo, issuer) -> No
         for client in ("198.51.100.1", "198.51.100.2"):
             codes = [httpx.get(url + PUBLIC, headers={"X-Forwarded-For": client}).status_code for _ in range(3)]
             assert codes == [200, 200, 429]
+        # An IPv6 client is its /64 (one subscriber's): a new address in it is not a new bucket.
+        clients = ("2001:db8:5:6::1", "2001:db8:5:6:ffff::2", "2001:db8:5:6::3", "2001:db8:5:7::1")
+        codes = [httpx.get(url + PUBLIC, headers={"X-Forwarded-For": c}).status_code for c in clients]
+        assert codes == [200, 200, 429, 200]
 
 
 def test_rate_limit_headers_and_429(echo, issuer) -> None:  # noqa: ANN001
