@@ -30,6 +30,11 @@ GATEWAY_EVENTS = Counter("comptoir_gateway_security_events_total", "Security eve
 GATEWAY_EVENTS_DROPPED = Counter(
     "comptoir_gateway_security_events_dropped_total", "Security events dropped because the queue was full."
 )
+EVENTS_NOT_RECORDED = Counter(
+    "comptoir_gateway_security_events_unrecorded_total",
+    "Refusals answered but not recorded: their address had used up its events (see Pipeline._refusal_event).",
+    ["action"],
+)
 GATEWAY_EVENTS_REFUSED = Counter(
     "comptoir_gateway_security_events_refused_total", "Security events the audit service refused (dropped)."
 )

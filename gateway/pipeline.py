@@ -15,7 +15,7 @@ from common.tokens import InvalidToken
 from gateway.auth import GatewayAuth
 from gateway.cache import PublicCache
 from gateway.cors import Cors
-from gateway.events import SecurityEvents
+from gateway.events import EVENTS_NOT_RECORDED, SecurityEvents
 from gateway.limits import LimitStorageUnavailable, RateLimits
 from gateway.methods import allowed_methods, method_not_allowed
 from gateway.proxy import Proxy, with_headers
@@ -68,10 +68,9 @@ class Pipeline:
 
         route: Route | None = None
         if is_forbidden_path(path, scope.get("raw_path")):
-            allowed, send = await self._refusal_counted(scope, receive, send, method, path, headers)
-            if not allowed:
-                return
-            self._event(scope, "gateway.path.blocked", reason="internal or obfuscated path")
+            await self._refusal_event(
+                scope, method, path, headers, "gateway.path.blocked", "internal or obfuscated path"
+            )
         else:
             route = match(self.routes, path)
         if route is None:
@@ -110,25 +109,21 @@ class Pipeline:
         authorization = headers.get(b"authorization")
         if credentials > 1:
             # Which one counts would be a guess, and the service behind might guess differently.
-            allowed, refused_send = await self._refusal_counted(scope, receive, send_with_extra, method, path, headers)
-            if allowed:
-                self._event(scope, "gateway.token.rejected", reason="several authorization headers")
-                await self._unauthorized(
-                    scope, receive, refused_send, "Send one Authorization header, not several.", True
-                )
+            await self._refusal_event(
+                scope, method, path, headers, "gateway.token.rejected", "several authorization headers"
+            )
+            await self._unauthorized(
+                scope, receive, send_with_extra, "Send one Authorization header, not several.", True
+            )
             return
         if authorization is not None:
             try:
                 claims = await self.auth.authenticate(authorization)
             except InvalidToken as exc:
-                allowed, refused_send = await self._refusal_counted(
-                    scope, receive, send_with_extra, method, path, headers
+                await self._refusal_event(scope, method, path, headers, "gateway.token.rejected", exc.reason)
+                await self._unauthorized(
+                    scope, receive, send_with_extra, "The access token is invalid or expired.", True
                 )
-                if allowed:
-                    self._event(scope, "gateway.token.rejected", reason=exc.reason)
-                    await self._unauthorized(
-                        scope, receive, refused_send, "The access token is invalid or expired.", True
-                    )
                 return
         elif not is_public(method, path):
             await self._unauthorized(scope, receive, send_with_extra, "Authentication required.")
@@ -182,33 +177,25 @@ class Pipeline:
         # gateway's own answers (and to what the public cache records and serves, which it must not store).
         await self.proxy.forward(scope, receive, send, route, client_ip, extra)
 
-    async def _refusal_counted(
-        self, scope: Scope, receive: Receive, send: Send, method: str, path: str, headers: dict[bytes, bytes]
-    ) -> tuple[bool, Send]:
-        """A request refused before rate limiting (a rejected token, a probe of a blocked path) counts against
-        its address's anonymous limit, as an anonymous request does, before its security event is recorded:
-        otherwise one address could put any number of events into the audit chain (thousands a second were
-        measured). Over the limit, it is answered 429 here with no event (False); else the ``send`` that adds
-        the limit's headers to the refusal."""
+    async def _refusal_event(
+        self, scope: Scope, method: str, path: str, headers: dict[bytes, bytes], action: str, reason: str
+    ) -> None:
+        """The security event of a request refused before rate limiting (a rejected token, a probe of a blocked
+        path), if its address has events left: refusals count in a bucket of their own per address (the
+        anonymous limit, as ``refused:<address>``). Without it one address put thousands of events a second
+        into the audit chain. The answer itself does not change past the limit: a client whose token expired
+        still gets the 401 that tells it to refresh, and the address's own limit (logins) is untouched."""
         peer = scope["client"][0] if scope.get("client") else None
         xff = headers.get(b"x-forwarded-for")
-        identity = f"ip:{throttle_key(resolve_client_ip(peer, xff.decode('latin-1') if xff else None, self.trusted))}"
+        address = throttle_key(resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted))
         try:
-            decision = await self.limits.check(method, path, identity, authenticated=False)
+            decision = await self.limits.check(method, path, f"refused:{address}", authenticated=False)
         except LimitStorageUnavailable:
-            decision = None  # refusing anyway: the refusal stands, counted or not
-        if decision is None:
-            return True, send
-        limit_headers = decision.headers()
-        if not decision.allowed:
-            await problem_response(
-                429,
-                scope=scope,
-                detail="Too many requests; retry after the time in Retry-After.",
-                extra={"retry_after": max(1, decision.reset_seconds)},
-            )(scope, receive, with_headers(send, limit_headers))
-            return False, send
-        return True, with_headers(send, limit_headers)
+            decision = None  # recorded, as before limits existed
+        if decision is not None and not decision.allowed:
+            EVENTS_NOT_RECORDED.labels(action).inc()
+            return
+        self._event(scope, action, reason=reason)
 
     def _event(self, scope: Scope, action: str, **details: Any) -> None:
         if self.events is not None:
