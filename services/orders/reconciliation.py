@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import ColumnElement, or_
+from sqlalchemy import ColumnElement, and_, or_, select
 
 from common.clock import Clock
 from common.db import Database
@@ -39,6 +39,9 @@ class Reconciliation:
         owner: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.owner = owner
+        # Owners found gone by the previous pass: one is taken over only when found gone twice in a row, so
+        # that a live process that lost its lock's connection has a pass's time to take its number again.
+        self._gone: frozenset[int] = frozenset()
         self.db = db
         self.inventory = inventory
         self.transitions = transitions
@@ -59,18 +62,30 @@ class Reconciliation:
                 return None
             return start_action(order, action, None, self.clock(), self.owner())
 
+    async def _owners_gone(self) -> frozenset[int]:
+        """Owners of unfinished actions gone on this pass and on the previous one."""
+        async with self.db.sessionmaker() as session, session.begin():
+            # (An unfinished action always has a stock action: the partial index on actions finds them.)
+            query = select(Order.owner).where(Order.stock_action.is_not(None), OWNER_GONE).distinct()
+            now_gone = frozenset(owner for owner in (await session.scalars(query)).all() if owner is not None)
+        confirmed, self._gone = now_gone & self._gone, now_gone
+        return confirmed
+
     async def sweep(self) -> dict[str, int]:
         """One pass: orphaned placements released, interrupted confirmations finished, owed releases made,
         due pending orders expired. Safe to run in several replicas at once."""
         now = self.clock()
         done = {"orphans": 0, "confirmations": 0, "releases": 0, "expired": 0}
 
+        gone = await self._owners_gone()
         orphan_cutoff = now - timedelta(seconds=self.settings.placing_timeout_seconds)
         stale_placing = (Order.status == Status.placing, Order.stock_action_since < orphan_cutoff)
         abandoned = (Order.status == Status.placing, Order.stock_action == StockAction.release)
         # (A placing order always has a stock action: the partial index on actions finds them.)
-        owner_gone = (Order.status == Status.placing, Order.stock_action.is_not(None), OWNER_GONE)
-        orphans = await self._ids(*stale_placing) + await self._ids(*abandoned) + await self._ids(*owner_gone)
+        owner_gone = (Order.status == Status.placing, Order.owner.in_(gone), OWNER_GONE)
+        orphans = await self._ids(*stale_placing) + await self._ids(*abandoned)
+        if gone:
+            orphans += await self._ids(*owner_gone)
         for order_id in dict.fromkeys(orphans):
             attempt = await self._take_over(order_id, Order.status == Status.placing, action=StockAction.release)
             if attempt is None:
@@ -90,7 +105,7 @@ class Reconciliation:
         # A confirmation whose process died is finished at once; a live one only after it went stale.
         stale_commit = (
             Order.stock_action == StockAction.commit,
-            or_(Order.stock_action_since < stale_cutoff, OWNER_GONE),
+            or_(Order.stock_action_since < stale_cutoff, and_(Order.owner.in_(gone), OWNER_GONE)),
         )
         for order_id in await self._ids(*stale_commit):
             attempt = await self._take_over(order_id, *stale_commit, action=StockAction.commit)
