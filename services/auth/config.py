@@ -170,8 +170,10 @@ class Settings(ServiceSettings):
             raise ValueError("password_min_length is above password_max_length")
         if self.login_delay_base_seconds > self.login_delay_max_seconds:
             raise ValueError("login_delay_base_seconds is above login_delay_max_seconds")
-        if self.otp_phone_max_per_window < self.otp_max_per_window or self.otp_phone_max_per_day < self.otp_max_per_day:
-            raise ValueError("otp_phone_max_per_window/_per_day must be at least otp_max_per_window/_per_day")
+        per_phone = (self.otp_phone_max_per_window, self.otp_phone_max_per_day)
+        if per_phone[0] <= self.otp_max_per_window or per_phone[1] <= self.otp_max_per_day:
+            # Equal, one other account claiming the number could use them up and lock its owner out.
+            raise ValueError("otp_phone_max_per_window/_per_day must be above otp_max_per_window/_per_day")
         if self.otp_hmac_key and len(self.otp_hmac_key) < 32:
             raise ValueError("otp_hmac_key must be at least 32 characters")
         if self.message_sender == "webhook":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import httpx
+import pytest
 from prometheus_client import REGISTRY
 
 from tests.auth.conftest import AuthClient, MakeAuth
@@ -174,3 +175,14 @@ async def test_a_code_for_an_old_number_does_not_verify_the_new_one(auth: AuthCl
 async def test_otp_endpoints_need_a_user(auth: AuthClient) -> None:
     assert_problem(await auth.client.post("/api/v1/auth/otp/request"), 401)
     assert_problem(await auth.client.post("/api/v1/auth/otp/verify", json={"code": "123456"}), 401)
+
+
+def test_phone_caps_at_or_below_a_users_are_refused() -> None:
+    """Equal to a user's caps, one other account claiming a number could use them all and lock its owner out."""
+    from pydantic import ValidationError
+
+    from services.auth.config import Settings
+
+    for caps in ({"otp_phone_max_per_window": 3}, {"otp_phone_max_per_day": 10}):
+        with pytest.raises(ValidationError, match="above AUTH_OTP_MAX_PER_WINDOW"):
+            Settings(**caps)  # type: ignore[arg-type]
