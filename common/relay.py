@@ -34,7 +34,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from common.db import Database
-from common.http import Transport
+from common.http import Answer, Transport
 from common.service_tokens import ServiceTokenClient
 from common.tasks import BackgroundLoop
 
@@ -68,6 +68,17 @@ REFUSED_STATUSES = frozenset({413, 422})
 
 class EventsRefused(DeliveryFailed):
     """Audit refused what the body holds (413, 422); sending it again as it is cannot succeed."""
+
+
+def check_delivery(answer: Answer, tokens: ServiceTokenClient) -> None:
+    """Audit's answer to ``POST /internal/events``: ``EventsRefused`` when it refuses what the body holds,
+    ``DeliveryFailed`` for any other failure (a refused service token is forgotten, to be fetched again)."""
+    if answer.status == 401:
+        tokens.forget("audit")
+    if answer.status in REFUSED_STATUSES:
+        raise EventsRefused(f"audit answered {answer.status}: {answer.body[:300].decode(errors='replace')}")
+    if not 200 <= answer.status < 300:
+        raise DeliveryFailed(f"audit answered {answer.status}")
 
 
 # The largest body one POST carries: half of what audit accepts by default (AUDIT_INGEST_MAX_BODY_BYTES,
@@ -184,13 +195,9 @@ class OutboxRelay(BackgroundLoop):
         rows are sent again (audit stores the events it already has once)."""
         headers = await self.tokens.headers_for("audit")
         for body in bodies([row.payload.encode() for row in rows], self.max_body_bytes):
-            answer = await self.client.request("POST", EVENTS_PATH, json_bytes=body, headers=headers)
-            if answer.status == 401:
-                self.tokens.forget("audit")
-            if answer.status in REFUSED_STATUSES:
-                raise EventsRefused(f"audit answered {answer.status}: {answer.body[:300].decode(errors='replace')}")
-            if not 200 <= answer.status < 300:
-                raise DeliveryFailed(f"audit answered {answer.status}")
+            check_delivery(
+                await self.client.request("POST", EVENTS_PATH, json_bytes=body, headers=headers), self.tokens
+            )
 
     async def deliver_once(self) -> int:
         """One batch, all within half the lease; returns how many events were delivered.

@@ -20,7 +20,7 @@ from starlette.types import Scope
 
 from common.audit import AuditEvent, outbox_payload
 from common.http import Transport
-from common.relay import EVENTS_PATH, REFUSED_STATUSES, DeliveryFailed, EventsRefused
+from common.relay import EVENTS_PATH, EventsRefused, check_delivery
 from common.service_tokens import ServiceTokenClient
 from common.tasks import BackgroundLoop
 
@@ -122,13 +122,9 @@ class SecurityEvents(BackgroundLoop):
 
     async def _post(self, events: list[dict[str, Any]]) -> None:
         headers = await self.tokens.headers_for("audit")
-        answer = await self.client.request("POST", EVENTS_PATH, json={"events": events}, headers=headers)
-        if answer.status == 401:
-            self.tokens.forget("audit")
-        if answer.status in REFUSED_STATUSES:
-            raise EventsRefused(f"audit answered {answer.status}: {answer.body[:300].decode(errors='replace')}")
-        if not 200 <= answer.status < 300:
-            raise DeliveryFailed(f"audit answered {answer.status}")
+        check_delivery(
+            await self.client.request("POST", EVENTS_PATH, json={"events": events}, headers=headers), self.tokens
+        )
 
     async def _run(self) -> None:
         while True:

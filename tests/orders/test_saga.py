@@ -268,19 +268,25 @@ async def test_a_lost_commit_answer_never_takes_stock_twice(start_system: Callab
 async def test_orphaned_placements_are_released_by_the_reconciliation(system: System) -> None:
     """Orders crashed after inventory reserved and before the order was recorded."""
     product = await system.product(stock=5)
-    reservation_id, order_id = uuid.uuid4(), uuid.uuid4()
-    reserved = await system.inventory.put(
-        f"/internal/reservations/{reservation_id}",
-        json={"items": [{"product_id": product["id"], "quantity": 3}]},
-        headers=system.tokens.service("orders", "inventory"),
-    )
-    assert reserved.status_code == 201
+    reservation_id, order_id = await reserved_at_inventory(system, product["id"], 3), uuid.uuid4()
     await insert_placing(system, order_id, reservation_id, age_seconds=30)
     assert (await system.sweep())["orphans"] == 0  # a placement may take a while: not orphaned yet
     system.clock.advance(31)
     assert (await system.sweep())["orphans"] == 1
     assert await rows(system) == []
     assert await system.stock(product["id"]) == {"on_hand": 5, "reserved": 0, "available": 5}
+
+
+async def reserved_at_inventory(system: System, product_id: str, quantity: int) -> uuid.UUID:
+    """A reservation made at inventory as orders makes it, before any order row says so (a crash's leftover)."""
+    reservation_id = uuid.uuid4()
+    reserved = await system.inventory.put(
+        f"/internal/reservations/{reservation_id}",
+        json={"items": [{"product_id": product_id, "quantity": quantity}]},
+        headers=system.tokens.service("orders", "inventory"),
+    )
+    assert reserved.status_code == 201
+    return reservation_id
 
 
 async def insert_placing(
@@ -308,13 +314,7 @@ async def test_a_placement_is_released_as_soon_as_no_process_holds_its_owners_lo
     """Its process died (PostgreSQL dropped the lock with the connection): no placing timeout to wait for. While
     a process holds the lock, the placement is its own, however long it takes."""
     product = await system.product(stock=5)
-    reservation_id, order_id = uuid.uuid4(), uuid.uuid4()
-    reserved = await system.inventory.put(
-        f"/internal/reservations/{reservation_id}",
-        json={"items": [{"product_id": product["id"], "quantity": 3}]},
-        headers=system.tokens.service("orders", "inventory"),
-    )
-    assert reserved.status_code == 201
+    reservation_id, order_id = await reserved_at_inventory(system, product["id"], 3), uuid.uuid4()
     await insert_placing(system, order_id, reservation_id, age_seconds=0, owner=4242)
     holder = await system.database.admin()  # a live process holding that number
     try:
