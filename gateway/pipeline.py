@@ -168,10 +168,20 @@ class Pipeline:
                 )
                 return
             if method not in _SAFE:
+                answered = [0]
+
+                async def noting(message: Any) -> None:
+                    if message["type"] == "http.response.start":
+                        answered[0] = message["status"]
+                    await send(message)
+
                 try:
-                    await self.proxy.forward(scope, receive, send, route, client_ip, extra)
+                    await self.proxy.forward(scope, receive, noting, route, client_ip, extra)
                 finally:
-                    self.cache.invalidate(route.prefix)
+                    # A write refused (4xx) changed nothing: dropping the entries for it would let any client
+                    # empty the cache at will. Any other outcome, unknown ones included, may have changed them.
+                    if not 400 <= answered[0] < 500:
+                        self.cache.invalidate(route.prefix)
                 return
         # The extra headers go into the upstream's answer directly; ``send_with_extra`` adds them to the
         # gateway's own answers (and to what the public cache records and serves, which it must not store).

@@ -29,6 +29,12 @@ class Catalogue:
             return
         signed_in = any(k == b"authorization" for k, _ in scope["headers"])
         self.hits.append((scope["method"], scope["path"], signed_in))
+        if scope["method"] == "PATCH" and scope["query_string"] == b"as=customer":  # refused: nothing changes
+            await send(
+                {"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
         if scope["method"] == "PATCH":
             self.price += 1
         body = json.dumps({"path": scope["path"], "query": scope["query_string"].decode(), "price": self.price})
@@ -115,6 +121,17 @@ def test_a_write_through_the_gateway_drops_the_prefix_at_once(shop, issuer) -> N
     assert httpx.patch(url + PRODUCT, json={"price_xaf": 1001}, headers=staff).status_code == 200
     assert httpx.get(url + PRODUCT).json()["price"] == 1001
     assert [hit[0] for hit in upstream.hits] == ["GET", "PATCH", "GET"]
+
+
+def test_a_refused_write_changes_nothing_and_drops_nothing(shop, issuer) -> None:  # noqa: ANN001
+    """Otherwise any customer could empty the catalogue's cache with writes it may not make, as often as its
+    limit allows, and send every anonymous reader to inventory."""
+    url, upstream, _ = shop
+    assert httpx.get(url + PRODUCT).json()["price"] == 1000
+    customer = bearer(issuer.access(role="customer"))
+    assert httpx.patch(url + PRODUCT + "?as=customer", json={"price_xaf": 1}, headers=customer).status_code == 403
+    assert httpx.get(url + PRODUCT).json()["price"] == 1000
+    assert [hit[0] for hit in upstream.hits] == ["GET", "PATCH"]  # the read came from the cache
 
 
 def test_a_client_holding_the_current_page_gets_304_from_the_cache(shop) -> None:  # noqa: ANN001
