@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from comptoir.config import RunSettings
+from comptoir.config import SERVICES, RunSettings
 
 
 def _database_url(settings: RunSettings) -> tuple[str, object | None]:
@@ -51,18 +51,21 @@ def cmd_run(_args: argparse.Namespace) -> int:
 def cmd_migrate(_args: argparse.Namespace) -> int:
     from comptoir.embedded import EmbeddedPostgres
     from comptoir.progress import progress
-    from comptoir.provision import migrate, redact_url
+    from comptoir.provision import migrate, redact_url, revisions, upgrades
 
     settings = RunSettings()
     admin_url, embedded = _database_url(settings)
     try:
+        before = revisions(admin_url, SERVICES)
         with progress("schemas, roles and migrations"):
             roles = migrate(settings, admin_url)
+        done = upgrades(before, revisions(admin_url, SERVICES))
     finally:
         if isinstance(embedded, EmbeddedPostgres):
             embedded.stop()
     for role in roles:
         print(f"{role.service:<10} schema {role.service!r}, role {role.user!r}: {redact_url(role.url)}")
+    print(done)
     return 0
 
 

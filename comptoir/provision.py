@@ -14,6 +14,7 @@ installation its own role names.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -249,6 +250,37 @@ def alembic_config(service: str, admin_url: str, owner_role: str | None, runtime
     cfg.attributes["owner_role"] = owner_role
     cfg.attributes["runtime_role"] = runtime_role
     return cfg
+
+
+async def _revisions(admin_url: str, services: Sequence[str]) -> dict[str, str | None]:
+    conn = await asyncpg.connect(to_asyncpg_dsn(admin_url))
+    try:
+        out: dict[str, str | None] = {}
+        for service in services:
+            table = f"{service}.alembic_version"
+            exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
+            sql = f"SELECT version_num FROM {ident(service)}.alembic_version"  # noqa: S608 - a service's name
+            out[service] = await conn.fetchval(sql) if exists else None
+        return out
+    finally:
+        await conn.close()
+
+
+def revisions(admin_url: str, services: Sequence[str]) -> dict[str, str | None]:
+    """Each service's schema revision (None: not created yet)."""
+    return asyncio.run(_revisions(admin_url, services))
+
+
+def upgrades(before: dict[str, str | None], after: dict[str, str | None]) -> str:
+    """What a migrate did, for the operator: the schemas it created or upgraded, or that all were current."""
+    moved = [
+        f"{service} {before.get(service) or 'new'} -> {revision}"
+        for service, revision in after.items()
+        if before.get(service) != revision
+    ]
+    if moved:
+        return "applied: " + "; ".join(moved)
+    return "already current: " + ", ".join(f"{service} {revision}" for service, revision in after.items())
 
 
 def migrate(settings: RunSettings, admin_url: str) -> list[ServiceRole]:

@@ -28,9 +28,9 @@ from types import FrameType
 from typing import IO
 
 from comptoir.clients import client_env
-from comptoir.config import PROCESSES, RunSettings
+from comptoir.config import PROCESSES, SERVICES, RunSettings
 from comptoir.embedded import EmbeddedPostgres
-from comptoir.provision import ServiceRole, migrate, redact_url
+from comptoir.provision import ServiceRole, migrate, redact_url, revisions, upgrades
 
 STABLE_AFTER_SECONDS = 30.0
 STOP_GRACE_SECONDS = 15.0
@@ -218,8 +218,9 @@ class Supervisor:
                 self.embedded = EmbeddedPostgres(settings.data_dir)
                 admin_url = self.embedded.start()
                 say(f"embedded PostgreSQL: data in {self.embedded.pgdata}, socket in {self.embedded.socket_dir}")
+            before = revisions(admin_url, SERVICES)
             roles = migrate(settings, admin_url)
-            say("schemas, roles and migrations are up to date: " + ", ".join(r.service for r in roles))
+            say("schemas, roles and migrations are up to date; " + upgrades(before, revisions(admin_url, SERVICES)))
             self.children = build_children(settings, roles)
             self.say("starting " + ", ".join(c.name for c in self.children) + "; waiting until each answers /healthz")
             return self._supervise()

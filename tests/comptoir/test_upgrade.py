@@ -4,6 +4,9 @@ what the new release reads from old rows must mean what it means for new ones.""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -57,7 +60,15 @@ def test_an_upgrade_keeps_long_time_customers_and_ends_old_sessions_only_where_a
             )
         )
 
-        migrate(settings, admin_url)  # the upgrade, as `comptoir migrate` (and `comptoir run`) make it
+        # The upgrade, with the operator's command; it says what it applied, and a second run that nothing was.
+        env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+        env |= {"DATA_DIR": str(data), "DATABASE_URL": admin_url}
+        for expected in ("applied: auth auth_0004 -> auth_", "already current: auth auth_0"):
+            run = subprocess.run(
+                [sys.executable, "-m", "comptoir.cli", "migrate"], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert run.stdout.splitlines()[-1].startswith(expected), run.stdout
 
         [user] = asyncio.run(_run(admin_url, "SELECT now() - last_login_at AS age FROM auth.users"))
         assert user["age"].total_seconds() < 3600  # counted from the upgrade, not from three years ago
