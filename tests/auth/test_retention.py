@@ -221,3 +221,26 @@ async def test_comptoir_purge_asks_the_peers_on_the_ports_comptoir_run_gives_the
     assert sorted(Peer.calls) == sorted(
         [(orders_port, f"/internal/users/{user['id']}/erase"), (audit_port, f"/internal/users/{user['id']}/erase")]
     )
+
+
+async def test_an_account_that_signs_in_during_the_run_is_not_erased_anywhere(make_auth: MakeAuth) -> None:
+    """The run lists the inactive accounts first and asks the other services to erase each in turn: one that
+    signs in before its turn must not lose its orders and audit links while its account is kept."""
+    peers = FakePeers()
+    first: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        erased = request.url.path.split("/")[-2]
+        if not first:  # while the first account is erased elsewhere, the other one signs in
+            first.append(erased)
+            other = next(u["id"] for u in users if u["id"] != erased)
+            await auth.sql("UPDATE auth.users SET last_login_at = $1 WHERE id = $2", auth.app.state.auth.now(), other)
+        return await peers.handler(request)
+
+    async with make_auth(peer_transport=httpx.MockTransport(handler), inactive_account_days=30) as auth:
+        peers.app = auth.app
+        users = [(await auth.user())[0] for _ in range(2)]
+        auth.clock.advance(31 * DAY)
+        report = await purge(auth.app.state.auth)
+    assert report.anonymised == 1
+    assert {path.split("/")[-2] for _, _, path in peers.calls} == set(first)
