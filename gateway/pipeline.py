@@ -68,8 +68,9 @@ class Pipeline:
 
         route: Route | None = None
         if is_forbidden_path(path, scope.get("raw_path")):
+            client_ip = self._client_ip(scope, headers)
             await self._refusal_event(
-                scope, method, path, headers, "gateway.path.blocked", "internal or obfuscated path"
+                scope, method, path, client_ip, "gateway.path.blocked", "internal or obfuscated path"
             )
         else:
             route = match(self.routes, path)
@@ -100,9 +101,7 @@ class Pipeline:
             await method_not_allowed(scope, receive, send_with_extra, known[1])
             return
 
-        peer = scope["client"][0] if scope.get("client") else None
-        xff = headers.get(b"x-forwarded-for")
-        client_ip = resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted)
+        client_ip = self._client_ip(scope, headers)
         scope["comptoir.client_ip"] = client_ip
 
         claims = None
@@ -110,7 +109,7 @@ class Pipeline:
         if credentials > 1:
             # Which one counts would be a guess, and the service behind might guess differently.
             await self._refusal_event(
-                scope, method, path, headers, "gateway.token.rejected", "several authorization headers"
+                scope, method, path, client_ip, "gateway.token.rejected", "several authorization headers"
             )
             await self._unauthorized(
                 scope, receive, send_with_extra, "Send one Authorization header, not several.", True
@@ -120,7 +119,7 @@ class Pipeline:
             try:
                 claims = await self.auth.authenticate(authorization)
             except InvalidToken as exc:
-                await self._refusal_event(scope, method, path, headers, "gateway.token.rejected", exc.reason)
+                await self._refusal_event(scope, method, path, client_ip, "gateway.token.rejected", exc.reason)
                 await self._unauthorized(
                     scope, receive, send_with_extra, "The access token is invalid or expired.", True
                 )
@@ -187,19 +186,21 @@ class Pipeline:
         # gateway's own answers (and to what the public cache records and serves, which it must not store).
         await self.proxy.forward(scope, receive, send, route, client_ip, extra)
 
+    def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str | None:
+        peer = scope["client"][0] if scope.get("client") else None
+        xff = headers.get(b"x-forwarded-for")
+        return resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted)
+
     async def _refusal_event(
-        self, scope: Scope, method: str, path: str, headers: dict[bytes, bytes], action: str, reason: str
+        self, scope: Scope, method: str, path: str, client_ip: str | None, action: str, reason: str
     ) -> None:
         """The security event of a request refused before rate limiting (a rejected token, a probe of a blocked
         path), if its address has events left: refusals count in a bucket of their own per address (the
         anonymous limit, as ``refused:<address>``). Without it one address put thousands of events a second
         into the audit chain. The answer itself does not change past the limit: a client whose token expired
         still gets the 401 that tells it to refresh, and the address's own limit (logins) is untouched."""
-        peer = scope["client"][0] if scope.get("client") else None
-        xff = headers.get(b"x-forwarded-for")
-        address = throttle_key(resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted))
         try:
-            decision = await self.limits.check(method, path, f"refused:{address}", authenticated=False)
+            decision = await self.limits.check(method, path, f"refused:{throttle_key(client_ip)}", authenticated=False)
         except LimitStorageUnavailable:
             decision = None  # recorded, as before limits existed
         if decision is not None and not decision.allowed:

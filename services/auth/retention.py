@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import Executable, delete, func, or_, select
+from sqlalchemy import ColumnElement, Executable, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.config import Settings
@@ -91,19 +91,23 @@ async def purge_expired(rt: Runtime, now: datetime, report: PurgeReport) -> None
         await LoginFailureRepository(db).prune(day_ago)
 
 
+def _inactive(before: datetime) -> tuple[ColumnElement[bool], ...]:
+    """A customer's account, not erased, with neither a sign-in (or its creation) nor a session used (a
+    refresh) since ``before``."""
+    return (
+        User.erased_at.is_(None),
+        User.role == "customer",
+        func.coalesce(User.last_login_at, User.created_at) < before,
+        ~select(Session.id).where(Session.user_id == User.id, Session.last_used_at >= before).exists(),
+    )
+
+
 async def inactive_customers(rt: Runtime, now: datetime, *, only: uuid.UUID | None = None) -> list[uuid.UUID]:
     """Customers inactive for the period at ``now`` (``only``: that one, if it is)."""
     days = rt.settings.inactive_account_days
     if days == 0:
         return []
-    before = now - timedelta(days=days)
-    stmt = select(User.id).where(
-        User.erased_at.is_(None),
-        User.role == "customer",
-        func.coalesce(User.last_login_at, User.created_at) < before,
-        # A session used since (a refresh) is activity too, whatever the sign-in time says.
-        ~select(Session.id).where(Session.user_id == User.id, Session.last_used_at >= before).exists(),
-    )
+    stmt = select(User.id).where(*_inactive(now - timedelta(days=days)))
     if only is not None:
         stmt = stmt.where(User.id == only)
     async with rt.sessionmaker() as db:
@@ -113,6 +117,7 @@ async def inactive_customers(rt: Runtime, now: datetime, *, only: uuid.UUID | No
 async def anonymise_inactive(rt: Runtime, now: datetime, report: PurgeReport) -> None:
     ctx = system_context()
     peers = Peers(rt, None)
+    before = now - timedelta(days=rt.settings.inactive_account_days)
     for user_id in await inactive_customers(rt, now):
         # Asked again at its turn: the other services erase before the account is locked and checked once
         # more, and a run over many accounts takes a while; a sign-in meanwhile keeps everything.
@@ -126,13 +131,9 @@ async def anonymise_inactive(rt: Runtime, now: datetime, report: PurgeReport) ->
             continue
         async with rt.sessionmaker() as db, db.begin():
             user = await UserRepository(db).get(user_id, lock=True)
-            before = now - timedelta(days=rt.settings.inactive_account_days)
-            last = None if user is None else (user.last_login_at or user.created_at)
-            if user is None or last is None or last >= before:
-                continue  # signed in meanwhile, or erased meanwhile
-            used = select(Session.id).where(Session.user_id == user_id, Session.last_used_at >= before).exists()
-            if await db.scalar(select(used)):
-                continue  # a session of theirs was refreshed meanwhile
+            still = select(User.id).where(User.id == user_id, *_inactive(before))
+            if user is None or await db.scalar(still) is None:
+                continue  # signed in, refreshed a session or was erased meanwhile
             await anonymise(AccountService(db, rt, ctx), user, action="auth.user.anonymised", services=results)
             report.anonymised += 1
 

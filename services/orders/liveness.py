@@ -3,10 +3,11 @@
 Each orders process holds, for as long as it lives, a session-level advisory lock (``LOCK_CLASS``, its
 instance number) on a connection of its own, and writes that number into every order it starts placing
 (``orders.owner``). When the process dies, even by ``kill -9``, its connection ends and PostgreSQL drops the
-lock: the sweeper of any replica, the restarted process's first pass included, then releases that process's
-unfinished placements at once instead of after the placing timeout, so their idempotency keys and the stock
-they hold are free again within seconds (a flash sale would otherwise show stock as sold out meanwhile). A
-process that is only slow, or stopped, keeps its lock, and nothing it is still doing is taken over early.
+lock: the sweepers of any replica, the restarted process's included, then release that process's unfinished
+placements and finish its confirmations once two passes in a row have found it gone, instead of after the
+placing timeout, so their idempotency keys and the stock they hold are free again within seconds (a flash
+sale would otherwise show stock as sold out meanwhile). A process that is only slow, or stopped, keeps its
+lock, and nothing it is still doing is taken over early.
 A placement begun while no lock was held (the database was away) has no owner and waits for the timeout.
 """
 

@@ -100,8 +100,8 @@ class Order(Base):
     stock_action_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     # Who asked for the action, from where: the audit event of a change the sweeper finishes carries it.
     stock_action_context: Mapped[dict[str, Any] | None] = mapped_column(JSONB, default=None)
-    # The orders process placing it (its liveness lock's number): a placement whose process died is released
-    # as soon as its lock is gone (services.orders.liveness), not after the placing timeout.
+    # The orders process doing its current stock action (its liveness lock's number): an action whose process
+    # died is taken over once its lock is gone (services.orders.liveness), not after the timeouts.
     owner: Mapped[int | None] = mapped_column(Integer, default=None)
     anonymised_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -103,7 +103,7 @@ class Placements:
         inventory: inv.InventoryClient,
         settings: Settings,
         clock: Clock,
-        owner: Callable[[], int | None] = lambda: None,
+        owner: Callable[[], int | None],
     ) -> None:
         self.db = db
         self.owner = owner

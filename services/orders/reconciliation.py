@@ -8,7 +8,6 @@ rows are taken with SKIP LOCKED, so several replicas may sweep at once.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
@@ -30,15 +29,8 @@ log = structlog.get_logger("comptoir.orders")
 
 class Reconciliation:
     def __init__(
-        self,
-        db: Database,
-        inventory: inv.InventoryClient,
-        transitions: Transitions,
-        settings: Settings,
-        clock: Clock,
-        owner: Callable[[], int | None] = lambda: None,
+        self, db: Database, inventory: inv.InventoryClient, transitions: Transitions, settings: Settings, clock: Clock
     ) -> None:
-        self.owner = owner
         # Owners found gone by the previous pass: one is taken over only when found gone twice in a row, so
         # that a live process that lost its lock's connection has a pass's time to take its number again.
         self._gone: frozenset[int] = frozenset()
@@ -60,7 +52,7 @@ class Reconciliation:
             order = await OrderRepository(session).lock_if(order_id, *conditions)
             if order is None:
                 return None
-            return start_action(order, action, None, self.clock(), self.owner())
+            return start_action(order, action, None, self.clock(), self.transitions.owner())
 
     async def _owners_gone(self) -> frozenset[int]:
         """Owners of unfinished actions gone on this pass and on the previous one."""

@@ -37,12 +37,13 @@ class OrderService:
         inventory: inv.InventoryClient,
         settings: Settings,
         clock: Clock,
-        owner: Callable[[], int | None] = lambda: None,
+        owner: Callable[[], int | None],
     ) -> None:
+        """``owner``: this process's liveness number while it holds its lock (``services.orders.liveness``)."""
         self.db = db
         self.placement = Placements(db, inventory, settings, clock, owner)
         self.transitions = Transitions(db, inventory, settings, clock, owner)
-        self.reconciliation = Reconciliation(db, inventory, self.transitions, settings, clock, owner)
+        self.reconciliation = Reconciliation(db, inventory, self.transitions, settings, clock)
         self.personal_data = PersonalData(db, clock)
 
     async def close(self) -> None:

@@ -59,7 +59,7 @@ class Transitions:
         inventory: inv.InventoryClient,
         settings: Settings,
         clock: Clock,
-        owner: Callable[[], int | None] = lambda: None,
+        owner: Callable[[], int | None],
     ) -> None:
         self.owner = owner
         self.db = db
