@@ -22,6 +22,7 @@ from prometheus_client import Counter
 
 from gateway.config import GatewaySettings
 from gateway.redis_counters import RedisCounters
+from gateway.routes import is_public
 
 log = structlog.get_logger("gateway.limits")
 
@@ -131,6 +132,10 @@ class RateLimits:
         self.anonymous = parse(settings.anonymous_rate_limit)
         self.authenticated = parse(settings.authenticated_rate_limit)
         self.routes = parse_route_limits(settings.route_rate_limits)
+        # A route anyone may call (login, register, reset...) is limited per client address whatever
+        # credentials come with the request: keyed by the caller's user, each account an address opened
+        # would have bought it a fresh allowance on these routes.
+        self._by_address = {route: is_public(*route) for route in self.routes}
         self._keys: dict[tuple[RateLimitItem, str], tuple[str, str]] = {}
         self._global_rule = {
             flag: (item, *key_prefix_suffix(item, "all"))
@@ -138,8 +143,12 @@ class RateLimits:
         }
         self._limited_all = RATE_LIMITED.labels("all")
 
-    async def check(self, method: str, path: str, identity: str, *, authenticated: bool) -> Decision | None:
-        """Count this request; the most restrictive applicable limit decides. None when disabled."""
+    async def check(
+        self, method: str, path: str, identity: str, *, authenticated: bool, address: str | None = None
+    ) -> Decision | None:
+        """Count this request; the most restrictive applicable limit decides. None when disabled.
+        ``address`` (the client's address key, ``ip:...``) keys the limit of a public route when given;
+        ``identity`` keys the rest."""
         if not self.enabled:
             return None
         item, prefix, suffix = self._global_rule[authenticated]
@@ -156,7 +165,8 @@ class RateLimits:
                 parts = self._keys.get((route_item, scope))
                 if parts is None:
                     parts = self._keys[(route_item, scope)] = key_prefix_suffix(route_item, scope)
-                decisions.append(await self._hit(route_item, parts[0] + identity + parts[1]))
+                route_key = address if address is not None and self._by_address[(method, path)] else identity
+                decisions.append(await self._hit(route_item, parts[0] + route_key + parts[1]))
         except Exception as exc:  # the storage library raises its driver's errors
             log.error("gateway.rate_limit_storage_unavailable", error=type(exc).__name__)
             STORAGE_ERRORS.inc()

@@ -129,9 +129,12 @@ class Pipeline:
             return
         scope["comptoir.claims"] = claims
 
-        identity = f"user:{claims.sub}" if claims is not None else f"ip:{throttle_key(client_ip)}"
+        address = f"ip:{throttle_key(client_ip)}"
+        identity = f"user:{claims.sub}" if claims is not None else address
         try:
-            decision = await self.limits.check(method, path, identity, authenticated=claims is not None)
+            decision = await self.limits.check(
+                method, path, identity, authenticated=claims is not None, address=address
+            )
         except LimitStorageUnavailable:
             if self.storage_failure == "closed" or (
                 self.storage_failure == "closed-for-auth" and path.startswith(AUTH_PREFIX)

@@ -195,6 +195,23 @@ def test_route_limits_are_tighter_and_configurable(echo, issuer) -> None:  # noq
         assert httpx.get(url + PUBLIC).status_code == 200  # other routes unaffected
 
 
+def test_a_token_does_not_lift_a_public_routes_limit_on_its_address(echo, issuer) -> None:  # noqa: ANN001
+    """Login, register and the reset routes are limited per address: keyed by the caller's user, each account
+    an address opened bought it a fresh allowance. Routes only users reach stay limited per user."""
+    limits = "POST /api/v1/auth/register=2/hour; POST /api/v1/auth/otp/request=1/hour"
+    with running_gateway(echo[1].url, issuer, route_rate_limits=limits) as (url, _):
+        alice, bob = bearer(issuer.access(sub="alice")), bearer(issuer.access(sub="bob"))
+        register = url + "/api/v1/auth/register"
+        assert [httpx.post(register, json={}).status_code for _ in range(2)] == [201, 201]
+        for token in (alice, bob):
+            limited = httpx.post(register, json={}, headers=token)
+            assert_problem(limited, 429)
+        assert httpx.post(register, json={}, headers={"X-Forwarded-For": "192.0.2.9"}).status_code == 429  # untrusted
+        otp = url + "/api/v1/auth/otp/request"
+        assert [httpx.post(otp, json={}, headers=alice).status_code for _ in range(2)] == [201, 429]
+        assert httpx.post(otp, json={}, headers=bob).status_code == 201
+
+
 ALLOWED = "https://shop.example.com"
 
 
