@@ -373,17 +373,17 @@ class ResetRepository:
         stmt = select(func.count()).where(PasswordReset.user_id == user_id, PasswordReset.created_at > since)
         return int((await self.session.scalar(stmt)) or 0)
 
-    async def add(self, row: PasswordReset) -> None:
-        # Only the newest link works: a new request expires the unused ones (kept for the hourly cap).
+    async def expire_unused(self, user_id: uuid.UUID, now: datetime) -> None:
+        """End the account's unused links (the rows stay, for the hourly cap)."""
         await self.session.execute(
             update(PasswordReset)
-            .where(
-                PasswordReset.user_id == row.user_id,
-                PasswordReset.used_at.is_(None),
-                PasswordReset.expires_at > row.created_at,
-            )
-            .values(expires_at=row.created_at)
+            .where(PasswordReset.user_id == user_id, PasswordReset.used_at.is_(None), PasswordReset.expires_at > now)
+            .values(expires_at=now)
         )
+
+    async def add(self, row: PasswordReset) -> None:
+        # Only the newest link works: a new request expires the unused ones.
+        await self.expire_unused(row.user_id, row.created_at)
         self.session.add(row)
         await self.session.flush()
 

@@ -378,6 +378,8 @@ class AccountService:
         await self.verify_with_throttle(user, current, "password_change")
         user.password_hash = await self.rt.hasher.hash(new)
         user.password_changed_at = user.updated_at = self.rt.now()
+        # A reset link asked for before (by the owner, or by whoever had the mailbox) must not undo the change.
+        await ResetRepository(self.db).expire_unused(user.id, user.password_changed_at)
         keep = uuid.UUID(claims.sid) if claims.sid else None
         revoked = await self.sessions.revoke_all(user.id, reason="password_changed", keep=keep)
         await self.ctx.audit(

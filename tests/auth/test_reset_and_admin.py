@@ -100,6 +100,24 @@ async def test_only_the_newest_link_works_and_requests_are_capped(auth: AuthClie
     assert await auth.events("auth.password.reset_throttled")
 
 
+async def test_a_password_change_ends_the_links_asked_for_before_it(auth: AuthClient) -> None:
+    """A link asked for before the change (by whoever could read the mailbox then) must not undo it."""
+    user, pair = await auth.user()
+    await request_reset(auth, user["email"])
+    token = auth.last_reset_token(user["email"])
+    changed = await auth.client.post(
+        "/api/v1/auth/me/password",
+        json={"current_password": PASSWORD, "new_password": NEW_PASSWORD},
+        headers=bearer(pair["access_token"]),
+    )
+    assert changed.status_code == 204
+    body = assert_problem(await confirm(auth, token, "an attackers own passphrase"), 400)
+    assert body["type"] == "urn:comptoir:problem:invalid-reset-token"
+    assert (await auth.login(user["email"], NEW_PASSWORD)).status_code == 200
+    await request_reset(auth, user["email"])  # a link asked for after the change works
+    assert (await confirm(auth, auth.last_reset_token(user["email"]), "yet another passphrase")).status_code == 204
+
+
 async def test_forged_reset_tokens_are_400(auth: AuthClient) -> None:
     assert_problem(await confirm(auth, "forged"), 400)
 
