@@ -149,6 +149,14 @@ class OwnAccountChange(Forbidden):
         super().__init__("Nobody changes their own role or deactivates their own account.")
 
 
+class UnlockNotAllowed(Forbidden):
+    slug = "unlock-not-allowed"
+    title = "Unlock not allowed"
+
+    def __init__(self) -> None:
+        super().__init__("Only an admin clears the failed sign-ins of a staff or admin account.")
+
+
 class InvalidClient(Unauthorized):
     slug = "invalid-client"
     title = "Invalid client credentials"

@@ -305,7 +305,7 @@ async def admin_update(
 
 @router.post("/admin/users/{user_id}/unlock", status_code=NO_CONTENT)
 async def unlock(
-    user_id: uuid.UUID, _claims: RequireStaff, session: SessionDep, rt: RuntimeDep, request: Request
+    user_id: uuid.UUID, claims: RequireStaff, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> None:
-    """Clear an account's failed-login counters (staff)."""
-    await accounts(session, rt, request).unlock(user_id)
+    """Clear an account's failed-login counters (staff for a customer's, an admin for anyone's)."""
+    await accounts(session, rt, request).unlock(claims, user_id)

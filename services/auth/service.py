@@ -25,6 +25,7 @@ from services.auth.errors import (
     LoginThrottled,
     OwnAccountChange,
     SessionNotFound,
+    UnlockNotAllowed,
     UserNotFound,
     WeakPassword,
     WrongPassword,
@@ -504,9 +505,12 @@ class AccountService:
             )
         return user_read(user)
 
-    async def unlock(self, user_id: uuid.UUID) -> None:
+    async def unlock(self, claims: Claims, user_id: uuid.UUID) -> None:
         user = await self.users.get(user_id)
         if user is None or user.email is None:
             raise UserNotFound("No such user.")
+        if user.role != "customer" and claims.role != "admin":
+            # Staff clearing a colleague's or an admin's counters could keep guessing at that account.
+            raise UnlockNotAllowed()
         await self.failures.clear(account_key(user.email))
         await self.ctx.audit(self.db, "auth.user.unlocked", resource_type="user", resource_id=str(user.id))

@@ -145,6 +145,32 @@ async def test_unlock_is_staff_only_and_404_for_unknown_users(auth: AuthClient) 
     assert_problem(await auth.client.post(missing, headers=bearer(staff["access_token"])), 404)
 
 
+async def test_only_an_admin_unlocks_staff_and_admin_accounts(auth: AuthClient) -> None:
+    """Staff clearing an admin's (or a colleague's) counters could keep guessing at that account."""
+    admin, admin_pair = await auth.user("admin")
+    colleague, _ = await auth.user("staff")
+    customer = await auth.register()
+    _, staff = await auth.user("staff")
+    for target in (admin, colleague, customer):
+        assert await fail(auth, target["email"], 4) == [401] * 4
+        retry_after(await auth.login(target["email"], WRONG))
+    for target in (admin, colleague):
+        refused = assert_problem(
+            await auth.client.post(
+                f"/api/v1/auth/admin/users/{target['id']}/unlock", headers=bearer(staff["access_token"])
+            ),
+            403,
+        )
+        assert refused["type"] == "urn:comptoir:problem:unlock-not-allowed"
+        retry_after(await auth.login(target["email"]))  # still throttled
+    assert not await auth.events("auth.user.unlocked")
+    for target, token in ((customer, staff), (colleague, admin_pair), (admin, admin_pair)):
+        path = f"/api/v1/auth/admin/users/{target['id']}/unlock"
+        assert (await auth.client.post(path, headers=bearer(token["access_token"]))).status_code == 204
+        assert (await auth.login(target["email"])).status_code in (200, 401)  # 401: the admin's second factor
+    assert len(await auth.events("auth.user.unlocked")) == 3
+
+
 async def test_thresholds_are_settings(make_auth: MakeAuth) -> None:
     async with make_auth(login_delay_after_failures=2, login_delay_base_seconds=5, login_delay_max_seconds=7) as auth:
         user = await auth.register()
