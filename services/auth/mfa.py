@@ -71,6 +71,16 @@ class CodeBody(Input):
     code: str = Field(min_length=1, max_length=32)
 
 
+class MfaConfirm(Input):
+    password: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="The account's password: a stolen access "
+        "token alone must not bind someone else's authenticator to the account.",
+    )
+    code: str = Field(min_length=1, max_length=32, description="A code from the app being set up.")
+
+
 class RecoveryCodes(BaseModel):
     recovery_codes: list[str] = Field(description="Shown once; each works once.")
 

@@ -12,6 +12,7 @@ from services.auth.devices import DeviceTokens
 from services.auth.mfa import (
     CodeBody,
     Mfa,
+    MfaConfirm,
     MfaDisable,
     MfaLogin,
     MfaLoginResponse,
@@ -72,13 +73,25 @@ async def mfa_enrol(claims: CurrentUser, session: SessionDep, rt: RuntimeDep, re
     return await Mfa(session, rt, ctx).enrol(user)
 
 
-@router.post("/mfa/totp/confirm", response_model=RecoveryCodes, responses={400: {"description": WRONG_MFA_CODE}})
+@router.post(
+    "/mfa/totp/confirm",
+    response_model=RecoveryCodes,
+    responses={
+        400: {
+            "description": "A wrong password or authenticator code (`wrong-password`, `wrong-mfa-code`), "
+            "or a body that is not JSON"
+        }
+    },
+)
 async def mfa_confirm(
-    body: CodeBody, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
+    body: MfaConfirm, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
 ) -> RecoveryCodes:
-    """Turn the authenticator on with a code from it; returns the recovery codes (shown once)."""
+    """Turn the authenticator on with the password and a code from it; returns the recovery codes (shown
+    once)."""
     ctx = request_context(request)
-    user = await AccountService(session, rt, ctx).current_user(claims, lock=True)
+    accounts = AccountService(session, rt, ctx)
+    user = await accounts.current_user(claims, lock=True)
+    await accounts.verify_with_throttle(user, body.password, "mfa_confirm")
     return await Mfa(session, rt, ctx).confirm(user, body.code)
 
 

@@ -31,7 +31,7 @@ USER: list[tuple[str, str, dict[str, object]]] = [
     ("POST", "/api/v1/auth/otp/verify", {"code": "123456"}),
     ("DELETE", "/api/v1/auth/me", {"password": "x"}),
     ("PATCH", "/api/v1/auth/me/consent", {"marketing_consent": True, "accept_terms_version": "2026-12-01"}),
-    ("POST", "/api/v1/auth/mfa/totp/confirm", {"code": "123456"}),
+    ("POST", "/api/v1/auth/mfa/totp/confirm", {"password": "x", "code": "123456"}),
     ("POST", "/api/v1/auth/mfa/recovery-codes", {"code": "123456"}),
     ("POST", "/api/v1/auth/mfa/totp/disable", {"password": "x", "code": "123456"}),
 ]

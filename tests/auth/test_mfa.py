@@ -22,10 +22,29 @@ async def enrol(auth: AuthClient, access: str) -> tuple[str, list[str]]:
     assert started.status_code == 200, started.text
     secret = started.json()["secret"]
     confirm = await auth.client.post(
-        "/api/v1/auth/mfa/totp/confirm", json={"code": code_at(secret, auth.clock.now)}, headers=bearer(access)
+        "/api/v1/auth/mfa/totp/confirm",
+        json={"password": PASSWORD, "code": code_at(secret, auth.clock.now)},
+        headers=bearer(access),
     )
     assert confirm.status_code == 200, confirm.text
     return secret, confirm.json()["recovery_codes"]
+
+
+async def test_a_stolen_access_token_alone_cannot_bind_an_authenticator(auth: AuthClient) -> None:
+    """Turning the second factor on takes the password: with only a victim's access token, an attacker who
+    bound their own authenticator would lock the owner out, a password reset included."""
+    user, pair = await auth.user()
+    headers = bearer(pair["access_token"])
+    secret = (await auth.client.post("/api/v1/auth/mfa/totp/enrol", headers=headers)).json()["secret"]
+    confirm = "/api/v1/auth/mfa/totp/confirm"
+    code = code_at(secret, auth.clock.now)
+    refused = await auth.client.post(confirm, json={"password": "a guessed passphrase", "code": code}, headers=headers)
+    assert assert_problem(refused, 400)["type"] == "urn:comptoir:problem:wrong-password"
+    assert_problem(await auth.client.post(confirm, json={"code": code}, headers=headers), 422)
+    assert (await auth.get("/api/v1/auth/mfa", pair["access_token"])).json()["totp_enabled"] is False
+    assert (await auth.login(user["email"])).status_code == 200  # no second factor asked
+    failed = await auth.events("auth.password.verification_failed")
+    assert [e["new_values"]["purpose"] for e in failed] == ["mfa_confirm"]
 
 
 def challenge_of(response: Any) -> dict[str, Any]:
@@ -51,12 +70,14 @@ async def test_enrolment_gives_a_provisioning_uri_and_is_confirmed_by_a_code(aut
     # Not live until confirmed: the login still needs the password only.
     assert (await auth.login(user["email"])).status_code == 200
     wrong = await auth.client.post(
-        "/api/v1/auth/mfa/totp/confirm", json={"code": "000000"}, headers=bearer(pair["access_token"])
+        "/api/v1/auth/mfa/totp/confirm",
+        json={"password": PASSWORD, "code": "000000"},
+        headers=bearer(pair["access_token"]),
     )
     assert assert_problem(wrong, 400)["type"] == "urn:comptoir:problem:wrong-mfa-code"
     right = await auth.client.post(
         "/api/v1/auth/mfa/totp/confirm",
-        json={"code": code_at(body["secret"], auth.clock.now)},
+        json={"password": PASSWORD, "code": code_at(body["secret"], auth.clock.now)},
         headers=bearer(pair["access_token"]),
     )
     assert right.status_code == 200
@@ -251,11 +272,12 @@ def test_production_requires_mfa_for_admins_and_development_for_nobody() -> None
 async def test_bad_input_gets_problem_answers_and_changes_nothing(auth: AuthClient) -> None:
     _, pair = await auth.user()
     headers = bearer(pair["access_token"])
-    for body in ({}, {"code": ""}, {"code": "1" * 33}, {"code": "123456", "extra": 1}):
+    right = {"password": PASSWORD}
+    bad = ({}, right | {"code": ""}, right | {"code": "1" * 33}, right | {"code": "123456", "extra": 1})
+    for body in (*bad, {"code": "123456"}, {"password": "", "code": "123456"}):
         assert_problem(await auth.client.post("/api/v1/auth/mfa/totp/confirm", json=body, headers=headers), 422)
-    assert_problem(
-        await auth.client.post("/api/v1/auth/mfa/totp/confirm", json={"code": "123456"}, headers=headers), 409
-    )
+    confirm = {"password": PASSWORD, "code": "123456"}
+    assert_problem(await auth.client.post("/api/v1/auth/mfa/totp/confirm", json=confirm, headers=headers), 409)
     assert_problem(await complete(auth, "not-a-token", "123456"), 401)
     assert_problem(await auth.client.post("/api/v1/auth/login/mfa", json={"mfa_token": "x"}), 422)
     assert_problem(await auth.client.post("/api/v1/auth/mfa/totp/enrol"), 401)

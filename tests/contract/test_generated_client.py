@@ -379,7 +379,7 @@ def test_a_second_factor_through_the_generated_client(system: RunningSystem, cli
     access = parsed(api.call("auth", "login", body=credentials), 200, api.LoginResponse).access_token
     secret = parsed(api.call("auth", "mfa_enrol", access), 200, api.TotpEnrolment).secret
     codes = parsed(
-        api.call("auth", "mfa_confirm", access, body=api.CodeBody(code=pyotp.TOTP(secret).now())),
+        api.call("auth", "mfa_confirm", access, body=api.MfaConfirm(password=PASSWORD, code=pyotp.TOTP(secret).now())),
         200,
         api.RecoveryCodes,
     ).recovery_codes

@@ -132,7 +132,9 @@ def test_a_second_factor_login_goes_through_the_gateway(system) -> None:  # noqa
         bearer = {"Authorization": f"Bearer {access}"}
         secret = client.post("/api/v1/auth/mfa/totp/enrol", headers=bearer).json()["secret"]
         confirmed = client.post(
-            "/api/v1/auth/mfa/totp/confirm", json={"code": pyotp.TOTP(secret).now()}, headers=bearer
+            "/api/v1/auth/mfa/totp/confirm",
+            json={"password": PASSWORD, "code": pyotp.TOTP(secret).now()},
+            headers=bearer,
         )
         assert confirmed.status_code == 200, confirmed.text
         recovery = confirmed.json()["recovery_codes"]
