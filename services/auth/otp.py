@@ -19,7 +19,7 @@ from services.auth.metrics import OTP_SENDS
 from services.auth.models import OtpCode, OtpSend, User
 from services.auth.repository import OtpRepository
 from services.auth.schemas import UserRead
-from services.auth.service import AccountService, user_read
+from services.auth.service import AccountService, profile_change, user_read
 
 DAY = timedelta(days=1)
 
@@ -83,15 +83,14 @@ class OtpService:
             )
             await self.accounts.fail(OtpThrottled(wait))
         if target != user.phone:
-            old = user.phone
+            changed = ["phone", "phone_verified"] if user.phone_verified else ["phone"]
             user.phone, user.phone_verified, user.updated_at = target, False, now
             await self.ctx.audit(
                 self.db,
                 "auth.user.updated",
                 resource_type="user",
                 resource_id=str(user.id),
-                old_values={"phone": old},
-                new_values={"phone": target, "phone_verified": False},
+                new_values=profile_change(changed, user, self.settings.otp_metric_prefix_length),
             )
         code = f"{secrets.randbelow(10**self.settings.otp_digits):0{self.settings.otp_digits}d}"
         await self.codes.add_code(

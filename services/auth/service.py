@@ -70,6 +70,18 @@ def user_read(user: User) -> UserRead:
     return UserRead.model_validate(user)
 
 
+def profile_change(changed: list[str], user: User, prefix_length: int) -> dict[str, object]:
+    """What an audit event says of a change to a profile: the fields, never their values. The trail is
+    insert-only and outlives an erasure, so a name or a number written there could never be erased; a new
+    number's country and operator prefix (as the OTP counters keep) is all it says of one."""
+    values: dict[str, object] = {"fields": sorted(changed)}
+    if "phone_verified" in changed:
+        values["phone_verified"] = user.phone_verified
+    if "phone" in changed and user.phone:
+        values["phone_prefix"] = user.phone[:prefix_length]
+    return values
+
+
 class AccountService:
     def __init__(self, db: AsyncSession, rt: Runtime, ctx: RequestContext) -> None:
         self.db = db
@@ -368,8 +380,7 @@ class AccountService:
                 "auth.user.updated",
                 resource_type="user",
                 resource_id=str(user.id),
-                old_values={k: old[k] for k in changed},
-                new_values={k: new[k] for k in changed},
+                new_values=profile_change(changed, user, self.settings.otp_metric_prefix_length),
             )
         return user_read(user)
 

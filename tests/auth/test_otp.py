@@ -162,6 +162,26 @@ async def test_requesting_for_a_new_phone_sets_it_unverified(auth: AuthClient) -
     assert_problem(await request_code(auth, token, phone="not a phone"), 422)
 
 
+async def test_profile_changes_are_audited_without_the_names_and_numbers(auth: AuthClient) -> None:
+    """The audit trail is insert-only and outlives an erasure: a name or number written there could never be
+    erased. Events say which fields changed, and a number's country and operator prefix only."""
+    _, pair = await auth.user(full_name="Erin Secretname", phone=PHONE)
+    token = pair["access_token"]
+    await request_code(auth, token)
+    assert (await verify(auth, token, auth.last_code(PHONE))).status_code == 200
+    changed = {"full_name": "Erin Othername", "phone": "+237699887766"}
+    assert (await auth.client.patch("/api/v1/auth/me", json=changed, headers=bearer(token))).status_code == 200
+    assert (await request_code(auth, token, phone="+237655443322")).status_code == 202
+    text = await auth.outbox_text()
+    for value in ("Secretname", "Othername", "671234567", "699887766", "655443322"):
+        assert value not in text
+    updates = [(e["old_values"], e["new_values"]) for e in await auth.events("auth.user.updated")]
+    assert updates == [
+        (None, {"fields": ["full_name", "phone", "phone_verified"], "phone_verified": False, "phone_prefix": "+23769"}),
+        (None, {"fields": ["phone"], "phone_prefix": "+23765"}),
+    ]
+
+
 async def test_a_code_for_an_old_number_does_not_verify_the_new_one(auth: AuthClient) -> None:
     _, pair = await auth.user(phone=PHONE)
     token = pair["access_token"]
