@@ -173,8 +173,30 @@ def common_passwords() -> frozenset[str]:
     return frozenset(line.strip() for line in text.splitlines() if line.strip())
 
 
+# Runs a password may not be part of (NIST 800-63B: "repetitive or sequential characters"): digits and
+# letters in order, and the letter rows of QWERTY and of AZERTY (French keyboards, the usual ones here).
+SEQUENCES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiopasdfghjklzxcvbnm", "azertyuiopqsdfghjklmwxcvbn")
+MIN_DISTINCT = 5  # characters: "aaaaaaaaaaaa", "abababababab" or "123123123123" have length and nothing else
+
+
+@functools.cache
+def _runs(length: int) -> tuple[str, ...]:
+    """Each sequence, forwards and backwards, repeated to cover ``length`` from any starting point."""
+    times = length // 10 + 2
+    return tuple(run * times for sequence in SEQUENCES for run in (sequence, sequence[::-1]))
+
+
+def repetitive(password: str) -> bool:
+    """Too few different characters, or a stretch of one sequence ("123456789012", "azertyuiopqs")."""
+    lowered = password.lower()
+    if len(set(lowered)) < MIN_DISTINCT:
+        return True
+    return any(lowered in run for run in _runs(len(lowered)))
+
+
 class PasswordPolicy:
-    """Length 12-128, no composition rules, not a common password, not containing the e-mail."""
+    """Length 12-128, no composition rules, not a common password, not a repetition or a sequence, not
+    containing the e-mail."""
 
     def __init__(self, *, min_length: int, max_length: int) -> None:
         self.min_length = min_length
@@ -191,6 +213,8 @@ class PasswordPolicy:
         lowered = password.lower()
         if lowered in common_passwords() or lowered.strip() in common_passwords():
             reasons.append("is too common: it appears in a list of frequently used passwords")
+        elif len(password) <= self.max_length and repetitive(password):
+            reasons.append("is a repetition or a sequence: it needs more than a few different characters")
         if email:
             email = email.lower()
             local = email.split("@", 1)[0]

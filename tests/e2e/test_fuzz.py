@@ -56,8 +56,8 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "304", "400", "401",
 include-name-regex = "CONDITIONAL_READS"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "304", "400", "401", "403", "404", "409", "429"]
 
-# A phone number must be a real one (libphonenumber), a new password must pass the policy (not a common
-# password, not the e-mail's name), the account must have a phone before a code is sent to it.
+# A phone number must be a real one (libphonenumber), a new password must pass the policy (not a common or
+# repetitive password, not the e-mail's name), the account must have a phone before a code is sent to it.
 [[operations]]
 include-name-regex = "^(POST /api/v1/auth/register|PATCH /api/v1/auth/me|POST /api/v1/auth/otp/request)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
