@@ -165,6 +165,8 @@ def create_service_app(
             service_tokens=service_tokens,
             revocations=revocations,
             is_revoked=is_revoked,
+            name=name,
+            outbox=outbox,
         )
         if poll_revocations and settings.client_secret:
             poller.start()

@@ -13,9 +13,11 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import sqlalchemy as sa
+import structlog
 from fastapi import Request
 from pydantic import BaseModel, Field
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.clientip import Network, parse_networks, resolve_client_ip
@@ -24,6 +26,8 @@ from common.db import driver_of
 from common.logging import is_secret_key, redact_text
 from common.state import state_of
 from common.tokens import Claims
+
+log = structlog.get_logger("comptoir.audit")
 
 Outcome = Literal["success", "failure", "denied"]
 
@@ -219,3 +223,26 @@ async def record(session: AsyncSession, outbox: sa.Table, event: AuditEvent) -> 
             event.occurred_at,
             payload,
         )
+
+
+async def record_denial(request: Request, claims: Claims | None, action: str, details: dict[str, Any]) -> None:
+    """Write a refused request's event (``<service>.<action>``, outcome denied) to the service's outbox, in a
+    transaction of its own: the request changes nothing else. A denial is answered 403 even when the
+    database cannot take its event (logged)."""
+    state = state_of(request)
+    if state.outbox is None:
+        return
+    route = request.scope.get("route")
+    event = Actor.of(request, claims).event(
+        state.name,
+        f"{state.name}.{action}",
+        resource_type="route",
+        resource_id=f"{request.method} {getattr(route, 'path', request.url.path)}",
+        new=details,
+        outcome="denied",
+    )
+    try:
+        async with state.db.sessionmaker() as session, session.begin():
+            await record(session, state.outbox, event)
+    except (SQLAlchemyError, OSError) as exc:
+        log.warning("audit.denial_not_recorded", action=event.action, error=type(exc).__name__)

@@ -14,6 +14,7 @@ from typing import Annotated
 import structlog
 from fastapi import Depends, Request
 
+from common.audit import record_denial
 from common.errors import Forbidden, TokenRejected, Unauthorized
 from common.state import state_of
 from common.tokens import Claims, InvalidToken, TokenVerifier
@@ -62,9 +63,11 @@ async def optional_user(request: Request) -> Claims | None:
     return await current_user(request)
 
 
-def require_role(minimum: str) -> Callable[[Claims], Awaitable[Claims]]:
-    async def dependency(claims: Annotated[Claims, Depends(current_user)]) -> Claims:
+def require_role(minimum: str) -> Callable[[Request, Claims], Awaitable[Claims]]:
+    async def dependency(request: Request, claims: Annotated[Claims, Depends(current_user)]) -> Claims:
         if not claims.has_role(minimum):
+            # A customer trying staff routes is what the audit trail is for: recorded, then refused.
+            await record_denial(request, claims, "access.denied", {"required_role": minimum, "role": claims.role})
             raise Forbidden(f"This action needs the {minimum} role.")
         return claims
 
@@ -83,6 +86,7 @@ def require_service(*callers: str) -> Callable[[Request], Awaitable[Claims]]:
     async def dependency(request: Request) -> Claims:
         claims = await _verify(request, state_of(request).service_verifier)
         if claims.sub not in allowed:
+            await record_denial(request, claims, "internal.denied", {"caller": claims.sub[:64]})
             raise Forbidden("This caller may not use this endpoint.")
         request.state.principal = claims
         return claims

@@ -36,6 +36,8 @@ class ServiceState:
     service_tokens: ServiceTokens
     revocations: RevocationSet
     is_revoked: Callable[[Claims], Awaitable[bool]]
+    name: str = ""
+    outbox: Any = None  # the service's audit outbox table (sqlalchemy.Table), if it has one
 
 
 def service_state(app_state: Any) -> ServiceState:

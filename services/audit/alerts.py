@@ -5,6 +5,8 @@ Rules (each opens one alert per rule and subject; repeats while it is open count
   one account within ``failed_login_window_seconds`` (5 min);
 - ``auth.token.reuse_detected``: any refresh-token reuse;
 - ``auth.user.role_changed``: any change of a user's role;
+- ``internal.denied``: a valid service token refused by an internal endpoint (``<service>.internal.denied``):
+  a service calling what it never calls is misconfigured or taken over;
 - ``audit.chain.integrity``: a verification (API, CLI or before signing a checkpoint) that failed.
 """
 
@@ -29,6 +31,7 @@ FAILED_LOGIN_BURST = "auth.login.failed_burst"
 TOKEN_REUSE = "auth.token.reuse_detected"  # noqa: S105 - an action name
 ROLE_CHANGED = "auth.user.role_changed"
 CHAIN_INTEGRITY = "audit.chain.integrity"
+INTERNAL_DENIED = "internal.denied"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,18 @@ class AlertRules:
                     event_sequence=doc["sequence"],
                 )
             )
+        for doc in docs:
+            if doc["action"] == f"{doc['service']}.internal.denied" and doc["actor_role"] == "service":
+                raised.append(
+                    Raised(
+                        rule=INTERNAL_DENIED,
+                        subject=f"{doc['actor_id']} {doc['service']}",
+                        severity="high",
+                        summary="A service called an internal endpoint it may not use.",
+                        detail={"event_id": doc["id"], "caller": doc["actor_id"], "route": doc["resource_id"]},
+                        event_sequence=doc["sequence"],
+                    )
+                )
         return raised
 
     async def _failed_logins(self, session: AsyncSession, docs: Sequence[Mapping[str, Any]]) -> list[Raised]:

@@ -522,6 +522,14 @@ class AccountService:
             raise UserNotFound("No such user.")
         if user.role != "customer" and claims.role != "admin":
             # Staff clearing a colleague's or an admin's counters could keep guessing at that account.
-            raise UnlockNotAllowed()
+            await self.ctx.audit(
+                self.db,
+                "auth.user.unlock_denied",
+                outcome="denied",
+                resource_type="user",
+                resource_id=str(user.id),
+                new_values={"role": user.role},
+            )
+            await self.fail(UnlockNotAllowed())
         await self.failures.clear(account_key(user.email))
         await self.ctx.audit(self.db, "auth.user.unlocked", resource_type="user", resource_id=str(user.id))

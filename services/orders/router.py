@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from common.audit import Actor
+from common.audit import Actor, record_denial
 from common.errors import Forbidden, TokenRejected
 from common.fastpath import direct_route
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
@@ -124,6 +124,7 @@ router.add_api_route(
 async def list_orders(
     orders: Orders,
     claims: CurrentUser,
+    request: Request,
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
     status: Annotated[OrderStatus | None, Query()] = None,
@@ -132,6 +133,7 @@ async def list_orders(
     """Orders, newest first: a customer's own, or everyone's for staff."""
     viewer = Viewer.of(claims)
     if user_id is not None and not viewer.staff:
+        await record_denial(request, claims, "access.denied", {"required_role": "staff", "role": claims.role})
         raise Forbidden("Only staff may filter orders by user_id: a customer's list holds only their own.")
     return await orders.page(viewer, limit=limit, cursor=cursor, status=status, user_id=user_id)
 

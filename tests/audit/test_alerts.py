@@ -95,6 +95,29 @@ async def test_token_reuse_and_role_changes_raise_alerts(audit: AuditClient) -> 
     assert (await audit.events(action="audit.alert.resolved"))[0]["actor_user_id"] == audit.admin_id
 
 
+async def test_a_service_refused_by_an_internal_endpoint_raises_an_alert(audit: AuditClient) -> None:
+    """A valid service token that an internal endpoint does not take: a service misconfigured or taken over."""
+
+    def denied(service: str, actor_role: str | None) -> dict[str, object]:
+        return event(
+            service,
+            f"{service}.internal.denied",
+            outcome="denied",
+            actor_id="gateway" if actor_role else None,
+            actor_role=actor_role,
+            resource_type="route",
+            resource_id="POST /internal/reservations/batch",
+        )
+
+    await audit.send("inventory", [denied("inventory", None)])  # no valid token: nothing to say who
+    assert await audit.alerts() == []
+    await audit.send("inventory", [denied("inventory", "service"), denied("inventory", "service")])
+    (alert,) = await audit.alerts()
+    assert (alert["rule"], alert["subject"], alert["severity"]) == ("internal.denied", "gateway inventory", "high")
+    assert alert["detail"]["route"] == "POST /internal/reservations/batch"
+    assert alert["occurrences"] == 2
+
+
 async def test_an_alert_that_keeps_repeating_keeps_counting(audit: AuditClient) -> None:
     """The upsert of an open alert runs again and again on the same pooled connection: PostgreSQL's generic
     plan of the prepared statement (from the sixth run on it) must still match the partial unique index."""

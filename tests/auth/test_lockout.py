@@ -164,6 +164,7 @@ async def test_only_an_admin_unlocks_staff_and_admin_accounts(auth: AuthClient) 
         assert refused["type"] == "urn:comptoir:problem:unlock-not-allowed"
         retry_after(await auth.login(target["email"]))  # still throttled
     assert not await auth.events("auth.user.unlocked")
+    assert [e["resource_id"] for e in await auth.events("auth.user.unlock_denied")] == [admin["id"], colleague["id"]]
     for target, token in ((customer, staff), (colleague, admin_pair), (admin, admin_pair)):
         path = f"/api/v1/auth/admin/users/{target['id']}/unlock"
         assert (await auth.client.post(path, headers=bearer(token["access_token"]))).status_code == 204

@@ -144,8 +144,12 @@ async def test_staff_list_users_with_pagination(auth: AuthClient) -> None:
 
 
 async def test_customers_cannot_list_users(auth: AuthClient) -> None:
-    _, pair = await auth.user()
+    user, pair = await auth.user()
     assert_problem(await auth.get("/api/v1/auth/admin/users", pair["access_token"]), 403)
+    denied = await auth.events("auth.access.denied")
+    assert [(e["actor_id"], e["outcome"], e["resource_id"]) for e in denied] == [
+        (user["id"], "denied", "GET /api/v1/auth/admin/users")
+    ]
 
 
 @pytest.mark.parametrize("change", [{"role": "admin"}, {"role": "staff"}, {"is_active": False}])
@@ -159,6 +163,10 @@ async def test_staff_cannot_do_admin_actions(auth: AuthClient, change: dict[str,
         assert_problem(response, 403)
     rows = await auth.sql("SELECT role, is_active FROM auth.users ORDER BY role")
     assert [(r["role"], r["is_active"]) for r in rows] == [("customer", True), ("staff", True)]
+    denied = await auth.events("auth.access.denied")
+    assert [(e["actor_id"], e["new_values"]) for e in denied] == [
+        (me["id"], {"required_role": "admin", "role": "staff"})
+    ] * 2
 
 
 async def test_admin_changes_a_role_and_the_old_tokens_stop(auth: AuthClient) -> None:

@@ -264,12 +264,18 @@ STAFF_ROUTES = [
 
 @pytest.mark.parametrize(("method", "path", "body"), STAFF_ROUTES)
 async def test_staff_routes_refuse_customers_and_anonymous(
-    client: httpx.AsyncClient, tokens: Tokens, method: str, path: str, body: dict | None
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture, method: str, path: str, body: dict | None
 ) -> None:
     product = await create_product(client, tokens, stock=3)
     url = path.format(id=product["id"])
     assert_problem(await client.request(method, url, json=body), 401)
-    assert_problem(await client.request(method, url, json=body, headers=tokens.customer()), 403)
+    customer = str(uuid.uuid4())
+    assert_problem(await client.request(method, url, json=body, headers=tokens.customer(customer)), 403)
+    # The refusal is in the audit trail (seed: every sensitive operation logged, suspicious activity seen).
+    denied = [e for e in await outbox_events(database, "inventory.access.denied") if e["actor_id"] == customer]
+    assert [(e["outcome"], e["resource_id"], e["new_values"]) for e in denied] == [
+        ("denied", f"{method} {path.replace('{id}', '{product_id}')}", {"required_role": "staff", "role": "customer"})
+    ]
     service = tokens.service("orders", "inventory")
     assert_problem(await client.request(method, url, json=body, headers=service), 401)
     expired = {"Authorization": "Bearer " + tokens.issuer.access(role="staff", ttl=-10)}

@@ -470,6 +470,15 @@ async def test_a_batch_is_checked_body_syntax_then_caller_then_fields(
         assert_problem(await client.post(url, content=body, headers=json_body | tokens.staff()), 401)
         gateway = tokens.service("gateway", "inventory")
         assert_problem(await client.post(url, content=body, headers=json_body | gateway), 403)
+    admin = await database.admin()
+    try:  # a caller the endpoint does not take is refused on either path, and recorded on both
+        denied = await admin.fetch(
+            "SELECT payload->>'resource_id' AS route, payload->'new_values'->>'caller' AS caller FROM inventory.outbox"
+            " WHERE payload->>'action' = 'inventory.internal.denied'"
+        )
+    finally:
+        await admin.close()
+    assert [(r["route"], r["caller"]) for r in denied] == [("POST /internal/reservations/batch", "gateway")] * 2
     problem = assert_problem(await client.post(url, content=invalid, headers=json_body | orders(tokens)), 422)
     errors = problem["errors"]
     assert isinstance(errors, list)

@@ -287,6 +287,8 @@ async def test_customers_see_and_cancel_only_their_own_orders(system: System) ->
     listing = (await system.orders.get(ORDERS, headers=as_bob)).json()
     assert {o["user_id"] for o in listing["items"]} == {bob}
     assert_problem(await system.orders.get(ORDERS, params={"user_id": alice}, headers=as_bob), 403)
+    denied = [e for e in await order_events(system) if e["action"] == "orders.access.denied"]
+    assert [(e["actor_id"], e["resource_id"], e["outcome"]) for e in denied] == [(bob, "GET /api/v1/orders", "denied")]
 
     staff_listing = (await system.orders.get(ORDERS, headers=system.tokens.staff())).json()
     assert {o["user_id"] for o in staff_listing["items"]} == {alice, bob}
