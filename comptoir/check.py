@@ -32,6 +32,7 @@ import httpx
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from common.clientip import parse_networks
 from common.deploychecks import Check, check, service_checks, strong_secret
 from common.settings import describe_settings_error
 from comptoir.config import PROCESSES, SERVICES, RunSettings
@@ -196,9 +197,14 @@ async def live_answers() -> tuple[dict[str, httpx.Response], Any]:
         settings.model_copy(update={"log_level": "WARNING"}), key_source=StaticKeys({}), enforce_checks=False
     )
     host = settings.hosts[0].lstrip(".") if settings.hosts else "gateway"
-    transport = httpx.ASGITransport(app=app)
+    # Asked as the TLS-terminating proxy asks, when one is declared: from its address, saying HTTPS.
+    proxies = parse_networks(settings.trusted_proxies) if settings.tls_terminating_proxy else []
+    peer = str(proxies[0].network_address) if proxies else "127.0.0.1"
+    transport = httpx.ASGITransport(app=app, client=(peer, 50000))
     answers: dict[str, httpx.Response] = {}
-    async with httpx.AsyncClient(transport=transport, base_url=f"https://{host}") as client:
+    headers = {"X-Forwarded-Proto": "https"} if proxies else {}
+    async with httpx.AsyncClient(transport=transport, base_url=f"https://{host}", headers=headers) as client:
+        answers["plain http"] = await client.get("/api/v1/products", headers={"X-Forwarded-Proto": "http"})
         answers["health"] = await client.get("/healthz")
         answers["not found"] = await client.get("/api/v1/does-not-exist")
         answers["unauthenticated"] = await client.get("/api/v1/orders")
@@ -215,7 +221,7 @@ async def live_answers() -> tuple[dict[str, httpx.Response], Any]:
     return answers, settings
 
 
-def header_checks(answers: dict[str, httpx.Response], production: bool) -> list[Check]:
+def header_checks(answers: dict[str, httpx.Response], production: bool, tls_proxy: bool = False) -> list[Check]:
     """What the gateway's answers prove (every header on success, errors and refusals alike)."""
     plain = [answers[k] for k in ("health", "not found", "unauthenticated", "admin")]
 
@@ -295,6 +301,16 @@ def header_checks(answers: dict[str, httpx.Response], production: bool) -> list[
             process="gateway",
         ),
         check(
+            "CMP-H015",
+            "plain HTTP is sent to HTTPS, never served (production behind a TLS-terminating proxy)",
+            answers["plain http"].status_code == 308
+            and answers["plain http"].headers.get("location", "").startswith("https://"),
+            f"a request its proxy received over plain HTTP was answered {answers['plain http'].status_code}",
+            bug,
+            process="gateway",
+            applies=production and tls_proxy,
+        ),
+        check(
             "CMP-H014",
             "CORS preflight of a listed origin is answered",
             allowed is not None
@@ -313,7 +329,7 @@ async def live_header_checks() -> list[Check]:
     answers, settings = await live_answers()
     origins_https = all(o.startswith("https://") for o in settings.origins)
     return [
-        *header_checks(answers, settings.is_production),
+        *header_checks(answers, settings.is_production, settings.tls_terminating_proxy),
         check(
             "CMP-W033",
             "CORS origins are HTTPS in production",

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.app import ComptoirAPI
-from common.clientip import parse_networks
+from common.clientip import Network, is_trusted, parse_networks
 from common.deploychecks import enforce
-from common.errors import problem_response
+from common.errors import TYPE_PREFIX, problem_response
 from common.http import PooledTransport
 from common.logging import configure_logging
 from common.revocation import RevocationPoller, RevocationSet
@@ -50,13 +50,55 @@ def host_allowed(host: bytes | None, allowed: tuple[str, ...]) -> bool:
     return any(name == entry or (entry.startswith(".") and name.endswith(entry)) for entry in allowed)
 
 
-class _Dispatch:
-    """``/api/v1/...`` goes straight to the pipeline; everything else to the gateway's own endpoints."""
+def forwarded_https(scope: Scope, proxies: Sequence[Network]) -> bool:
+    """The request came through a trusted TLS-terminating proxy that says the client used HTTPS (the
+    right-most ``X-Forwarded-Proto`` value: the one the nearest proxy wrote)."""
+    peer = scope["client"][0] if scope.get("client") else None
+    if peer is None or not is_trusted(peer, proxies):
+        return False
+    values = b",".join(v for k, v in scope.get("headers", ()) if k == b"x-forwarded-proto")
+    return values.rsplit(b",", 1)[-1].strip().lower() == b"https"
 
-    def __init__(self, pipeline: Pipeline, own: ASGIApp, allowed_hosts: tuple[str, ...] = ()) -> None:
+
+HTTPS_REQUIRED_TYPE = TYPE_PREFIX + "https-required"
+
+
+async def https_required(scope: Scope, receive: Receive, send: Send) -> None:
+    """A plain-HTTP request in production behind a TLS-terminating proxy: a read is sent to its HTTPS
+    address (308); anything else is refused, never served in the clear (its credentials have already
+    crossed the network: the client must be fixed, not silently followed)."""
+    host = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+    if scope.get("method") in ("GET", "HEAD") and host:
+        target = b"https://" + host + (scope.get("raw_path") or scope.get("path", "/").encode("latin-1"))
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        headers = {"Location": target.decode("latin-1")}
+        await problem_response(
+            308, scope=scope, detail="Use HTTPS.", headers=headers, title="HTTPS required", type_=HTTPS_REQUIRED_TYPE
+        )(scope, receive, send)
+        return
+    detail = "Use HTTPS: this gateway takes only requests its TLS-terminating proxy received over HTTPS."
+    await problem_response(403, scope=scope, detail=detail, title="HTTPS required", type_=HTTPS_REQUIRED_TYPE)(
+        scope, receive, send
+    )
+
+
+class _Dispatch:
+    """``/api/v1/...`` goes straight to the pipeline; everything else to the gateway's own endpoints.
+    ``https_from``: in production behind a TLS-terminating proxy, its addresses (a request is served only
+    when it says HTTPS)."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        own: ASGIApp,
+        allowed_hosts: tuple[str, ...] = (),
+        https_from: Sequence[Network] | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.own = own
         self.allowed_hosts = allowed_hosts
+        self.https_from = https_from
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -65,6 +107,14 @@ class _Dispatch:
             if not host_allowed(host, self.allowed_hosts):
                 await problem_response(400, scope=scope, detail="Unknown Host.")(scope, receive, send)
                 return
+        if (
+            self.https_from is not None
+            and scope["type"] == "http"
+            and path not in _PROBES
+            and not forwarded_https(scope, self.https_from)
+        ):
+            await https_required(scope, receive, send)
+            return
         if scope["type"] == "http" and path.startswith("/api/v1/") and path not in OWN_PATHS:
             await self.pipeline(scope, receive, send)
         else:
@@ -79,8 +129,12 @@ class GatewayApp(ComptoirAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         own = FastAPI.build_middleware_stack(self)
-        hosts = self.state.settings.hosts if hasattr(self.state, "settings") else ()
-        return self.wrap(_Dispatch(self.pipeline, own, hosts))  # type: ignore[no-any-return]
+        settings: GatewaySettings | None = getattr(self.state, "settings", None)
+        hosts = settings.hosts if settings is not None else ()
+        https_from = None
+        if settings is not None and settings.is_production and settings.tls_terminating_proxy:
+            https_from = parse_networks(settings.trusted_proxies)
+        return self.wrap(_Dispatch(self.pipeline, own, hosts, https_from))  # type: ignore[no-any-return]
 
 
 def create_app(

@@ -146,11 +146,12 @@ def bare_answers(**overrides: httpx.Response) -> dict[str, httpx.Response]:
     )
     answers["allowed preflight"] = httpx.Response(403, request=request)
     answers["health"].headers["x-xss-protection"] = "1; mode=block"
+    answers["plain http"] = httpx.Response(200)  # served in the clear
     return answers | overrides
 
 
 def header_failures() -> set[str]:
-    return ids_failing(check.header_checks(bare_answers(), production=True))
+    return ids_failing(check.header_checks(bare_answers(), production=True, tls_proxy=True))
 
 
 def settings_failures(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> set[str]:
@@ -210,8 +211,20 @@ def test_each_header_check_fails_on_a_gateway_without_its_middleware() -> None:
     failing = header_failures()
     for check_id in ("CMP-H001", "CMP-H002", "CMP-H003", "CMP-H004", "CMP-H005", "CMP-H006", "CMP-H007"):
         assert check_id in failing
-    for check_id in ("CMP-H008", "CMP-H009", "CMP-H011", "CMP-H012", "CMP-H013", "CMP-H014"):
+    for check_id in ("CMP-H008", "CMP-H009", "CMP-H011", "CMP-H012", "CMP-H013", "CMP-H014", "CMP-H015"):
         assert check_id in failing
+
+
+def test_plain_http_is_really_redirected_in_production_behind_a_tls_proxy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("TLS_TERMINATING_PROXY", "true")
+    monkeypatch.setenv("TRUSTED_PROXIES", "172.31.0.1/32")
+    results = {c.id: c for c in asyncio.run(check.live_header_checks())}
+    assert results["CMP-H015"].status == "PASS"
+    assert results["CMP-H011"].status == "PASS"  # the other answers were asked as the proxy asks
 
 
 @pytest.mark.parametrize("check_id", sorted(ENV_SCENARIOS))

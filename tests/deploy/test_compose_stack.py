@@ -89,6 +89,8 @@ def stack(dotenv: dict[str, str], postgres: Postgres, tmp_path_factory: pytest.T
             for key, value in env.items():
                 if key.endswith("_GATEWAY_NETWORKS") and value == "172.30.0.0/24":
                     env[key] = "127.0.0.1/32"  # the backend network, where the gateway's connections come from
+                if key == "TRUSTED_PROXIES" and value == "172.31.0.1/32":
+                    env[key] = "127.0.0.1/32"  # the TLS-terminating proxy on the host, played by this test
                 if value.startswith("/audit-data/"):
                     env[key] = str(work / "audit") + value.removeprefix("/audit-data")  # audit's volume, mounted
             if service == "audit":
@@ -148,7 +150,14 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: fl
 
 
 def test_the_rendered_stack_serves_a_shop_over_tls_to_postgres(stack: Stack) -> None:
-    headers = {"Host": stack.host}
+    # As the TLS-terminating proxy sends them: a request it did not receive over HTTPS is not served.
+    plain = httpx.get(stack.gateway + "/api/v1/products?limit=1", headers={"Host": stack.host}, timeout=30)
+    assert (plain.status_code, plain.headers["location"]) == (308, f"https://{stack.host}/api/v1/products?limit=1")
+    login = {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+    refused = httpx.post(stack.gateway + "/api/v1/auth/login", json=login, headers={"Host": stack.host}, timeout=30)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["type"] == "urn:comptoir:problem:https-required"
+    headers = {"Host": stack.host, "X-Forwarded-Proto": "https"}
     with httpx.Client(base_url=stack.gateway, headers=headers, timeout=30) as client:
         health = client.get("/api/v1/health")
         assert health.status_code == 200, health.text

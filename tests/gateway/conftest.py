@@ -27,7 +27,12 @@ def echo() -> Iterator[tuple[Echo, ThreadedServer]]:
 
 @contextmanager
 def running_gateway(
-    upstream_url: str, issuer: TestIssuer, *, protocol: Any = GatewayHttpProtocol, **overrides: Any
+    upstream_url: str,
+    issuer: TestIssuer,
+    *,
+    protocol: Any = GatewayHttpProtocol,
+    enforce_checks: bool = True,
+    **overrides: Any,
 ) -> Iterator[tuple[str, GatewayApp]]:
     values: dict[str, Any] = {
         "environment": "test",
@@ -39,7 +44,7 @@ def running_gateway(
         "authenticated_rate_limit": "10000/minute",
         "route_rate_limits": "",
     } | overrides
-    app = create_app(GatewaySettings(**values), key_source=issuer.keys())
+    app = create_app(GatewaySettings(**values), key_source=issuer.keys(), enforce_checks=enforce_checks)
     with serve(app, http=protocol) as server:  # the protocol comptoir.serve runs the gateway on
         yield server.url, app
 

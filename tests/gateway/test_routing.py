@@ -437,3 +437,27 @@ def test_remembered_path_answers_depend_on_the_raw_path_and_the_method_too() -> 
         assert products[0] == {"GET", "HEAD", "POST"}
         assert allowed_methods(long_path) == allowed_methods("/api/v1/products/a")
         assert allowed_methods("/api/v1/products/" + "a" * 300 + "/nope") is None
+
+
+def test_in_production_behind_a_tls_proxy_only_what_it_received_over_https_is_served(echo, issuer) -> None:  # noqa: ANN001
+    """SECURE_SSL_REDIRECT: a read the proxy received over plain HTTP is sent to its HTTPS address, anything
+    else refused; a client cannot claim HTTPS past the proxy; probes (by address, inside) stay plain."""
+    production = {"environment": "production", "tls_terminating_proxy": True, "enforce_checks": False}
+    with running_gateway(echo[1].url, issuer, trusted_proxies="127.0.0.1/32", **production) as (url, _):
+        https, http = {"X-Forwarded-Proto": "https"}, {"X-Forwarded-Proto": "http"}
+        assert httpx.get(url + "/api/v1/products?q=riz", headers=https).status_code == 200
+        assert httpx.get(url + "/api/v1/products", headers={"X-Forwarded-Proto": "http, https"}).status_code == 200
+        for headers in ({}, http, {"X-Forwarded-Proto": "https, http"}):
+            moved = httpx.get(url + "/api/v1/products?q=riz", headers=headers | {"Host": "api.shop.example"})
+            assert moved.status_code == 308
+            assert moved.headers["location"] == "https://api.shop.example/api/v1/products?q=riz"
+            assert_security_headers(moved)
+        refused = assert_problem(httpx.post(url + "/api/v1/auth/login", json={}, headers=http), 403)
+        assert refused["type"] == "urn:comptoir:problem:https-required"
+        assert httpx.post(url + "/api/v1/auth/login", json={}, headers=https).status_code == 201
+        assert httpx.get(url + "/healthz").status_code == 200
+    with running_gateway(echo[1].url, issuer, trusted_proxies="192.0.2.1/32", **production) as (url, _):
+        # Not from the proxy: a client saying HTTPS itself is not believed.
+        assert httpx.get(url + "/api/v1/products", headers={"X-Forwarded-Proto": "https"}).status_code == 308
+    with running_gateway(echo[1].url, issuer, trusted_proxies="127.0.0.1/32", tls_terminating_proxy=True) as (url, _):
+        assert httpx.get(url + "/api/v1/products").status_code == 200  # outside production: served
