@@ -12,9 +12,15 @@ ALLOWED_HEADERS = frozenset(
         b"accept",
         b"accept-language",
         b"x-csrf-token",  # browser session mode: the double-submit token of POST /api/v1/auth/token/refresh
+        b"if-none-match",  # a conditional read of the catalogue (304)
     }
 )
-EXPOSED_HEADERS = b"X-Request-ID, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Retry-After, Location"
+# Every response header the API reference documents that a page could not read otherwise (a test holds
+# this to the OpenAPI document): the idempotent replay, the ETag, the 401's challenge, the 405's methods.
+EXPOSED_HEADERS = (
+    b"X-Request-ID, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Retry-After, Location, ETag, "
+    b"Idempotent-Replayed, WWW-Authenticate, Allow"
+)
 
 
 class Cors:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from comptoir.openapi import build_document, render_markdown
+from gateway.cors import ALLOWED_HEADERS, EXPOSED_HEADERS
 from gateway.openapi import EXTRA_STATUSES, REQUIRED_HEADERS, public_operations, table_operations
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,3 +138,29 @@ def test_api_reference_is_generated_from_the_document(document: dict[str, Any]) 
     assert reference == render_markdown(document), "docs/api.md is stale: run `make docs` and commit it"
     for method, path, _ in operations(document):
         assert f"| {method} | `{path}` |" in reference
+
+
+# Headers a browser lets a page send or read without CORS naming them (the Fetch standard's safelists).
+SAFELISTED_RESPONSE = {
+    "cache-control",
+    "content-language",
+    "content-length",
+    "content-type",
+    "expires",
+    "last-modified",
+    "pragma",
+}
+
+
+def test_a_browser_app_may_send_and_read_every_documented_header(document: dict[str, Any]) -> None:
+    """Cross-origin, a page sends only the request headers the preflight allows and reads only the answer's
+    headers CORS exposes: every one the API reference documents must be among them."""
+    exposed = {h.strip().lower() for h in EXPOSED_HEADERS.decode().split(",")}
+    allowed = {h.decode() for h in ALLOWED_HEADERS}
+    sent, read = set(), set()
+    for _method, _path, operation in operations(document):
+        sent |= {p["name"].lower() for p in operation.get("parameters", ()) if p["in"] == "header"}
+        for response in operation["responses"].values():
+            read |= {name.lower() for name in response.get("headers", {})}
+    assert sent - allowed == set()
+    assert read - SAFELISTED_RESPONSE - exposed == set()
