@@ -32,6 +32,9 @@ FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "x5t", "x5t#S256", "c
 ACCESS = "access"
 SERVICE = "service"
 TOKEN_TYPES = {ACCESS: "at+jwt", SERVICE: "service+jwt"}
+# The longest lifetime auth can give each (its settings' bounds): a token claiming more was not made by
+# it, and a key that leaked must not yield tokens valid for months.
+MAX_LIFETIME = {ACCESS: 86_400, SERVICE: 3_600}
 
 ROLES = ("customer", "staff", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -60,6 +63,7 @@ class Claims:
     role: str | None = None
     sid: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    kid: str | None = None  # the signing key's id (from the header)
 
     @property
     def is_service(self) -> bool:
@@ -172,7 +176,7 @@ class TokenVerifier:
         # token, a service token reused for minutes) skips the EdDSA check; the time, type and claim
         # checks still run on every use against the clock (revocation is checked by the callers).
         self.cache_size = cache_size
-        self._verified: dict[str, Mapping[str, Any]] = {}
+        self._verified: dict[str, tuple[Mapping[str, Any], str]] = {}  # token -> (payload, kid)
         self.issuer = issuer
         self.audience = audience
         self.token_use = token_use
@@ -180,30 +184,39 @@ class TokenVerifier:
         self.clock = clock
 
     async def verify(self, token: str) -> Claims:
-        payload = self._verified.get(token)
-        if payload is not None:
+        cached = self._verified.get(token)
+        if cached is not None:
             try:
-                return self._claims(payload)
+                claims = self._claims(*cached)
+                await self.check_published(claims)
+                return claims
             except InvalidToken:
                 del self._verified[token]
                 raise
-        payload = await self._check_signature(token)
-        claims = self._claims(payload)
-        self._remember(token, payload)
+        payload, kid = await self._check_signature(token)
+        claims = self._claims(payload, kid)
+        self._remember(token, (payload, kid))
         return claims
 
-    def _remember(self, token: str, payload: Mapping[str, Any]) -> None:
+    async def check_published(self, claims: Claims) -> None:
+        """A token verified before is accepted only while its key is still published: once a leaked key is
+        withdrawn (``comptoir keys rotate``, the file removed), what it signed stops at the next JWKS refresh,
+        cached or not."""
+        if claims.kid is None or await self.keys.key_for(claims.kid) is None:
+            raise InvalidToken("key withdrawn")
+
+    def _remember(self, token: str, entry: tuple[Mapping[str, Any], str]) -> None:
         if self.cache_size <= 0:
             return
         if len(self._verified) >= self.cache_size:
             now = self.clock()
-            for key in [k for k, p in self._verified.items() if not isinstance(p["exp"], int) or p["exp"] <= now]:
+            for key in [k for k, (p, _) in self._verified.items() if not isinstance(p["exp"], int) or p["exp"] <= now]:
                 del self._verified[key]
             while len(self._verified) >= self.cache_size:
                 del self._verified[next(iter(self._verified))]  # oldest first
-        self._verified[token] = payload
+        self._verified[token] = entry
 
-    async def _check_signature(self, token: str) -> Mapping[str, Any]:
+    async def _check_signature(self, token: str) -> tuple[Mapping[str, Any], str]:
         if not token or len(token) > 4096:
             raise InvalidToken("malformed")
         try:
@@ -239,9 +252,9 @@ class TokenVerifier:
             )
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(type(exc).__name__) from exc
-        return payload
+        return payload, kid
 
-    def _claims(self, payload: Mapping[str, Any]) -> Claims:
+    def _claims(self, payload: Mapping[str, Any], kid: str) -> Claims:
         if payload.get("token_use") != self.token_use:
             raise InvalidToken("wrong token use")
         now = self.clock()
@@ -254,6 +267,8 @@ class TokenVerifier:
             raise InvalidToken("expired")
         if now < nbf - self.leeway or now < iat - self.leeway - 60:
             raise InvalidToken("not yet valid")
+        if exp - iat > MAX_LIFETIME.get(self.token_use, MAX_LIFETIME[ACCESS]):
+            raise InvalidToken("lifetime too long")
         sub, jti = payload.get("sub"), payload.get("jti")
         if not isinstance(sub, str) or not sub or not isinstance(jti, str) or not jti:
             raise InvalidToken("bad subject")
@@ -273,4 +288,5 @@ class TokenVerifier:
             role=role if isinstance(role, str) else None,
             sid=sid if isinstance(sid, str) else None,
             raw=dict(payload),
+            kid=kid,
         )

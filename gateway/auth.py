@@ -37,6 +37,12 @@ class GatewayAuth:
                 del self._cache[token]
             claims = await self.verifier.verify(token)
             self._remember(token, claims)
+        else:
+            try:
+                await self.verifier.check_published(claims)
+            except InvalidToken:
+                del self._cache[token]
+                raise
         if self.revocations.is_revoked(claims.sid):
             raise InvalidToken("session revoked")
         return claims

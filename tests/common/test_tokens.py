@@ -12,7 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from common.http import HttpxTransport
+from common.revocation import RevocationSet
 from common.tokens import InvalidToken, RemoteJWKS, TokenVerifier
+from gateway.auth import GatewayAuth
 from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer
 
 
@@ -126,20 +128,21 @@ async def test_a_repeated_token_skips_the_signature_check_but_never_the_clock(is
     # The verifier's clock is the real one plus a jump the test makes: it never reads earlier than the
     # tokens' nbf (whole seconds, rounded down), as a clock sampled once before issuing them could.
     skew = [0.0]
-    keys = issuer.keys()
-    lookups = []
-    key_for = keys.key_for
+    verifier = TokenVerifier(
+        issuer.keys(), issuer=ISSUER, audience=AUDIENCE, clock=lambda: time.time() + skew[0], cache_size=2
+    )
+    checks = []
+    check_signature = verifier._check_signature
 
-    async def counting(kid: str):  # noqa: ANN202
-        lookups.append(kid)
-        return await key_for(kid)
+    async def counting(token: str):  # noqa: ANN202
+        checks.append(token)
+        return await check_signature(token)
 
-    keys.key_for = counting  # type: ignore[method-assign]
-    verifier = TokenVerifier(keys, issuer=ISSUER, audience=AUDIENCE, clock=lambda: time.time() + skew[0], cache_size=2)
+    verifier._check_signature = counting  # type: ignore[method-assign]
     token = issuer.access(ttl=60)
     for _ in range(5):
         assert (await verifier.verify(token)).sub
-    assert len(lookups) == 1
+    assert len(checks) == 1
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     with pytest.raises(InvalidToken):  # another string is another cache key: its signature is checked
         await verifier.verify(forged)
@@ -149,6 +152,33 @@ async def test_a_repeated_token_skips_the_signature_check_but_never_the_clock(is
     skew[0] += 61
     with pytest.raises(InvalidToken, match="expired"):
         await verifier.verify(token)
+
+
+async def test_a_token_stops_with_its_key_even_when_verified_before(issuer: TestIssuer) -> None:
+    """A leaked key withdrawn (rotated, its file removed, gone from the JWKS): what it signed stops, the
+    tokens already seen and cached included."""
+    keys = issuer.keys()
+    verifier = TokenVerifier(keys, issuer=ISSUER, audience=AUDIENCE)
+    gateway = GatewayAuth(verifier, RevocationSet())
+    token = issuer.access()
+    assert (await verifier.verify(token)).kid == issuer.kid
+    assert (await gateway.authenticate(f"Bearer {token}".encode())).sub
+    keys.replace({"keys": [TestIssuer("next-key").jwk()]})
+    with pytest.raises(InvalidToken, match="key withdrawn"):
+        await verifier.verify(token)
+    with pytest.raises(InvalidToken, match="key withdrawn"):
+        await gateway.authenticate(f"Bearer {token}".encode())
+
+
+async def test_a_lifetime_auth_never_gives_is_refused(issuer: TestIssuer, verifier: TokenVerifier) -> None:
+    """With a leaked key, a token forged to last a month is still refused: auth gives at most a day."""
+    assert (await verifier.verify(issuer.access(ttl=86_400))).sub
+    with pytest.raises(InvalidToken, match="lifetime too long"):
+        await verifier.verify(issuer.access(ttl=30 * 86_400))
+    service = TokenVerifier(issuer.keys(), issuer=ISSUER, audience="inventory", token_use="service")
+    assert (await service.verify(issuer.service(caller="orders", audience="inventory", ttl=3600))).sub
+    with pytest.raises(InvalidToken, match="lifetime too long"):
+        await service.verify(issuer.service(caller="orders", audience="inventory", ttl=3601))
 
 
 @pytest.mark.parametrize("token", ["", "a.b", "not-a-jwt", "x" * 5000, "eyJhbGciOiJFZERTQSJ9.e30"])
