@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from comptoir.config import PROCESSES
@@ -27,8 +28,14 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def client_env(data_dir: Path) -> dict[str, str]:
-    secrets = client_secrets(data_dir)
+def client_env(data_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The client credentials the processes get: the operator's where ``environ`` sets them (as
+    ``comptoir check --deploy`` assumes), generated ones under DATA_DIR/secrets for the rest; auth's digests
+    of the secrets in use unless ``AUTH_SERVICE_CLIENTS`` is set."""
+    generated = client_secrets(data_dir)
+    secrets = {process: environ.get(f"{process.upper()}_CLIENT_SECRET") or generated[process] for process in PROCESSES}
     env = {f"{process.upper()}_CLIENT_SECRET": secret for process, secret in secrets.items()}
-    env["AUTH_SERVICE_CLIENTS"] = json.dumps({process: digest(secret) for process, secret in secrets.items()})
+    env["AUTH_SERVICE_CLIENTS"] = environ.get("AUTH_SERVICE_CLIENTS") or json.dumps(
+        {process: digest(secret) for process, secret in secrets.items()}
+    )
     return env

@@ -27,6 +27,9 @@ class RunSettings(CommonSettings):
     audit_database_url: str = Field("", validation_alias=unprefixed("AUDIT_DATABASE_URL"))
     # Supervisor: the longest pause between restarts of a crashed process.
     restart_backoff_max_seconds: float = Field(30.0, gt=0, validation_alias=unprefixed("RESTART_BACKOFF_MAX_SECONDS"))
+    # Read only to say where things are once every process is ready (the processes read their own).
+    message_sender: str = Field("jsonl", validation_alias=unprefixed("AUTH_MESSAGE_SENDER"))
+    allowed_hosts: str = Field("", validation_alias=unprefixed("ALLOWED_HOSTS"))
 
     @field_validator(
         "database_url", "auth_database_url", "inventory_database_url", "orders_database_url", "audit_database_url"

@@ -144,7 +144,7 @@ def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]
     env["ORDERS_INVENTORY_URL"] = settings.url_of("inventory")
     env["AUTH_INTERNAL_URL"] = settings.url_of("auth")
     env["AUDIT_INTERNAL_URL"] = settings.url_of("audit")
-    env.update(client_env(settings.data_dir))
+    env.update(client_env(settings.data_dir, os.environ))
     return env
 
 
@@ -235,8 +235,15 @@ class Supervisor:
         self.say(f"data directory: {s.data_dir.resolve()}  (environment: {s.environment.value})")
         for child in self.children:
             self.say(f"  {child.name:<10} http://{s.connect_host}:{s.port_of(child.name)}")
-        self.say(f"development messages (SMS, e-mail): {s.data_dir.resolve() / 'messages.jsonl'}")
-        self.say(f"ready: client apps use the gateway at http://{s.connect_host}:{s.gateway_port}/api/v1/")
+        if s.message_sender == "jsonl":
+            self.say(f"development messages (SMS, e-mail): {s.data_dir.resolve() / 'messages.jsonl'}")
+        # With ALLOWED_HOSTS the gateway answers only those names (".x" stands for the names under x).
+        hosts = sorted((h.strip().lower() for h in s.allowed_hosts.split(",") if h.strip()), key=lambda h: h[0] == ".")
+        host = ""
+        if hosts:
+            name = hosts[0] if not hosts[0].startswith(".") else f"a name ending in {hosts[0]}"
+            host = f" (with Host: {name}, as ALLOWED_HOSTS says)"
+        self.say(f"ready: client apps use the gateway at http://{s.connect_host}:{s.gateway_port}/api/v1/{host}")
 
     def _answers_health(self, child: Child) -> bool:
         url = f"http://{self.settings.connect_host}:{self.settings.port_of(child.name)}/healthz"

@@ -7,6 +7,8 @@ answers 200 only once a file exists, or processes that refuse to start like a re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -20,7 +22,7 @@ import httpx
 import pytest
 
 from comptoir.config import PROCESSES, RunSettings
-from comptoir.supervisor import MAX_IDENTICAL_START_FAILURES, Child, Supervisor, hold_data_dir
+from comptoir.supervisor import MAX_IDENTICAL_START_FAILURES, Child, Supervisor, child_env, hold_data_dir
 from tests.conftest import free_port
 
 FAKE = Path(__file__).with_name("fake_process.py")
@@ -242,3 +244,39 @@ def test_a_bind_host_that_is_not_this_machines_is_refused_naming_it(tmp_path: Pa
     assert "cannot listen on 192.0.2.1 (BIND_HOST)" in line
     assert f"{ports['auth']} (AUTH_PORT)" in line
     assert not (tmp_path / "data" / "pg").exists()
+
+
+def test_the_operators_client_secrets_win_over_generated_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`comptoir check --deploy` judges the secrets the environment sets: `comptoir run` must start the
+    processes with those, not with the ones it generated under DATA_DIR/secrets."""
+    for name in list(os.environ):
+        if name.endswith("_CLIENT_SECRET") or name == "AUTH_SERVICE_CLIENTS":
+            monkeypatch.delenv(name)
+    settings = RunSettings(data_dir=tmp_path)
+    generated = child_env(settings, [])
+    monkeypatch.setenv("ORDERS_CLIENT_SECRET", "the-operators-own-orders-secret")
+    mixed = child_env(settings, [])
+    assert mixed["ORDERS_CLIENT_SECRET"] == "the-operators-own-orders-secret"
+    assert mixed["GATEWAY_CLIENT_SECRET"] == generated["GATEWAY_CLIENT_SECRET"]  # not set: the generated one
+    digests = json.loads(mixed["AUTH_SERVICE_CLIENTS"])  # auth checks the secrets really in use
+    assert digests["orders"] == hashlib.sha256(b"the-operators-own-orders-secret").hexdigest()
+    assert digests["gateway"] == hashlib.sha256(generated["GATEWAY_CLIENT_SECRET"].encode()).hexdigest()
+    monkeypatch.setenv("AUTH_SERVICE_CLIENTS", '{"orders": "ab"}')
+    assert child_env(settings, [])["AUTH_SERVICE_CLIENTS"] == '{"orders": "ab"}'
+
+
+def test_the_ready_lines_say_what_is_true_of_these_settings(tmp_path: Path) -> None:
+    lines: list[str] = []
+    Supervisor(RunSettings(data_dir=tmp_path), out=lines.append)._print_summary()
+    assert any("messages.jsonl" in line for line in lines)
+    assert lines[-1].endswith(":8000/api/v1/")
+    lines.clear()
+    production = RunSettings(
+        data_dir=tmp_path, message_sender="webhook", allowed_hosts=".shop.example, api.shop.example"
+    )
+    Supervisor(production, out=lines.append)._print_summary()
+    assert not any("messages.jsonl" in line for line in lines)  # the messages go to the webhook
+    assert lines[-1].endswith("/api/v1/ (with Host: api.shop.example, as ALLOWED_HOSTS says)")  # else 400 Unknown Host
+    lines.clear()
+    Supervisor(RunSettings(data_dir=tmp_path, allowed_hosts=".shop.example"), out=lines.append)._print_summary()
+    assert lines[-1].endswith("(with Host: a name ending in .shop.example, as ALLOWED_HOSTS says)")
