@@ -501,10 +501,18 @@ def _acl_statements(dump: Path, listing: list[str], schema: str, role: ServiceRo
     return statements
 
 
+NO_TLS_HINT = (
+    " (the bundled tools, pgserver's, are built without TLS: set PG_BIN_DIR to the bin directory of "
+    "PostgreSQL client tools with TLS, of the server's major version or newer, e.g. /usr/lib/postgresql/16/bin)"
+)
+
+
 def _run_tool(name: str, *args: str) -> bytes:
     result = subprocess.run([_pg_tool(name), *args], capture_output=True, check=False)
     if result.returncode != 0:
-        raise BackupError(f"{name} failed: " + result.stderr.decode(errors="replace")[-800:])
+        error = result.stderr.decode(errors="replace")[-800:]
+        hint = NO_TLS_HINT if "SSL support is not compiled in" in error and not os.environ.get("PG_BIN_DIR") else ""
+        raise BackupError(f"{name} failed: {error.rstrip()}{hint}")
     return result.stdout
 
 

@@ -454,6 +454,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 print("  the backup holds no checkpoint key: `comptoir audit verify` cannot check old checkpoints")
             if contents.private_key:
                 print(f"  the private checkpoint key is at {audit.checkpoint_key_path}")
+            print(
+                f"  not in a database backup: {settings.data_dir / 'keys'} (auth's token signing and second-factor"
+                f" keys) and {settings.data_dir / 'uploads'} (images): copy them from your file backup before"
+                " the first start, or every admin's second factor, every session and every image is lost"
+            )
             print("run `comptoir audit verify` to check the audit chain")
     except BackupError as exc:
         print(f"comptoir {args.command}: {exc}", file=sys.stderr)

@@ -209,6 +209,7 @@ def test_a_restore_elsewhere_verifies_against_the_restored_keys_and_catches_tamp
     other_url, other_env, other_dir = elsewhere
     restored = comptoir("restore", str(file), env=other_env)
     assert restored.returncode == 0, restored.stderr
+    assert f"not in a database backup: {other_dir / 'keys'} (auth's token signing" in restored.stdout
     assert (other_dir / "keys" / "trusted-checkpoint-keys" / f"{key_id}.pub").exists()
     assert not (other_dir / "keys" / "audit-checkpoint.key").exists()  # the private key stayed home
     verdict = comptoir("audit", "verify", env=other_env)
@@ -494,3 +495,14 @@ def test_backup_and_restore_with_database_url_print_no_platformdirs_warning(inst
     restored = comptoir("restore", str(file), env={k: v for k, v in other_env.items() if k != "XDG_RUNTIME_DIR"})
     assert restored.returncode == 0, restored.stderr
     assert "Warning" not in restored.stderr, restored.stderr
+
+
+def test_tls_with_the_bundled_tools_says_what_to_do(installation) -> None:  # noqa: ANN001
+    """pgserver's pg_dump is built without TLS: a URL asking for TLS gets the way out, not only libpq's words."""
+    admin_url, _, env, data_dir = installation
+    tls_url = admin_url + ("&" if "?" in admin_url else "?") + "sslmode=verify-full"
+    env = {k: v for k, v in env.items() if k != "PG_BIN_DIR"} | {"DATABASE_URL": tls_url}
+    refused = comptoir("backup", "--out", str(data_dir / "tls.backup"), env=env)
+    assert refused.returncode != 0
+    assert "set PG_BIN_DIR" in refused.stderr, refused.stderr
+    assert not (data_dir / "tls.backup").exists()
