@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from common.deploychecks import Check, check, service_checks, strong_secret
+from common.deploychecks import MIN_SECRET_CHARS, Check, check, service_checks, strong_secret
 from services.auth.config import Settings
+
+
+def _delivery_problem(s: Settings) -> str:
+    """Why CMP-W025 fails: the one thing that is wrong, not a list of what is already set."""
+    if s.message_sender != "webhook" or not s.webhook_url:
+        return "OTP and reset messages go to DATA_DIR/messages.jsonl"
+    if not s.webhook_url.startswith("https://"):
+        return "AUTH_WEBHOOK_URL is not an https:// URL"
+    return (
+        f"AUTH_WEBHOOK_SECRET is weak: {len(s.webhook_secret)} characters (at least {MIN_SECRET_CHARS} random "
+        "ones, without a placeholder word such as 'secret' or 'example')"
+    )
 
 
 def auth_checks(s: Settings) -> list[Check]:
@@ -46,9 +58,9 @@ def auth_checks(s: Settings) -> list[Check]:
         check(
             "CMP-W025",
             "real message delivery (not the development sink)",
-            webhook.startswith("https://") and strong_secret(s.webhook_secret),
-            "OTP and reset messages go to DATA_DIR/messages.jsonl",
-            "set AUTH_WEBHOOK_URL (https) and AUTH_WEBHOOK_SECRET",
+            s.message_sender == "webhook" and webhook.startswith("https://") and strong_secret(s.webhook_secret),
+            _delivery_problem(s),
+            "set AUTH_MESSAGE_SENDER=webhook, AUTH_WEBHOOK_URL (https) and AUTH_WEBHOOK_SECRET (`comptoir secrets`)",
             process="auth",
         ),
         check(

@@ -33,6 +33,7 @@ def production_env(database: DatabaseFixture) -> dict[str, str]:
         "TRUSTED_PROXIES": "10.0.0.2/32",
         "ALLOWED_HOSTS": "api.boutique.cm",
         "BACKUP_ENCRYPTION_KEY": secrets.token_urlsafe(32),
+        "AUTH_MESSAGE_SENDER": "webhook",
         "AUTH_WEBHOOK_URL": "https://sms-gateway.boutique.cm/hook",
         "AUTH_WEBHOOK_SECRET": secrets.token_urlsafe(32),
     }
@@ -63,6 +64,7 @@ def safe_auth(**overrides: Any) -> AuthSettings:
         "client_secret": STRONG,
         "tls_terminating_proxy": True,
         "database_url": f"postgresql://comptoir_auth:{STRONG}@db.boutique.cm/comptoir?sslmode=verify-full",
+        "message_sender": "webhook",
         "webhook_url": "https://sms.boutique.cm/hook",
         "webhook_secret": STRONG,
         "backup_encryption_key": STRONG,
@@ -107,8 +109,9 @@ def test_each_gateway_check_fails_on_its_unsafe_setting(check_id: str, overrides
         ("CMP-W012", {"refresh_idle_timeout_seconds": 3 * 86_400}),
         ("CMP-W013", {"pbkdf2_rounds": 100_000}),
         ("CMP-W014", {"password_min_length": 8}),
-        ("CMP-W025", {"webhook_url": ""}),
-        ("CMP-W025", {"webhook_url": "http://sms.boutique.cm/hook"}),
+        ("CMP-W025", {"message_sender": "jsonl"}),  # a webhook set up but not used: the codes go to a file
+        ("CMP-W025", {"message_sender": "jsonl", "webhook_url": ""}),
+        ("CMP-W025", {"webhook_secret": "x" * 36}),
         ("CMP-W026", {"otp_ttl_seconds": 1800}),
         ("CMP-W027", {"login_account_delay_after_failures": 50}),
         ("CMP-W019", {"database_url": f"postgresql://comptoir_auth:{STRONG}@db.boutique.cm/comptoir"}),
@@ -120,6 +123,20 @@ def test_each_auth_check_fails_on_its_unsafe_setting(check_id: str, overrides: d
     result = ids(auth_checks(safe_auth(**overrides)))
     assert result[check_id] is False
     assert sum(not ok for ok in result.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"message_sender": "jsonl"}, "go to DATA_DIR/messages.jsonl"),
+        ({"webhook_secret": "x" * 36}, "AUTH_WEBHOOK_SECRET is weak: 36 characters"),
+        ({"webhook_secret": "an-example-webhook-secret-of-many-characters-long"}, "AUTH_WEBHOOK_SECRET is weak"),
+    ],
+)
+def test_the_message_delivery_check_names_what_is_wrong(overrides: dict[str, Any], problem: str) -> None:
+    (w025,) = [c for c in auth_checks(safe_auth(**overrides)) if c.id == "CMP-W025"]
+    assert not w025.ok
+    assert problem in w025.problem
 
 
 def test_a_unix_socket_database_needs_no_tls() -> None:
