@@ -184,7 +184,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         from comptoir import live
 
         try:
-            report = live.live_check(args.live)
+            report = live.live_check(args.live, args.host)
         except live.Unreachable as exc:
             print(f"comptoir check: {exc}", file=sys.stderr)
             return 2
@@ -533,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="deployment checks and the security scorecard")
     check.add_argument("--deploy", action="store_true", help="check the effective settings, headers and database")
     check.add_argument("--live", metavar="URL", help="score a running gateway's headers and exposure")
+    check.add_argument("--host", metavar="NAME", help="with --live: the Host header to send (one of ALLOWED_HOSTS)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this")
     check.add_argument(

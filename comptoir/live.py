@@ -106,7 +106,8 @@ class Unreachable(Exception):
     """No answer to score: the URL is not an http(s) URL, or nothing answers there."""
 
 
-def live_check(base_url: str) -> dict[str, object]:
+def live_check(base_url: str, host: str | None = None) -> dict[str, object]:
+    """``host``: the Host header to send (one of the gateway's ALLOWED_HOSTS, when it is asked by address)."""
     base = base_url.rstrip("/")
     try:
         parts = urlsplit(base)
@@ -116,17 +117,17 @@ def live_check(base_url: str) -> dict[str, object]:
     if address[0] not in ("http", "https") or not address[1]:
         raise Unreachable(f"{base_url!r} is not a URL: give the gateway's http:// or https:// address")
     try:
-        return _probe(base)
+        return _probe(base, host)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise Unreachable(f"no answer from {base}: {detail}") from exc
 
 
-def _probe(base: str) -> dict[str, object]:
+def _probe(base: str, host: str | None) -> dict[str, object]:
     https = base.startswith("https://")
     probes: list[Scored] = []
     exposures: list[dict[str, object]] = []
-    with httpx.Client(timeout=10, follow_redirects=False) as client:
+    with httpx.Client(timeout=10, follow_redirects=False, headers={"Host": host} if host else None) as client:
         headers = {"Origin": EVIL_ORIGIN}
         probes.append(score_response("public route", client.get(base + "/api/v1/products", headers=headers), https))
         probes.append(score_response("not found", client.get(base + "/api/v1/no-such-thing", headers=headers), https))
@@ -155,13 +156,17 @@ def _probe(base: str) -> dict[str, object]:
             status = client.get(base + path).status_code
             exposures.append({"path": path, "status": status, "exposed": status < 400})
     worst = min(probes, key=lambda p: p.score)
+    # Refusals alone prove nothing: a gateway that answers every request 400 (another Host than its
+    # ALLOWED_HOSTS) or 308 (plain HTTP behind a TLS proxy) exposes nothing because it serves nothing.
+    served = probes[0].status == 200
     return {
         "url": base,
         "score": worst.score,
         "grade": grade(worst.score),
+        "public_route_served": served,
         "probes": [p.__dict__ for p in probes],
         "exposures": exposures,
-        "ok": worst.score >= 100 and not any(e["exposed"] for e in exposures),
+        "ok": served and worst.score >= 100 and not any(e["exposed"] for e in exposures),
     }
 
 
@@ -170,6 +175,12 @@ def failing_reasons(report: dict[str, object], fail_under: float | None = None) 
     score = cast(int, report["score"])
     exposures = cast(list[dict[str, object]], report["exposures"])
     reasons = [f"{item['path']} is exposed ({item['status']})" for item in exposures if item["exposed"]]
+    if not report.get("public_route_served", True):
+        status = cast(list[dict[str, object]], report["probes"])[0]["status"]
+        reasons.append(
+            f"the public catalogue answered {status}, not 200, so only refusals were seen: give --host one of "
+            "ALLOWED_HOSTS, or the https:// address clients use"
+        )
     if score < GRADES[0][0]:
         reasons.append(f"score {score} is under {GRADES[0][0]} ({GRADES[0][1]})")
     if fail_under is not None and score < fail_under:

@@ -196,6 +196,33 @@ def test_check_live_fails_under_fail_under(operator: pytest.MonkeyPatch, capsys:
         assert json.loads(out)["ok"] is False  # the verdict agrees with the status
 
 
+async def _a_gateway_for_another_host(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Every security header; 400 Unknown Host to anything but api.shop.example (ALLOWED_HOSTS)."""
+    if await request_body(scope, receive, send) is None:
+        return
+    host = dict(scope["headers"]).get(b"host", b"")
+    status = 404 if scope["path"] != "/api/v1/products" else 200
+    status = status if host == b"api.shop.example" else 400
+    headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+    headers += [(b"permissions-policy", b"camera=()"), (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_check_live_does_not_pass_a_gateway_that_served_nothing(
+    operator: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only refusals (the address asked, not one of ALLOWED_HOSTS) expose nothing and prove nothing."""
+    with serve_app(_a_gateway_for_another_host) as gateway:
+        capsys.readouterr()
+        status, out, _ = comptoir(capsys, "check", "--live", gateway.url)
+        assert status == 1
+        assert "the public catalogue answered 400, not 200" in out.splitlines()[-1]
+        status, out, _ = comptoir(capsys, "check", "--live", gateway.url, "--host", "api.shop.example")
+        assert status == 0, out
+        assert out.splitlines()[-1] == "OK: nothing internal is exposed"
+
+
 # ---- audit verify-archive ----
 
 
