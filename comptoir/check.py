@@ -16,6 +16,7 @@ evidence key, or "does not apply" with the reason (left out of the percentage).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import difflib
 import importlib
@@ -126,12 +127,16 @@ def settings_checks(roles_urls: dict[str, str], run: RunSettings | None = None) 
             critical=False,
         ),
     ]
-    # One line per check id: the first failing process speaks for it, and it applies if it applies anywhere.
+    # One line per check id: it fails if it fails anywhere (naming every failing process, so that one run
+    # shows every fix), and applies if it applies anywhere.
     merged: dict[str, Check] = {}
     for item in checks:
         seen = merged.get(item.id)
         if seen is None or (seen.ok and not item.ok) or (not seen.applies and item.applies):
             merged[item.id] = item
+        elif not seen.ok and not item.ok and item.applies and item.process not in seen.process.split(", "):
+            problem = seen.problem if item.problem in seen.problem else f"{seen.problem}; {item.problem}"
+            merged[item.id] = dataclasses.replace(seen, process=f"{seen.process}, {item.process}", problem=problem)
     return list(merged.values())
 
 
@@ -350,7 +355,15 @@ async def database_checks(admin_url: str, roles: Sequence[Any]) -> list[Check]:
     checks: list[Check] = []
     isolated, problems = True, []
     for role in roles:
-        conn = await asyncpg.connect(to_asyncpg_dsn(role.url))
+        try:
+            conn = await asyncpg.connect(to_asyncpg_dsn(role.url), timeout=10)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            # Before `comptoir migrate` the roles do not exist: libpq's words alone ("password authentication
+            # failed") send the operator after the wrong thing.
+            isolated = False
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            problems.append(f"cannot sign in as {role.user} ({detail}): has `comptoir migrate` run against this URL?")
+            continue
         try:
             for other in roles:
                 if other.service == role.service:

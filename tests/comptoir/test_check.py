@@ -182,6 +182,23 @@ def test_a_production_grade_configuration_passes(
     assert check.exit_status(report, fail_under=101) == 1
 
 
+def test_a_check_failing_in_several_processes_names_them_all(
+    database: DatabaseFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One run shows every fix: not the first failing process, then the next one on the next run."""
+    for name, value in production_env(database).items():
+        monkeypatch.setenv(name, value)
+    for service in ("auth", "orders"):  # without sslmode: no TLS to the database
+        monkeypatch.setenv(f"{service.upper()}_DATABASE_URL", f"postgresql://comptoir_{service}:{STRONG}@db.cm/c")
+    checks = {c["id"]: c for c in check.run_deploy_check()["checks"]}
+    assert not checks["CMP-W019"]["ok"]
+    assert checks["CMP-W019"]["process"] == "auth, orders"
+    # Those roles cannot sign in (no such server): said as such, and the other checks still ran.
+    assert "cannot sign in as comptoir_auth" in checks["CMP-D001"]["problem"]
+    assert "has `comptoir migrate` run" in checks["CMP-D001"]["problem"]
+    assert "CMP-D004" in checks
+
+
 def start(process: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "comptoir.serve", process, "--port", str(free_port())],
