@@ -2,6 +2,7 @@ from common.errors import (
     Conflict,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -72,3 +73,14 @@ class InvalidImage(Unprocessable):
     slug = "invalid-image"
     title = "The file is not a valid image"
     loc = ("body", "file")
+
+
+class ImageStorageUnavailable(ServiceUnavailable):
+    slug = "image-storage-unavailable"
+    title = "Image storage unavailable"
+
+    def __init__(self) -> None:
+        # The disk is full or read-only: an operator must act, so a minute rather than at once.
+        super().__init__(
+            "The image could not be stored; nothing was changed. Try again later.", headers={"Retry-After": "60"}
+        )

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
+import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +22,7 @@ from services.inventory import images
 from services.inventory.errors import (
     DuplicateSku,
     ImageNotFound,
+    ImageStorageUnavailable,
     ProductNotFound,
     StockBelowReserved,
     TooManyImages,
@@ -42,6 +44,8 @@ from services.inventory.schemas import (
 
 SERVICE = "inventory"
 _STORAGE_KEY = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp)$")
+
+log = structlog.get_logger("comptoir.inventory")
 
 
 async def set_lock_timeout(session: AsyncSession, milliseconds: int) -> None:
@@ -292,7 +296,11 @@ class ImageService:
             raise ProductNotFound()
         if await self.products.count_images(product_id) >= self.max_images:
             raise TooManyImages(f"A product has at most {self.max_images} images.")
-        key = await asyncio.to_thread(self.store.write, clean.data, clean.format.extension)
+        try:
+            key = await asyncio.to_thread(self.store.write, clean.data, clean.format.extension)
+        except OSError as exc:  # a full or read-only DATA_DIR/uploads: the operator's to fix, not a 500
+            log.error("inventory.images.storage_failed", error=type(exc).__name__, errno=exc.errno)
+            raise ImageStorageUnavailable() from exc
         image = ProductImage(
             id=uuid.uuid4(),
             product_id=product_id,

@@ -44,11 +44,11 @@ async def test_expired_rows_are_deleted_after_their_period_and_young_ones_kept(m
 
         # Nothing is old enough yet.
         report = await purge(rt)
-        assert (report.otp_codes, report.password_resets, report.sessions, report.devices) == (0, 0, 0, 0)
+        assert (report.otp_codes, report.reset_links, report.sessions, report.devices) == (0, 0, 0, 0)
 
         auth.clock.advance(2 * DAY)  # codes and links expired more than a day ago
         report = await purge(rt)
-        assert (report.otp_codes, report.otp_sends, report.password_resets) == (1, 1, 1)
+        assert (report.otp_codes, report.otp_sends, report.reset_links) == (1, 1, 1)
         assert report.sessions == 0  # revoked two days ago: kept for 30
         assert await count(auth, "otp_codes", user["id"]) == 0
 
@@ -145,9 +145,12 @@ async def test_comptoir_purge_runs_the_same_purge_on_demand(
         await asyncio.to_thread(main, ["purge"])
     assert exited.value.code == 0
     # Standard output is the JSON document alone (`comptoir purge | jq`); the auth app's log lines go to stderr.
-    report = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
     assert report["otp_codes"] == 1
     assert report["anonymised"] == 0
+    logged = next(json.loads(line) for line in printed.err.splitlines() if "auth.retention.purged" in line)
+    assert {k: logged[k] for k in report} == report  # the command and its log line say the same, unredacted
     assert await count(auth, "otp_codes", user["id"]) == 0
 
 

@@ -393,3 +393,22 @@ async def test_an_upload_with_another_part_is_422_as_the_schema_says(
     assert response.json()["errors"] == [{"loc": ["body"], "msg": "Only the `file` part is accepted."}]
     listed = await client.get(f"/api/v1/products/{product['id']}")
     assert listed.json()["image_urls"] == []
+
+
+async def test_storage_that_cannot_take_the_file_is_a_503_that_changes_nothing(
+    client: httpx.AsyncClient, tokens: Tokens, product: dict
+) -> None:
+    """A full or read-only uploads volume (here its directory is a file: a mount gone wrong): the upload
+    is refused with 503 and Retry-After, and neither a row nor a file is left."""
+    directory: Path = client.app.state.inventory.images.directory  # type: ignore[attr-defined]
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.write_bytes(b"")
+    try:
+        response = await client.post(upload_url(product), files=files(picture()), headers=tokens.staff())
+        body = assert_problem(response, 503)
+        assert body["type"] == "urn:comptoir:problem:image-storage-unavailable"
+        assert response.headers["retry-after"] == "60"
+        assert (await client.get(f"/api/v1/products/{product['id']}")).json()["image_urls"] == []
+    finally:
+        directory.unlink()
+    assert (await client.post(upload_url(product), files=files(picture()), headers=tokens.staff())).status_code == 201
