@@ -150,7 +150,8 @@ class RequestContextMiddleware:
                     route=template,
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
-                    client=(scope.get("client") or ("", 0))[0],
+                    # The client the gateway resolved (behind a trusted proxy, the X-Forwarded-For hop), else the peer.
+                    client=scope.get("comptoir.client_ip") or (scope.get("client") or ("", 0))[0],
                 )
             structlog.contextvars.unbind_contextvars("request_id")
 

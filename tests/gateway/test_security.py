@@ -394,3 +394,20 @@ def test_the_gateways_own_headers_reach_proxied_answers_and_its_failures_once(ec
             assert response.headers["vary"] == "Origin"
             assert_security_headers(response)
         assert response.headers["retry-after"] == "1"
+
+
+def test_the_access_log_names_the_client_the_proxy_forwarded(
+    echo,
+    issuer,
+    capfd: pytest.CaptureFixture[str],  # noqa: ANN001
+) -> None:
+    """Behind a trusted proxy every line would otherwise name the proxy: useless in an incident."""
+    with running_gateway(echo[1].url, issuer, trusted_proxies="127.0.0.1/32", log_level="INFO") as (url, _):
+        capfd.readouterr()
+        assert httpx.get(url + PUBLIC, headers={"X-Forwarded-For": "198.51.100.23"}).status_code == 200
+        out, deadline = "", time.monotonic() + 10
+        while f'"path": "{PUBLIC}"' not in out and time.monotonic() < deadline:  # written just after the answer
+            out += capfd.readouterr().out
+            time.sleep(0.01)
+        lines = [json.loads(line) for line in out.splitlines() if '"http.request"' in line]
+    assert [line["client"] for line in lines if line.get("path") == PUBLIC] == ["198.51.100.23"]
