@@ -98,6 +98,8 @@ _.consent  # services.auth.schemas.Export
 # The purge report (services.auth.retention.PurgeReport): counts printed by `comptoir purge`.
 _.otp_codes
 _.otp_sends
+_.reset_links
+reset_links
 _.mfa_challenges
 _.anonymised
 
