@@ -76,6 +76,10 @@ class Claims:
 class KeySource(Protocol):
     async def key_for(self, kid: str) -> jwt.PyJWK | None: ...
 
+    def is_published(self, kid: str) -> bool:
+        """Whether ``kid`` is among the keys known now, without waiting for anything (called per request)."""
+        ...
+
 
 def parse_jwks(document: Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
     """The usable signing keys of a JWKS document, by ``kid``; anything else is skipped."""
@@ -105,6 +109,9 @@ class StaticKeys:
     async def key_for(self, kid: str) -> jwt.PyJWK | None:
         return self.keys.get(kid)
 
+    def is_published(self, kid: str) -> bool:
+        return kid in self.keys
+
 
 class RemoteJWKS:
     """The auth service's JWKS over HTTP: cached, refreshed periodically and on an unknown ``kid``.
@@ -132,6 +139,7 @@ class RemoteJWKS:
         self.fetched_at: float | None = None
         self.attempted_at: float | None = None
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[bool] | None = None
 
     async def refresh(self, *, force: bool = False) -> bool:
         async with self._lock:
@@ -153,10 +161,19 @@ class RemoteJWKS:
             return bool(keys)
 
     async def key_for(self, kid: str) -> jwt.PyJWK | None:
-        stale = self.fetched_at is None or self.clock() - self.fetched_at > self.refresh_seconds
-        if stale or kid not in self.keys:
+        if self._stale() or kid not in self.keys:
             await self.refresh()
         return self.keys.get(kid)
+
+    def is_published(self, kid: str) -> bool:
+        """From the keys known now; a stale list is refreshed in the background (a slow or hung auth never
+        holds up a request whose token was verified before)."""
+        if self._stale() and (self._background is None or self._background.done()):
+            self._background = asyncio.get_running_loop().create_task(self.refresh())
+        return kid in self.keys
+
+    def _stale(self) -> bool:
+        return self.fetched_at is None or self.clock() - self.fetched_at > self.refresh_seconds
 
 
 class TokenVerifier:
@@ -188,21 +205,21 @@ class TokenVerifier:
         if cached is not None:
             try:
                 claims = self._claims(*cached)
-                await self.check_published(claims)
+                self.check_published(claims)
                 return claims
             except InvalidToken:
-                del self._verified[token]
+                self._verified.pop(token, None)
                 raise
         payload, kid = await self._check_signature(token)
         claims = self._claims(payload, kid)
         self._remember(token, (payload, kid))
         return claims
 
-    async def check_published(self, claims: Claims) -> None:
+    def check_published(self, claims: Claims) -> None:
         """A token verified before is accepted only while its key is still published: once a leaked key is
         withdrawn (``comptoir keys rotate``, the file removed), what it signed stops at the next JWKS refresh,
-        cached or not."""
-        if claims.kid is None or await self.keys.key_for(claims.kid) is None:
+        cached or not. Synchronous: no request waits on the key source here."""
+        if claims.kid is None or not self.keys.is_published(claims.kid):
             raise InvalidToken("key withdrawn")
 
     def _remember(self, token: str, entry: tuple[Mapping[str, Any], str]) -> None:

@@ -1,4 +1,5 @@
-"""Access-token checks at the gateway: signature once per token (cached until it expires), revocation always."""
+"""Access-token checks at the gateway: signature once per token (cached until it expires), revocation and
+that the token's key is still published always."""
 
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ class GatewayAuth:
         claims = self._cache.get(token)
         if claims is None or claims.exp <= self.clock():
             if claims is not None:
-                del self._cache[token]
+                self._cache.pop(token, None)  # a concurrent request with the same token may have dropped it
             claims = await self.verifier.verify(token)
             self._remember(token, claims)
         else:
             try:
-                await self.verifier.check_published(claims)
+                self.verifier.check_published(claims)
             except InvalidToken:
-                del self._cache[token]
+                self._cache.pop(token, None)
                 raise
         if self.revocations.is_revoked(claims.sid):
             raise InvalidToken("session revoked")

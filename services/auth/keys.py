@@ -252,6 +252,9 @@ class KeyStore:
                 return key.public
         return None
 
+    def is_published(self, kid: str) -> bool:
+        return any(key.kid == kid for key in self.published())
+
 
 class TokenIssuer:
     """Signs access tokens and service tokens with the current key."""

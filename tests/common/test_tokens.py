@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -227,3 +228,41 @@ async def test_remote_jwks_keeps_working_while_auth_is_down(issuer: TestIssuer) 
         up[0] = False
         now[0] += 100  # stale, and the refresh fails: the cached key still verifies
         await verifier.verify(issuer.access())
+
+
+async def test_a_hung_auth_never_holds_up_a_token_verified_before(issuer: TestIssuer) -> None:
+    """The key check of a cached token reads the keys known now; a stale list is refreshed in the background.
+    Once the refresh says the key is gone, the token stops."""
+    fetches: list[asyncio.Event] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if fetches:  # every fetch after the first hangs until the test lets it answer
+            fetches[-1].set()
+            await released.wait()
+            return httpx.Response(200, json={"keys": [TestIssuer("next-key").jwk()]})
+        fetches.append(asyncio.Event())
+        return httpx.Response(200, json=issuer.jwks())
+
+    released = asyncio.Event()
+    now = [0.0]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        jwks = RemoteJWKS("http://auth/jwks", HttpxTransport(client), refresh_seconds=10, clock=lambda: now[0])
+        verifier = TokenVerifier(jwks, issuer=ISSUER, audience=AUDIENCE)
+        gateway = GatewayAuth(verifier, RevocationSet())
+        token = issuer.access()
+        await gateway.authenticate(f"Bearer {token}".encode())
+        now[0] += 100  # stale: the next check starts a refresh, which hangs
+        for _ in range(50):  # served from the keys known now, none waits for the hung fetch
+            assert (await asyncio.wait_for(gateway.authenticate(f"Bearer {token}".encode()), 5)).sub
+            assert (await asyncio.wait_for(verifier.verify(token), 5)).sub
+        await asyncio.wait_for(fetches[-1].wait(), 5)  # one refresh in flight, not one per request
+        released.set()
+        while jwks.is_published(issuer.kid):  # the refresh lands: the key is gone
+            await asyncio.sleep(0)
+        # Concurrent requests with the withdrawn key's token: each a refusal, never a KeyError (a 500).
+        results = await asyncio.gather(
+            *(gateway.authenticate(f"Bearer {token}".encode()) for _ in range(3)),
+            *(verifier.verify(token) for _ in range(3)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, InvalidToken) for r in results), results
