@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from comptoir.clients import client_env
+from comptoir.clients import ClientSecretsMismatch, OperatorSecrets, client_env
 from comptoir.config import PROCESSES, SERVICES, RunSettings
 from comptoir.embedded import EmbeddedPostgres
 from comptoir.provision import ServiceRole, migrate, redact_url, revisions, upgrades
@@ -144,7 +144,7 @@ def child_env(settings: RunSettings, roles: list[ServiceRole]) -> dict[str, str]
     env["ORDERS_INVENTORY_URL"] = settings.url_of("inventory")
     env["AUTH_INTERNAL_URL"] = settings.url_of("auth")
     env["AUDIT_INTERNAL_URL"] = settings.url_of("audit")
-    env.update(client_env(settings.data_dir, os.environ))
+    env.update(client_env(settings.data_dir, OperatorSecrets().as_env()))
     return env
 
 
@@ -200,6 +200,11 @@ class Supervisor:
             )
             return 2
         with lock:
+            try:
+                client_env(settings.data_dir, OperatorSecrets().as_env())
+            except ClientSecretsMismatch as exc:
+                self.say(str(exc))
+                return 2
             refused = ports_in_use(settings)
             if refused:
                 self.say(

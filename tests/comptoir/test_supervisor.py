@@ -247,22 +247,31 @@ def test_a_bind_host_that_is_not_this_machines_is_refused_naming_it(tmp_path: Pa
 
 
 def test_the_operators_client_secrets_win_over_generated_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`comptoir check --deploy` judges the secrets the environment sets: `comptoir run` must start the
+    """`comptoir check --deploy` judges the secrets the environment and .env set: `comptoir run` must start the
     processes with those, not with the ones it generated under DATA_DIR/secrets."""
     for name in list(os.environ):
         if name.endswith("_CLIENT_SECRET") or name == "AUTH_SERVICE_CLIENTS":
             monkeypatch.delenv(name)
-    settings = RunSettings(data_dir=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    settings = RunSettings(data_dir=tmp_path / "data")
     generated = child_env(settings, [])
-    monkeypatch.setenv("ORDERS_CLIENT_SECRET", "the-operators-own-orders-secret")
+    (tmp_path / ".env").write_text("ORDERS_CLIENT_SECRET=the-operators-orders-secret-from-dotenv\n")
+    monkeypatch.setenv("AUDIT_CLIENT_SECRET", "the-operators-own-audit-secret")
     mixed = child_env(settings, [])
-    assert mixed["ORDERS_CLIENT_SECRET"] == "the-operators-own-orders-secret"
+    assert mixed["ORDERS_CLIENT_SECRET"] == "the-operators-orders-secret-from-dotenv"  # `comptoir secrets >> .env`
+    assert mixed["AUDIT_CLIENT_SECRET"] == "the-operators-own-audit-secret"
     assert mixed["GATEWAY_CLIENT_SECRET"] == generated["GATEWAY_CLIENT_SECRET"]  # not set: the generated one
     digests = json.loads(mixed["AUTH_SERVICE_CLIENTS"])  # auth checks the secrets really in use
-    assert digests["orders"] == hashlib.sha256(b"the-operators-own-orders-secret").hexdigest()
+    assert digests["orders"] == hashlib.sha256(b"the-operators-orders-secret-from-dotenv").hexdigest()
     assert digests["gateway"] == hashlib.sha256(generated["GATEWAY_CLIENT_SECRET"].encode()).hexdigest()
+    # The operator's digests are used when they match the secrets in use...
+    monkeypatch.setenv("AUTH_SERVICE_CLIENTS", mixed["AUTH_SERVICE_CLIENTS"])
+    assert child_env(settings, [])["AUTH_SERVICE_CLIENTS"] == mixed["AUTH_SERVICE_CLIENTS"]
+    # ...and refused when they do not: a service would silently get no service tokens.
     monkeypatch.setenv("AUTH_SERVICE_CLIENTS", '{"orders": "ab"}')
-    assert child_env(settings, [])["AUTH_SERVICE_CLIENTS"] == '{"orders": "ab"}'
+    lines: list[str] = []
+    assert Supervisor(settings, out=lines.append).run() == 2
+    assert lines[-1].startswith("AUTH_SERVICE_CLIENTS does not hold the digest of the client secret gateway, auth")
 
 
 def test_the_ready_lines_say_what_is_true_of_these_settings(tmp_path: Path) -> None:
