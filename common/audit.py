@@ -5,8 +5,9 @@ same transaction as the change they describe (DESIGN.md, "Data and consistency")
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -15,6 +16,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 import structlog
 from fastapi import Request
+from prometheus_client import Counter
 from pydantic import BaseModel, Field
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import SQLAlchemyError
@@ -225,12 +227,46 @@ async def record(session: AsyncSession, outbox: sa.Table, event: AuditEvent) -> 
         )
 
 
+DENIALS_UNRECORDED = Counter(
+    "comptoir_access_denials_unrecorded_total",
+    "Refusals for want of a role answered 403 but not written to the audit trail (the caller's hour's share spent).",
+    ["service"],
+)
+
+
+class DenialBudget:
+    """How many refusals of one caller an hour go into the audit trail (per process): enough to see what it
+    tried, not a way for one account to fill the insert-only trail with a thousand events an hour."""
+
+    def __init__(self, per_hour: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_hour = per_hour
+        self.clock = clock
+        self._windows: dict[str, list[float]] = {}  # caller -> [count, window ends]
+
+    def allows(self, caller: str) -> bool:
+        now = self.clock()
+        window = self._windows.get(caller)
+        if window is None or window[1] <= now:
+            if len(self._windows) >= 10_000:
+                self._windows = {k: w for k, w in self._windows.items() if w[1] > now}
+            window = self._windows[caller] = [0, now + 3600]
+        window[0] += 1
+        return window[0] <= self.per_hour
+
+
+DENIALS = DenialBudget()
+
+
 async def record_denial(request: Request, claims: Claims | None, action: str, details: dict[str, Any]) -> None:
     """Write a refused request's event (``<service>.<action>``, outcome denied) to the service's outbox, in a
     transaction of its own: the request changes nothing else. A denial is answered 403 even when the
-    database cannot take its event (logged)."""
+    database cannot take its event (logged), and past the caller's share of the hour (``DENIALS``, counted
+    in ``comptoir_access_denials_unrecorded_total``)."""
     state = state_of(request)
     if state.outbox is None:
+        return
+    if not DENIALS.allows(claims.sub if claims is not None else "anonymous"):
+        DENIALS_UNRECORDED.labels(state.name).inc()
         return
     route = request.scope.get("route")
     event = Actor.of(request, claims).event(

@@ -7,7 +7,9 @@ import uuid
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
+from common.audit import DENIALS, DenialBudget
 from tests.conftest import DatabaseFixture, assert_problem
 from tests.inventory.support import Tokens, create_product, stock_row
 
@@ -281,6 +283,32 @@ async def test_staff_routes_refuse_customers_and_anonymous(
     expired = {"Authorization": "Bearer " + tokens.issuer.access(role="staff", ttl=-10)}
     assert_problem(await client.request(method, url, json=body, headers=expired), 401)
     assert (await stock_row_after(client, tokens, product["id"])) == 3
+
+
+async def test_one_callers_refusals_fill_the_audit_trail_only_up_to_its_share(
+    client: httpx.AsyncClient, tokens: Tokens, database: DatabaseFixture
+) -> None:
+    """The trail is insert-only: a customer hammering a staff route (1,000 requests an hour get past the
+    gateway) leaves 20 events an hour, and the rest is counted."""
+    customer, other = str(uuid.uuid4()), str(uuid.uuid4())
+    before = REGISTRY.get_sample_value("comptoir_access_denials_unrecorded_total", {"service": "inventory"}) or 0
+    for _ in range(25):
+        assert_problem(await client.post(PRODUCTS, json={}, headers=tokens.customer(customer)), 403)
+    assert_problem(await client.post(PRODUCTS, json={}, headers=tokens.customer(other)), 403)
+    denied = await outbox_events(database, "inventory.access.denied")
+    assert [e["actor_id"] for e in denied].count(customer) == DENIALS.per_hour == 20
+    assert [e["actor_id"] for e in denied].count(other) == 1  # another caller has its own share
+    after = REGISTRY.get_sample_value("comptoir_access_denials_unrecorded_total", {"service": "inventory"})
+    assert after == before + 5
+
+
+def test_the_denial_budget_renews_every_hour() -> None:
+    now = [0.0]
+    budget = DenialBudget(per_hour=2, clock=lambda: now[0])
+    assert [budget.allows("a") for _ in range(3)] == [True, True, False]
+    assert budget.allows("b")
+    now[0] += 3600
+    assert budget.allows("a")
 
 
 async def stock_row_after(client: httpx.AsyncClient, tokens: Tokens, product_id: str) -> int:
