@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.app import ComptoirAPI
-from common.clientip import Network, is_trusted, parse_networks
+from common.clientip import Network, is_trusted, parse_networks, resolve_client_ip
 from common.deploychecks import enforce
 from common.errors import TYPE_PREFIX, problem_response
 from common.http import PooledTransport
@@ -54,6 +54,8 @@ def forwarded_https(scope: Scope, proxies: Sequence[Network]) -> bool:
     """The request came through a trusted TLS-terminating proxy that says the client used HTTPS (the
     right-most ``X-Forwarded-Proto`` value: the one the nearest proxy wrote)."""
     peer = scope["client"][0] if scope.get("client") else None
+    forwarded_for = b", ".join(v for k, v in scope.get("headers", ()) if k == b"x-forwarded-for")
+    scope["comptoir.client_ip"] = resolve_client_ip(peer, forwarded_for.decode("latin-1") or None, proxies)
     if peer is None or not is_trusted(peer, proxies):
         return False
     values = b",".join(v for k, v in scope.get("headers", ()) if k == b"x-forwarded-proto")
@@ -69,7 +71,9 @@ async def https_required(scope: Scope, receive: Receive, send: Send) -> None:
     crossed the network: the client must be fixed, not silently followed)."""
     host = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
     if scope.get("method") in ("GET", "HEAD") and host:
-        target = b"https://" + host + (scope.get("raw_path") or scope.get("path", "/").encode("latin-1"))
+        # The name without the plain-HTTP port (kept inside an IPv6 literal's brackets): HTTPS is on its own.
+        name = host if host.endswith(b"]") or b":" not in host else host.rsplit(b":", 1)[0]
+        target = b"https://" + name + (scope.get("raw_path") or scope.get("path", "/").encode("latin-1"))
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
         headers = {"Location": target.decode("latin-1")}
@@ -118,6 +122,8 @@ class _Dispatch:
         if scope["type"] == "http" and path.startswith("/api/v1/") and path not in OWN_PATHS:
             await self.pipeline(scope, receive, send)
         else:
+            if scope["type"] == "http" and "comptoir.client_ip" not in scope:
+                self.pipeline.note_client_ip(scope)
             await self.own(scope, receive, send)
 
 

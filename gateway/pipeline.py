@@ -66,9 +66,11 @@ class Pipeline:
                     # client's, and the right-most hops are the ones that count.
                     headers[key] += b", " + value
 
+        # Resolved first: every answer's access-log line, refusals included, names the client, not its proxy.
+        client_ip = self._client_ip(scope, headers)
+        scope["comptoir.client_ip"] = client_ip
         route: Route | None = None
         if is_forbidden_path(path, scope.get("raw_path")):
-            client_ip = self._client_ip(scope, headers)
             await self._refusal_event(
                 scope, method, path, client_ip, "gateway.path.blocked", "internal or obfuscated path"
             )
@@ -100,9 +102,6 @@ class Pipeline:
         if method not in known[0]:
             await method_not_allowed(scope, receive, send_with_extra, known[1])
             return
-
-        client_ip = self._client_ip(scope, headers)
-        scope["comptoir.client_ip"] = client_ip
 
         claims = None
         authorization = headers.get(b"authorization")
@@ -193,6 +192,12 @@ class Pipeline:
         peer = scope["client"][0] if scope.get("client") else None
         xff = headers.get(b"x-forwarded-for")
         return resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted)
+
+    def note_client_ip(self, scope: Scope) -> None:
+        """For the gateway's own endpoints (health, the OpenAPI document): their access-log lines too."""
+        lines = [v for k, v in scope.get("headers", ()) if k == b"x-forwarded-for"]
+        headers = {b"x-forwarded-for": b", ".join(lines)} if lines else {}
+        scope["comptoir.client_ip"] = self._client_ip(scope, headers)
 
     async def _refusal_event(
         self, scope: Scope, method: str, path: str, client_ip: str | None, action: str, reason: str

@@ -452,6 +452,8 @@ def test_in_production_behind_a_tls_proxy_only_what_it_received_over_https_is_se
             assert moved.status_code == 308
             assert moved.headers["location"] == "https://api.shop.example/api/v1/products?q=riz"
             assert_security_headers(moved)
+        ported = httpx.get(url + "/api/v1/products", headers=http | {"Host": "api.shop.example:8080"})
+        assert ported.headers["location"] == "https://api.shop.example/api/v1/products"  # HTTPS has its own port
         refused = assert_problem(httpx.post(url + "/api/v1/auth/login", json={}, headers=http), 403)
         assert refused["type"] == "urn:comptoir:problem:https-required"
         assert httpx.post(url + "/api/v1/auth/login", json={}, headers=https).status_code == 201
