@@ -99,7 +99,13 @@ _.consent  # services.auth.schemas.Export
 _.otp_codes
 _.otp_sends
 _.reset_links
-reset_links
+# comptoir.clients.OperatorSecrets: pydantic-settings fills them from the environment and .env.
+_.gateway_client_secret
+_.auth_client_secret
+_.inventory_client_secret
+_.orders_client_secret
+_.audit_client_secret
+_.auth_service_clients
 _.mfa_challenges
 _.anonymised
 

@@ -178,6 +178,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from comptoir import check
 
+    if args.host and not args.live:
+        print("comptoir check: --host goes with --live URL", file=sys.stderr)
+        return 2
     if args.live:
         import json
 
@@ -454,11 +457,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 print("  the backup holds no checkpoint key: `comptoir audit verify` cannot check old checkpoints")
             if contents.private_key:
                 print(f"  the private checkpoint key is at {audit.checkpoint_key_path}")
-            print(
-                f"  not in a database backup: {settings.data_dir / 'keys'} (auth's token signing and second-factor"
-                f" keys) and {settings.data_dir / 'uploads'} (images): copy them from your file backup before"
-                " the first start, or every admin's second factor, every session and every image is lost"
-            )
+            keys, uploads = settings.data_dir / "keys", settings.data_dir / "uploads"
+            missing = []
+            if not any(keys.glob("*.pem")):  # auth's signing keys (the OTP and second-factor key beside them)
+                missing.append(
+                    f"{keys} (auth's token signing and second-factor keys: without them every admin's"
+                    " second factor and every session is lost)"
+                )
+            if not uploads.is_dir() or not any(p.is_file() for p in uploads.rglob("*")):
+                missing.append(f"{uploads} (the products' images)")
+            if missing:
+                print(
+                    "  not in a database backup, copy from your file backup before the first start: "
+                    + "; ".join(missing)
+                )
             print("run `comptoir audit verify` to check the audit chain")
     except BackupError as exc:
         print(f"comptoir {args.command}: {exc}", file=sys.stderr)

@@ -48,7 +48,8 @@ def gateway_checks(s: GatewaySettings) -> list[Check]:
             "CMP-W030",
             "the TLS proxy's address is trusted",
             bool(proxies),
-            "TLS_TERMINATING_PROXY=true but TRUSTED_PROXIES is empty: client IPs will be the proxy's",
+            "TLS_TERMINATING_PROXY=true but TRUSTED_PROXIES is empty: client IPs would be the proxy's, and in "
+            "production every request would be refused as plain HTTP (308/403)",
             "set TRUSTED_PROXIES to the proxy's address",
             process="gateway",
             applies=s.tls_terminating_proxy,

@@ -57,11 +57,13 @@ async def create_admin(
     ``only_if_none``: do nothing when an admin exists already (start-up bootstrap). An e-mail that is
     already registered is refused: promoting an account is an admin's decision, made through the API.
     """
-    normalised = check_admin_input(email, password, policy)
     await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": BOOTSTRAP_LOCK})
     users = UserRepository(session)
     if only_if_none and await users.any_admin():
+        # Before the policy: a bootstrap password left set, refused by a policy newer than the admin it
+        # made, must not stop an upgraded auth from starting.
         return None
+    normalised = check_admin_input(email, password, policy)
     if await users.by_email(normalised) is not None:
         raise AdminRefused(f"an account with the e-mail {normalised} exists already")
     user = User(

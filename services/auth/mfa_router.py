@@ -25,6 +25,7 @@ from services.auth.service import AccountService
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
 # A wrong code in a well-formed request is a 400 (the API reference), like a wrong phone code.
+WRONG_FACTOR = "A wrong password or authenticator code (`wrong-password`, `wrong-mfa-code`), or a body that is not JSON"
 WRONG_MFA_CODE = (
     "The code from the authenticator app, or the recovery code, is wrong (`wrong-mfa-code`), or the body is not JSON"
 )
@@ -76,12 +77,7 @@ async def mfa_enrol(claims: CurrentUser, session: SessionDep, rt: RuntimeDep, re
 @router.post(
     "/mfa/totp/confirm",
     response_model=RecoveryCodes,
-    responses={
-        400: {
-            "description": "A wrong password or authenticator code (`wrong-password`, `wrong-mfa-code`), "
-            "or a body that is not JSON"
-        }
-    },
+    responses={400: {"description": WRONG_FACTOR}},
 )
 async def mfa_confirm(
     body: MfaConfirm, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request
@@ -108,12 +104,7 @@ async def mfa_recovery_codes(
 @router.post(
     "/mfa/totp/disable",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={
-        400: {
-            "description": "A wrong password or authenticator code (`wrong-password`, `wrong-mfa-code`), "
-            "or a body that is not JSON"
-        }
-    },
+    responses={400: {"description": WRONG_FACTOR}},
 )
 async def mfa_disable(
     body: MfaDisable, claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request

@@ -214,7 +214,7 @@ class PasswordPolicy:
         if lowered in common_passwords() or lowered.strip() in common_passwords():
             reasons.append("is too common: it appears in a list of frequently used passwords")
         elif len(password) <= self.max_length and repetitive(password):
-            reasons.append("is a repetition or a sequence: it needs more than a few different characters")
+            reasons.append("is a repetition or a sequence (like aaaa, abab or 1234): choose words or mixed characters")
         if email:
             email = email.lower()
             local = email.split("@", 1)[0]

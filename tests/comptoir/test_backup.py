@@ -209,7 +209,7 @@ def test_a_restore_elsewhere_verifies_against_the_restored_keys_and_catches_tamp
     other_url, other_env, other_dir = elsewhere
     restored = comptoir("restore", str(file), env=other_env)
     assert restored.returncode == 0, restored.stderr
-    assert f"not in a database backup: {other_dir / 'keys'} (auth's token signing" in restored.stdout
+    assert f"copy from your file backup before the first start: {other_dir / 'keys'} (auth's token" in restored.stdout
     assert (other_dir / "keys" / "trusted-checkpoint-keys" / f"{key_id}.pub").exists()
     assert not (other_dir / "keys" / "audit-checkpoint.key").exists()  # the private key stayed home
     verdict = comptoir("audit", "verify", env=other_env)
