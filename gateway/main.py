@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from common.app import ComptoirAPI
 from common.clientip import Network, is_trusted, parse_networks, resolve_client_ip
 from common.deploychecks import enforce
-from common.errors import TYPE_PREFIX, problem_response
+from common.errors import NO_SUCH_RESOURCE, TYPE_PREFIX, problem_response
 from common.http import PooledTransport
 from common.logging import configure_logging
 from common.revocation import RevocationPoller, RevocationSet
@@ -38,6 +38,7 @@ OWN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
 
 # Probes and Prometheus reach a pod by its address, not by a public host name.
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"})
 
 
 def host_allowed(host: bytes | None, allowed: tuple[str, ...]) -> bool:
@@ -111,14 +112,15 @@ class _Dispatch:
             if not host_allowed(host, self.allowed_hosts):
                 await problem_response(400, scope=scope, detail="Unknown Host.")(scope, receive, send)
                 return
-        if (
-            self.https_from is not None
-            and scope["type"] == "http"
-            and path not in _PROBES
-            and not forwarded_https(scope, self.https_from)
-        ):
-            await https_required(scope, receive, send)
-            return
+        if self.https_from is not None and scope["type"] == "http":
+            if path not in _PROBES and not forwarded_https(scope, self.https_from):
+                await https_required(scope, receive, send)
+                return
+            if path == "/metrics" and any(k in _FORWARDED for k, _ in scope.get("headers", ())):
+                # Prometheus scrapes the gateway's own port directly; a request its TLS proxy forwarded (it
+                # says so in these headers) is a client's, and the counters are not theirs to read.
+                await problem_response(404, scope=scope, detail=NO_SUCH_RESOURCE)(scope, receive, send)
+                return
         if scope["type"] == "http" and path.startswith("/api/v1/") and path not in OWN_PATHS:
             await self.pipeline(scope, receive, send)
         else:

@@ -458,6 +458,9 @@ def test_in_production_behind_a_tls_proxy_only_what_it_received_over_https_is_se
         assert refused["type"] == "urn:comptoir:problem:https-required"
         assert httpx.post(url + "/api/v1/auth/login", json={}, headers=https).status_code == 201
         assert httpx.get(url + "/healthz").status_code == 200
+        assert httpx.get(url + "/metrics").status_code == 200  # Prometheus, on the gateway's own port
+        for forwarded in (https, {"X-Forwarded-For": "198.51.100.4"}, {"Forwarded": "for=198.51.100.4"}):
+            assert_problem(httpx.get(url + "/metrics", headers=forwarded), 404)  # a client, through the proxy
     with running_gateway(echo[1].url, issuer, trusted_proxies="192.0.2.1/32", **production) as (url, _):
         # Not from the proxy: a client saying HTTPS itself is not believed.
         assert httpx.get(url + "/api/v1/products", headers={"X-Forwarded-Proto": "https"}).status_code == 308
