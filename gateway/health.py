@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -61,11 +61,14 @@ class HealthCache:
 async def system_health(request: Request) -> JSONResponse:
     """200 when every service is ready (its /readyz: up, and its database answering), else 503 naming
     the ones that are not (as probed at most a second ago)."""
-    body = await request.app.health_cache.get(lambda: probe_all(request.app.proxy))
+    own = request.app.state.readiness_advisories
+    body = await request.app.health_cache.get(lambda: probe_all(request.app.proxy, own))
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.status == "ok" else 503)
 
 
-async def probe_all(proxy: Any) -> SystemHealth:
+async def probe_all(proxy: Any, own: Mapping[str, Callable[[], Awaitable[bool]]] | None = None) -> SystemHealth:
+    """``own``: the gateway's own dependencies (the rate-limit storage, Redis): one that does not answer makes
+    the gateway ``failing``, since it then refuses the auth routes (``closed-for-auth``) or more."""
 
     async def probe(name: str) -> tuple[str, ProcessState]:
         try:
@@ -74,7 +77,11 @@ async def probe_all(proxy: Any) -> SystemHealth:
             return name, "unreachable"
         return name, "ok" if status == 200 else "failing"
 
-    results = dict(await asyncio.gather(*(probe(name) for name in proxy.upstreams)))
-    processes: dict[str, ProcessState] = {"gateway": "ok", **results}
+    async def gateway() -> ProcessState:
+        answers = await asyncio.gather(*(check() for check in (own or {}).values()))
+        return "ok" if all(answers) else "failing"
+
+    mine, results = await asyncio.gather(gateway(), asyncio.gather(*(probe(name) for name in proxy.upstreams)))
+    processes: dict[str, ProcessState] = {"gateway": mine, **dict(results)}
     healthy = all(status == "ok" for status in processes.values())
     return SystemHealth(status="ok" if healthy else "degraded", processes=processes)

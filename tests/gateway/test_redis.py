@@ -6,6 +6,7 @@ from pathlib import Path
 
 import httpx
 
+from gateway.health import FRESH_SECONDS, HealthCache
 from tests.conftest import assert_problem
 from tests.gateway.conftest import running_gateway
 from tests.support.redis import redis_server
@@ -28,11 +29,19 @@ def test_two_gateways_share_one_limit(tmp_path: Path, echo, issuer) -> None:  # 
 def test_redis_down_fails_closed_for_auth_routes_by_default(tmp_path: Path, echo, issuer) -> None:  # noqa: ANN001
     with (
         redis_server(tmp_path) as (redis_url, proc),
-        running_gateway(echo[1].url, issuer, redis_url=redis_url) as (url, _),
+        running_gateway(echo[1].url, issuer, redis_url=redis_url) as (url, app),
     ):
+        now = [0.0]
+        app.health_cache = HealthCache(clock=lambda: now[0])
         assert httpx.get(url + PUBLIC).status_code == 200
+        assert httpx.get(url + "/api/v1/health").json()["processes"]["gateway"] == "ok"
         proc.terminate()
         proc.wait(5)
+        now[0] += FRESH_SECONDS
+        # The system's health says so (a monitor sees it before the first refused login does).
+        health = httpx.get(url + "/api/v1/health")
+        assert (health.status_code, health.json()["status"]) == (503, "degraded")
+        assert health.json()["processes"]["gateway"] == "failing"
         refused = httpx.post(url + LOGIN, json={})
         assert_problem(refused, 503)
         assert refused.headers["retry-after"] == "5"
