@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import json
 import os
 import re
@@ -206,6 +207,17 @@ def test_only_the_gateway_reaches_the_outside_network(
     for name, service in services.items():
         expected = {"frontend", "backend"} if name == "gateway" else {"backend"}
         assert set(service["networks"]) == expected, name
+
+
+def test_the_services_believe_forwarded_addresses_from_the_gateway_alone(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    """Any container of the backend network could otherwise claim any client address to the services."""
+    address = services["gateway"]["networks"]["backend"]["ipv4_address"]
+    subnet = ipaddress.ip_network(compose["networks"]["backend"]["ipam"]["config"][0]["subnet"])
+    assert ipaddress.ip_address(address) in subnet
+    for name in UPSTREAMS:
+        assert environment_of(services[name])[f"{name.upper()}_GATEWAY_NETWORKS"] == f"{address}/32", name
 
 
 def test_each_database_password_reaches_only_the_containers_that_need_it(

@@ -5,7 +5,7 @@ then a shop flow through the gateway.
 
 What is mapped, and only that: compose's host names (postgres, redis, auth ...) to 127.0.0.1 and their
 fixed ports to free ones, each container's /data volume and CA mount to temporary paths, and the
-backend network 172.30.0.0/24 (the gateway's address as the services see it) to loopback.
+gateway's fixed address on the backend network, 172.30.0.10 (as the services see it), to loopback.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def stack(dotenv: dict[str, str], postgres: Postgres, tmp_path_factory: pytest.T
             if env.get("PGSSLROOTCERT") == CONTAINER_CA:
                 env["PGSSLROOTCERT"] = str(postgres.ca)  # the CA mount
             for key, value in env.items():
-                if key.endswith("_GATEWAY_NETWORKS") and value == "172.30.0.0/24":
+                if key.endswith("_GATEWAY_NETWORKS") and value == "172.30.0.10/32":
                     env[key] = "127.0.0.1/32"  # the backend network, where the gateway's connections come from
                 if key == "TRUSTED_PROXIES" and value == "172.31.0.1/32":
                     env[key] = "127.0.0.1/32"  # the TLS-terminating proxy on the host, played by this test
