@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 ALLOWED_METHODS = b"GET, POST, PATCH, PUT, DELETE, OPTIONS"
 ALLOWED_HEADERS = frozenset(
     {
@@ -54,3 +56,35 @@ class Cors:
             (b"access-control-allow-headers", b", ".join(sorted(ALLOWED_HEADERS))),
             (b"access-control-max-age", self.max_age),
         ]
+
+
+class CorsOnEveryAnswer:
+    """The outermost layer of the gateway: an allowed origin's answer carries the CORS headers whoever made
+    it. The pipeline adds them to what it answers, but a body too large (413), a type refused (415), a path
+    outside the route table, the gateway's own health and OpenAPI answers are made elsewhere, and without
+    them a browser hands the page a network error instead of the documented problem."""
+
+    def __init__(self, app: ASGIApp, cors: Cors) -> None:
+        self.app = app
+        self.cors = cors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origin = None
+        if scope["type"] == "http":
+            origin = next((v for k, v in scope.get("headers", ()) if k == b"origin"), None)
+        if origin is None or not self.cors.allowed(origin):
+            await self.app(scope, receive, send)
+            return
+        cors_headers = self.cors.response_headers(origin)
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == b"access-control-allow-origin" for k, _ in headers):
+                    headers.extend(cors_headers)
+                    if not any(k.lower() == b"vary" and b"origin" in v.lower() for k, v in headers):
+                        headers.append((b"vary", b"Origin"))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, sending)

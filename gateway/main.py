@@ -21,7 +21,7 @@ from gateway.auth import GatewayAuth
 from gateway.cache import PublicCache
 from gateway.checks import gateway_checks
 from gateway.config import MULTIPART_OVERHEAD_BYTES, GatewaySettings
-from gateway.cors import Cors
+from gateway.cors import Cors, CorsOnEveryAnswer
 from gateway.events import SecurityEvents
 from gateway.health import HEALTH_PATH, HealthCache
 from gateway.health import router as health_router
@@ -142,7 +142,7 @@ class GatewayApp(ComptoirAPI):
         https_from = None
         if settings is not None and settings.is_production and settings.tls_terminating_proxy:
             https_from = parse_networks(settings.trusted_proxies)
-        return self.wrap(_Dispatch(self.pipeline, own, hosts, https_from))  # type: ignore[no-any-return]
+        return CorsOnEveryAnswer(self.wrap(_Dispatch(self.pipeline, own, hosts, https_from)), self.pipeline.cors)
 
 
 def create_app(

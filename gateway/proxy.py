@@ -34,6 +34,8 @@ from common.upstream import BadResponse, ConnectFailed, PoolExhausted, UpstreamP
 from gateway.config import GatewaySettings
 from gateway.routes import Route, upstream_urls
 
+# A 304 or 204 carries no length of its own (a 304's would be the 200's: RFC 9110 §8.6).
+_NO_LENGTH = frozenset({204, 304})
 log = structlog.get_logger("gateway.proxy")
 
 UPSTREAM_FAILURES = Counter(
@@ -330,7 +332,11 @@ class Proxy:
                 # (or reads them slowly) holds its own socket, never one of the upstream's connections.
                 pool.release(conn)
                 released = True
-                if scope["method"] != "HEAD" and not any(k == b"content-length" for k, _ in headers):
+                if (
+                    scope["method"] != "HEAD"
+                    and upstream.status not in _NO_LENGTH
+                    and not any(k == b"content-length" for k, _ in headers)
+                ):
                     headers.append((b"content-length", str(len(whole)).encode("ascii")))  # it was chunked
                 if extra:
                     headers.extend(extra)

@@ -50,6 +50,10 @@ class Catalogue:
             (b"vary", b"Authorization"),
             (b"etag", f'"v{self.price}"'.encode()),
         ]
+        if dict(scope["headers"]).get(b"if-none-match") == f'"v{self.price}"'.encode():
+            await send({"type": "http.response.start", "status": 304, "headers": headers[1:]})
+            await send({"type": "http.response.body", "body": b""})
+            return
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body.encode()})
 
@@ -143,6 +147,16 @@ def test_a_client_holding_the_current_page_gets_304_from_the_cache(shop) -> None
     assert again.headers["etag"] == etag
     assert httpx.get(url + PRODUCT, headers={"If-None-Match": '"v1"'}).status_code == 200
     assert len(upstream.hits) == 1
+
+
+def test_a_304_from_the_upstream_is_relayed_without_a_length_of_its_own(shop, issuer) -> None:  # noqa: ANN001
+    """RFC 9110 §8.6: a 304's Content-Length, if any, is the 200's; a cache in front could store a 0."""
+    url, _, _ = shop
+    signed_in = bearer(issuer.access())  # never from the gateway's cache: the upstream answers the 304
+    etag = httpx.get(url + PRODUCT, headers=signed_in).headers["etag"]
+    again = httpx.get(url + PRODUCT, headers=signed_in | {"If-None-Match": etag})
+    assert again.status_code == 304
+    assert "content-length" not in again.headers
 
 
 def test_signed_in_requests_are_never_served_from_nor_stored_in_the_cache(shop, issuer) -> None:  # noqa: ANN001

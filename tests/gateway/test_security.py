@@ -228,6 +228,32 @@ def test_cors_allows_listed_origins_with_credentials(cors_gateway: str) -> None:
     assert "Origin" in response.headers["vary"]
 
 
+def test_an_allowed_origin_can_read_every_answer_refusals_and_the_gateways_own_included(cors_gateway: str) -> None:
+    """Without the CORS headers a browser hands the page a network error instead of the documented problem."""
+    origin = {"Origin": ALLOWED}
+    answers = {
+        "too large": httpx.post(
+            cors_gateway + "/api/v1/auth/register",
+            content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+            headers=origin | {"content-type": "application/json"},
+        ),
+        "not json": httpx.post(
+            cors_gateway + "/api/v1/auth/login", content=b"x", headers=origin | {"content-type": "text/plain"}
+        ),
+        "no such path": httpx.get(cors_gateway + "/api/v1/product", headers=origin),
+        "health": httpx.get(cors_gateway + "/api/v1/health", headers=origin),
+        "openapi": httpx.get(cors_gateway + "/api/v1/openapi.json", headers=origin),
+    }
+    assert [answers[k].status_code for k in ("too large", "not json", "no such path")] == [413, 415, 404]
+    for name, answer in answers.items():
+        assert answer.headers.get("access-control-allow-origin") == ALLOWED, name
+        assert answer.headers["access-control-allow-credentials"] == "true", name
+        assert "Origin" in answer.headers["vary"], name
+        assert "Retry-After" in answer.headers["access-control-expose-headers"], name
+    foreign = httpx.get(cors_gateway + "/api/v1/product", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in foreign.headers
+
+
 @pytest.mark.parametrize(
     "origin",
     [
