@@ -131,7 +131,11 @@ class RelayStatements:
             )
             RETURNING id, payload::text, attempts, occurred_at
         """  # noqa: S608 - the table's name is the service's own, never input
-        self.delivered = f"UPDATE {table} SET delivered_at = now(), lease_expires_at = NULL WHERE id = ANY($1::uuid[])"  # noqa: S608
+        # Delivered rows are deleted, not kept: audit holds the event now (pseudonymised), and a row kept here
+        # would tie the user's real id to the IP and user agent for good, past any erasure.
+        self.delivered = f"DELETE FROM {table} WHERE id = ANY($1::uuid[])"  # noqa: S608
+        # Rows an earlier version marked delivered and kept.
+        self.kept = f"DELETE FROM {table} WHERE delivered_at IS NOT NULL"  # noqa: S608
         self.failed = f"""
             UPDATE {table}
             SET attempts = GREATEST(attempts + 1, $2), next_attempt_at = $3, lease_expires_at = NULL, last_error = $4
@@ -276,6 +280,9 @@ class OutboxRelay(BackgroundLoop):
         self._metrics_due = now + self.poll_seconds
 
     async def _run(self) -> None:
+        with contextlib.suppress(Exception):  # the database may be away at start: the next start retries
+            async with self.db.autocommit() as driver:
+                await driver.execute(self._sql.kept)
         while True:
             delivered = 0
             try:

@@ -120,6 +120,7 @@ async def test_events_wait_while_audit_is_down_then_arrive_exactly_once(
         assert await relay.deliver_once() == 0
     assert await relay.deliver_once() == 0  # nothing due: all three batches wait for their backoff
     first = await outbox_rows(orders_db, outbox)
+    recorded = [r.id for r in first]
     assert all(r.delivered_at is None and r.attempts == 1 for r in first)
     assert all(r.next_attempt_at > datetime.now(UTC) for r in first)
     assert all("ConnectError" in (r.last_error or "") for r in first)
@@ -145,21 +146,11 @@ async def test_events_wait_while_audit_is_down_then_arrive_exactly_once(
     for _ in range(10):
         delivered += await relay.deliver_once()
     assert delivered == 30
-    # A relay that crashed after audit stored a batch but before marking it sends that batch again.
-    admin = await database.admin()
-    try:
-        await admin.execute(
-            f"UPDATE orders.{TABLE} SET delivered_at = NULL WHERE id IN"
-            f" (SELECT id FROM orders.{TABLE} ORDER BY occurred_at LIMIT 10)"
-        )
-    finally:
-        await admin.close()
-    assert await relay.deliver_once() == 10
-
+    # (A relay that crashed after audit stored a batch, before deleting it: the mid-send test below.)
     rows = await chain_rows(database)
     assert len(rows) == 30
-    assert {r["id"] for r in rows} == {r.id for r in await outbox_rows(orders_db, outbox)}
-    assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
+    assert {r["id"] for r in rows} == set(recorded)
+    assert await outbox_rows(orders_db, outbox) == []  # delivered rows are gone: audit holds the events
     assert (await audit.verify())["ok"] is True
     await down.aclose()
     await relay.client.aclose()
@@ -188,6 +179,31 @@ async def test_the_relay_loop_delivers_in_the_background(
         await client.aclose()
     assert len(await chain_rows(database)) == 120
     assert (await audit.verify())["ok"] is True
+
+
+async def test_rows_an_earlier_version_kept_after_delivery_are_deleted_when_the_relay_starts(
+    audit: AuditClient, database: DatabaseFixture, outbox: sa.Table, orders_db: Database
+) -> None:
+    """Kept, each tied a user's real id to an IP and a user agent for good, past any erasure."""
+    await record_events(orders_db, outbox, 3)
+    admin = await database.admin()
+    try:
+        await admin.execute(f"UPDATE orders.{TABLE} SET delivered_at = now()")  # as the earlier relay marked them
+    finally:
+        await admin.close()
+    client = to_audit(audit)
+    relay = orders_relay(orders_db, outbox, client, IssuerTokens(audit.issuer, "orders"), poll_seconds=0.05)
+    relay.start()
+    try:
+        for _ in range(200):
+            if not await outbox_rows(orders_db, outbox):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+        await client.aclose()
+    assert await outbox_rows(orders_db, outbox) == []
+    assert await chain_rows(database) == []  # deleted, not sent again
 
 
 class Hung(httpx.AsyncBaseTransport):
@@ -247,8 +263,7 @@ async def test_while_audit_hangs_no_row_is_locked_and_no_connection_waits_in_a_t
         await admin.close()
     hung.release.set()
     assert await sending == 5
-    rows = await outbox_rows(orders_db, outbox)
-    assert all(r.delivered_at is not None and r.lease_expires_at is None for r in rows)
+    assert await outbox_rows(orders_db, outbox) == []
     assert len(await chain_rows(database)) == 5
 
 
@@ -272,7 +287,7 @@ async def test_a_batch_whose_relay_died_mid_send_is_sent_again_after_its_lease_a
     assert await survivor.deliver_once() == 8
     rows = await chain_rows(database)
     assert sorted(str(r["id"]) for r in rows) == sorted(str(r.id) for r in batch)  # each event once
-    assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
+    assert await outbox_rows(orders_db, outbox) == []
     assert (await audit.verify())["ok"] is True
 
 
@@ -375,6 +390,7 @@ async def test_a_batch_larger_than_a_body_is_sent_in_parts_and_a_failed_part_res
         async with orders_db.sessionmaker() as session, session.begin():
             event = AuditEvent(service="orders", action="orders.order.updated", new_values={"note": f"{i} " * 300})
             await record(session, outbox, event)
+    recorded = {r.id for r in await outbox_rows(orders_db, outbox)}
     transport = Counting(audit.app, fail_at=3)
     client = HttpxTransport(httpx.AsyncClient(transport=transport, base_url="http://audit"))
     relay = orders_relay(
@@ -399,7 +415,8 @@ async def test_a_batch_larger_than_a_body_is_sent_in_parts_and_a_failed_part_res
     assert all(size <= 6000 for size in transport.sizes)
     rows = await chain_rows(database)
     assert len(rows) == 25
-    assert {r["id"] for r in rows} == {r.id for r in await outbox_rows(orders_db, outbox)}
+    assert {r["id"] for r in rows} == recorded
+    assert await outbox_rows(orders_db, outbox) == []
     assert (await audit.verify())["ok"] is True
 
 
@@ -510,7 +527,7 @@ async def test_a_batch_over_audits_event_limit_is_halved_until_it_fits_and_nothi
     finally:
         await client.aclose()
     assert len(await chain_rows(database)) == 25
-    assert all(r.delivered_at is not None for r in await outbox_rows(orders_db, outbox))
+    assert await outbox_rows(orders_db, outbox) == []
 
 
 async def test_the_gateway_drops_only_the_security_events_audit_refuses_and_delivers_the_rest_in_order(
