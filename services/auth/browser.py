@@ -11,7 +11,8 @@ refresh token and the device token are not in the body but in cookies:
 
 ``POST /token/refresh`` without a body (or without ``refresh_token``) is the cookie mode: it is accepted
 only from an allowed ``Origin`` (``AUTH_BROWSER_ORIGINS``) and with an ``X-CSRF-Token`` header equal
-to the CSRF cookie (double submit); each refresh rotates the refresh and CSRF cookies. The access
+to the CSRF cookie (double submit); each refresh rotates the refresh cookie (the CSRF token stays the
+session's, so that every tab keeps a valid one). The access
 token stays a bearer token in memory, so every other request is unaffected by cookies (no CSRF there).
 Logout clears the cookies. Bearer mode for apps is unchanged.
 """
@@ -49,9 +50,14 @@ def device_token_of(request: Request, given: str | None) -> str | None:
     return given if given is not None else request.cookies.get(DEVICE_COOKIE)
 
 
-def set_session(response: Response, pair: TokenPair, settings: Settings, device_token: str | None = None) -> str:
-    """Put the refresh (and device) token in cookies; the CSRF token to hand to the page."""
-    csrf = secrets.token_urlsafe(CSRF_BYTES)
+def set_session(
+    response: Response, pair: TokenPair, settings: Settings, device_token: str | None = None, csrf: str | None = None
+) -> str:
+    """Put the refresh (and device) token in cookies; the CSRF token to hand to the page: a new one at a
+    login, the session's own (``csrf``) at a refresh. Kept for the session, every tab of the app holds a
+    valid one: the tabs share the cookies but each keeps its own copy of the token, and one tab's refresh
+    must not lock the others out."""
+    csrf = csrf or secrets.token_urlsafe(CSRF_BYTES)
     lifetime = pair.refresh_expires_in
     _set(response, REFRESH_COOKIE, pair.refresh_token or "", lifetime)
     _set(response, CSRF_COOKIE, csrf, lifetime, http_only=False)

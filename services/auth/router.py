@@ -119,7 +119,8 @@ async def refresh(
 ) -> RefreshResponse:
     """Spend a refresh token for a new pair (a spent one presented again ends the session).
 
-    Without `refresh_token`: cookie mode (allowed Origin, X-CSRF-Token = CSRF cookie), cookies rotated."""
+    Without `refresh_token`: cookie mode (allowed Origin, X-CSRF-Token = CSRF cookie), the refresh cookie
+    rotated (the CSRF token is the session's: every tab of the app keeps a valid one)."""
     if body is not None and body.refresh_token is not None:
         pair = await accounts(session, rt, request).refresh(body.refresh_token)
         return RefreshResponse(**pair.model_dump())
@@ -129,7 +130,7 @@ async def refresh(
         raise InvalidRefreshToken("No refresh token was sent (nor a session cookie): sign in again.")
     token = browser.check_cookie_request(request, rt.settings)
     pair = await accounts(session, rt, request).refresh(token)
-    csrf = browser.set_session(response, pair, rt.settings)
+    csrf = browser.set_session(response, pair, rt.settings, csrf=request.cookies.get(browser.CSRF_COOKIE))
     return RefreshResponse(**(pair.model_dump() | {"refresh_token": None, "csrf_token": csrf}))
 
 
