@@ -209,6 +209,15 @@ def test_only_the_gateway_reaches_the_outside_network(
         assert set(service["networks"]) == expected, name
 
 
+def test_browser_origins_reach_auth_from_the_env_file(services: dict[str, dict[str, Any]]) -> None:
+    """Without them every cookie refresh of a browser app is refused 403 (this origin may not use the cookie)."""
+    assert environment_of(services["auth"])["AUTH_BROWSER_ORIGINS"] == "${AUTH_BROWSER_ORIGINS:-[]}"  # default: none
+    rendered = render(COMPOSE_FILE, production_dotenv())["services"]
+    assert service_environment(rendered["auth"])["AUTH_BROWSER_ORIGINS"] == '["https://shop.example.com"]'
+    others = {name for name, s in services.items() if "AUTH_BROWSER_ORIGINS" in environment_of(s)} - {"auth"}
+    assert others <= {"check"}  # the deploy check reads every process's settings
+
+
 def test_the_services_believe_forwarded_addresses_from_the_gateway_alone(
     compose: dict[str, Any], services: dict[str, dict[str, Any]]
 ) -> None:
