@@ -8,7 +8,9 @@ from typing import Annotated, Any, Literal
 import structlog
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
+from common.audit import record_denial
 from common.db import NO_NUL, SessionDep
+from common.errors import Forbidden
 from common.pagination import DEFAULT_LIMIT, CursorParam, LimitParam, Page
 from common.security import CurrentUser, RequireAdmin, RequireStaff
 from services.auth import browser
@@ -278,7 +280,7 @@ async def erase(
 
 @router.get("/admin/users", response_model=Page[UserRead])
 async def list_users(
-    _claims: RequireStaff,
+    claims: RequireStaff,
     session: SessionDep,
     rt: RuntimeDep,
     request: Request,
@@ -287,7 +289,12 @@ async def list_users(
     limit: LimitParam = DEFAULT_LIMIT,
     cursor: CursorParam = None,
 ) -> Page[UserRead]:
-    """Accounts, newest first (staff)."""
+    """Accounts, newest first: customers for staff (the accounts they may unlock), every account for an admin."""
+    if not claims.has_role("admin"):
+        if role not in (None, "customer"):
+            await record_denial(request, claims, "access.denied", {"required_role": "admin", "role": claims.role})
+            raise Forbidden("Staff list customers; only an admin lists staff and admin accounts.")
+        role = "customer"  # data minimisation: staff need no colleague's or admin's e-mail and phone
     return await accounts(session, rt, request).list_users(limit=limit, cursor=cursor, query=q, role=role)
 
 

@@ -130,13 +130,19 @@ async def test_staff_list_users_with_pagination(auth: AuthClient) -> None:
         await auth.register()
         auth.clock.advance(1)
     _, staff = await auth.user("staff")
+    _, admin = await auth.user("admin")
     token = staff["access_token"]
     page = (await auth.get("/api/v1/auth/admin/users", token, params={"limit": 2})).json()
     assert len(page["items"]) == 2
     rest = (await auth.get("/api/v1/auth/admin/users", token, params={"cursor": page["next_cursor"]})).json()
     assert rest["next_cursor"] is None
-    assert len(page["items"]) + len(rest["items"]) == 4
-    staff_only = (await auth.get("/api/v1/auth/admin/users", token, params={"role": "staff"})).json()
+    # Staff see the customers (whom they may unlock), never a colleague's or an admin's e-mail and phone.
+    assert [u["role"] for u in page["items"] + rest["items"]] == ["customer"] * 3
+    for role in ("staff", "admin"):
+        assert_problem(await auth.get("/api/v1/auth/admin/users", token, params={"role": role}), 403)
+    everyone = (await auth.get("/api/v1/auth/admin/users", admin["access_token"], params={"limit": 10})).json()
+    assert sorted(u["role"] for u in everyone["items"]) == ["admin", "customer", "customer", "customer", "staff"]
+    staff_only = (await auth.get("/api/v1/auth/admin/users", admin["access_token"], params={"role": "staff"})).json()
     assert [u["role"] for u in staff_only["items"]] == ["staff"]
     assert_problem(await auth.get("/api/v1/auth/admin/users", token, params={"cursor": "garbage"}), 400)
     for forged in FORGED_TIME_CURSORS:
