@@ -42,7 +42,7 @@ async def ingest(batch: EventBatch, request: Request, rt: Runtime, caller: Inges
 
 @router.get("/users/{user_id}/export", response_model=UserExport, responses={404: {"description": "Nothing held"}})
 async def export_user(user_id: uuid.UUID, request: Request, rt: Runtime, caller: AuthCaller) -> UserExport:
-    """The events in which this user is the actor (GDPR access)."""
+    """The events in which this user acts or is the subject (GDPR access)."""
     export = await rt.gdpr.export(user_id)
     await rt.record(
         request,

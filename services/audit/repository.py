@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import delete, func, literal_column, select, text, update
+from sqlalchemy import delete, func, literal_column, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -45,6 +45,8 @@ class EventFilter:
     action: str | None = None
     resource_type: str | None = None
     resource_ids: Sequence[str] = ()
+    # Events in which these pseudonyms act, or whose subject (resource) they are: a person's own events.
+    subject_ids: Sequence[str] = ()
     since: datetime | None = None
     until: datetime | None = None
 
@@ -85,6 +87,13 @@ class EventRepository:
             stmt = stmt.where(Event.resource_type == where.resource_type)
         if where.resource_ids:
             stmt = stmt.where(Event.resource_id.in_(where.resource_ids))
+        if where.subject_ids:
+            stmt = stmt.where(
+                or_(
+                    Event.actor_id.in_(where.subject_ids),
+                    (Event.resource_type == "user") & Event.resource_id.in_(where.subject_ids),
+                )
+            )
         if where.since is not None:
             stmt = stmt.where(Event.occurred_at >= where.since)
         if where.until is not None:

@@ -105,6 +105,15 @@ def read_event(row: Any, *, resolve: bool = False) -> EventRead:
     )
 
 
+def _as_subject_sees_it(event: EventRead, pseudonym: str) -> EventRead:
+    """An event of a person's export: someone else's doing to them (a role change, an unlock, a failed
+    sign-in on their account) keeps what was done and when, not who did it nor from where (another
+    person's data)."""
+    if event.actor_id == pseudonym:
+        return event
+    return event.model_copy(update={"actor_id": None, "actor_user_id": None, "ip": None, "user_agent": None})
+
+
 class AuditChain:
     """Appends events to the one chain, one writer at a time (a transaction-scoped advisory lock)."""
 
@@ -330,9 +339,9 @@ class Gdpr:
             if pseudonym is None:
                 raise NothingHeld()
             rows = await EventRepository(session).page(
-                EventFilter(actor_ids=[pseudonym]), limit=self.export_limit + 1, before=None
+                EventFilter(subject_ids=[pseudonym]), limit=self.export_limit + 1, before=None
             )
-        events = [read_event(row) for row in rows[: self.export_limit]]
+        events = [_as_subject_sees_it(read_event(row), pseudonym) for row in rows[: self.export_limit]]
         return UserExport(user_id=user_id, pseudonym=pseudonym, events=events, truncated=len(rows) > self.export_limit)
 
     async def erase(self, user_id: uuid.UUID) -> ErasureResult:

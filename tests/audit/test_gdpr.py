@@ -43,6 +43,8 @@ async def test_erasure_unlinks_the_user_and_the_chain_still_verifies(
                 resource_id=user,
                 old_values={"role": "customer"},
                 new_values={"role": "staff"},
+                ip="198.51.100.7",
+                user_agent="the admin's browser",
             ),
         ],
     )
@@ -66,12 +68,16 @@ async def test_erasure_unlinks_the_user_and_the_chain_still_verifies(
     exported = await audit.http.get(f"/internal/users/{user}/export", headers=audit.service_headers("auth"))
     assert exported.status_code == 200, exported.text
     body = exported.json()
+    # Their own doings, and what others did to them (a role change): without who those others are.
     assert [e["action"] for e in body["events"]] == [
         "orders.order.created",
+        "auth.user.role_changed",
         "auth.login.succeeded",
         "auth.user.registered",
     ]
-    assert all(e["actor_user_id"] == user for e in body["events"])
+    assert [e["actor_user_id"] for e in body["events"]] == [user, None, user, user]
+    assert (body["events"][1]["ip"], body["events"][1]["user_agent"]) == (None, None)  # nor from where
+    assert other not in json.dumps(body)
     assert body["truncated"] is False
 
     erased = await audit.http.post(f"/internal/users/{user}/erase", headers=audit.service_headers("auth"))
