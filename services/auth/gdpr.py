@@ -28,6 +28,7 @@ from services.auth.consent import consent_document
 from services.auth.context import RequestContext, Runtime
 from services.auth.devices import DeviceRepository
 from services.auth.errors import PeerUnavailable
+from services.auth.mfa import Mfa
 from services.auth.models import Session, User
 from services.auth.repository import LoginFailureRepository, OtpRepository, ResetRepository, SessionRepository
 from services.auth.schemas import Export
@@ -140,6 +141,16 @@ class GdprService:
                 }
                 for d in await DeviceRepository(self.db).of(user.id)
             ],
+            account={
+                name: value.isoformat() if value else None
+                for name, value in (
+                    ("created_at", user.created_at),
+                    ("updated_at", user.updated_at),
+                    ("last_login_at", user.last_login_at),
+                    ("password_changed_at", user.password_changed_at),
+                )
+            },
+            second_factor=(await Mfa(self.db, self.rt, self.ctx).status(user)).model_dump(),
             services=services,
         )
 

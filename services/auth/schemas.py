@@ -289,6 +289,12 @@ class Export(Schema):
     password_resets: list[dict[str, Any]]
     consent: dict[str, Any] = Field(default_factory=dict, description="Terms version accepted, marketing consent.")
     devices: list[dict[str, Any]] = Field(default_factory=list, description="Devices that signed in.")
+    account: dict[str, Any] = Field(
+        default_factory=dict, description="When the account was created, last signed in, changed its password."
+    )
+    second_factor: dict[str, Any] = Field(
+        default_factory=dict, description="Whether an authenticator is set up, and recovery codes left."
+    )
     services: dict[str, Any] = Field(
         description="What each other service holds, as it answered; null when it holds nothing."
     )
