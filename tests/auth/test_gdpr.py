@@ -65,7 +65,8 @@ async def test_export_gathers_everything_held_about_the_caller(make_auth: MakeAu
         ]
         assert body["services"] == {"orders": {"service": "orders", "orders": []}, "audit": None}
         # What privacy.md lists as held: the account's dates and the second factor too.
-        assert body["account"]["created_at"] and body["account"]["last_login_at"]
+        assert body["account"]["created_at"]
+        assert body["account"]["last_login_at"]
         assert body["second_factor"] == {"totp_enabled": False, "recovery_codes_left": 0, "required": False}
         assert response.headers["cache-control"] == "no-store"
         assert PASSWORD not in response.text
