@@ -95,6 +95,7 @@ _.recovery_codes_left
 _.accept_terms  # services.auth.schemas.RegisterRequest (checked by its validator)
 _.csrf_token  # services.auth.schemas (browser session mode)
 _.consent  # services.auth.schemas.Export
+second_factor  # services.auth.schemas.Export
 # The purge report (services.auth.retention.PurgeReport): counts printed by `comptoir purge`.
 _.otp_codes
 _.otp_sends
