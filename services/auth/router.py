@@ -190,9 +190,12 @@ async def logout(
 
 
 @router.post("/logout-all", status_code=NO_CONTENT)
-async def logout_all(claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request) -> None:
-    """End every session of the caller."""
+async def logout_all(
+    claims: CurrentUser, session: SessionDep, rt: RuntimeDep, request: Request, response: Response
+) -> None:
+    """End every session of the caller; clears this browser's cookies (their session is over too)."""
     await accounts(session, rt, request).logout_all(claims)
+    browser.clear_session(response)
 
 
 @router.get("/sessions", response_model=Page[SessionRead])

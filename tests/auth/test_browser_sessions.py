@@ -128,6 +128,16 @@ async def test_logout_clears_the_cookies_and_bearer_mode_is_unchanged(make_auth:
         assert "set-cookie" not in refreshed.headers
 
 
+async def test_logout_all_clears_this_browsers_cookies_too(make_auth: MakeAuth) -> None:
+    """Its session is among those ended: a refresh cookie left behind would only earn a 401 later."""
+    async with make_auth(browser_origins=[ORIGIN]) as auth, browser(auth) as client:
+        user = await auth.register()
+        access = (await cookie_login(client, user["email"])).json()["access_token"]
+        assert (await client.post("/api/v1/auth/logout-all", headers=bearer(access))).status_code == 204
+        assert REFRESH not in jar(client)
+        assert CSRF not in jar(client)
+
+
 async def test_cookie_refresh_is_refused_when_no_origin_is_configured(auth: AuthClient) -> None:
     async with browser(auth) as client:
         user = await auth.register()
