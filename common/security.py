@@ -31,7 +31,10 @@ def bearer_token(request: Request) -> str | None:
     value = values[0]
     scheme, _, token = value.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
+    if scheme.lower() != "bearer":
+        # Another scheme is no bearer token at all: the bare challenge, without an error code (RFC 6750 §3.1).
+        raise Unauthorized("Send a bearer access token.")
+    if not token or " " in token:
         raise TokenRejected("The Authorization header must be 'Bearer <token>'.")
     return token
 

@@ -119,6 +119,11 @@ class Pipeline:
                 claims = await self.auth.authenticate(authorization)
             except InvalidToken as exc:
                 await self._refusal_event(scope, method, path, client_ip, "gateway.token.rejected", exc.reason)
+                if authorization.partition(b" ")[0].lower() != b"bearer":
+                    # Another scheme (Basic, Token...) is no bearer token at all: the bare challenge says which
+                    # scheme to use, without an error code (RFC 6750 §3.1).
+                    await self._unauthorized(scope, receive, send_with_extra, "Send a bearer access token.")
+                    return
                 await self._unauthorized(
                     scope, receive, send_with_extra, "The access token is invalid or expired.", True
                 )

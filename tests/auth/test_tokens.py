@@ -249,7 +249,10 @@ async def test_key_files_are_not_world_readable_even_with_a_loose_umask(make_aut
 async def test_bearer_header_shapes(auth: AuthClient) -> None:
     _, pair = await auth.user()
     for value in ("Basic abc", f"Bearer {pair['access_token']} extra", "Bearer"):
-        assert_problem(await auth.client.get("/api/v1/auth/me", headers={"Authorization": value}), 401)
+        refused = await auth.client.get("/api/v1/auth/me", headers={"Authorization": value})
+        assert_problem(refused, 401)
+        # RFC 6750 §3.1: another scheme is no bearer token, so the challenge carries no error code.
+        assert ("error=" in refused.headers["www-authenticate"]) is value.startswith("Bearer")
     assert (await auth.client.get("/api/v1/auth/me", headers=bearer(pair["access_token"]))).status_code == 200
 
 
