@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.app import ComptoirAPI
-from common.clientip import Network, is_trusted, parse_networks, resolve_client_ip
+from common.clientip import Network, is_trusted, parse_networks
 from common.deploychecks import enforce
 from common.errors import NO_SUCH_RESOURCE, TYPE_PREFIX, problem_response
 from common.http import PooledTransport
@@ -55,8 +55,6 @@ def forwarded_https(scope: Scope, proxies: Sequence[Network]) -> bool:
     """The request came through a trusted TLS-terminating proxy that says the client used HTTPS (the
     right-most ``X-Forwarded-Proto`` value: the one the nearest proxy wrote)."""
     peer = scope["client"][0] if scope.get("client") else None
-    forwarded_for = b", ".join(v for k, v in scope.get("headers", ()) if k == b"x-forwarded-for")
-    scope["comptoir.client_ip"] = resolve_client_ip(peer, forwarded_for.decode("latin-1") or None, proxies)
     if peer is None or not is_trusted(peer, proxies):
         return False
     values = b",".join(v for k, v in scope.get("headers", ()) if k == b"x-forwarded-proto")
@@ -114,6 +112,7 @@ class _Dispatch:
                 return
         if self.https_from is not None and scope["type"] == "http":
             if path not in _PROBES and not forwarded_https(scope, self.https_from):
+                self.pipeline.note_client_ip(scope)  # the refusal's access-log line names the client too
                 await https_required(scope, receive, send)
                 return
             if path == "/metrics" and any(k in _FORWARDED for k, _ in scope.get("headers", ())):

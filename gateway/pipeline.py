@@ -199,7 +199,8 @@ class Pipeline:
         return resolve_client_ip(peer, xff.decode("latin-1") if xff else None, self.trusted)
 
     def note_client_ip(self, scope: Scope) -> None:
-        """For the gateway's own endpoints (health, the OpenAPI document): their access-log lines too."""
+        """For what the gateway answers outside the pipeline (its own endpoints, the HTTPS refusals): their
+        access-log lines name the client too, resolved as the pipeline resolves it."""
         lines = [v for k, v in scope.get("headers", ()) if k == b"x-forwarded-for"]
         headers = {b"x-forwarded-for": b", ".join(lines)} if lines else {}
         scope["comptoir.client_ip"] = self._client_ip(scope, headers)
